@@ -1,0 +1,1 @@
+"""Fused GPU kernels (Triton) with plain PyTorch references beside them."""
