@@ -1,0 +1,206 @@
+"""Tests of the fused Kronecker transform + quantization kernel against its PyTorch reference.
+
+Without a GPU the Triton kernel runs in the CPU interpreter on small shapes (CI sets TRITON_INTERPRET=1
+in the environment; this module also sets it before the kernel module is imported). With a GPU the
+same tests run compiled, at the factor pairs real models use.
+"""
+
+import importlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import flatquant.kernels.kron_quantize as kq  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+if not CUDA and kq.triton is not None and not kq._interpreting():
+    # Imported earlier without TRITON_INTERPRET: rebuild the kernel for the interpreter.
+    kq = importlib.reload(kq)
+DEVICE = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(
+    kq.triton is None or not (CUDA or kq._interpreting()),
+    reason="triton not importable, or no GPU and the kernel is not built for TRITON_INTERPRET=1",
+)
+
+# Factor pairs: every pair from the method on the GPU; small ones (padding included) in the interpreter.
+PAIRS = (
+    [(24, 24), (32, 48), (56, 64), (64, 64), (64, 80), (64, 128), (86, 128), (108, 128), (112, 128)]
+    + [(128, 148), (128, 224)]
+    if CUDA
+    else [(6, 10), (24, 24), (32, 48), (16, 16), (20, 36)]
+)
+TOKENS = [1, 7, 333, 2048] if CUDA else [1, 7, 33]
+VARIANT_PAIR = (86, 128) if CUDA else (24, 40)
+TIE_TOL = 1e-3  # |X'/scale - (k + 1/2)| below this (in code units) counts as a rounding tie
+
+
+def _factors(n1, n2, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    p1 = torch.linalg.qr(torch.randn(n1, n1, generator=g, dtype=torch.float64))[0] * 1.3
+    p2 = torch.randn(n2, n2, generator=g, dtype=torch.float64) / n2**0.5
+    return p1.float().contiguous().to(device), p2.float().to(device)
+
+
+def _inputs(tokens, n, dtype, seed=1, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=g) * (1 + 4 * torch.rand(tokens, 1, generator=g))
+    x[:, :: max(1, n // 7)] *= 20  # outlier channels, as in real activations
+    return x.to(dtype=dtype, device=device)
+
+
+def _unpack(codes, symmetric):
+    lo, hi = (codes.to(torch.int32) & 0xF), (codes.to(torch.int32) >> 4)
+    out = torch.stack([lo, hi], dim=-1).flatten(-2)
+    return torch.where(out > 7, out - 16, out) if symmetric else out
+
+
+def _exact_transform(x, p1, p2, intermediate="fp32"):
+    """X' in float64 from x.dtype-rounded operands, (T, n)."""
+    n1 = p1.shape[0] if p1 is not None else x.shape[-1] // p2.shape[0]
+    z = x.reshape(-1, n1, x.shape[-1] // n1).double()
+    if p2 is not None:
+        z = z @ p2.to(x.dtype).double()
+        if intermediate == "input":
+            z = z.to(x.dtype).double()
+    if p1 is not None:
+        z = p1.to(x.dtype).double().T @ z
+    return z.reshape(z.shape[0], -1)
+
+
+def _assert_same(out, ref, x, p1, p2, symmetric=True, pack=False, intermediate="fp32"):
+    """Scales equal to fp32 rounding; codes equal except at rounding ties of X'/scale."""
+    assert out.codes.shape == ref.codes.shape and out.codes.dtype == ref.codes.dtype
+    torch.testing.assert_close(out.scale, ref.scale, rtol=2e-5, atol=0)
+    if symmetric:
+        assert out.zero is None and ref.zero is None
+    else:
+        torch.testing.assert_close(out.zero, ref.zero, rtol=0, atol=0)
+    a, b = out.codes.cpu(), ref.codes.cpu()
+    if pack:
+        a, b = _unpack(a, symmetric), _unpack(b, symmetric)
+    a, b = a.reshape(-1, a.shape[-1]).int(), b.reshape(-1, b.shape[-1]).int()  # (T, n)
+    diff = a != b
+    if diff.any():
+        v = (_exact_transform(x, p1, p2, intermediate).cpu() / ref.scale.cpu().double().reshape(-1, 1))[diff]
+        assert ((a - b).abs()[diff] == 1).all(), "codes differ by more than one step"
+        tie = ((v - v.floor()) - 0.5).abs() < TIE_TOL
+        assert tie.all(), f"{(~tie).sum().item()} code mismatches away from rounding ties"
+
+
+def test_reference_matches_dense_kron_float64():
+    """x @ kron(P1, P2) in float64, quantized independently, gives the reference's codes."""
+    n1, n2 = 6, 10
+    p1, p2 = _factors(n1, n2, device="cpu")
+    x = _inputs(9, n1 * n2, torch.bfloat16, device="cpu")
+    dense = x.double() @ torch.kron(p1.to(x.dtype).double(), p2.to(x.dtype).double())  # (T, n)
+    ref = kq.kron_quantize_reference(x, p1, p2, clip_max=0.9, clip_min=0.7)
+    absmax = torch.maximum(0.9 * dense.amax(1), -0.7 * dense.amin(1))
+    scale = absmax / 7
+    torch.testing.assert_close(ref.scale.double(), scale, rtol=1e-6, atol=0)
+    codes = torch.clamp(torch.round(dense / scale[:, None]), -8, 7)
+    near_tie = ((dense / scale[:, None]).frac().abs() - 0.5).abs() < TIE_TOL
+    assert ((ref.codes.double() == codes) | near_tie).all()
+    assert ref.codes.min() >= -8 and ref.codes.max() <= 7 and (ref.codes == 7).any()
+
+
+def test_reference_asymmetric_and_zero_token():
+    x = _inputs(4, 24, torch.float16, device="cpu")
+    x[1] = 0
+    p1, p2 = _factors(4, 6, device="cpu")
+    ref = kq.kron_quantize_reference(x, p1, p2, clip_max=1.0, clip_min=1.0, bits=4, symmetric=False)
+    assert ref.codes.min() >= 0 and ref.codes.max() <= 15
+    assert ref.scale[1] == pytest.approx(1e-8) and (ref.codes[1] == ref.zero[1]).all()
+    dense = _exact_transform(x, p1, p2)
+    deq = (ref.codes.double() - ref.zero[:, None]) * ref.scale[:, None]
+    assert ((deq - dense).abs() <= 0.5 * ref.scale[:, None] + 1e-6).all()  # within half a step
+
+
+def test_pack_layout_low_nibble_is_even_index():
+    codes = torch.tensor([[-8, 7, 1, -1]], dtype=torch.int8)
+    packed = kq._pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.tolist() == [[0x78, 0xF1]]
+    assert _unpack(packed, symmetric=True).tolist() == codes.tolist()
+
+
+@needs_triton
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("n1,n2", PAIRS)
+def test_kernel_matches_reference(n1, n2, tokens):
+    p1, p2 = _factors(n1, n2)
+    x = _inputs(tokens, n1 * n2, torch.bfloat16)
+    out = kq.kron_quantize(x, p1, p2, 0.95, 0.9, impl="triton")
+    _assert_same(out, kq.kron_quantize_reference(x, p1, p2, 0.95, 0.9), x, p1, p2)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("pack,intermediate", [(False, "fp32"), (True, "fp32"), (False, "input")])
+def test_kernel_variants(dtype, symmetric, pack, intermediate):
+    n1, n2 = VARIANT_PAIR
+    p1, p2 = _factors(n1, n2, seed=3)
+    x = _inputs(17, n1 * n2, dtype).reshape(1, 17, n1 * n2)  # leading dims kept
+    kw = dict(clip_max=0.8, clip_min=0.6, bits=4, symmetric=symmetric, pack=pack, intermediate=intermediate)
+    out = kq.kron_quantize(x, p1, p2, impl="triton", **kw)
+    ref = kq.kron_quantize_reference(x, p1, p2, **kw)
+    assert out.scale.shape == (1, 17)
+    _assert_same(out, ref, x, p1, p2, symmetric, pack, intermediate)
+
+
+@needs_triton
+@pytest.mark.parametrize("which", ["p2_identity", "p1_identity"])
+def test_kernel_identity_factor(which):
+    """P_o: a heads x heads factor with identity over head_dim (p2=None); and the mirror case."""
+    heads, head_dim = (32, 128) if CUDA else (8, 16)
+    p1, p2 = _factors(heads, head_dim, seed=5)
+    p1, p2 = (p1, None) if which == "p2_identity" else (None, p2)
+    x = _inputs(7, heads * head_dim, torch.bfloat16)
+    out = kq.kron_quantize(x, p1, p2, impl="triton", bits=8)
+    _assert_same(out, kq.kron_quantize_reference(x, p1, p2, bits=8), x, p1, p2)
+    dense_p = p1.to(x.dtype).double() if p2 is None else p2.to(x.dtype).double()
+    eye = torch.eye(head_dim if p2 is None else heads, dtype=torch.float64, device=x.device)
+    dense = x.double() @ (torch.kron(dense_p, eye) if p2 is None else torch.kron(eye, dense_p))
+    torch.testing.assert_close(_exact_transform(x, p1, p2), dense)
+
+
+@needs_triton
+def test_kernel_zero_token_and_strided_input():
+    n1, n2 = (64, 64) if CUDA else (16, 16)
+    p1, p2 = _factors(n1, n2)
+    x = _inputs(6, 2 * n1 * n2, torch.float16)[:, : n1 * n2]  # row stride 2n
+    x[2] = 0
+    out = kq.kron_quantize(x, p1, p2, impl="triton")
+    assert out.scale[2].item() == pytest.approx(1e-8) and (out.codes[2] == 0).all()
+    _assert_same(out, kq.kron_quantize_reference(x, p1, p2), x, p1, p2)
+
+
+@pytest.mark.skipif(not CUDA, reason="large token count only on the GPU")
+@pytest.mark.parametrize("n1,n2", [(112, 128), (128, 224)])
+def test_kernel_many_tokens(n1, n2):
+    p1, p2 = _factors(n1, n2)
+    x = _inputs(16384, n1 * n2, torch.bfloat16)
+    _assert_same(kq.kron_quantize(x, p1, p2), kq.kron_quantize_reference(x, p1, p2), x, p1, p2)
+
+
+def test_dispatcher_choices_and_errors(monkeypatch):
+    p1, p2 = _factors(4, 6, device="cpu")
+    x = _inputs(3, 24, torch.bfloat16, device="cpu")
+    ref = kq.kron_quantize_reference(x, p1, p2)
+    out = kq.kron_quantize(x, p1, p2)  # CPU tensor: auto uses the reference
+    assert torch.equal(out.codes, ref.codes) and torch.equal(out.scale, ref.scale)
+    with pytest.raises(ValueError, match="impl"):
+        kq.kron_quantize(x, p1, p2, impl="cuda")
+    with pytest.raises(ValueError, match="multiply"):
+        kq.kron_quantize(x, p1, p1)
+    with pytest.raises(ValueError, match="bits"):
+        kq.kron_quantize(x, p1, p2, bits=8, pack=True)
+    with pytest.raises(TypeError, match="dtype"):
+        kq.kron_quantize(x.float(), p1, p2)
+    monkeypatch.setattr(kq, "_interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA tensor|triton"):
+        kq.kron_quantize(x, p1, p2, impl="triton")
