@@ -1,0 +1,452 @@
+"""W4A4 GEMM for Hopper: 4-bit activation codes x packed 4-bit weights, scales in the epilogue.
+
+Hopper has no INT4 tensor-core instruction, so the 4-bit integers are multiplied on INT8 (or FP8) tensor
+cores, where they are exact, while the weights stay packed two per byte in memory.
+
+Operands (the fused transform + quantize kernel produces the activation side):
+    x_codes  int8  (M, K)       one 4-bit code per byte: [-8, 7] symmetric, or [0, 15] with ``x_zero``
+    x_scale  fp32  (M,)         per-token scale
+    x_zero   fp32  (M,)         optional per-token zero point (asymmetric activations)
+    w_packed uint8 (N, ceil(K/2))  two's complement nibbles, low nibble = even k (see ``pack_int4``)
+    w_scale  fp32  (N,)         per-output-channel scale
+    w_group_scale fp32 (N, ceil(K/group_size))  optional per-group scales, multiplied with ``w_scale``
+    bias     (N,)               optional
+Result (M, N) in ``out_dtype``:
+    out[m, n] = x_scale[m] * w_scale[n] * sum_g gs[n, g] * sum_{k in g} (x[m, k] - x_zero[m]) * w[n, k]
+                + bias[n]
+
+Kernel layout: the inner loop loads an int8 activation tile and a packed weight tile, unpacks the weight in
+registers to int8 holding 16x the code (``p << 4`` and ``p & 0xF0``: two ALU ops per 8 weights with the inline
+PTX path), and accumulates in int32 on the tensor cores; the accumulator is shifted right by 4 (exact) in the
+epilogue. The zero point is applied as ``acc - x_zero[m] * colsum(w)[n]``. docs/kernels-gemm.md explains why
+the INT8 rather than the FP8 tensor-core path is the default and gives the measurements.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+__all__ = ["pack_int4", "unpack_int4", "w4a4_gemm", "w4a4_gemm_reference", "SMALL_M"]
+
+SMALL_M = 16  # at or below this many tokens the weight-bandwidth-bound (decode) configs are used
+_QMIN, _QMAX = -8, 7
+
+
+# ----------------------------------------------------------------------------------------------- packing
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack signed 4-bit codes two per byte.
+
+    Args:
+        codes: integer tensor (N, K) with values in [-8, 7].
+    Returns:
+        uint8 (N, ceil(K/2)); byte j holds code 2j in its low nibble and code 2j+1 in its high nibble, each as
+        a two's complement nibble; an odd K is padded with a zero code.
+    """
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
+        raise TypeError(f"pack_int4 expects an integer tensor, got {codes.dtype=}")
+    if codes.dim() != 2:
+        raise ValueError(f"pack_int4 expects a 2-D tensor (N, K), got {tuple(codes.shape)=}")
+    if codes.numel() and (int(codes.min()) < _QMIN or int(codes.max()) > _QMAX):
+        raise ValueError(
+            f"codes must lie in [{_QMIN}, {_QMAX}], got [{int(codes.min())}, {int(codes.max())}]"
+        )
+    n, k = codes.shape
+    c = codes.to(torch.int16)
+    if k % 2:
+        c = torch.cat([c, c.new_zeros(n, 1)], dim=1)
+    nib = c & 0xF  # (N, K2*2) two's complement nibbles
+    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact inverse of ``pack_int4``: uint8 (N, ceil(K/2)) -> int8 (N, K) with values in [-8, 7]."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_int4 expects uint8, got {packed.dtype=}")
+    if packed.dim() != 2 or packed.shape[1] != (k + 1) // 2:
+        raise ValueError(f"expected packed shape (N, {(k + 1) // 2}) for {k=}, got {tuple(packed.shape)}")
+    p = packed.to(torch.int16)
+    lo, hi = p & 0xF, p >> 4  # (N, K2) each
+    both = torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)[:, :k]  # (N, K)
+    return (both - ((both & 8) << 1)).to(torch.int8)  # sign-extend the nibble
+
+
+# --------------------------------------------------------------------------------------------- reference
+def _check_operands(x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype):
+    """Validate shapes and dtypes; return (M, N, K)."""
+    if x_codes.dtype != torch.int8 or x_codes.dim() != 2:
+        raise TypeError(f"x_codes must be int8 (M, K), got {x_codes.dtype=} {tuple(x_codes.shape)=}")
+    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        raise TypeError(
+            f"w_packed must be uint8 (N, ceil(K/2)), got {w_packed.dtype=} {tuple(w_packed.shape)=}"
+        )
+    m, k = x_codes.shape
+    n = w_packed.shape[0]
+    if w_packed.shape[1] != (k + 1) // 2:
+        raise ValueError(f"w_packed has {w_packed.shape[1]} bytes per row, K={k} needs {(k + 1) // 2}")
+    if x_scale.shape != (m,):
+        raise ValueError(f"x_scale must have shape ({m},), got {tuple(x_scale.shape)}")
+    if w_scale.shape != (n,):
+        raise ValueError(f"w_scale must have shape ({n},), got {tuple(w_scale.shape)}")
+    if x_zero is not None and x_zero.shape != (m,):
+        raise ValueError(f"x_zero must have shape ({m},), got {tuple(x_zero.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if (w_group_scale is None) != (group_size is None):
+        raise ValueError("w_group_scale and group_size must be given together")
+    if group_size is not None:
+        if group_size <= 0 or group_size % 2:
+            raise ValueError(f"group_size must be a positive even number, got {group_size=}")
+        n_groups = -(-k // group_size)
+        if w_group_scale.shape != (n, n_groups):
+            raise ValueError(
+                f"w_group_scale must have shape ({n}, {n_groups}), got {tuple(w_group_scale.shape)}"
+            )
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype=}")
+    return m, n, k
+
+
+def w4a4_gemm_reference(
+    x_codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_zero: torch.Tensor | None = None,
+    w_group_scale: torch.Tensor | None = None,
+    group_size: int | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Plain PyTorch W4A4 GEMM with exact integer math (float64 holds every partial sum exactly).
+
+    Shapes and dtypes as in the module docstring; returns (M, N) ``out_dtype``.
+    """
+    m, n, k = _check_operands(
+        x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype
+    )
+    x = x_codes.to(torch.float64)  # (M, K)
+    if x_zero is not None:
+        x = x - x_zero.to(torch.float64)[:, None]
+    w = unpack_int4(w_packed, k).to(torch.float64)  # (N, K)
+    if group_size is None:
+        acc = x @ w.T  # (M, N), integer-valued
+    else:
+        acc = x.new_zeros(m, n)
+        for g, k0 in enumerate(range(0, k, group_size)):
+            part = x[:, k0 : k0 + group_size] @ w[:, k0 : k0 + group_size].T  # (M, N)
+            acc += part * w_group_scale[:, g].to(torch.float64)[None, :]
+    out = acc * x_scale.to(torch.float64)[:, None] * w_scale.to(torch.float64)[None, :]
+    if bias is not None:
+        out = out + bias.to(torch.float64)[None, :]
+    return out.to(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------ triton
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _unpack_x16(p, USE_ASM: tl.constexpr):
+        """uint8 (R, C) packed nibbles -> two int8 (R, C) tensors holding 16x the even and odd codes."""
+        if USE_ASM:
+            # one 32-bit register holds 4 packed bytes; two ALU ops yield 4 even and 4 odd codes (x16)
+            lo, hi = tl.inline_asm_elementwise(
+                asm="""
+                {
+                shl.b32 $0, $2, 4;
+                and.b32 $0, $0, 0xF0F0F0F0;
+                and.b32 $1, $2, 0xF0F0F0F0;
+                }
+                """,
+                constraints="=r,=r,r",
+                args=[p],
+                dtype=(tl.int8, tl.int8),
+                is_pure=True,
+                pack=4,
+            )
+        else:
+            lo = (p << 4).to(tl.int8, bitcast=True)
+            hi = (p & 0xF0).to(tl.int8, bitcast=True)
+        return lo, hi
+
+    @triton.jit
+    def _w4a4_gemm_kernel(
+        # operands: activation codes (M, K) int8, packed weights (N, K2) uint8, output (M, N)
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        # epilogue vectors: x_scale (M,), w_scale (N,), x_zero (M,), zero correction (N,), bias (N,)
+        xs_ptr,
+        ws_ptr,
+        xz_ptr,
+        zc_ptr,
+        bias_ptr,
+        # per-group weight scales (N, G) fp32
+        gs_ptr,
+        # sizes and strides (inner strides are 1)
+        M,
+        N,
+        K,
+        K2,
+        M_KEY,  # power-of-two bucket of M: the autotune key, unused in the body
+        group_size,
+        stride_xm,
+        stride_wn,
+        stride_om,
+        stride_gn,
+        # features
+        HAS_ZERO: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_GROUP: tl.constexpr,
+        USE_FP8: tl.constexpr,
+        USE_ASM: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        # tiles
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        # grouped launch order: GROUP_M row tiles share the weight tiles they read from L2
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_in_group = GROUP_M * num_pid_n
+        first_m = (pid // num_in_group) * GROUP_M
+        group_rows = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + ((pid % num_in_group) % group_rows)
+        pid_n = (pid % num_in_group) // group_rows
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+        offs_k = tl.arange(0, BLOCK_K)  # (BK,)
+        offs_kh = tl.arange(0, BLOCK_K // 2)  # (BK/2,) packed bytes
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        # clamp rows instead of masking them in the loop: out-of-range rows are never stored
+        rows_x = tl.where(mask_m, offs_m, 0)
+        rows_w = tl.where(mask_n, offs_n, 0)
+        x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :]  # (BM, BK)
+        w_ptrs = w_ptr + rows_w[:, None] * stride_wn + offs_kh[None, :]  # (BN, BK/2)
+
+        if USE_FP8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        if HAS_GROUP:
+            accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs)  # (BM, BK) int8
+                p = tl.load(w_ptrs)  # (BN, BK/2) uint8
+            else:
+                x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0)
+                p = tl.load(w_ptrs, mask=offs_kh[None, :] < K2 - k0 // 2, other=0)
+            lo, hi = _unpack_x16(p, USE_ASM)  # (BN, BK/2) int8 each, 16x codes
+            w = tl.join(lo, hi).reshape(BLOCK_N, BLOCK_K)  # (BN, BK), k order restored
+            if HAS_GROUP:
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+                part = tl.dot(x, tl.trans(w), part, out_dtype=tl.int32)  # (BM, BN) 16x int sums
+                gs = tl.load(gs_ptr + rows_w * stride_gn + k0 // group_size)  # (BN,)
+                accf += (part >> 4).to(tl.float32) * gs[None, :]
+            elif USE_FP8:
+                # codes are exact in e4m3; the plain codes (not 16x) keep every fp32 partial sum exact
+                xf = x.to(tl.float16).to(tl.float8e4nv)
+                wf = (w >> 4).to(tl.float16).to(tl.float8e4nv)
+                acc = tl.dot(xf, tl.trans(wf), acc)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)  # (BM, BN)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K // 2
+
+        # epilogue: integer sums -> scaled output
+        if HAS_GROUP:
+            res = accf
+        elif USE_FP8:
+            res = acc
+        else:
+            res = (acc >> 4).to(tl.float32)  # exact: every product carried a factor 16
+        if HAS_ZERO:
+            xz = tl.load(xz_ptr + offs_m, mask=mask_m, other=0.0)  # (BM,)
+            zc = tl.load(zc_ptr + offs_n, mask=mask_n, other=0.0)  # (BN,)
+            res = res - xz[:, None] * zc[None, :]
+        xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)  # (BM,)
+        ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)  # (BN,)
+        res = res * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            res = res + b[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    _kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_w4a4_gemm_kernel)
+
+    def _cfg(bm, bn, bk, warps, stages, group_m=8):
+        return triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+            num_warps=warps,
+            num_stages=stages,
+        )
+
+    # prefill: compute-bound tiles on wgmma (BLOCK_M >= 64 per warpgroup)
+    LARGE_CONFIGS = [
+        _cfg(128, 128, 128, 8, 4),
+        _cfg(128, 256, 128, 8, 3),
+        _cfg(256, 128, 128, 8, 3),
+        _cfg(64, 128, 128, 4, 4),
+    ]
+    # decode: one 16-row tile of tokens, narrow weight tiles so that N / BLOCK_N CTAs fill the SMs
+    SMALL_CONFIGS = [
+        _cfg(16, 32, 256, 4, 4, 1),
+        _cfg(16, 32, 512, 4, 3, 1),
+        _cfg(16, 64, 256, 4, 4, 1),
+        _cfg(16, 16, 512, 4, 4, 1),
+    ]
+    _KEY = ["M_KEY", "N", "K", "HAS_ZERO", "HAS_BIAS", "USE_FP8"]
+    _large = triton.autotune(LARGE_CONFIGS, key=_KEY)(_kernel)
+    _small = triton.autotune(SMALL_CONFIGS, key=_KEY)(_kernel)
+
+
+def _triton_unavailable_reason(x: torch.Tensor) -> str | None:
+    """Why the Triton kernel cannot run on ``x`` here, or None if it can."""
+    if not _HAS_TRITON:
+        return "triton is not installed (pip install 'triton>=3.0')"
+    if x.device.type != "cuda" and not _interpreting():
+        return f"tensors are on {x.device.type}; the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1"
+    return None
+
+
+def _w4a4_gemm_triton(
+    x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype, path, config
+):
+    m, n, k = x_codes.shape[0], w_packed.shape[0], x_codes.shape[1]
+    dev = x_codes.device
+    x_codes = x_codes.contiguous()
+    w_packed = w_packed.contiguous()
+    out = torch.empty(m, n, device=dev, dtype=out_dtype)
+    if m == 0 or n == 0:
+        return out
+    f32 = dict(device=dev, dtype=torch.float32)
+    xs = x_scale.to(**f32).contiguous()
+    ws = w_scale.to(**f32).contiguous()
+    dummy = xs  # never read when the matching feature flag is off
+    zc = dummy
+    if x_zero is not None:
+        # sum_k (x - z) w = sum_k x w - z * sum_k w: the per-channel sums, group-scaled when groups exist
+        w = unpack_int4(w_packed, k).to(torch.float32)  # (N, K)
+        if group_size is None:
+            zc = w.sum(dim=1)
+        else:
+            pad = -k % group_size
+            wg = torch.nn.functional.pad(w, (0, pad)).view(n, -1, group_size).sum(-1)  # (N, G)
+            zc = (wg * w_group_scale.to(**f32)).sum(dim=1)
+        zc = zc.contiguous()
+    gs = w_group_scale.to(**f32).contiguous() if group_size is not None else dummy
+    args = (
+        x_codes,
+        w_packed,
+        out,
+        xs,
+        ws,
+        x_zero.to(**f32).contiguous() if x_zero is not None else dummy,
+        zc,
+        bias.contiguous() if bias is not None else dummy,
+        gs,
+        m,
+        n,
+        k,
+        w_packed.shape[1],
+        triton.next_power_of_2(m),
+        group_size or 1,
+        x_codes.stride(0),
+        w_packed.stride(0),
+        out.stride(0),
+        gs.stride(0) if group_size is not None else 0,
+    )
+    flags = dict(
+        HAS_ZERO=x_zero is not None,
+        HAS_BIAS=bias is not None,
+        HAS_GROUP=group_size is not None,
+        USE_FP8=path == "fp8",
+        USE_ASM=not _interpreting(),
+    )
+    if config is None and (_interpreting() or group_size is not None):
+        # no autotuning in the interpreter; groups need BLOCK_K to divide group_size
+        bm = 16 if m <= SMALL_M else 64
+        bk = 64 if group_size is None else max(32, min(128, group_size & -group_size))
+        config = dict(BLOCK_M=bm, BLOCK_N=32 if _interpreting() else 64, BLOCK_K=bk, GROUP_M=8)
+        if not _interpreting():
+            config.update(num_warps=4, num_stages=3)
+    if config is not None:
+        bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+        if group_size is not None and group_size % bk:
+            raise ValueError(f"group_size={group_size} must be a multiple of BLOCK_K={bk} (and of 32)")
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        _kernel[grid](*args, **flags, **config)
+    else:
+        tuned = _small if m <= SMALL_M else _large
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        tuned[grid](*args, **flags)
+    return out
+
+
+def w4a4_gemm(
+    x_codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_zero: torch.Tensor | None = None,
+    w_group_scale: torch.Tensor | None = None,
+    group_size: int | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    impl: str = "auto",
+    path: str = "int8",
+    config: dict | None = None,
+) -> torch.Tensor:
+    """W4A4 GEMM dispatcher: (M, K) int8 codes x (N, ceil(K/2)) packed int4 -> (M, N) ``out_dtype``.
+
+    Args:
+        impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" (raises RuntimeError saying why
+            when it cannot run) or "reference".
+        path: tensor-core path of the Triton kernel, "int8" (default, fastest measured) or "fp8".
+        config: fixed tile config (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M[, num_warps, num_stages]) instead of
+            autotuning; for tests and benchmarks.
+    Other arguments as in the module docstring.
+    """
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl=}")
+    if path not in ("int8", "fp8"):
+        raise ValueError(f"path must be 'int8' or 'fp8', got {path=}")
+    _check_operands(x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype)
+    reason = _triton_unavailable_reason(x_codes)
+    if impl == "auto":
+        impl = "triton" if reason is None and x_codes.device.type == "cuda" else "reference"
+    if impl == "reference":
+        return w4a4_gemm_reference(
+            x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype
+        )
+    if reason is not None:
+        raise RuntimeError(f"w4a4_gemm(impl='triton') cannot run: {reason}")
+    return _w4a4_gemm_triton(
+        x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype, path, config
+    )

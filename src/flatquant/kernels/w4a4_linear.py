@@ -1,0 +1,224 @@
+"""Real-quant W4A4 linear layer: online Kronecker transform + 4-bit activation quantization + W4A4 GEMM.
+
+The layer is built from a calibrated, merged fake-quant layer: its weight already contains the inverse of the
+online transform (and the smoothing scales), so at inference
+
+    y = W4A4_GEMM(quantize(P1^T X P2), pack(RTN(W))) + bias
+
+where X is each token (K,) viewed as (n1, n2) row-major. Several layers that read the same input (q/k/v,
+gate/up) share one quantized operand: call ``quantize_input`` once and pass the tuple to each layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flatquant.kernels.gemm_w4a4 import pack_int4, w4a4_gemm
+
+try:  # the fused transform + quantize kernel; the torch fallback below has the same numerics
+    from flatquant.kernels.kron_quantize import kron_quantize as _kron_quantize
+except ImportError:
+    _kron_quantize = None
+
+__all__ = ["W4A4Linear", "kron_quantize_torch", "quantize_weight_rtn"]
+
+_EPS = 1e-8  # smallest activation scale, as in kron_quantize
+
+
+def kron_quantize_torch(
+    x: torch.Tensor,
+    p1: torch.Tensor | None,
+    p2: torch.Tensor | None,
+    clip_max: float = 1.0,
+    clip_min: float = 1.0,
+    bits: int = 4,
+    symmetric: bool = True,
+) -> tuple[torch.Tensor, ...]:
+    """Transform each token by P1^T X P2 and quantize it per token (plain PyTorch, fp32 math).
+
+    Same quantizer contract as ``flatquant.kernels.kron_quantize`` (factors rounded to x.dtype, absmax =
+    max(clip_max * max, -clip_min * min), scale >= 1e-8), but any float dtype and no fused kernel.
+
+    Args:
+        x: (..., n) float, n = n1 * n2.
+        p1, p2: (n1, n1) and (n2, n2) transform factors, or both None for no transform.
+        clip_max, clip_min: activation clip ratios applied to the per-token max (and min when asymmetric).
+    Returns:
+        codes int8 (..., n) in [-2^(b-1), 2^(b-1)-1] (symmetric) or [0, 2^b-1]; scale fp32 (...,);
+        and zero fp32 (...,) when asymmetric. Rounding is half-to-even.
+    """
+    lead, n = x.shape[:-1], x.shape[-1]
+    xt = x.reshape(-1, n).float()  # (T, n)
+    if p1 is not None:
+        n1, n2 = p1.shape[0], p2.shape[0]
+        f1, f2 = p1.to(x.dtype).float(), p2.to(x.dtype).float()  # factors live in the model dtype
+        xt = (f1.T @ xt.view(-1, n1, n2) @ f2).reshape(-1, n)  # (T, n)
+    xmax, xmin = xt.amax(dim=-1) * clip_max, xt.amin(dim=-1) * clip_min  # (T,)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (torch.maximum(xmax, -xmin) / qmax).clamp_min(_EPS)  # (T,)
+        codes = torch.round(xt / scale[:, None]).clamp(-qmax - 1, qmax)
+        return codes.to(torch.int8).reshape(*lead, n), scale.reshape(lead)
+    qmax = 2**bits - 1
+    scale = ((xmax - xmin) / qmax).clamp_min(_EPS)
+    zero = torch.round(-xmin / scale)
+    codes = (torch.round(xt / scale[:, None]) + zero[:, None]).clamp(0, qmax)
+    return codes.to(torch.int8).reshape(*lead, n), scale.reshape(lead), zero.reshape(lead)
+
+
+def quantize_weight_rtn(weight: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, ...]:
+    """Symmetric per-output-channel 4-bit RTN: weight (N, K) float -> (codes int8 (N, K), scale fp32 (N,)).
+
+    scale = absmax * clip / 7, codes = round_half_even(W / scale) clamped to [-8, 7]; math in float64.
+    """
+    w = weight.detach().to(torch.float64)  # (N, K)
+    clip = torch.as_tensor(clip, dtype=torch.float64, device=w.device)
+    scale = (w.abs().amax(dim=1) * clip / 7).clamp_min(torch.finfo(torch.float32).tiny)  # (N,)
+    scale = scale.to(torch.float32).to(torch.float64)  # codes against the scale that is stored
+    codes = torch.round(w / scale[:, None]).clamp(-8, 7).to(torch.int8)
+    return codes, scale.to(torch.float32)
+
+
+class W4A4Linear(nn.Module):
+    """W4A4 linear layer holding packed int4 weights, scales, bias and the online transform.
+
+    Buffers: ``w_packed`` uint8 (N, ceil(K/2)), ``w_scale`` fp32 (N,), ``bias`` (N,) or None, ``p1`` (n1, n1)
+    and ``p2`` (n2, n2) in ``out_dtype`` (absent when the input is not transformed). ``act_clip_max`` and
+    ``act_clip_min`` are the calibrated activation clip ratios (floats, saved as the module's extra state).
+
+    forward(x): x is either a float tensor (..., K) (bf16/fp16/fp32; transformed and quantized here, output in
+    x.dtype) or an operand tuple ``(codes int8 (..., K), scale fp32 (...,)[, zero fp32 (...,)])`` from
+    ``quantize_input`` (output in ``out_dtype``). Returns (..., N).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        transform_sizes: tuple[int, int] | None = None,
+        act_symmetric: bool = True,
+        out_dtype: torch.dtype = torch.bfloat16,
+        act_impl: str = "auto",
+        gemm_impl: str = "auto",
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if act_impl not in ("auto", "torch"):
+            raise ValueError(f"act_impl must be 'auto' or 'torch', got {act_impl=}")
+        if transform_sizes is not None and transform_sizes[0] * transform_sizes[1] != in_features:
+            raise ValueError(f"{transform_sizes=} must multiply to {in_features=}")
+        self.in_features, self.out_features = in_features, out_features
+        self.act_symmetric, self.out_dtype = act_symmetric, out_dtype
+        self.act_impl, self.gemm_impl = act_impl, gemm_impl
+        self.act_clip_max, self.act_clip_min = 1.0, 1.0
+        kw = dict(device=device)
+        self.register_buffer(
+            "w_packed", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8, **kw)
+        )
+        self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, **kw))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=out_dtype, **kw) if bias else None)
+        if transform_sizes is None:
+            self.p1 = self.p2 = None
+        else:
+            n1, n2 = transform_sizes
+            # factors live in the model dtype so the fused kernel reads them without a per-call cast
+            self.register_buffer("p1", torch.eye(n1, dtype=out_dtype, **kw))
+            self.register_buffer("p2", torch.eye(n2, dtype=out_dtype, **kw))
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        p1: torch.Tensor | None,
+        p2: torch.Tensor | None,
+        act_clip: float | tuple[float, float] = 1.0,
+        w_bits: int = 4,
+        w_clip: torch.Tensor | float = 1.0,
+        act_symmetric: bool = True,
+        out_dtype: torch.dtype = torch.bfloat16,
+        act_impl: str = "auto",
+        gemm_impl: str = "auto",
+    ) -> W4A4Linear:
+        """Build from a merged fake-quant layer.
+
+        Args:
+            weight: (N, K) float, already multiplied by the inverse transform (and smoothing).
+            bias: (N,) or None.
+            p1, p2: online transform factors (n1, n1), (n2, n2) with n1 * n2 = K, or both None.
+            act_clip: activation clip ratio (clip_max), or (clip_max, clip_min) for asymmetric activations.
+            w_bits: must be 4.
+            w_clip: per-output-channel (N,) or scalar weight clip ratio (learned weight clipping).
+        """
+        if w_bits != 4:
+            raise ValueError(f"W4A4Linear packs 4-bit weights only, got {w_bits=}")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be (N, K), got {tuple(weight.shape)=}")
+        if (p1 is None) != (p2 is None):
+            raise ValueError("p1 and p2 must both be given or both be None")
+        n, k = weight.shape
+        sizes = None if p1 is None else (p1.shape[0], p2.shape[0])
+        layer = cls(
+            k, n, bias is not None, sizes, act_symmetric, out_dtype, act_impl, gemm_impl, weight.device
+        )
+        codes, scale = quantize_weight_rtn(weight, w_clip)  # (N, K) int8, (N,) fp32
+        layer.w_packed.copy_(pack_int4(codes))
+        layer.w_scale.copy_(scale)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        if p1 is not None:
+            layer.p1.copy_(p1.detach())
+            layer.p2.copy_(p2.detach())
+        clip = act_clip if isinstance(act_clip, (tuple, list)) else (act_clip, act_clip)
+        layer.act_clip_max, layer.act_clip_min = float(clip[0]), float(clip[1])
+        return layer
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (..., K) float -> operand tuple (codes int8 (..., K), scale fp32 (...,)[, zero fp32 (...,)])."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
+        kw = dict(
+            clip_max=self.act_clip_max, clip_min=self.act_clip_min, bits=4, symmetric=self.act_symmetric
+        )
+        if (
+            _kron_quantize is not None
+            and self.act_impl == "auto"
+            and x.dtype in (torch.bfloat16, torch.float16)
+        ):
+            return tuple(_kron_quantize(x, self.p1, self.p2, **kw))  # (codes, scale, zero or None)
+        return kron_quantize_torch(x, self.p1, self.p2, **kw)
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            out_dtype = (
+                x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else self.out_dtype
+            )
+            x = self.quantize_input(x)
+        else:
+            out_dtype = self.out_dtype
+        codes, scale = x[0], x[1]
+        zero = x[2] if len(x) > 2 else None  # None for symmetric activations
+        lead = codes.shape[:-1]
+        out = w4a4_gemm(
+            codes.reshape(-1, self.in_features),
+            scale.reshape(-1),
+            self.w_packed,
+            self.w_scale,
+            bias=self.bias,
+            x_zero=None if zero is None else zero.reshape(-1),
+            out_dtype=out_dtype,
+            impl=self.gemm_impl,
+        )  # (T, N)
+        return out.reshape(*lead, self.out_features)
+
+    def get_extra_state(self) -> dict:
+        return {"act_clip_max": self.act_clip_max, "act_clip_min": self.act_clip_min}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.act_clip_max, self.act_clip_min = state["act_clip_max"], state["act_clip_min"]
+
+    def extra_repr(self) -> str:
+        t = None if self.p1 is None else (self.p1.shape[0], self.p2.shape[0])
+        return f"in_features={self.in_features}, out_features={self.out_features}, transform={t}"

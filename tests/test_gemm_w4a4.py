@@ -1,0 +1,267 @@
+"""W4A4 GEMM (packing, reference, Triton kernel) and the real-quant W4A4Linear layer.
+
+Without a GPU the Triton kernel runs in the interpreter (TRITON_INTERPRET=1, small shapes); on a GPU it runs
+compiled, at full LLaMA shapes as well.
+"""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+import pytest
+
+try:
+    import flatquant  # noqa: F401
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from flatquant.kernels.gemm_w4a4 import pack_int4, unpack_int4, w4a4_gemm, w4a4_gemm_reference
+from flatquant.kernels.w4a4_linear import W4A4Linear, kron_quantize_torch
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEV = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA GPU (compiled Triton)")
+PATHS = ["int8", "fp8"]
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _operands(m, n, k, asym=False, seed=0):
+    """Random codes and scales: x (M, K) int8, w (N, K) int8, x_scale (M,), w_scale (N,), x_zero or None."""
+    g = _gen(seed)
+    lo, hi = (0, 16) if asym else (-8, 8)
+    x = torch.randint(lo, hi, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    xs = torch.rand(m, generator=g) + 0.01
+    ws = torch.rand(n, generator=g) + 0.01
+    xz = torch.randint(0, 16, (m,), generator=g).float() if asym else None
+    return x, w, xs, ws, xz
+
+
+# ----------------------------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("k", [1, 2, 7, 64, 129])
+def test_pack_unpack_round_trip(k):
+    codes = torch.randint(-8, 8, (5, k), generator=_gen(k), dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, (k + 1) // 2)
+    assert torch.equal(unpack_int4(packed, k), codes)
+
+
+def test_pack_layout_low_nibble_is_even_k():
+    codes = torch.tensor([[1, -2, -8, 7, 3]], dtype=torch.int8)
+    # byte0 = 1 | (0xE << 4), byte1 = 0x8 | (0x7 << 4), byte2 = 3 (odd K padded with 0)
+    assert pack_int4(codes).tolist() == [[0xE1, 0x78, 0x03]]
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError, match="codes must lie in"):
+        pack_int4(torch.tensor([[8]], dtype=torch.int8))
+    with pytest.raises(TypeError):
+        pack_int4(torch.zeros(2, 2))
+
+
+# --------------------------------------------------------------------------------------------- reference
+def test_reference_matches_dequantized_matmul():
+    x, w, xs, ws, xz = _operands(6, 10, 40, asym=True)
+    bias = torch.randn(10, generator=_gen(1))
+    out = w4a4_gemm_reference(x, xs, pack_int4(w), ws, bias, xz, out_dtype=torch.float32)
+    want = ((x.double() - xz.double()[:, None]) * xs.double()[:, None]) @ (
+        w.double() * ws.double()[:, None]
+    ).T
+    torch.testing.assert_close(out, (want + bias.double()).float(), rtol=1e-6, atol=1e-5)
+
+
+def test_reference_group_scales():
+    x, w, xs, ws, _ = _operands(4, 6, 100)
+    gs = torch.rand(6, 4, generator=_gen(2))  # groups of 32 over K=100 (last group partial)
+    out = w4a4_gemm_reference(x, xs, pack_int4(w), ws, None, None, gs, 32, out_dtype=torch.float32)
+    wd = w.double() * gs.double().repeat_interleave(32, dim=1)[:, :100] * ws.double()[:, None]
+    torch.testing.assert_close(
+        out, ((x.double() * xs.double()[:, None]) @ wd.T).float(), rtol=1e-6, atol=1e-5
+    )
+
+
+def test_dispatcher_errors(monkeypatch):
+    x, w, xs, ws, _ = _operands(2, 4, 8)
+    with pytest.raises(ValueError, match="impl"):
+        w4a4_gemm(x, xs, pack_int4(w), ws, impl="cuda")
+    with pytest.raises(ValueError, match="K=8 needs 4"):
+        w4a4_gemm(x, xs, pack_int4(w)[:, :3], ws)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="cannot run"):
+        w4a4_gemm(x, xs, pack_int4(w), ws, impl="triton")  # CPU tensors, no interpreter
+    out = w4a4_gemm(x, xs, pack_int4(w), ws, impl="auto")  # falls back to the reference on CPU
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 4)
+
+
+# ------------------------------------------------------------------------------------------ triton kernel
+SMALL_SHAPES = [(1, 40, 70), (5, 37, 129), (16, 96, 256), (33, 50, 190)]  # (M, N, K); tiles 16/32/64
+
+
+@needs_triton
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("m,n,k", SMALL_SHAPES)
+@pytest.mark.parametrize("asym", [False, True])
+def test_triton_integer_sums_exact(m, n, k, asym, path):
+    x, w, _, _, xz = _operands(m, n, k, asym, seed=m + n + k)
+    args = (x.to(DEV), torch.ones(m, device=DEV), pack_int4(w).to(DEV), torch.ones(n, device=DEV))
+    out = w4a4_gemm(*args, out_dtype=torch.float32, impl="triton", path=path)
+    want = x.double() @ w.double().T  # (M, N) integer sums
+    assert torch.equal(out.double().cpu(), want)
+    if asym:  # zero point applied in the epilogue: still integers, still exact
+        xz = xz.to(DEV)
+        out = w4a4_gemm(*args, x_zero=xz, out_dtype=torch.float32, impl="triton", path=path)
+        assert torch.equal(out.double().cpu(), (x.double() - xz.double().cpu()[:, None]) @ w.double().T)
+
+
+@needs_triton
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", SMALL_SHAPES[1:3])
+def test_triton_scaled_output_matches_reference(m, n, k, out_dtype):
+    x, w, xs, ws, xz = _operands(m, n, k, asym=True, seed=3)
+    bias = torch.randn(n, generator=_gen(4)).to(out_dtype)
+    args = [t.to(DEV) for t in (x, xs, pack_int4(w), ws, bias, xz)]
+    out = w4a4_gemm(*args, out_dtype=out_dtype, impl="triton")
+    ref = w4a4_gemm_reference(*args, out_dtype=torch.float32)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)  # one rounding to 16 bits
+
+
+@needs_triton
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_triton_group_scales(group_size):
+    m, n, k = 9, 40, 320  # K not a multiple of the group
+    x, w, xs, ws, xz = _operands(m, n, k, asym=True, seed=5)
+    gs = torch.rand(n, -(-k // group_size), generator=_gen(6)) + 0.5
+    x, xs, wp, ws, xz, gs = (t.to(DEV) for t in (x, xs, pack_int4(w), ws, xz, gs))
+    kw = dict(x_zero=xz, w_group_scale=gs, group_size=group_size, out_dtype=torch.float32)
+    out = w4a4_gemm(x, xs, wp, ws, impl="triton", **kw)
+    ref = w4a4_gemm_reference(x, xs, wp, ws, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- full shapes on the GPU
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("m", [1, 16, 256, 2048])
+@pytest.mark.parametrize("k,n", [(4096, 4096), (11008, 4096), (4096, 14336), (14336, 4096)])
+def test_gpu_full_shapes_exact(m, k, n, path):
+    g = torch.Generator(device="cuda").manual_seed(m + k + n)
+    x = torch.randint(-8, 8, (m, k), generator=g, device="cuda", dtype=torch.int8)
+    w = torch.randint(-8, 8, (n, k), generator=g, device="cuda", dtype=torch.int8)
+    ones_m, ones_n = torch.ones(m, device="cuda"), torch.ones(n, device="cuda")
+    out = w4a4_gemm(x, ones_m, pack_int4(w), ones_n, out_dtype=torch.float32, impl="triton", path=path)
+    assert torch.equal(out.double(), x.double() @ w.double().T)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("m", [1, 2048])
+def test_gpu_extreme_codes_exact(m, path):
+    # the largest possible sums: 15 * -8 over K = 14336 (asymmetric codes) and -8 * -8
+    k, n = 14336, 4096
+    x = torch.full((m, k), 15, device="cuda", dtype=torch.int8)
+    w = torch.full((n, k), -8, device="cuda", dtype=torch.int8)
+    ones_m, ones_n = torch.ones(m, device="cuda"), torch.ones(n, device="cuda")
+    out = w4a4_gemm(x, ones_m, pack_int4(w), ones_n, out_dtype=torch.float32, impl="triton", path=path)
+    assert torch.all(out == -120.0 * k)
+    out = w4a4_gemm(-x.clamp(max=8), ones_m, pack_int4(w), ones_n, out_dtype=torch.float32, path=path)
+    assert torch.all(out == 64.0 * k)
+
+
+# -------------------------------------------------------------------------------------------- the layer
+def _fake_quant_layer(x, weight, bias, p1, p2, clip, w_clip=1.0):
+    """Float64 fake-quant forward: dequantized 4-bit activations (after the transform) and weights.
+
+    The factors are rounded to x.dtype first, as the deployed layer keeps them in the model dtype.
+    """
+    n1, n2 = p1.shape[0], p2.shape[0]
+    p1, p2 = p1.to(x.dtype).double(), p2.to(x.dtype).double()
+    xt = (p1.T @ x.double().reshape(-1, n1, n2) @ p2).reshape(x.shape)  # (T, K)
+    xs = xt.abs().amax(-1, keepdim=True) * clip / 7
+    xq = torch.round(xt / xs).clamp(-8, 7) * xs
+    ws = weight.double().abs().amax(-1, keepdim=True) * w_clip / 7
+    wq = torch.round(weight.double() / ws).clamp(-8, 7) * ws
+    return xq @ wq.T + bias.double()
+
+
+def _layer_case(seed=0, k=96, n=40, t=7):
+    g = _gen(seed)
+    n1, n2 = 8, k // 8
+    p1 = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0] * 1.5  # invertible, not orthonormal
+    p2 = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0]
+    weight, bias = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    x = torch.randn(t, k, generator=g)
+    return x, weight, bias, p1, p2
+
+
+@needs_triton
+@pytest.mark.parametrize("act_impl", ["torch", "auto"])
+def test_layer_matches_fake_quant(act_impl):
+    x, weight, bias, p1, p2 = _layer_case()
+    layer = W4A4Linear.from_float(
+        weight, bias, p1, p2, act_clip=0.9, out_dtype=torch.float32, act_impl=act_impl, gemm_impl="triton"
+    ).to(DEV)
+    want = _fake_quant_layer(x, weight, bias, p1, p2, 0.9)
+    got = layer(x.to(DEV)).double().cpu()  # fp32 input -> fp32 output
+    if act_impl == "torch":
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    else:  # another kernel's rounding may flip a code at an exact tie: compare by SQNR
+        sqnr = 10 * torch.log10(want.pow(2).mean() / (got - want).pow(2).mean())
+        assert sqnr > 40, f"{sqnr=}"
+    y16 = layer(x.to(DEV, torch.bfloat16))
+    assert y16.dtype == torch.bfloat16
+    want16 = _fake_quant_layer(x.bfloat16(), weight, bias, p1, p2, 0.9)
+    sqnr = 10 * torch.log10(want16.pow(2).mean() / (y16.double().cpu() - want16).pow(2).mean())
+    assert sqnr > 40, f"{sqnr=}"  # bf16 output rounding (~50 dB) plus rare code flips at ties
+
+
+@needs_triton
+def test_layer_shared_operand_and_leading_dims():
+    x, weight, bias, p1, p2 = _layer_case(seed=1, t=6)
+    q = W4A4Linear.from_float(weight, bias, p1, p2, act_clip=1.0, act_impl="torch", gemm_impl="triton")
+    k = W4A4Linear.from_float(weight[:24], None, p1, p2, act_clip=1.0, act_impl="torch", gemm_impl="triton")
+    q, k = q.to(DEV), k.to(DEV)
+    xb = x.reshape(2, 3, -1).to(DEV, torch.bfloat16)  # (B, T, K)
+    operand = q.quantize_input(xb)  # one transform + quantize for both layers
+    assert operand[0].dtype == torch.int8 and operand[0].shape == (2, 3, 96) and operand[1].shape == (2, 3)
+    yq, yk = q(operand), k(operand)
+    assert yq.shape == (2, 3, 40) and yk.shape == (2, 3, 24) and yq.dtype == torch.bfloat16
+    torch.testing.assert_close(yq, q(xb))
+    torch.testing.assert_close(yk.float(), (yq.float() - q.bias.float())[..., :24], rtol=1e-2, atol=2e-2)
+
+
+def test_layer_asymmetric_activations_and_state_dict():
+    x, weight, bias, p1, p2 = _layer_case(seed=2)
+    layer = W4A4Linear.from_float(
+        weight, bias, p1, p2, act_clip=(0.95, 0.9), act_symmetric=False, out_dtype=torch.float32
+    )
+    codes, scale, zero = layer.quantize_input(x)
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 15
+    xt = (p1.T @ x.reshape(-1, 8, 12) @ p2).reshape(x.shape)
+    deq = (codes.double() - zero.double()[:, None]) * scale.double()[:, None]
+    assert (deq - xt.double()).abs().max() <= scale.max() * 0.51 + (xt.abs().max() * 0.1)
+    clone = W4A4Linear(96, 40, True, (8, 12), act_symmetric=False, out_dtype=torch.float32)
+    clone.load_state_dict(layer.state_dict())
+    assert clone.act_clip_max == 0.95 and clone.act_clip_min == 0.9
+    torch.testing.assert_close(clone(x), layer(x))
+
+
+def test_kron_quantize_torch_identity_transform():
+    x = torch.randn(3, 16, generator=_gen(7))
+    codes, scale = kron_quantize_torch(x, None, None)
+    assert torch.equal(codes, torch.round(x / (x.abs().amax(-1, keepdim=True) / 7)).to(torch.int8))
+    torch.testing.assert_close(scale, x.abs().amax(-1) / 7)
