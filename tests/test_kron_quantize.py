@@ -18,13 +18,15 @@ import pytest  # noqa: E402
 import flatquant.kernels.kron_quantize as kq  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-if not CUDA and kq.triton is not None and not kq._interpreting():
-    # Imported earlier without TRITON_INTERPRET: rebuild the kernel for the interpreter.
-    kq = importlib.reload(kq)
+# Triton reads TRITON_INTERPRET when a @triton.jit function is defined, its own standard library
+# included: if triton was imported earlier without it, the interpreter cannot run (skip, saying so).
+_TRITON_INTERPRETED = kq.triton is not None and type(kq.tl.standard.cdiv).__name__ == "InterpretedFunction"
+if not CUDA and _TRITON_INTERPRETED and not kq._interpreting():
+    kq = importlib.reload(kq)  # our module was imported before the variable was set: rebuild it
 DEVICE = "cuda" if CUDA else "cpu"
 needs_triton = pytest.mark.skipif(
     kq.triton is None or not (CUDA or kq._interpreting()),
-    reason="triton not importable, or no GPU and the kernel is not built for TRITON_INTERPRET=1",
+    reason="triton not importable, or no GPU and triton was imported before TRITON_INTERPRET=1 was set",
 )
 
 # Factor pairs: every pair from the method on the GPU; small ones (padding included) in the interpreter.
