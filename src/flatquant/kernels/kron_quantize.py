@@ -28,7 +28,6 @@ Contract shared by the kernel and the reference (the rest of the library depends
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -275,7 +274,8 @@ def _next_pow2(v: int) -> int:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether the kernel was built for the CPU interpreter (TRITON_INTERPRET=1 when it was imported)."""
+    return triton is not None and type(_kron_quantize_kernel).__name__ == "InterpretedFunction"
 
 
 _SM_COUNT: dict[int, int] = {}

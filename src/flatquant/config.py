@@ -1,0 +1,122 @@
+"""The one configuration object of flatquant; the CLI is generated from its fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from .transforms import INITS, PARAMETRISATIONS
+
+METHODS = ("flatquant", "rotation", "rtn")
+AUTOCAST_DTYPES = ("bfloat16", "float16", "float32")
+WEIGHT_METHODS = ("rtn",)
+
+
+@dataclass
+class FlatQuantConfig:
+    """Every option of calibration and fake quantization. Bits of 16 switch a quantizer off."""
+
+    # --- what is quantized ---
+    w_bits: int = field(default=4, metadata={"help": "weight bits (2-16; 16 = off)"})
+    a_bits: int = field(default=4, metadata={"help": "activation bits of every linear input (2-16)"})
+    k_bits: int = field(default=4, metadata={"help": "K-cache bits (2-16)"})
+    v_bits: int = field(default=4, metadata={"help": "V-cache bits (2-16)"})
+    w_symmetric: bool = field(default=True, metadata={"help": "symmetric weight quantization"})
+    a_symmetric: bool = field(default=True, metadata={"help": "symmetric activation quantization"})
+    kv_symmetric: bool = field(default=False, metadata={"help": "symmetric KV-cache quantization"})
+    w_group_size: int | None = field(default=None, metadata={"help": "weight group size (None: per channel)"})
+    weight_method: str = field(default="rtn", metadata={"help": f"weight rounding, one of {WEIGHT_METHODS}"})
+    # --- method ---
+    method: str = field(
+        default="flatquant",
+        metadata={"help": "flatquant (learned), rotation (fixed, QuaRot-style) or rtn (no transform)"},
+    )
+    learnable_weight_clip: bool = field(default=True, metadata={"help": "learn weight clipping (LWC)"})
+    learnable_act_clip: bool = field(default=True, metadata={"help": "learn activation clipping (LAC)"})
+    smooth: bool = field(default=True, metadata={"help": "learn per-channel scaling"})
+    smooth_alpha: float = field(default=0.3, metadata={"help": "migration strength of the scaling init"})
+    parametrisation: str = field(default="svd", metadata={"help": f"transform factors: {PARAMETRISATIONS}"})
+    transform_init: str = field(default="random", metadata={"help": f"transform start: {INITS}"})
+    # --- calibration ---
+    nsamples: int = field(default=128, metadata={"help": "number of calibration windows"})
+    seqlen: int = field(default=2048, metadata={"help": "tokens per calibration window"})
+    epochs: int = field(default=15, metadata={"help": "epochs per block (0: no training)"})
+    batch_size: int = field(default=4, metadata={"help": "windows per optimiser step"})
+    lr: float = field(default=5e-3, metadata={"help": "learning rate of transforms and scalings"})
+    clip_lr: float = field(default=5e-2, metadata={"help": "learning rate of the clipping logits"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    autocast_dtype: str = field(
+        default="bfloat16", metadata={"help": f"training precision {AUTOCAST_DTYPES}"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of windows and transform inits"})
+
+    def __post_init__(self):
+        for name in ("w_bits", "a_bits", "k_bits", "v_bits"):
+            bits = getattr(self, name)
+            if not isinstance(bits, int) or not 2 <= bits <= 16:
+                raise ValueError(f"{name}={bits!r} is out of range: allowed integers 2..16 (16 = off)")
+        choices = {
+            "method": METHODS,
+            "weight_method": WEIGHT_METHODS,
+            "parametrisation": PARAMETRISATIONS,
+            "transform_init": INITS,
+            "autocast_dtype": AUTOCAST_DTYPES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.w_group_size is not None and self.w_group_size < 1:
+            raise ValueError(f"w_group_size={self.w_group_size} must be a positive integer or None")
+        for name in ("nsamples", "seqlen", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.epochs < 0:
+            raise ValueError(f"epochs={self.epochs} must be >= 0")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"smooth_alpha={self.smooth_alpha} must lie in [0, 1]")
+
+    @property
+    def uses_transforms(self) -> bool:
+        return self.method in ("flatquant", "rotation")
+
+    @property
+    def trains(self) -> bool:
+        """Whether calibration trains anything (only FlatQuant with epochs > 0)."""
+        return self.method == "flatquant" and self.epochs > 0
+
+    @property
+    def effective_init(self) -> str:
+        return "hadamard" if self.method == "rotation" else self.transform_init
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FlatQuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> FlatQuantConfig:
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict] = {
+    # method.md section 4: 128 x 2048 windows, 15 epochs, batch 4, bf16 autocast.
+    "paper": {},
+    # A few minutes on two CPU cores: short windows, few samples, two epochs, float32.
+    "quick": {"nsamples": 16, "seqlen": 512, "epochs": 2, "batch_size": 4, "autocast_dtype": "float32"},
+}
+
+
+def preset(name: str, **overrides) -> FlatQuantConfig:
+    """A named preset with field overrides, e.g. ``preset("quick", w_bits=8)``."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is not one of {sorted(PRESETS)}")
+    return FlatQuantConfig(**{**PRESETS[name], **overrides})

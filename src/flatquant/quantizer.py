@@ -1,0 +1,116 @@
+"""Fake quantizers with learnable clipping (LWC for weights, LAC for activations and the KV cache).
+
+All quantizers round with a straight-through estimator so that gradients reach the transforms and the
+clipping logits. Symmetric range [-2^(b-1), 2^(b-1)-1] with scale = max / (2^(b-1)-1); asymmetric range
+[0, 2^b - 1] with zero point round(-xmin / scale).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_EPS = 1e-8
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even forward, identity backward."""
+    return (torch.round(x) - x).detach() + x
+
+
+def fake_quantize(
+    x: torch.Tensor, xmax: torch.Tensor, xmin: torch.Tensor, bits: int, symmetric: bool
+) -> torch.Tensor:
+    """Quantize-dequantize x with ranges broadcastable to x (e.g. (..., 1) per row).
+
+    xmax >= 0 >= xmin hold the (clipped) range of each quantization group.
+    """
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = torch.maximum(xmax, -xmin).clamp_min(_EPS) / qmax
+        q = torch.clamp(round_ste(x / scale), -qmax - 1, qmax)
+        return q * scale
+    qmax = 2**bits - 1
+    scale = (xmax - xmin).clamp_min(_EPS) / qmax
+    zero = round_ste(-xmin / scale)
+    q = torch.clamp(round_ste(x / scale) + zero, 0, qmax)
+    return (q - zero) * scale
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel (or per-group) RTN weight quantizer with learnable clipping.
+
+    The clip range is [wmin * sigmoid(theta_min), wmax * sigmoid(theta_max)], recomputed from the
+    (transformed) weight at every call.
+    """
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        bits: int,
+        symmetric: bool = True,
+        group_size: int | None = None,
+        learnable_clip: bool = True,
+        clip_init: float = 4.0,
+    ):
+        super().__init__()
+        if group_size is not None and in_features % group_size:
+            raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
+        self.bits, self.symmetric, self.group_size = bits, symmetric, group_size
+        groups = 1 if group_size is None else in_features // group_size
+        if learnable_clip and bits < 16:
+            self.clip_max = nn.Parameter(torch.full((out_features, groups, 1), clip_init))
+            self.clip_min = nn.Parameter(torch.full((out_features, groups, 1), clip_init))
+        else:
+            self.clip_max = self.clip_min = None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """w: (out, in) float -> fake-quantized (out, in)."""
+        if self.bits >= 16:
+            return w
+        out_f, in_f = w.shape
+        wg = w.reshape(out_f, -1, self.group_size or in_f)  # (out, groups, g)
+        wmax = wg.amax(-1, keepdim=True).clamp_min(0)
+        wmin = wg.amin(-1, keepdim=True).clamp_max(0)
+        if self.clip_max is not None:
+            wmax = wmax * torch.sigmoid(self.clip_max)
+            wmin = wmin * torch.sigmoid(self.clip_min)
+        return fake_quantize(wg, wmax, wmin, self.bits, self.symmetric).reshape(out_f, in_f)
+
+
+class ActivationQuantizer(nn.Module):
+    """Dynamic per-token quantizer over the last dimension with two learnable clipping logits."""
+
+    def __init__(
+        self, bits: int, symmetric: bool = True, learnable_clip: bool = True, clip_init: float = 4.0
+    ):
+        super().__init__()
+        self.bits, self.symmetric = bits, symmetric
+        if learnable_clip and bits < 16:
+            self.clip_max = nn.Parameter(torch.tensor(clip_init))
+            self.clip_min = nn.Parameter(torch.tensor(clip_init))
+        else:
+            self.clip_max = self.clip_min = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+    def clip_ratios(self) -> tuple[float, float]:
+        """The (max, min) clipping ratios as floats, 1.0 when clipping is off."""
+        if self.clip_max is None:
+            return 1.0, 1.0
+        return float(torch.sigmoid(self.clip_max)), float(torch.sigmoid(self.clip_min))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d) -> fake-quantized (..., d), computed in float32."""
+        if self.bits >= 16:
+            return x
+        xf = x.float()
+        xmax = xf.amax(-1, keepdim=True).clamp_min(0)
+        xmin = xf.amin(-1, keepdim=True).clamp_max(0)
+        if self.clip_max is not None:
+            xmax = xmax * torch.sigmoid(self.clip_max)
+            xmin = xmin * torch.sigmoid(self.clip_min)
+        return fake_quantize(xf, xmax, xmin, self.bits, self.symmetric).to(x.dtype)

@@ -1,0 +1,144 @@
+"""Learnable invertible transforms: Kronecker-factored affine maps and per-channel scaling.
+
+An invertible transform P before a linear layer leaves its output unchanged,
+``y = x W^T = (x P)(P^-1 W^T)``; FlatQuant learns P so that ``x P`` and ``P^-1 W^T`` quantize well.
+P = P1 ⊗ P2 keeps the online cost small: a token x (n,) viewed row-major as X (n1, n2) maps to
+``P1^T X P2``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+PARAMETRISATIONS = ("svd", "plain")
+INITS = ("random", "identity", "hadamard")
+
+
+def kron_factors(n: int) -> tuple[int, int]:
+    """The factor pair (n1, n2), n1 * n2 = n, n1 <= n2, closest to sqrt(n) (minimal n1 + n2).
+
+    Always terminates: a prime n gives (1, n).
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"kron_factors needs a positive integer size, got n={n!r}")
+    n1 = math.isqrt(n)
+    while n % n1:
+        n1 -= 1
+    return n1, n // n1
+
+
+def kron_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x @ (a ⊗ b)`` without forming the Kronecker product.
+
+    x: (..., n1 * n2); a: (n1, n1); b: (n2, n2) or None for the identity. Returns (..., n1 * n2).
+    """
+    n1 = a.shape[0]
+    shape = x.shape
+    xr = x.reshape(*shape[:-1], n1, shape[-1] // n1)  # (..., n1, n2)
+    if b is not None:
+        xr = xr @ b  # X P2
+    xr = a.transpose(0, 1) @ xr  # P1^T X P2
+    return xr.reshape(shape)
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix of size n (a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Sylvester Hadamard matrix needs a power-of-two size, got n={n}")
+    h = torch.ones(1, 1, dtype=dtype)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Haar-random orthogonal matrix (float64), by QR of a Gaussian matrix with sign correction."""
+    g = torch.randn(n, n, dtype=torch.float64, generator=generator)
+    q, r = torch.linalg.qr(g)
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def initial_matrix(n: int, init: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The starting orthogonal matrix (float64) for a factor of size n.
+
+    ``hadamard`` falls back to a random orthogonal matrix where n is not a power of two.
+    """
+    if init == "identity" or n == 1:
+        return torch.eye(n, dtype=torch.float64)
+    if init == "hadamard" and not n & (n - 1):
+        return hadamard_matrix(n)
+    if init in ("random", "hadamard"):
+        return random_orthogonal(n, generator)
+    raise ValueError(f"transform init={init!r} is not one of {INITS}")
+
+
+def _cayley(a: torch.Tensor) -> torch.Tensor:
+    """Orthogonal matrix (I - S)^-1 (I + S) of the skew-symmetric part S of a."""
+    s = 0.5 * (a - a.transpose(0, 1))
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(eye - s, eye + s)
+
+
+class LearnableMatrix(nn.Module):
+    """One invertible n x n factor.
+
+    ``svd``: M = (Q0 C(A)) diag(sigma) C(B)^T with C the Cayley map, Q0 a fixed orthogonal start;
+    its inverse C(B) diag(1/sigma) (Q0 C(A))^T is exact in closed form.
+    ``plain``: M is a free matrix; its inverse is taken in float64.
+    """
+
+    def __init__(self, n: int, parametrisation: str = "svd", init: str = "random", generator=None):
+        super().__init__()
+        if parametrisation not in PARAMETRISATIONS:
+            raise ValueError(f"parametrisation={parametrisation!r} is not one of {PARAMETRISATIONS}")
+        self.n = n
+        self.parametrisation = parametrisation
+        q0 = initial_matrix(n, init, generator).float()
+        if parametrisation == "svd":
+            self.register_buffer("q0", q0)
+            self.skew_u = nn.Parameter(torch.zeros(n, n))
+            self.skew_v = nn.Parameter(torch.zeros(n, n))
+            self.sigma = nn.Parameter(torch.ones(n))
+        else:
+            self.matrix = nn.Parameter(q0.clone())
+
+    def pair(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, M^-1) as (n, n) tensors of ``dtype``, differentiable in the parameters."""
+        if self.parametrisation == "svd":
+            u = self.q0.to(dtype) @ _cayley(self.skew_u.to(dtype))
+            v = _cayley(self.skew_v.to(dtype))
+            sigma = self.sigma.to(dtype)
+            m = (u * sigma) @ v.transpose(0, 1)
+            m_inv = (v / sigma) @ u.transpose(0, 1)
+            return m, m_inv
+        m = self.matrix.to(dtype)
+        return m, torch.linalg.inv(self.matrix.double()).to(dtype)
+
+
+class KroneckerTransform(nn.Module):
+    """P = P1 ⊗ P2 over a size n = n1 * n2; ``n2_identity`` makes P2 a fixed identity (P_o)."""
+
+    def __init__(
+        self,
+        n1: int,
+        n2: int,
+        parametrisation: str = "svd",
+        init: str = "random",
+        n2_identity: bool = False,
+        generator=None,
+    ):
+        super().__init__()
+        self.n1, self.n2 = n1, n2
+        self.p1 = LearnableMatrix(n1, parametrisation, init, generator)
+        self.p2 = None if n2_identity or n2 == 1 else LearnableMatrix(n2, parametrisation, init, generator)
+
+    @classmethod
+    def for_size(cls, n: int, **kwargs) -> KroneckerTransform:
+        return cls(*kron_factors(n), **kwargs)
+
+    def factors(self, dtype=torch.float32):
+        """((P1, P1^-1), (P2, P2^-1) or None)."""
+        return self.p1.pair(dtype), None if self.p2 is None else self.p2.pair(dtype)
