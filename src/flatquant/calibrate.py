@@ -180,9 +180,7 @@ def _fp_forward(layer, spec, x, kwargs, batch_size, collect_stats: bool):
 
 def _lr_lambda(total_steps: int):
     def f(step: int) -> float:  # cosine from 1 to 1e-3 of the base rate
-        return 1e-3 + (1 - 1e-3) * 0.5 * (
-            1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1))
-        )
+        return 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
 
     return f
 
@@ -301,6 +299,4 @@ def _calibrate_one(layer, x, y, kwargs, cfg, bar, index: int) -> float:
         load_calibration_state(layer, initial)
         lr_scale /= 10
         tqdm.write(f"block {index}: non-finite loss, restarting at learning rate x{lr_scale:g}")
-    raise RuntimeError(
-        f"block {index}: the calibration loss stayed non-finite after lowering the learning rate"
-    )
+    raise RuntimeError(f"block {index}: the calibration loss stayed non-finite after lowering the learning rate")

@@ -80,9 +80,7 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a saved calibration, with clear errors for missing or corrupt files."""
     cfg_path, t_path = os.path.join(path, _CONFIG_FILE), os.path.join(path, _TENSORS_FILE)
     if not os.path.isdir(path) or not os.path.isfile(cfg_path) or not os.path.isfile(t_path):
-        raise FileNotFoundError(
-            f"{path} is not a flatquant checkpoint (needs {_CONFIG_FILE} and {_TENSORS_FILE})"
-        )
+        raise FileNotFoundError(f"{path} is not a flatquant checkpoint (needs {_CONFIG_FILE} and {_TENSORS_FILE})")
     try:
         with open(cfg_path) as f:
             meta = json.load(f)

@@ -46,9 +46,7 @@ class FlatQuantConfig:
     lr: float = field(default=5e-3, metadata={"help": "learning rate of transforms and scalings"})
     clip_lr: float = field(default=5e-2, metadata={"help": "learning rate of the clipping logits"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    autocast_dtype: str = field(
-        default="bfloat16", metadata={"help": f"training precision {AUTOCAST_DTYPES}"}
-    )
+    autocast_dtype: str = field(default="bfloat16", metadata={"help": f"training precision {AUTOCAST_DTYPES}"})
     seed: int = field(default=0, metadata={"help": "seed of windows and transform inits"})
 
     def __post_init__(self):

@@ -65,9 +65,7 @@ def _read_hub(name: str) -> str:
     try:
         import datasets
     except ImportError as e:
-        raise ImportError(
-            f"dataset {name!r} needs the 'datasets' package: pip install 'datasets>=2.18'"
-        ) from e
+        raise ImportError(f"dataset {name!r} needs the 'datasets' package: pip install 'datasets>=2.18'") from e
     if name == "wikitext2":
         ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
         return "\n\n".join(ds["text"])
@@ -85,9 +83,7 @@ def load_text(name: str) -> str:
         return _read_hub(name)
     if os.path.isfile(name):
         return _read_local(name)
-    raise ValueError(
-        f"dataset {name!r} is neither a known name {sorted(_OFFLINE) + list(_HUB)} nor an existing file"
-    )
+    raise ValueError(f"dataset {name!r} is neither a known name {sorted(_OFFLINE) + list(_HUB)} nor an existing file")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

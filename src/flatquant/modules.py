@@ -52,9 +52,7 @@ class OnlineTransform(nn.Module):
         if self.kron is not None:
             with _no_autocast(x.device.type):
                 (p1, _), p2 = self.kron.factors(torch.float32)
-            x = kron_apply(
-                x, p1.to(x.dtype) if x.dtype != torch.float32 else p1, None if p2 is None else p2[0]
-            )
+            x = kron_apply(x, p1.to(x.dtype) if x.dtype != torch.float32 else p1, None if p2 is None else p2[0])
         return self.quant(x)
 
     @torch.no_grad()

@@ -72,12 +72,8 @@ def prepare_block(
             if n2_identity_heads is None:
                 kron = KroneckerTransform.for_size(n, **kron_kw)
             else:
-                kron = KroneckerTransform(
-                    n2_identity_heads, n // n2_identity_heads, n2_identity=True, **kron_kw
-                )
-        return OnlineTransform(
-            n, act_quant(cfg.a_bits, cfg.a_symmetric), kron, smooth and cfg.method == "flatquant"
-        )
+                kron = KroneckerTransform(n2_identity_heads, n // n2_identity_heads, n2_identity=True, **kron_kw)
+        return OnlineTransform(n, act_quant(cfg.a_bits, cfg.a_symmetric), kron, smooth and cfg.method == "flatquant")
 
     def linear(lin: nn.Linear, t: OnlineTransform, **kw) -> FlatQuantLinear:
         wq = WeightQuantizer(
@@ -93,9 +89,7 @@ def prepare_block(
     # attention: P_a shared by q/k/v, P_v per head on V, P_h on Q/K after RoPE, P_o before o_proj
     q, k, v, o = (attn.get_submodule(n) for n in (spec.q, spec.k, spec.v, spec.o))
     t_a = online(hidden, smooth=cfg.smooth)
-    p_v = (
-        LearnableMatrix(head_dim, cfg.parametrisation, cfg.effective_init, generator) if transforms else None
-    )
+    p_v = LearnableMatrix(head_dim, cfg.parametrisation, cfg.effective_init, generator) if transforms else None
     kv_quantized = cfg.k_bits < 16
     p_h = (
         LearnableMatrix(head_dim, cfg.parametrisation, cfg.effective_init, generator)

@@ -18,9 +18,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x) - x).detach() + x
 
 
-def fake_quantize(
-    x: torch.Tensor, xmax: torch.Tensor, xmin: torch.Tensor, bits: int, symmetric: bool
-) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, xmax: torch.Tensor, xmin: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """Quantize-dequantize x with ranges broadcastable to x (e.g. (..., 1) per row).
 
     xmax >= 0 >= xmin hold the (clipped) range of each quantization group.
@@ -82,9 +80,7 @@ class WeightQuantizer(nn.Module):
 class ActivationQuantizer(nn.Module):
     """Dynamic per-token quantizer over the last dimension with two learnable clipping logits."""
 
-    def __init__(
-        self, bits: int, symmetric: bool = True, learnable_clip: bool = True, clip_init: float = 4.0
-    ):
+    def __init__(self, bits: int, symmetric: bool = True, learnable_clip: bool = True, clip_init: float = 4.0):
         super().__init__()
         self.bits, self.symmetric = bits, symmetric
         if learnable_clip and bits < 16:
