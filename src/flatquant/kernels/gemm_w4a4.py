@@ -59,9 +59,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     if codes.dim() != 2:
         raise ValueError(f"pack_int4 expects a 2-D tensor (N, K), got {tuple(codes.shape)=}")
     if codes.numel() and (int(codes.min()) < _QMIN or int(codes.max()) > _QMAX):
-        raise ValueError(
-            f"codes must lie in [{_QMIN}, {_QMAX}], got [{int(codes.min())}, {int(codes.max())}]"
-        )
+        raise ValueError(f"codes must lie in [{_QMIN}, {_QMAX}], got [{int(codes.min())}, {int(codes.max())}]")
     n, k = codes.shape
     c = codes.to(torch.int16)
     if k % 2:
@@ -88,9 +86,7 @@ def _check_operands(x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_s
     if x_codes.dtype != torch.int8 or x_codes.dim() != 2:
         raise TypeError(f"x_codes must be int8 (M, K), got {x_codes.dtype=} {tuple(x_codes.shape)=}")
     if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
-        raise TypeError(
-            f"w_packed must be uint8 (N, ceil(K/2)), got {w_packed.dtype=} {tuple(w_packed.shape)=}"
-        )
+        raise TypeError(f"w_packed must be uint8 (N, ceil(K/2)), got {w_packed.dtype=} {tuple(w_packed.shape)=}")
     m, k = x_codes.shape
     n = w_packed.shape[0]
     if w_packed.shape[1] != (k + 1) // 2:
@@ -110,9 +106,7 @@ def _check_operands(x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_s
             raise ValueError(f"group_size must be a positive even number, got {group_size=}")
         n_groups = -(-k // group_size)
         if w_group_scale.shape != (n, n_groups):
-            raise ValueError(
-                f"w_group_scale must have shape ({n}, {n_groups}), got {tuple(w_group_scale.shape)}"
-            )
+            raise ValueError(f"w_group_scale must have shape ({n}, {n_groups}), got {tuple(w_group_scale.shape)}")
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype=}")
     return m, n, k
@@ -133,9 +127,7 @@ def w4a4_gemm_reference(
 
     Shapes and dtypes as in the module docstring; returns (M, N) ``out_dtype``.
     """
-    m, n, k = _check_operands(
-        x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype
-    )
+    m, n, k = _check_operands(x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype)
     x = x_codes.to(torch.float64)  # (M, K)
     if x_zero is not None:
         x = x - x_zero.to(torch.float64)[:, None]
@@ -224,8 +216,8 @@ if _HAS_TRITON:
     ):
         # grouped launch order: GROUP_M row tiles share the weight tiles they read from L2
         pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv nor tl.zeros (jit functions): they break
+        num_pid_n = (N + BLOCK_N - 1) // BLOCK_N  # the interpreter if triton was imported before it was set
         num_in_group = GROUP_M * num_pid_n
         first_m = (pid // num_in_group) * GROUP_M
         group_rows = min(num_pid_m - first_m, GROUP_M)
@@ -245,11 +237,11 @@ if _HAS_TRITON:
         w_ptrs = w_ptr + rows_w[:, None] * stride_wn + offs_kh[None, :]  # (BN, BK/2)
 
         if USE_FP8:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
         else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
         if HAS_GROUP:
-            accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            accf = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
 
         for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
@@ -261,7 +253,7 @@ if _HAS_TRITON:
             lo, hi = _unpack_x16(p, USE_ASM)  # (BN, BK/2) int8 each, 16x codes
             w = tl.join(lo, hi).reshape(BLOCK_N, BLOCK_K)  # (BN, BK), k order restored
             if HAS_GROUP:
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+                part = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
                 part = tl.dot(x, tl.trans(w), part, out_dtype=tl.int32)  # (BM, BN) 16x int sums
                 gs = tl.load(gs_ptr + rows_w * stride_gn + k0 // group_size)  # (BN,)
                 accf += (part >> 4).to(tl.float32) * gs[None, :]
@@ -320,7 +312,8 @@ if _HAS_TRITON:
     ]
     _KEY = ["M_KEY", "N", "K", "HAS_ZERO", "HAS_BIAS", "USE_FP8"]
     _large = triton.autotune(LARGE_CONFIGS, key=_KEY)(_kernel)
-    _small = triton.autotune(SMALL_CONFIGS, key=_KEY)(_kernel)
+    # decode kernels take a few microseconds: time the candidates under CUDA graphs, not launch overhead
+    _small = triton.autotune(SMALL_CONFIGS, key=_KEY, use_cuda_graph=True)(_kernel)
 
 
 def _triton_unavailable_reason(x: torch.Tensor) -> str | None:

@@ -114,9 +114,7 @@ class W4A4Linear(nn.Module):
         self.act_impl, self.gemm_impl = act_impl, gemm_impl
         self.act_clip_max, self.act_clip_min = 1.0, 1.0
         kw = dict(device=device)
-        self.register_buffer(
-            "w_packed", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8, **kw)
-        )
+        self.register_buffer("w_packed", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8, **kw))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=out_dtype, **kw) if bias else None)
         if transform_sizes is None:
@@ -160,9 +158,7 @@ class W4A4Linear(nn.Module):
             raise ValueError("p1 and p2 must both be given or both be None")
         n, k = weight.shape
         sizes = None if p1 is None else (p1.shape[0], p2.shape[0])
-        layer = cls(
-            k, n, bias is not None, sizes, act_symmetric, out_dtype, act_impl, gemm_impl, weight.device
-        )
+        layer = cls(k, n, bias is not None, sizes, act_symmetric, out_dtype, act_impl, gemm_impl, weight.device)
         codes, scale = quantize_weight_rtn(weight, w_clip)  # (N, K) int8, (N,) fp32
         layer.w_packed.copy_(pack_int4(codes))
         layer.w_scale.copy_(scale)
@@ -179,22 +175,14 @@ class W4A4Linear(nn.Module):
         """x (..., K) float -> operand tuple (codes int8 (..., K), scale fp32 (...,)[, zero fp32 (...,)])."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
-        kw = dict(
-            clip_max=self.act_clip_max, clip_min=self.act_clip_min, bits=4, symmetric=self.act_symmetric
-        )
-        if (
-            _kron_quantize is not None
-            and self.act_impl == "auto"
-            and x.dtype in (torch.bfloat16, torch.float16)
-        ):
+        kw = dict(clip_max=self.act_clip_max, clip_min=self.act_clip_min, bits=4, symmetric=self.act_symmetric)
+        if _kron_quantize is not None and self.act_impl == "auto" and x.dtype in (torch.bfloat16, torch.float16):
             return tuple(_kron_quantize(x, self.p1, self.p2, **kw))  # (codes, scale, zero or None)
         return kron_quantize_torch(x, self.p1, self.p2, **kw)
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
-            out_dtype = (
-                x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else self.out_dtype
-            )
+            out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else self.out_dtype
             x = self.quantize_input(x)
         else:
             out_dtype = self.out_dtype
