@@ -18,15 +18,12 @@ import pytest  # noqa: E402
 import flatquant.kernels.kron_quantize as kq  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-# Triton reads TRITON_INTERPRET when a @triton.jit function is defined, its own standard library
-# included: if triton was imported earlier without it, the interpreter cannot run (skip, saying so).
-_TRITON_INTERPRETED = kq.triton is not None and type(kq.tl.standard.cdiv).__name__ == "InterpretedFunction"
-if not CUDA and _TRITON_INTERPRETED and not kq._interpreting():
-    kq = importlib.reload(kq)  # our module was imported before the variable was set: rebuild it
+if not CUDA and kq.triton is not None and not kq._interpreting():
+    kq = importlib.reload(kq)  # imported before TRITON_INTERPRET was set: rebuild it for the interpreter
 DEVICE = "cuda" if CUDA else "cpu"
 needs_triton = pytest.mark.skipif(
     kq.triton is None or not (CUDA or kq._interpreting()),
-    reason="triton not importable, or no GPU and triton was imported before TRITON_INTERPRET=1 was set",
+    reason="triton is not importable",
 )
 
 # Factor pairs: every pair from the method on the GPU; small ones (padding included) in the interpreter.
@@ -206,3 +203,16 @@ def test_dispatcher_choices_and_errors(monkeypatch):
     monkeypatch.setattr(kq, "_interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA tensor|triton"):
         kq.kron_quantize(x, p1, p2, impl="triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("symmetric,pack", [(True, False), (False, True)])
+@pytest.mark.parametrize("n1,n2", [(128, 148)] if CUDA else [(6, 100), (10, 130)])
+def test_kernel_column_chunks(monkeypatch, n1, n2, symmetric, pack):
+    """Tiles above the register budget are built 64 columns at a time (forced here for small shapes)."""
+    monkeypatch.setattr(kq, "_MAX_TILE", 0)
+    p1, p2 = _factors(n1, n2, seed=7)
+    x = _inputs(5, n1 * n2, torch.bfloat16)
+    kw = dict(clip_max=0.9, clip_min=0.85, symmetric=symmetric, pack=pack)
+    out = kq.kron_quantize(x, p1, p2, impl="triton", **kw)
+    _assert_same(out, kq.kron_quantize_reference(x, p1, p2, **kw), x, p1, p2, symmetric, pack)

@@ -47,6 +47,7 @@ __all__ = ["KronQuantized", "kron_quantize", "kron_quantize_reference", "kron_qu
 _EPS = 1e-8
 _IMPLS = ("auto", "triton", "torch")
 _INTERMEDIATES = ("fp32", "input")
+_MAX_TILE = 128 * 128  # larger token tiles are built in column chunks, twice (max, then codes)
 
 
 class KronQuantized(NamedTuple):
@@ -156,6 +157,20 @@ if triton is not None:
         r = tl.where(a < 8388608.0, r, a)
         return tl.where(v < 0, -r, r)
 
+    # Only builtins and our own @triton.jit helpers are used: triton's jit-defined library functions
+    # (tl.max, tl.zeros, tl.cdiv, ...) cannot run in the interpreter when triton was imported before
+    # TRITON_INTERPRET=1 was set, as happens when another module imports it first.
+
+    @triton.jit
+    def _tile_max(v):
+        """Max over all elements of a 2-D tile (a scalar). tl.standard's combine functions are
+        recognised by the interpreter (a numpy reduction) and never called there."""
+        return tl.reduce(tl.reduce(v, 1, tl.standard._elementwise_max), 0, tl.standard._elementwise_max)
+
+    @triton.jit
+    def _tile_min(v):
+        return tl.reduce(tl.reduce(v, 1, tl.standard._elementwise_min), 0, tl.standard._elementwise_min)
+
     # The CPU interpreter (TRITON_INTERPRET=1) multiplies bf16 operands as raw bits and truncates
     # fp32 -> bf16 casts; under INTERPRET the helpers below work around both (same math).
 
@@ -176,6 +191,113 @@ if triton is not None:
         return y.to(dt)
 
     @triton.jit
+    def _left_factor(y, p1t, dt: tl.constexpr, HAS_P1: tl.constexpr, SPLIT_Y: tl.constexpr, INTERPRET):
+        """P1^T @ y, fp32 (BN1, cols); y fp32 holds X @ P2 (or X itself)."""
+        if HAS_P1:
+            acc = tl.full(y.shape, 0.0, tl.float32)
+            if SPLIT_Y:
+                # y = hi + lo to ~2^-17 relative: two exact 16-bit products instead of one fp32 one
+                y_hi = _round_to(y, dt, INTERPRET)
+                y_lo = _round_to(y - y_hi.to(tl.float32), dt, INTERPRET)
+                acc = _dot(p1t, y_lo, acc, INTERPRET)
+                return _dot(p1t, y_hi, acc, INTERPRET)
+            return _dot(p1t, _round_to(y, dt, INTERPRET), acc, INTERPRET)  # exact when y == x
+        return y
+
+    @triton.jit
+    def _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC: tl.constexpr, BITS: tl.constexpr):
+        """Per-token scale and zero point (0 when symmetric), fp32 scalars, rounded as the reference."""
+        if SYMMETRIC:
+            absmax = tl.maximum(clip_max * zmax, -(clip_min * zmin))
+            scale = tl.maximum(tl.math.div_rn(absmax, 2.0 ** (BITS - 1) - 1), 1e-8)
+            zero = scale * 0.0
+        else:
+            xmin = clip_min * zmin
+            scale = tl.maximum(tl.math.div_rn(clip_max * zmax - xmin, 2.0**BITS - 1), 1e-8)
+            zero = _rint(tl.math.div_rn(-xmin, scale))
+        return scale, zero
+
+    @triton.jit
+    def _quantize_store(
+        z,
+        scale,
+        zero,
+        q_ptr,
+        row0,
+        col0,
+        N1,
+        N2,
+        BN1: tl.constexpr,
+        BC: tl.constexpr,
+        SYMMETRIC: tl.constexpr,
+        BITS: tl.constexpr,
+        PACK: tl.constexpr,
+    ):
+        """Quantize z (BN1, BC) fp32, columns col0 .. col0 + BC of the token's (N1, N2) view; store codes.
+
+        row0: int64 offset of the token's codes, counted in codes (the packed byte offset is row0 // 2).
+        """
+        if SYMMETRIC:
+            v = tl.math.div_rn(z, scale)
+            q = _rint(tl.minimum(tl.maximum(v, -(2.0 ** (BITS - 1))), 2.0 ** (BITS - 1) - 1))
+        else:
+            q = _rint(tl.math.div_rn(z, scale)) + zero
+            q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1)
+        qi = q.to(tl.int32)
+        ra = tl.arange(0, BN1)
+        if PACK:
+            lo, hi = tl.split(tl.reshape(qi, (BN1, BC // 2, 2)))  # (BN1, BC // 2): even / odd columns
+            byte = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
+            rh = col0 // 2 + tl.arange(0, BC // 2)
+            mh = (ra[:, None] < N1) & (rh[None, :] < N2 // 2)
+            tl.store(q_ptr + row0 // 2 + ra[:, None] * (N2 // 2) + rh[None, :], byte, mask=mh)
+        else:
+            rb = col0 + tl.arange(0, BC)
+            m = (ra[:, None] < N1) & (rb[None, :] < N2)
+            tl.store(q_ptr + row0 + ra[:, None] * N2 + rb[None, :], qi.to(tl.int8), mask=m)
+
+    @triton.jit
+    def _column_chunk(
+        x_ptr,
+        p2_ptr,
+        p1t,
+        xrow,
+        j0,
+        N1,
+        N2,
+        BN1: tl.constexpr,
+        BN2: tl.constexpr,
+        BC: tl.constexpr,
+        BK: tl.constexpr,
+        HAS_P1,
+        HAS_P2: tl.constexpr,
+        SPLIT_Y,
+        INTERPRET,
+    ):
+        """Columns j0 .. j0 + BC of X' (BN1, BC) fp32, streaming X and P2 in BK-wide slices."""
+        dt = x_ptr.dtype.element_ty
+        ra = tl.arange(0, BN1)
+        rj = j0 + tl.arange(0, BC)
+        if HAS_P2:
+            y = tl.full((BN1, BC), 0.0, tl.float32)
+            for k0 in range(0, BN2, BK):
+                rk = k0 + tl.arange(0, BK)
+                xk = tl.load(
+                    x_ptr + xrow + ra[:, None] * N2 + rk[None, :],
+                    mask=(ra[:, None] < N1) & (rk[None, :] < N2),
+                    other=0.0,
+                )
+                pk = tl.load(
+                    p2_ptr + rk[:, None] * N2 + rj[None, :], mask=(rk[:, None] < N2) & (rj[None, :] < N2), other=0.0
+                )
+                y = _dot(xk, pk, y, INTERPRET)
+        else:
+            y = tl.load(
+                x_ptr + xrow + ra[:, None] * N2 + rj[None, :], mask=(ra[:, None] < N1) & (rj[None, :] < N2), other=0.0
+            ).to(tl.float32)
+        return _left_factor(y, p1t, dt, HAS_P1, SPLIT_Y, INTERPRET)
+
+    @triton.jit
     def _kron_quantize_kernel(
         # pointers: x (T, n) row stride stride_xt; p1 (N1, N1); p2 (N2, N2); q codes; scale/zero (T,)
         x_ptr,
@@ -194,6 +316,8 @@ if triton is not None:
         N2: tl.constexpr,
         BN1: tl.constexpr,
         BN2: tl.constexpr,
+        # BC < BN2: tile too large for registers; X' is built BC columns at a time, twice (max, then codes)
+        BC: tl.constexpr,
         # variants
         HAS_P1: tl.constexpr,
         HAS_P2: tl.constexpr,
@@ -209,64 +333,48 @@ if triton is not None:
         ra = tl.arange(0, BN1)
         rb = tl.arange(0, BN2)
         mask = (ra[:, None] < N1) & (rb[None, :] < N2)  # (BN1, BN2)
-        offs = ra[:, None] * N2 + rb[None, :]  # (BN1, BN2)
         dt = x_ptr.dtype.element_ty
-        zeros = tl.zeros((BN1, BN2), dtype=tl.float32)
-        if HAS_P1:
-            # p1t[i, a] = P1[a, i]; zero padding keeps padded rows of X' at 0
-            m1 = (ra[:, None] < N1) & (ra[None, :] < N1)
-            p1t = tl.load(p1_ptr + ra[None, :] * N1 + ra[:, None], mask=m1, other=0.0)  # (BN1, BN1)
-        if HAS_P2:
+        # p1t[i, a] = P1[a, i]; zero padding keeps padded rows of X' at 0
+        m1 = (ra[:, None] < N1) & (ra[None, :] < N1)
+        p1t = tl.load(p1_ptr + ra[None, :] * N1 + ra[:, None], mask=m1 & HAS_P1, other=0.0)  # (BN1, BN1)
+        if BC == BN2 and HAS_P2:
             m2 = (rb[:, None] < N2) & (rb[None, :] < N2)
             p2 = tl.load(p2_ptr + rb[:, None] * N2 + rb[None, :], mask=m2, other=0.0)  # (BN2, BN2)
 
-        for i in range(0, tl.cdiv(n_tokens - pid, nprog)):
+        for i in range(0, (n_tokens - pid + nprog - 1) // nprog):
             t64 = (pid + i * nprog).to(tl.int64)  # token index; int64 offsets for huge T * n
-            x = tl.load(x_ptr + t64 * stride_xt + offs, mask=mask, other=0.0)  # (BN1, BN2) 16-bit
-            if HAS_P2:
-                y = _dot(x, p2, zeros, INTERPRET)  # (BN1, BN2) fp32
-            else:
-                y = x.to(tl.float32)
-            if HAS_P1:
-                if HAS_P2 and SPLIT_Y:
-                    # y = hi + lo to ~2^-17 relative: two exact 16-bit products instead of one fp32 one
-                    y_hi = _round_to(y, dt, INTERPRET)
-                    y_lo = _round_to(y - y_hi.to(tl.float32), dt, INTERPRET)
-                    z = _dot(p1t, y_lo, zeros, INTERPRET)
-                    z = _dot(p1t, y_hi, z, INTERPRET)
+            xrow = t64 * stride_xt
+            if BC == BN2:
+                x = tl.load(x_ptr + xrow + ra[:, None] * N2 + rb[None, :], mask=mask, other=0.0)
+                if HAS_P2:
+                    y = _dot(x, p2, tl.full((BN1, BN2), 0.0, tl.float32), INTERPRET)  # (BN1, BN2)
                 else:
-                    z = _dot(
-                        p1t, _round_to(y, dt, INTERPRET), zeros, INTERPRET
-                    )  # exact when HAS_P2 is False (y == x)
+                    y = x.to(tl.float32)
+                z = _left_factor(y, p1t, dt, HAS_P1, SPLIT_Y, INTERPRET)  # (BN1, BN2) fp32
+                zmax = _tile_max(tl.where(mask, z, -float("inf")))
+                zmin = _tile_min(tl.where(mask, z, float("inf")))
+                scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC, BITS)
+                _quantize_store(z, scale, zero, q_ptr, t64 * (N1 * N2), 0, N1, N2, BN1, BN2, SYMMETRIC, BITS, PACK)
             else:
-                z = y
-            zmax = tl.max(tl.where(mask, z, -float("inf")))
-            zmin = tl.min(tl.where(mask, z, float("inf")))
-            if SYMMETRIC:
-                absmax = tl.maximum(clip_max * zmax, -(clip_min * zmin))
-                scale = tl.maximum(tl.math.div_rn(absmax, 2.0 ** (BITS - 1) - 1), 1e-8)
-                v = tl.math.div_rn(z, scale)
-                v = tl.minimum(tl.maximum(v, -(2.0 ** (BITS - 1))), 2.0 ** (BITS - 1) - 1)
-                q = _rint(v)
-            else:
-                xmax = clip_max * zmax
-                xmin = clip_min * zmin
-                scale = tl.maximum(tl.math.div_rn(xmax - xmin, 2.0**BITS - 1), 1e-8)
-                zero = _rint(tl.math.div_rn(-xmin, scale))
-                q = _rint(tl.math.div_rn(z, scale)) + zero
-                q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1)
-                tl.store(zero_ptr + t64, zero)
+                zmax = tl.full((), -float("inf"), tl.float32)
+                zmin = tl.full((), float("inf"), tl.float32)
+                for j0 in range(0, BN2, BC):
+                    z = _column_chunk(
+                        x_ptr, p2_ptr, p1t, xrow, j0, N1, N2, BN1, BN2, BC, BC, HAS_P1, HAS_P2, SPLIT_Y, INTERPRET
+                    )
+                    rj = j0 + tl.arange(0, BC)
+                    mj = (ra[:, None] < N1) & (rj[None, :] < N2)
+                    zmax = tl.maximum(zmax, _tile_max(tl.where(mj, z, -float("inf"))))
+                    zmin = tl.minimum(zmin, _tile_min(tl.where(mj, z, float("inf"))))
+                scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC, BITS)
+                for j0 in range(0, BN2, BC):  # recompute: cheaper than a round trip through memory
+                    z = _column_chunk(
+                        x_ptr, p2_ptr, p1t, xrow, j0, N1, N2, BN1, BN2, BC, BC, HAS_P1, HAS_P2, SPLIT_Y, INTERPRET
+                    )
+                    _quantize_store(z, scale, zero, q_ptr, t64 * (N1 * N2), j0, N1, N2, BN1, BC, SYMMETRIC, BITS, PACK)
             tl.store(scale_ptr + t64, scale)
-            qi = q.to(tl.int32)
-            if PACK:
-                lo, hi = tl.split(tl.reshape(qi, (BN1, BN2 // 2, 2)))  # (BN1, BN2 // 2) each
-                byte = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
-                rh = tl.arange(0, BN2 // 2)
-                mh = (ra[:, None] < N1) & (rh[None, :] < N2 // 2)
-                offs_h = t64 * (N1 * N2 // 2) + ra[:, None] * (N2 // 2) + rh[None, :]
-                tl.store(q_ptr + offs_h, byte, mask=mh)
-            else:
-                tl.store(q_ptr + t64 * (N1 * N2) + offs, qi.to(tl.int8), mask=mask)
+            if not SYMMETRIC:
+                tl.store(zero_ptr + t64, zero)
 
 
 def _next_pow2(v: int) -> int:
@@ -336,25 +444,43 @@ def kron_quantize_triton(
     n_tokens = x2.shape[0]
     p1c = p1.to(device=x.device, dtype=x.dtype).contiguous() if p1 is not None else x2
     p2c = p2.to(device=x.device, dtype=x.dtype).contiguous() if p2 is not None else x2
-    codes = torch.empty(
-        (n_tokens, n // 2 if pack else n), device=x.device, dtype=torch.uint8 if pack else torch.int8
-    )
+    codes = torch.empty((n_tokens, n // 2 if pack else n), device=x.device, dtype=torch.uint8 if pack else torch.int8)
     scale = torch.empty(n_tokens, device=x.device, dtype=torch.float32)
     zero = None if symmetric else torch.empty(n_tokens, device=x.device, dtype=torch.float32)
     if n_tokens > 0:
         bn1, bn2 = max(16, _next_pow2(n1)), max(16, _next_pow2(n2))
+        bc = bn2 if bn1 * bn2 <= _MAX_TILE else 64
         cfg = _default_config(bn1, bn2, n_tokens, x.device)
         cfg.update(config or {})
         grid = (min(n_tokens, cfg["sms"] * cfg["progs_per_sm"]),)
         extra = {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
         _kron_quantize_kernel[grid](
-            x2, p1c, p2c, codes, scale, zero if zero is not None else scale,
-            float(clip_max), float(clip_min), n_tokens, x2.stride(0),
-            N1=n1, N2=n2, BN1=bn1, BN2=bn2,
-            HAS_P1=p1 is not None, HAS_P2=p2 is not None, SPLIT_Y=intermediate == "fp32",
-            SYMMETRIC=symmetric, BITS=bits, PACK=pack, INTERPRET=_interpreting(),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra,
-        )  # fmt: skip
+            x2,
+            p1c,
+            p2c,
+            codes,
+            scale,
+            zero if zero is not None else scale,
+            float(clip_max),
+            float(clip_min),
+            n_tokens,
+            x2.stride(0),
+            N1=n1,
+            N2=n2,
+            BN1=bn1,
+            BN2=bn2,
+            BC=bc,
+            HAS_P1=p1 is not None,
+            HAS_P2=p2 is not None,
+            SPLIT_Y=intermediate == "fp32",
+            SYMMETRIC=symmetric,
+            BITS=bits,
+            PACK=pack,
+            INTERPRET=_interpreting(),
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+            **extra,
+        )
     codes = codes.reshape(*lead, codes.shape[-1])
     return KronQuantized(codes, scale.reshape(lead), None if zero is None else zero.reshape(lead))
 
