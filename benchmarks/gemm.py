@@ -92,9 +92,10 @@ def run_shape(k: int, n: int, m: int, paths: list[str]) -> dict:
     packed = [pack_int4(torch.randint(-8, 8, (n, k), device=dev, dtype=torch.int8)) for _ in range(nq)]
     rec = {"K": k, "N": n, "M": m, "bf16_us": bf16_us}
     for path in paths:
+        xin = codes.to(torch.float8_e4m3fn) if path == "fp8" else codes  # each path's native operand
         try:
             rec[f"gemm_{path}_us"] = bench(
-                lambda p=path: [w4a4_gemm(codes, x_scale, w, w_scale, path=p) for w in packed], nq
+                lambda p=path, xin=xin: [w4a4_gemm(xin, x_scale, w, w_scale, path=p) for w in packed], nq
             )
         except Exception as err:  # a path that fails to compile is reported, not fatal
             print(f"  {path} failed at {k=} {n=} {m=}: {err!r}"[:400])
@@ -105,12 +106,15 @@ def run_shape(k: int, n: int, m: int, paths: list[str]) -> dict:
     p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0]
     p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0]
     layers = [W4A4Linear.from_float(weight, None, p1, p2, act_clip=0.9) for _ in range(nq)]
-    try:
-        with torch.no_grad():
-            rec["layer_us"] = bench(lambda: [layer(x) for layer in layers], nq)
-    except Exception as err:
-        print(f"  layer failed at {k=} {n=} {m=}: {err!r}"[:400])
-        rec["layer_us"] = float("inf")
+    for name, fp8 in (("layer_us", True), ("layer_int8_us", False)):
+        for layer in layers:
+            layer.prefill_fp8 = fp8  # int8 codes to the FP8 GEMM (one conversion pass) or to the INT8 one
+        try:
+            with torch.no_grad():
+                rec[name] = bench(lambda: [layer(x) for layer in layers], nq)
+        except Exception as err:
+            print(f"  layer failed at {k=} {n=} {m=}: {err!r}"[:400])
+            rec[name] = float("inf")
     return rec
 
 
@@ -128,13 +132,13 @@ def main() -> None:
     shapes = SHAPES[:1] + SHAPES[4:5] if args.quick else SHAPES
     records = []
     hdr = f"{'K':>6} {'N':>6} {'M':>5} {'bf16us':>8} " + " ".join(f"{p + 'us':>8}" for p in paths)
-    print(hdr + f" {'layerus':>8} {'path':>5} {'gemm_x':>6} {'layer_x':>7} {'TFLOP/s':>7} {'GB/s':>6}")
+    print(hdr + f" {'layerus':>8} {'l_int8':>8} {'path':>5} {'gemm_x':>6} {'layer_x':>7} {'TFLOP/s':>7} {'GB/s':>6}")
     for k, n in shapes:
         for m in TOKENS:
             rec = run_shape(k, n, m, paths)
-            # the path the dispatcher's default picks; the fastest measured one is what it should pick
+            # the path the dispatcher picks by default (fp8 codes: fp8 above SMALL_M, else int8)
+            default = "fp8" if m > SMALL_M and "fp8" in paths else "int8"
             best = min(paths, key=lambda p: rec[f"gemm_{p}_us"])
-            default = "int8"
             rec.update(path=default, best_path=best, gemm_us=rec[f"gemm_{default}_us"], device=device)
             t = rec["gemm_us"]
             rec["gemm_tflops"] = 2 * m * n * k / t / 1e6
@@ -144,7 +148,8 @@ def main() -> None:
             records.append(rec)
             times = " ".join(f"{rec[f'gemm_{p}_us']:8.1f}" for p in paths)
             print(
-                f"{k:6d} {n:6d} {m:5d} {rec['bf16_us']:8.1f} {times} {rec['layer_us']:8.1f} {default:>5} "
+                f"{k:6d} {n:6d} {m:5d} {rec['bf16_us']:8.1f} {times} {rec['layer_us']:8.1f} "
+                f"{rec['layer_int8_us']:8.1f} {default:>5} "
                 f"{rec['bf16_us'] / t:6.2f} {rec['bf16_us'] / rec['layer_us']:7.2f} "
                 f"{rec['gemm_tflops']:7.0f} {rec['gemm_gbps']:6.0f}",
                 flush=True,

@@ -118,9 +118,11 @@ SMALL_SHAPES = [(1, 40, 70), (5, 37, 129), (16, 96, 256), (33, 50, 190)]  # (M, 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("m,n,k", SMALL_SHAPES)
 @pytest.mark.parametrize("asym", [False, True])
-def test_triton_integer_sums_exact(m, n, k, asym, path):
+@pytest.mark.parametrize("x_dtype", [torch.int8, torch.float8_e4m3fn])
+def test_triton_integer_sums_exact(m, n, k, asym, path, x_dtype):
     x, w, _, _, xz = _operands(m, n, k, asym, seed=m + n + k)
-    args = (x.to(DEV), torch.ones(m, device=DEV), pack_int4(w).to(DEV), torch.ones(n, device=DEV))
+    xin = x.to(x_dtype).to(DEV)  # e4m3 holds the codes exactly
+    args = (xin, torch.ones(m, device=DEV), pack_int4(w).to(DEV), torch.ones(n, device=DEV))
     out = w4a4_gemm(*args, out_dtype=torch.float32, impl="triton", path=path, config=CFG)
     want = x.double() @ w.double().T  # (M, N) integer sums
     assert torch.equal(out.double().cpu(), want)
@@ -165,7 +167,8 @@ def test_gpu_full_shapes_exact(m, k, n, path):
     x = torch.randint(-8, 8, (m, k), generator=g, device="cuda", dtype=torch.int8)
     w = torch.randint(-8, 8, (n, k), generator=g, device="cuda", dtype=torch.int8)
     ones_m, ones_n = torch.ones(m, device="cuda"), torch.ones(n, device="cuda")
-    out = w4a4_gemm(x, ones_m, pack_int4(w), ones_n, out_dtype=torch.float32, impl="triton", path=path)
+    xin = x.to(torch.float8_e4m3fn) if path == "fp8" else x  # the fast operand of each path
+    out = w4a4_gemm(xin, ones_m, pack_int4(w), ones_n, out_dtype=torch.float32, impl="triton", path=path)
     assert torch.equal(out.double(), x.double() @ w.double().T)
 
 
@@ -178,7 +181,8 @@ def test_gpu_extreme_codes_exact(m, path):
     x = torch.full((m, k), 15, device="cuda", dtype=torch.int8)
     w = torch.full((n, k), -8, device="cuda", dtype=torch.int8)
     ones_m, ones_n = torch.ones(m, device="cuda"), torch.ones(n, device="cuda")
-    out = w4a4_gemm(x, ones_m, pack_int4(w), ones_n, out_dtype=torch.float32, impl="triton", path=path)
+    xin = x.to(torch.float8_e4m3fn) if path == "fp8" else x
+    out = w4a4_gemm(xin, ones_m, pack_int4(w), ones_n, out_dtype=torch.float32, impl="triton", path=path)
     assert torch.all(out == -120.0 * k)
     out = w4a4_gemm(-x.clamp(max=8), ones_m, pack_int4(w), ones_n, out_dtype=torch.float32, path=path)
     assert torch.all(out == 64.0 * k)

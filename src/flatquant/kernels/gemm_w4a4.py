@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
 __all__ = ["pack_int4", "unpack_int4", "w4a4_gemm", "w4a4_gemm_reference", "SMALL_M"]
 
 SMALL_M = 16  # at or below this many tokens the weight-bandwidth-bound (decode) configs are used
+_X_DTYPES = (torch.int8, torch.float8_e4m3fn)  # activation codes: integers, exact in both
 _QMIN, _QMAX = -8, 7
 
 
@@ -83,8 +84,8 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- reference
 def _check_operands(x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype):
     """Validate shapes and dtypes; return (M, N, K)."""
-    if x_codes.dtype != torch.int8 or x_codes.dim() != 2:
-        raise TypeError(f"x_codes must be int8 (M, K), got {x_codes.dtype=} {tuple(x_codes.shape)=}")
+    if x_codes.dtype not in _X_DTYPES or x_codes.dim() != 2:
+        raise TypeError(f"x_codes must be int8 or float8_e4m3fn (M, K), got {x_codes.dtype=} {tuple(x_codes.shape)=}")
     if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
         raise TypeError(f"w_packed must be uint8 (N, ceil(K/2)), got {w_packed.dtype=} {tuple(w_packed.shape)=}")
     m, k = x_codes.shape
@@ -177,6 +178,59 @@ if _HAS_TRITON:
         return lo, hi
 
     @triton.jit
+    def _unpack_fp8(p, USE_ASM: tl.constexpr):
+        """uint8 (R, C) packed nibbles -> two float8e4nv (R, C) tensors: the even and the odd codes."""
+        if USE_ASM:
+            # per 4 packed bytes (8 codes): u = code + 8 into fp16 lanes as 1024 + u (exponent trick), minus
+            # 1032 gives the code exactly, then the packed fp16x2 -> e4m3x2 conversion; bytes reordered so
+            # that output byte i holds the low (first result) or high (second) nibble of input byte i
+            lo, hi = tl.inline_asm_elementwise(
+                asm="""
+                {
+                .reg .b32 x, t0, t1, t2, t3, m;
+                .reg .b16 c0, c1, c2, c3;
+                xor.b32 x, $2, 0x88888888;
+                and.b32 t0, x, 0x000F000F;
+                shr.b32 t1, x, 4;
+                and.b32 t1, t1, 0x000F000F;
+                shr.b32 t2, x, 8;
+                and.b32 t2, t2, 0x000F000F;
+                shr.b32 t3, x, 12;
+                and.b32 t3, t3, 0x000F000F;
+                or.b32 t0, t0, 0x64006400;
+                or.b32 t1, t1, 0x64006400;
+                or.b32 t2, t2, 0x64006400;
+                or.b32 t3, t3, 0x64006400;
+                mov.b32 m, 0x64086408;
+                sub.f16x2 t0, t0, m;
+                sub.f16x2 t1, t1, m;
+                sub.f16x2 t2, t2, m;
+                sub.f16x2 t3, t3, m;
+                cvt.rn.satfinite.e4m3x2.f16x2 c0, t0;
+                cvt.rn.satfinite.e4m3x2.f16x2 c1, t1;
+                cvt.rn.satfinite.e4m3x2.f16x2 c2, t2;
+                cvt.rn.satfinite.e4m3x2.f16x2 c3, t3;
+                mov.b32 t0, {c0, c2};
+                mov.b32 t1, {c1, c3};
+                prmt.b32 $0, t0, 0, 0x3120;
+                prmt.b32 $1, t1, 0, 0x3120;
+                }
+                """,
+                constraints="=r,=r,r",
+                args=[p],
+                dtype=(tl.int8, tl.int8),
+                is_pure=True,
+                pack=4,
+            )
+            lo = lo.to(tl.float8e4nv, bitcast=True)
+            hi = hi.to(tl.float8e4nv, bitcast=True)
+        else:
+            lo16, hi16 = _unpack_x16(p, USE_ASM)
+            lo = (lo16 >> 4).to(tl.float16).to(tl.float8e4nv)
+            hi = (hi16 >> 4).to(tl.float16).to(tl.float8e4nv)
+        return lo, hi
+
+    @triton.jit
     def _w4a4_gemm_kernel(
         # operands: activation codes (M, K) int8, packed weights (N, K2) uint8, output (M, N)
         x_ptr,
@@ -206,6 +260,7 @@ if _HAS_TRITON:
         HAS_BIAS: tl.constexpr,
         HAS_GROUP: tl.constexpr,
         USE_FP8: tl.constexpr,
+        X_FP8: tl.constexpr,  # x holds float8_e4m3fn bytes (passed as int8)
         USE_ASM: tl.constexpr,
         EVEN_K: tl.constexpr,
         # tiles
@@ -250,7 +305,10 @@ if _HAS_TRITON:
             else:
                 x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0)
                 p = tl.load(w_ptrs, mask=offs_kh[None, :] < K2 - k0 // 2, other=0)
-            lo, hi = _unpack_x16(p, USE_ASM)  # (BN, BK/2) int8 each, 16x codes
+            if USE_FP8:
+                lo, hi = _unpack_fp8(p, USE_ASM)  # (BN, BK/2) e4m3 each, the codes
+            else:
+                lo, hi = _unpack_x16(p, USE_ASM)  # (BN, BK/2) int8 each, 16x codes
             w = tl.join(lo, hi).reshape(BLOCK_N, BLOCK_K)  # (BN, BK), k order restored
             if HAS_GROUP:
                 part = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
@@ -258,10 +316,13 @@ if _HAS_TRITON:
                 gs = tl.load(gs_ptr + rows_w * stride_gn + k0 // group_size)  # (BN,)
                 accf += (part >> 4).to(tl.float32) * gs[None, :]
             elif USE_FP8:
-                # codes are exact in e4m3; the plain codes (not 16x) keep every fp32 partial sum exact
-                xf = x.to(tl.float16).to(tl.float8e4nv)
-                wf = (w >> 4).to(tl.float16).to(tl.float8e4nv)
-                acc = tl.dot(xf, tl.trans(wf), acc)
+                # codes are exact in e4m3; plain codes (not 16x) keep every fp32 partial sum exact.
+                # int8 activation codes are converted here (slow); fp8 codes feed the tensor cores directly
+                if X_FP8:
+                    x = x.to(tl.float8e4nv, bitcast=True)  # the bytes are e4m3 already
+                else:
+                    x = x.to(tl.float16).to(tl.float8e4nv)
+                acc = tl.dot(x, tl.trans(w), acc)
             else:
                 acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)  # (BM, BN)
             x_ptrs += BLOCK_K
@@ -305,12 +366,11 @@ if _HAS_TRITON:
     ]
     # decode: one 16-row tile of tokens, narrow weight tiles so that N / BLOCK_N CTAs fill the SMs
     SMALL_CONFIGS = [
-        _cfg(16, 32, 256, 4, 4, 1),
         _cfg(16, 32, 512, 4, 3, 1),
+        _cfg(16, 32, 1024, 4, 3, 1),
         _cfg(16, 64, 256, 4, 4, 1),
-        _cfg(16, 16, 512, 4, 4, 1),
     ]
-    _KEY = ["M_KEY", "N", "K", "HAS_ZERO", "HAS_BIAS", "USE_FP8"]
+    _KEY = ["M_KEY", "N", "K", "HAS_ZERO", "HAS_BIAS", "USE_FP8", "X_FP8"]
     _large = triton.autotune(LARGE_CONFIGS, key=_KEY)(_kernel)
     # decode kernels take a few microseconds: time the candidates under CUDA graphs, not launch overhead
     _small = triton.autotune(SMALL_CONFIGS, key=_KEY, use_cuda_graph=True)(_kernel)
@@ -330,6 +390,7 @@ def _w4a4_gemm_triton(
 ):
     m, n, k = x_codes.shape[0], w_packed.shape[0], x_codes.shape[1]
     dev = x_codes.device
+    x_fp8 = x_codes.dtype == torch.float8_e4m3fn
     x_codes = x_codes.contiguous()
     w_packed = w_packed.contiguous()
     out = torch.empty(m, n, device=dev, dtype=out_dtype)
@@ -352,7 +413,7 @@ def _w4a4_gemm_triton(
         zc = zc.contiguous()
     gs = w_group_scale.to(**f32).contiguous() if group_size is not None else dummy
     args = (
-        x_codes,
+        x_codes.view(torch.int8),  # fp8 codes travel as their bytes (masked loads fill int 0 = fp8 +0)
         w_packed,
         out,
         xs,
@@ -376,7 +437,8 @@ def _w4a4_gemm_triton(
         HAS_ZERO=x_zero is not None,
         HAS_BIAS=bias is not None,
         HAS_GROUP=group_size is not None,
-        USE_FP8=path == "fp8",
+        USE_FP8=path == "fp8" and group_size is None,
+        X_FP8=x_fp8,
         USE_ASM=not _interpreting(),
     )
     if config is None and (_interpreting() or group_size is not None):
@@ -413,7 +475,7 @@ def w4a4_gemm(
     group_size: int | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     impl: str = "auto",
-    path: str = "int8",
+    path: str = "auto",
     config: dict | None = None,
 ) -> torch.Tensor:
     """W4A4 GEMM dispatcher: (M, K) int8 codes x (N, ceil(K/2)) packed int4 -> (M, N) ``out_dtype``.
@@ -421,15 +483,16 @@ def w4a4_gemm(
     Args:
         impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" (raises RuntimeError saying why
             when it cannot run) or "reference".
-        path: tensor-core path of the Triton kernel, "int8" (default, fastest measured) or "fp8".
+        path: tensor-core path of the Triton kernel: "int8", "fp8", or "auto": fp8 for float8_e4m3fn codes
+            when M > SMALL_M (prefill, compute-bound; fastest measured), else int8 (decode, and int8 codes).
         config: fixed tile config (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M[, num_warps, num_stages]) instead of
             autotuning; for tests and benchmarks.
     Other arguments as in the module docstring.
     """
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl=}")
-    if path not in ("int8", "fp8"):
-        raise ValueError(f"path must be 'int8' or 'fp8', got {path=}")
+    if path not in ("auto", "int8", "fp8"):
+        raise ValueError(f"path must be 'auto', 'int8' or 'fp8', got {path=}")
     _check_operands(x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype)
     reason = _triton_unavailable_reason(x_codes)
     if impl == "auto":
@@ -440,6 +503,11 @@ def w4a4_gemm(
         )
     if reason is not None:
         raise RuntimeError(f"w4a4_gemm(impl='triton') cannot run: {reason}")
+    if path == "auto":
+        fp8_x = x_codes.dtype == torch.float8_e4m3fn
+        path = "fp8" if fp8_x and x_codes.shape[0] > SMALL_M and group_size is None else "int8"
+    if (path == "int8" or group_size is not None) and x_codes.dtype != torch.int8:
+        x_codes = x_codes.to(torch.int8)  # exact: the codes are small integers
     return _w4a4_gemm_triton(
         x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype, path, config
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flatquant.kernels.gemm_w4a4 import pack_int4, w4a4_gemm
+from flatquant.kernels.gemm_w4a4 import SMALL_M, pack_int4, w4a4_gemm
 
 try:  # the fused transform + quantize kernel; the torch fallback below has the same numerics
     from flatquant.kernels.kron_quantize import kron_quantize as _kron_quantize
@@ -103,6 +103,7 @@ class W4A4Linear(nn.Module):
         act_impl: str = "auto",
         gemm_impl: str = "auto",
         device: torch.device | str | None = None,
+        prefill_fp8: bool = True,
     ):
         super().__init__()
         if act_impl not in ("auto", "torch"):
@@ -112,6 +113,8 @@ class W4A4Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.act_symmetric, self.out_dtype = act_symmetric, out_dtype
         self.act_impl, self.gemm_impl = act_impl, gemm_impl
+        # above SMALL_M tokens on CUDA, hand the GEMM e4m3 codes: its FP8 tensor-core path beats INT8 there
+        self.prefill_fp8 = prefill_fp8
         self.act_clip_max, self.act_clip_min = 1.0, 1.0
         kw = dict(device=device)
         self.register_buffer("w_packed", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8, **kw))
@@ -189,8 +192,11 @@ class W4A4Linear(nn.Module):
         codes, scale = x[0], x[1]
         zero = x[2] if len(x) > 2 else None  # None for symmetric activations
         lead = codes.shape[:-1]
+        codes = codes.reshape(-1, self.in_features)  # (T, K)
+        if self.prefill_fp8 and codes.is_cuda and codes.dtype == torch.int8 and codes.shape[0] > SMALL_M:
+            codes = codes.to(torch.float8_e4m3fn)  # exact for 4-bit codes
         out = w4a4_gemm(
-            codes.reshape(-1, self.in_features),
+            codes,
             scale.reshape(-1),
             self.w_packed,
             self.w_scale,
