@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .arch import spec_for
 from .config import FlatQuantConfig
 from .prepare import calibration_state, load_calibration_state, prepare_block
+from .transforms import factor_cache
 
 _STATE_VERSION = 1
 
@@ -193,6 +194,7 @@ def _train_block(layer, x, y, kwargs, cfg: FlatQuantConfig, lr_scale: float, bar
     opt = torch.optim.AdamW(
         [{"params": rest, "lr": cfg.lr * lr_scale}, {"params": clip, "lr": cfg.clip_lr * lr_scale}],
         weight_decay=cfg.weight_decay,
+        fused=x.device.type == "cuda",  # one kernel for all the small tensors: the steps are launch-bound
     )
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -206,7 +208,7 @@ def _train_block(layer, x, y, kwargs, cfg: FlatQuantConfig, lr_scale: float, bar
         perm = torch.randperm(n, generator=g)
         for s in range(0, n, cfg.batch_size):
             idx = perm[s : s + cfg.batch_size].to(x.device)
-            with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            with factor_cache(), torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
                 out = _block_out(layer(x[idx], **kwargs))
             loss = torch.nn.functional.mse_loss(out.float(), y[idx].float())
             opt.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ P = P1 ⊗ P2 keeps the online cost small: a token x (n,) viewed row-major as X 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -75,6 +76,20 @@ def initial_matrix(n: int, init: str, generator: torch.Generator | None = None) 
     raise ValueError(f"transform init={init!r} is not one of {INITS}")
 
 
+_CACHE: dict | None = None
+
+
+@contextlib.contextmanager
+def factor_cache():
+    """Compute each LearnableMatrix's (M, M^-1) once within the block; use around one forward pass."""
+    global _CACHE
+    outer, _CACHE = _CACHE, {}
+    try:
+        yield
+    finally:
+        _CACHE = outer
+
+
 def _cayley(a: torch.Tensor) -> torch.Tensor:
     """Orthogonal matrix (I - S)^-1 (I + S) of the skew-symmetric part S of a."""
     s = 0.5 * (a - a.transpose(0, 1))
@@ -96,17 +111,29 @@ class LearnableMatrix(nn.Module):
             raise ValueError(f"parametrisation={parametrisation!r} is not one of {PARAMETRISATIONS}")
         self.n = n
         self.parametrisation = parametrisation
-        q0 = initial_matrix(n, init, generator).float()
+        q0 = initial_matrix(n, init, generator)  # float64: orthogonal to 1e-16 for the float64 merge
         if parametrisation == "svd":
             self.register_buffer("q0", q0)
             self.skew_u = nn.Parameter(torch.zeros(n, n))
             self.skew_v = nn.Parameter(torch.zeros(n, n))
             self.sigma = nn.Parameter(torch.ones(n))
         else:
-            self.matrix = nn.Parameter(q0.clone())
+            self.matrix = nn.Parameter(q0.float())
 
     def pair(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, M^-1) as (n, n) tensors of ``dtype``, differentiable in the parameters."""
+        """(M, M^-1) as (n, n) tensors of ``dtype``, differentiable in the parameters.
+
+        Inside :func:`factor_cache` a factor shared by several layers (P_a feeds q, k, v and its own
+        online transform) is computed once per forward pass.
+        """
+        if _CACHE is None:
+            return self._compute_pair(dtype)
+        key = (id(self), dtype)
+        if key not in _CACHE:
+            _CACHE[key] = self._compute_pair(dtype)
+        return _CACHE[key]
+
+    def _compute_pair(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.parametrisation == "svd":
             u = self.q0.to(dtype) @ _cayley(self.skew_u.to(dtype))
             v = _cayley(self.skew_v.to(dtype))

@@ -1,0 +1,204 @@
+"""Command line: ``flatquant quantize`` and ``flatquant eval``.
+
+The quantization options are generated from :class:`FlatQuantConfig`'s fields, so defaults live in one
+place (the dataclass and its presets); an option left out takes the preset's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+import types
+import typing
+
+import torch
+
+from .checkpoint import load_quantized, save_quantized
+from .config import PRESETS, FlatQuantConfig, preset
+from .data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, calibration_windows, eval_windows, load_text, tokenize
+from .evaluate import perplexity
+from .loading import DEFAULT_MODEL, load_model
+from .pipeline import quantize
+
+
+def _field_type(f: dataclasses.Field):
+    hint = typing.get_type_hints(FlatQuantConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1
+    return (args[0] if optional else hint), optional
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("quantization options (default: the preset's value)")
+    for f in dataclasses.fields(FlatQuantConfig):
+        typ, optional = _field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} [default {f.default}]"
+        if typ is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif optional:
+
+            def parse(s: str, typ=typ):
+                return None if s.lower() == "none" else typ(s)
+
+            group.add_argument(flag, type=parse, default=argparse.SUPPRESS, help=help_text + " ('none' allowed)")
+        else:
+            group.add_argument(flag, type=typ, default=None, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> FlatQuantConfig:
+    overrides = {}
+    for f in dataclasses.fields(FlatQuantConfig):
+        if hasattr(args, f.name) and getattr(args, f.name) is not None:
+            overrides[f.name] = getattr(args, f.name)
+        elif hasattr(args, f.name) and _field_type(f)[1]:
+            overrides[f.name] = None  # an explicit 'none' for an optional field
+    return preset(args.preset, **overrides)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, folder or .gguf [default {DEFAULT_MODEL}]")
+    parser.add_argument("--dtype", default=None, help="load dtype, e.g. bfloat16 [default: the checkpoint's]")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu [default: cuda when present]")
+    parser.add_argument("--eval-data", nargs="*", default=list(DEFAULT_EVALUATION), help="names or files; none to skip")
+    parser.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per evaluation window")
+    parser.add_argument("--eval-windows", type=int, default=None, help="evaluate at most this many windows")
+    parser.add_argument("--results-json", default=None, help="append result records to this JSON list")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flatquant", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="calibrate, merge, evaluate and save a FlatQuant model")
+    _add_common(q)
+    q.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="base settings [default paper]")
+    q.add_argument("--calib-data", default=DEFAULT_CALIBRATION, help="calibration text (name or file)")
+    q.add_argument("--output", default=None, help="checkpoint folder [default flatquant-out/<model>-<method>]")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--baselines", action="store_true", help="also evaluate FP, RTN and fixed rotation")
+    _add_config_options(q)
+    e = sub.add_parser("eval", help="perplexity of the original model or of a saved calibration")
+    _add_common(e)
+    e.add_argument("--checkpoint", default=None, help="a folder written by 'flatquant quantize'")
+    return parser
+
+
+def _evaluate(model, tokenizer, args, label: str) -> dict[str, float]:
+    out = {}
+    for name in args.eval_data:
+        windows = eval_windows(tokenize(tokenizer, load_text(name)), args.eval_seqlen, args.eval_windows)
+        out[name] = perplexity(model, windows, args.device, progress=not args.quiet, desc=f"{label} {name}")
+    return out
+
+
+def _record(args, method: str, cfg: FlatQuantConfig | None, ppl: dict, seconds: float | None) -> dict:
+    bits = (16, 16, 16) if cfg is None else (cfg.w_bits, cfg.a_bits, cfg.k_bits)
+    return {
+        "model": args.model,
+        "method": method,
+        "w_bits": bits[0],
+        "a_bits": bits[1],
+        "kv_bits": bits[2],
+        "weights": "rtn" if cfg is not None else None,
+        **{f"{name}_ppl": value for name, value in ppl.items()},
+        "eval_windows": args.eval_windows,
+        "eval_seqlen": args.eval_seqlen,
+        "calib_seconds": seconds,
+        "preset": getattr(args, "preset", None),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+def _print_table(records: list[dict], names: list[str]) -> None:
+    header = f"{'method':<12}{'W/A/KV':<10}" + "".join(f"{n + ' PPL':>14}" for n in names) + f"{'calib s':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in records:
+        bits = f"{r['w_bits']}/{r['a_bits']}/{r['kv_bits']}"
+        ppl = "".join(f"{r.get(f'{n}_ppl', float('nan')):>14.3f}" for n in names)
+        secs = "" if r["calib_seconds"] is None else f"{r['calib_seconds']:>10.1f}"
+        print(f"{r['method']:<12}{bits:<10}{ppl}{secs}")
+
+
+def _append_json(path: str, records: list[dict]) -> None:
+    existing = []
+    if os.path.exists(path):
+        with open(path) as f:
+            existing = json.load(f)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(existing + records, f, indent=2)
+    os.replace(tmp, path)
+
+
+def cmd_quantize(args) -> list[dict]:
+    cfg = config_from_args(args)
+    model_name = os.path.basename(os.path.normpath(args.model))
+    output = args.output or os.path.join("flatquant-out", f"{model_name}-{cfg.method}")
+    if os.path.exists(output) and not args.overwrite:
+        raise SystemExit(f"error: {output} exists; pass --overwrite or choose another --output")
+    model, tokenizer = load_model(args.model, args.dtype)
+    original = copy.deepcopy(model) if args.baselines else None
+    records = []
+    if args.baselines:
+        records.append(_record(args, "fp", None, _evaluate(original, tokenizer, args, "fp"), None))
+        for method in ("rtn", "rotation"):
+            base = copy.deepcopy(original)
+            bcfg = cfg.replace(method=method)
+            t0 = time.perf_counter()
+            quantize(base, bcfg, device=args.device, progress=not args.quiet)
+            seconds = time.perf_counter() - t0
+            records.append(_record(args, method, bcfg, _evaluate(base, tokenizer, args, method), seconds))
+            del base
+    windows = None
+    if cfg.method == "flatquant":
+        ids = tokenize(tokenizer, load_text(args.calib_data))
+        windows = calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+    t0 = time.perf_counter()
+    quantize(model, cfg, windows, device=args.device, state_dir=output + ".state", progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    save_quantized(model, output, overwrite=args.overwrite, metadata={"model": args.model, "calib": args.calib_data})
+    _remove_tree(output + ".state")
+    print(f"saved calibration to {output}")
+    records.append(_record(args, cfg.method, cfg, _evaluate(model, tokenizer, args, cfg.method), seconds))
+    return records
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def cmd_eval(args) -> list[dict]:
+    model, tokenizer = load_model(args.model, args.dtype)
+    if args.checkpoint is None:
+        return [_record(args, "fp", None, _evaluate(model, tokenizer, args, "fp"), None)]
+    load_quantized(model, args.checkpoint, args.device)
+    cfg = model.flatquant.config
+    return [_record(args, cfg.method, cfg, _evaluate(model, tokenizer, args, cfg.method), model.flatquant.seconds)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        records = cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.eval_data:
+        _print_table(records, list(args.eval_data))
+    if args.results_json:
+        _append_json(args.results_json, records)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

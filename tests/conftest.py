@@ -1,0 +1,53 @@
+"""Tiny randomly initialised models of every supported architecture, built from configs."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU-only machines
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+_SMALL = dict(
+    hidden_size=64,  # 8 x 8
+    intermediate_size=96,  # 8 x 12
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+    attn_implementation="sdpa",
+)
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # q/k/v biases
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),  # q/k norms
+}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    config_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**_SMALL, **extra, **overrides})).eval()
+    with torch.no_grad():  # random biases and norm weights, so that merging them is really tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (8, 32), generator=g)

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from flatquant.quantizer import ActivationQuantizer, WeightQuantizer, fake_quantize, round_ste
+
+
+def test_symmetric_4bit_hand_computed():
+    x = torch.tensor([[1.0, -2.0, 0.5, 3.5]])
+    # absmax 3.5, scale 3.5 / 7 = 0.5: codes 2, -4, 1, 7 -> exact
+    out = fake_quantize(x, x.amax(-1, keepdim=True), x.amin(-1, keepdim=True), 4, True)
+    torch.testing.assert_close(out, x)
+    y = torch.tensor([[0.3, -0.7, 1.4]])
+    # scale 0.2: 0.3/0.2 = 1.5 -> 2 (half to even), -3.5 -> -4, 7 -> 7
+    out = fake_quantize(y, y.amax(-1, keepdim=True), y.amin(-1, keepdim=True), 4, True)
+    torch.testing.assert_close(out, torch.tensor([[0.4, -0.8, 1.4]]))
+
+
+def test_symmetric_clamps_to_minus_eight():
+    x = torch.tensor([[-8.0, 7.0]])
+    out = fake_quantize(x, torch.tensor([[7.0]]), torch.tensor([[-7.0]]), 4, True)  # scale 1
+    torch.testing.assert_close(out, torch.tensor([[-8.0, 7.0]]))
+    out = fake_quantize(torch.tensor([[-9.0]]), torch.tensor([[7.0]]), torch.tensor([[-7.0]]), 4, True)
+    torch.testing.assert_close(out, torch.tensor([[-8.0]]))
+
+
+def test_asymmetric_hand_computed():
+    x = torch.tensor([[-1.0, 0.2, 2.0]])
+    # 2 bits: scale (2 - -1) / 3 = 1, zero round(1) = 1, codes clamp(round(x) + 1, 0, 3) = 0, 1, 3
+    out = fake_quantize(x, torch.tensor([[2.0]]), torch.tensor([[-1.0]]), 2, False)
+    torch.testing.assert_close(out, torch.tensor([[-1.0, 0.0, 2.0]]))
+
+
+def test_round_ste_passes_gradient():
+    x = torch.tensor([0.4, 1.6], requires_grad=True)
+    round_ste(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(2))
+
+
+def test_weight_quantizer_learned_clipping_shrinks_the_range():
+    w = torch.tensor([[4.0, -2.0, 1.5, 0.0]])
+    wq = WeightQuantizer(1, 4, bits=4, learnable_clip=True, clip_init=0.0)  # sigmoid(0) = 0.5
+    # clipped range [-1, 2], absmax 2, scale 2/7: 4 -> clamp(14) = 7 -> 2.0
+    out = wq(w)
+    scale = 2.0 / 7
+    expected = torch.tensor([[7.0, -7.0, 5.0, 0.0]]) * scale  # -2/scale = -7, 1.5/scale = 5.25 -> 5
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert wq.clip_max.grad is not None and wq.clip_max.grad.abs().sum() > 0
+
+
+def test_weight_quantizer_groups_match_a_per_group_loop():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 8, generator=g)
+    grouped = WeightQuantizer(3, 8, bits=3, group_size=4, learnable_clip=False)(w)
+    for j in range(2):
+        part = w[:, 4 * j : 4 * j + 4]
+        ref = WeightQuantizer(3, 4, bits=3, learnable_clip=False)(part)
+        torch.testing.assert_close(grouped[:, 4 * j : 4 * j + 4], ref)
+    with pytest.raises(ValueError, match="group_size=3"):
+        WeightQuantizer(3, 8, bits=4, group_size=3)
+
+
+def test_activation_quantizer_is_per_token_and_off_at_16_bits():
+    x = torch.tensor([[1.0, 2.0, -7.0], [0.1, 0.2, 0.7]])
+    aq = ActivationQuantizer(4, learnable_clip=False)
+    out = aq(x)
+    torch.testing.assert_close(out, x)  # each row sits on its own grid: scales 1.0 and 0.1
+    assert ActivationQuantizer(16)(x) is x

@@ -1,0 +1,73 @@
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import flatquant as fq
+from flatquant import calibrate as calib_mod
+
+
+def _cfg(**kw):
+    return fq.FlatQuantConfig(**{"nsamples": 8, "seqlen": 32, "epochs": 2, "autocast_dtype": "float32", **kw})
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tokens, monkeypatch):
+    base = tiny_model("llama", num_hidden_layers=3)
+    reference = copy.deepcopy(base)
+    fq.quantize(reference, _cfg(), tokens, device="cpu", progress=False)
+
+    calls = []
+    real_train = calib_mod._train_block
+
+    def train_then_die(layer, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while training block 2
+        calls.append(1)
+        return real_train(layer, *args, **kwargs)
+
+    monkeypatch.setattr(calib_mod, "_train_block", train_then_die)
+    state = str(tmp_path / "state")
+    with pytest.raises(KeyboardInterrupt):
+        fq.quantize(copy.deepcopy(base), _cfg(), tokens, device="cpu", state_dir=state, progress=False)
+
+    calls.clear()
+    monkeypatch.setattr(calib_mod, "_train_block", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    resumed = copy.deepcopy(base)
+    fq.quantize(resumed, _cfg(), tokens, device="cpu", state_dir=state, progress=False)
+    assert len(calls) == 1  # only block 2 was trained again
+    assert torch.equal(resumed(tokens).logits, reference(tokens).logits)
+
+
+def test_state_of_another_job_is_refused(tmp_path, tokens):
+    state = str(tmp_path / "state")
+    fq.quantize(tiny_model("llama"), _cfg(epochs=1), tokens, device="cpu", state_dir=state, progress=False)
+    with pytest.raises(ValueError, match="another job"):
+        fq.quantize(tiny_model("llama"), _cfg(epochs=2), tokens, device="cpu", state_dir=state, progress=False)
+
+
+def test_non_finite_loss_restarts_the_block_at_a_lower_rate(tokens, monkeypatch):
+    scales = []
+    real_train = calib_mod._train_block
+
+    def nan_first(layer, x, y, kwargs, cfg, lr_scale, bar):
+        scales.append(lr_scale)
+        if len(scales) == 1:
+            with torch.no_grad():  # wreck the parameters: the restart must undo this
+                for p in layer.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
+            return float("nan")
+        return real_train(layer, x, y, kwargs, cfg, lr_scale, bar)
+
+    monkeypatch.setattr(calib_mod, "_train_block", nan_first)
+    model = tiny_model("llama", num_hidden_layers=1)
+    fq.quantize(model, _cfg(), tokens, device="cpu", progress=False)
+    assert scales == [1.0, 0.1]
+    assert torch.isfinite(model(tokens).logits).all()
+
+
+def test_persistent_nan_raises(tokens, monkeypatch):
+    monkeypatch.setattr(calib_mod, "_train_block", lambda *a, **k: float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fq.quantize(tiny_model("llama", num_hidden_layers=1), _cfg(), tokens, device="cpu", progress=False)
