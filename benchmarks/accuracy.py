@@ -98,6 +98,7 @@ def main() -> None:
             "torch": torch.__version__,
         }
         records.append(rec)
+        _merge_results(args.results, [rec])  # written as we go: a cut-off run keeps what it measured
         print(json.dumps({k: rec[k] for k in ("method", "w_bits", "a_bits", "kv_bits", "wiki_ppl", "c4_ppl")}))
         del model
 
@@ -107,7 +108,6 @@ def main() -> None:
         peak = f"{r['peak_gpu_bytes'] / 2**30:.2f}" if r["peak_gpu_bytes"] else "-"
         bits = f"{r['w_bits']}/{r['a_bits']}/{r['kv_bits']}"
         print(f"{run:<18}{bits:<10}{r['wiki_ppl']:>10.2f}{r['c4_ppl']:>10.2f}{secs:>10}{peak:>10}  {r['device']}")
-    _merge_results(args.results, records)
 
 
 def _merge_results(path: str, records: list[dict]) -> None:

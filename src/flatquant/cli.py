@@ -89,11 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _text_label(name: str) -> str:
+    """'wiki' for the named text 'wiki', 'notes' for the file 'data/notes.txt'."""
+    return os.path.splitext(os.path.basename(name))[0]
+
+
 def _evaluate(model, tokenizer, args, label: str) -> dict[str, float]:
     out = {}
     for name in args.eval_data:
         windows = eval_windows(tokenize(tokenizer, load_text(name)), args.eval_seqlen, args.eval_windows)
-        out[name] = perplexity(model, windows, args.device, progress=not args.quiet, desc=f"{label} {name}")
+        text = _text_label(name)
+        out[text] = perplexity(model, windows, args.device, progress=not args.quiet, desc=f"{label} {text}")
     return out
 
 
@@ -143,7 +149,7 @@ def cmd_quantize(args) -> list[dict]:
     model_name = os.path.basename(os.path.normpath(args.model))
     output = args.output or os.path.join("flatquant-out", f"{model_name}-{cfg.method}")
     if os.path.exists(output) and not args.overwrite:
-        raise SystemExit(f"error: {output} exists; pass --overwrite or choose another --output")
+        raise FileExistsError(f"{output} exists; pass --overwrite or choose another --output")
     model, tokenizer = load_model(args.model, args.dtype)
     original = copy.deepcopy(model) if args.baselines else None
     records = []
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.eval_data:
-        _print_table(records, list(args.eval_data))
+        _print_table(records, [_text_label(n) for n in args.eval_data])
     if args.results_json:
         _append_json(args.results_json, records)
     return 0

@@ -390,9 +390,11 @@ _SM_COUNT: dict[int, int] = {}
 
 
 def _default_config(bn1: int, bn2: int, n_tokens: int, device: torch.device) -> dict:
-    """Launch heuristics: warps by tile size, a persistent grid of a few programs per SM."""
+    """Launch heuristics from a sweep on H100 at 8192 tokens (benchmarks/kron_quantize.py --sweep):
+    4 warps up to 64x128 tiles, 8 above; 3 pipeline stages except at 64x128; 4 programs per SM."""
     tile = bn1 * bn2
-    num_warps = 4 if tile <= 4096 else 8
+    num_warps = 4 if tile <= 8192 else 8
+    num_stages = 2 if tile == 8192 else 3
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         if idx not in _SM_COUNT:
@@ -400,8 +402,7 @@ def _default_config(bn1: int, bn2: int, n_tokens: int, device: torch.device) -> 
         sms = _SM_COUNT[idx]
     else:
         sms = 4
-    progs_per_sm = 4 if tile <= 4096 else 2
-    return {"num_warps": num_warps, "num_stages": 2, "progs_per_sm": progs_per_sm, "sms": sms}
+    return {"num_warps": num_warps, "num_stages": num_stages, "progs_per_sm": 4, "sms": sms}
 
 
 def triton_unavailable_reason(x: torch.Tensor) -> str | None:

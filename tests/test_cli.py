@@ -1,0 +1,72 @@
+import json
+
+import pytest
+from conftest import tiny_model
+
+from flatquant import cli
+from flatquant.config import FlatQuantConfig, preset
+
+
+def _args(*argv):
+    return cli.build_parser().parse_args(["quantize", *argv])
+
+
+def test_options_are_generated_from_the_config_and_default_to_the_preset():
+    cfg = cli.config_from_args(_args("--preset", "quick"))
+    assert cfg == preset("quick")
+    cfg = cli.config_from_args(_args("--w-bits", "8", "--no-smooth", "--w-group-size", "32", "--lr", "0.01"))
+    assert (cfg.w_bits, cfg.smooth, cfg.w_group_size, cfg.lr) == (8, False, 32, 0.01)
+    assert cfg.epochs == FlatQuantConfig().epochs
+    cfg = cli.config_from_args(_args("--w-group-size", "none"))
+    assert cfg.w_group_size is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--w-bits", "1"], "w_bits=1 is out of range"),
+        (["--a-bits", "17"], "a_bits=17 is out of range"),
+        (["--method", "gptq"], "method='gptq' is not one of"),
+        (["--transform-init", "zeros"], "transform_init='zeros'"),
+    ],
+)
+def test_bad_options_give_clear_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        cli.config_from_args(_args(*argv))
+
+
+def test_unknown_preset_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["quantize", "--preset", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_missing_model_and_checkpoint_exit_with_code_2(tmp_path, capsys):
+    assert cli.main(["eval", "--model", str(tmp_path / "missing.gguf"), "--eval-data"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_quantize_and_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(3000)))
+    monkeypatch.setattr(cli, "load_model", lambda name, dtype=None: (tiny_model("mistral"), tokenizer))
+    out, results = tmp_path / "ckpt", tmp_path / "results.json"
+    common = ["--eval-data", str(text), "--eval-seqlen", "64", "--device", "cpu", "--quiet"]
+    argv = ["quantize", "--preset", "quick", "--seqlen", "64", "--nsamples", "4", "--epochs", "1"]
+    argv += ["--calib-data", str(text), "--output", str(out), "--results-json", str(results), "--baselines"]
+    assert cli.main(argv + common) == 0
+    records = json.loads(results.read_text())
+    assert [r["method"] for r in records] == ["fp", "rtn", "rotation", "flatquant"]
+    assert cli.main(["eval", "--checkpoint", str(out), "--results-json", str(results)] + common) == 0
+    again = json.loads(results.read_text())[-1]
+    assert again["text_ppl"] == records[-1]["text_ppl"]  # loading reproduces the perplexity exactly
+    assert records[0]["text_ppl"] != records[-1]["text_ppl"]
+    assert cli.main(argv + common) == 2  # the output exists: refused without --overwrite
+    assert "exists" in capsys.readouterr().err
