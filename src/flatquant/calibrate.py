@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .arch import spec_for
 from .config import FlatQuantConfig
+from .fusion import fused_calibration
 from .prepare import calibration_state, load_calibration_state, prepare_block
 from .transforms import factor_cache
 
@@ -205,9 +206,9 @@ def _train_block(layer, x, y, kwargs, cfg: FlatQuantConfig, lr_scale: float, bar
     loss_value = float("nan")
     for epoch in range(cfg.epochs):
         total = torch.zeros((), device=x.device)
-        perm = torch.randperm(n, generator=g)
+        perm = torch.randperm(n, generator=g).to(x.device)  # one host-to-device copy per epoch, not per step
         for s in range(0, n, cfg.batch_size):
-            idx = perm[s : s + cfg.batch_size].to(x.device)
+            idx = perm[s : s + cfg.batch_size]
             with factor_cache(), torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
                 out = _block_out(layer(x[idx], **kwargs))
             loss = torch.nn.functional.mse_loss(out.float(), y[idx].float())
@@ -295,7 +296,8 @@ def _calibrate_one(layer, x, y, kwargs, cfg, bar, index: int) -> float:
                 p.requires_grad_(True)
     lr_scale = 1.0
     for _attempt in range(3):
-        loss = _train_block(layer, x, y, kwargs, cfg, lr_scale, bar)
+        with fused_calibration(x.device):
+            loss = _train_block(layer, x, y, kwargs, cfg, lr_scale, bar)
         if math.isfinite(loss):
             return loss
         load_calibration_state(layer, initial)

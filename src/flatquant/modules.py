@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fusion import fusable
 from .quantizer import ActivationQuantizer, WeightQuantizer
 from .transforms import KroneckerTransform, LearnableMatrix, kron_apply
 
@@ -47,13 +48,12 @@ class OnlineTransform(nn.Module):
                 p2 = None if self.p2_fixed is None else self.p2_fixed.to(x.dtype)
                 x = kron_apply(x, self.p1_fixed.to(x.dtype), p2)
             return self.quant(x)
-        if self.smooth is not None:
-            x = x * self.smooth.to(x.dtype)
+        p1 = p2 = None
         if self.kron is not None:
             with _no_autocast(x.device.type):
                 (p1, _), p2 = self.kron.factors(torch.float32)
-            x = kron_apply(x, p1.to(x.dtype) if x.dtype != torch.float32 else p1, None if p2 is None else p2[0])
-        return self.quant(x)
+                p2 = None if p2 is None else p2[0]
+        return self.quant(_smooth_and_transform(x, self.smooth, p1, p2))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -64,6 +64,38 @@ class OnlineTransform(nn.Module):
             self.register_buffer("p2_fixed", None if p2 is None else p2[0].float())
         self.smooth = None
         self.merged = True
+
+
+@fusable
+def _smooth_and_transform(x, smooth, p1, p2) -> torch.Tensor:
+    """x · diag(smooth) · (P1 ⊗ P2) in x's dtype (P2 None: identity)."""
+    if smooth is not None:
+        x = x * smooth.to(x.dtype)
+    if p1 is not None:
+        x = kron_apply(x, p1.to(x.dtype), None if p2 is None else p2.to(x.dtype))
+    return x
+
+
+@fusable
+def transform_weight(w, b, smooth, p1_inv, p2_inv, p_v, row_c):
+    """Fold the input transform (and P_v / a row scaling) into a weight (out, in) and bias (out,).
+
+    W' = diag(row_c) · P_v-rows(W diag(1/smooth) (P1^-T ⊗ P2^-T)); b' = row_c · (b per head @ P_v).
+    """
+    out_f, in_f = w.shape
+    if smooth is not None:
+        w = w / smooth
+    if p1_inv is not None:
+        w = kron_apply(w, p1_inv.transpose(0, 1), None if p2_inv is None else p2_inv.transpose(0, 1))
+    if p_v is not None:
+        hd = p_v.shape[0]
+        w = (p_v.transpose(0, 1) @ w.reshape(-1, hd, in_f)).reshape(out_f, in_f)  # P_v^T on each head's rows
+        if b is not None:
+            b = (b.reshape(-1, hd) @ p_v).reshape(-1)
+    if row_c is not None:
+        w = w * row_c[:, None]
+        b = None if b is None else b * row_c
+    return w, b
 
 
 class TransformedNorm(nn.Module):
@@ -123,28 +155,15 @@ class FlatQuantLinear(nn.Module):
 
     def _transformed_weight(self, dtype: torch.dtype, fold_row_scale: bool):
         """(W', b') with W' = [rows scaled] P_v-rows(W diag(1/c) (P1^-T ⊗ P2^-T)), in ``dtype``."""
-        w = self.weight.to(dtype)  # (out, in)
-        b = None if self.bias is None else self.bias.to(dtype)
         smooth, p1_inv, p2_inv = self._shared["input"].weight_factors(dtype)
-        if smooth is not None:
-            w = w / smooth.to(dtype)
         if self._shared["right"] is not None:
             p2_inv = self._shared["right"].pair(dtype)[1]
-        if p1_inv is not None:
-            w = kron_apply(w, p1_inv.transpose(0, 1), None if p2_inv is None else p2_inv.transpose(0, 1))
         head = self._shared["head"]
-        if head is not None:
-            p_v = head.pair(dtype)[0]
-            hd = p_v.shape[0]
-            w = (p_v.transpose(0, 1) @ w.reshape(-1, hd, self.in_features)).reshape(self.out_features, -1)
-            if b is not None:
-                b = (b.reshape(-1, hd) @ p_v).reshape(-1)
+        p_v = None if head is None else head.pair(dtype)[0]
         row = self._shared["row"]
-        if fold_row_scale and row is not None and row.smooth is not None:
-            c = row.smooth.to(dtype)
-            w = w * c[:, None]
-            b = None if b is None else b * c
-        return w, b
+        row_c = row.smooth if fold_row_scale and row is not None else None
+        to = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return transform_weight(to(self.weight), to(self.bias), to(smooth), p1_inv, p2_inv, p_v, to(row_c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.owns_input:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fusion import fusable
+
 _EPS = 1e-8
 
 
@@ -67,14 +69,7 @@ class WeightQuantizer(nn.Module):
         """w: (out, in) float -> fake-quantized (out, in)."""
         if self.bits >= 16:
             return w
-        out_f, in_f = w.shape
-        wg = w.reshape(out_f, -1, self.group_size or in_f)  # (out, groups, g)
-        wmax = wg.amax(-1, keepdim=True).clamp_min(0)
-        wmin = wg.amin(-1, keepdim=True).clamp_max(0)
-        if self.clip_max is not None:
-            wmax = wmax * torch.sigmoid(self.clip_max)
-            wmin = wmin * torch.sigmoid(self.clip_min)
-        return fake_quantize(wg, wmax, wmin, self.bits, self.symmetric).reshape(out_f, in_f)
+        return quantize_weight(w, self.clip_max, self.clip_min, self.bits, self.symmetric, self.group_size)
 
 
 class ActivationQuantizer(nn.Module):
@@ -103,10 +98,29 @@ class ActivationQuantizer(nn.Module):
         """x: (..., d) -> fake-quantized (..., d), computed in float32."""
         if self.bits >= 16:
             return x
-        xf = x.float()
-        xmax = xf.amax(-1, keepdim=True).clamp_min(0)
-        xmin = xf.amin(-1, keepdim=True).clamp_max(0)
-        if self.clip_max is not None:
-            xmax = xmax * torch.sigmoid(self.clip_max)
-            xmin = xmin * torch.sigmoid(self.clip_min)
-        return fake_quantize(xf, xmax, xmin, self.bits, self.symmetric).to(x.dtype)
+        return quantize_activation(x, self.clip_max, self.clip_min, self.bits, self.symmetric)
+
+
+@fusable
+def quantize_weight(w, clip_max, clip_min, bits: int, symmetric: bool, group_size: int | None) -> torch.Tensor:
+    """Per-row (or per-group) fake quantization of w (out, in) with optional clipping logits (out, groups, 1)."""
+    out_f, in_f = w.shape
+    wg = w.reshape(out_f, -1, group_size or in_f)  # (out, groups, g)
+    wmax = wg.amax(-1, keepdim=True).clamp_min(0)
+    wmin = wg.amin(-1, keepdim=True).clamp_max(0)
+    if clip_max is not None:
+        wmax = wmax * torch.sigmoid(clip_max)
+        wmin = wmin * torch.sigmoid(clip_min)
+    return fake_quantize(wg, wmax, wmin, bits, symmetric).reshape(out_f, in_f)
+
+
+@fusable
+def quantize_activation(x, clip_max, clip_min, bits: int, symmetric: bool) -> torch.Tensor:
+    """Per-token fake quantization of x (..., d) in float32 with optional scalar clipping logits."""
+    xf = x.float()
+    xmax = xf.amax(-1, keepdim=True).clamp_min(0)
+    xmin = xf.amin(-1, keepdim=True).clamp_max(0)
+    if clip_max is not None:
+        xmax = xmax * torch.sigmoid(clip_max)
+        xmin = xmin * torch.sigmoid(clip_min)
+    return fake_quantize(xf, xmax, xmin, bits, symmetric).to(x.dtype)

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from .fusion import fusable
+
 PARAMETRISATIONS = ("svd", "plain")
 INITS = ("random", "identity", "hadamard")
 
@@ -91,10 +93,22 @@ def factor_cache():
 
 
 def _cayley(a: torch.Tensor) -> torch.Tensor:
-    """Orthogonal matrix (I - S)^-1 (I + S) of the skew-symmetric part S of a."""
+    """Orthogonal matrix (I - S)^-1 (I + S) of the skew-symmetric part S of a.
+
+    I - S is always invertible for skew-symmetric S; ``solve_ex`` skips the error check, which would
+    synchronise with the GPU at every training step.
+    """
     s = 0.5 * (a - a.transpose(0, 1))
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    return torch.linalg.solve(eye - s, eye + s)
+    return torch.linalg.solve_ex(eye - s, eye + s)[0]
+
+
+@fusable
+def _svd_pair(q0, skew_u, skew_v, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U diag(sigma) V^T, V diag(1/sigma) U^T) with U = q0 C(skew_u), V = C(skew_v)."""
+    u = q0 @ _cayley(skew_u)
+    v = _cayley(skew_v)
+    return (u * sigma) @ v.transpose(0, 1), (v / sigma) @ u.transpose(0, 1)
 
 
 class LearnableMatrix(nn.Module):
@@ -135,12 +149,7 @@ class LearnableMatrix(nn.Module):
 
     def _compute_pair(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.parametrisation == "svd":
-            u = self.q0.to(dtype) @ _cayley(self.skew_u.to(dtype))
-            v = _cayley(self.skew_v.to(dtype))
-            sigma = self.sigma.to(dtype)
-            m = (u * sigma) @ v.transpose(0, 1)
-            m_inv = (v / sigma) @ u.transpose(0, 1)
-            return m, m_inv
+            return _svd_pair(self.q0.to(dtype), self.skew_u.to(dtype), self.skew_v.to(dtype), self.sigma.to(dtype))
         m = self.matrix.to(dtype)
         return m, torch.linalg.inv(self.matrix.double()).to(dtype)
 
