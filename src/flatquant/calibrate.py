@@ -25,7 +25,7 @@ from .arch import spec_for
 from .config import FlatQuantConfig
 from .fusion import fused_calibration
 from .prepare import calibration_state, load_calibration_state, prepare_block
-from .transforms import factor_cache
+from .transforms import factor_cache, precompute_factors
 
 _STATE_VERSION = 1
 
@@ -209,8 +209,11 @@ def _train_block(layer, x, y, kwargs, cfg: FlatQuantConfig, lr_scale: float, bar
         perm = torch.randperm(n, generator=g).to(x.device)  # one host-to-device copy per epoch, not per step
         for s in range(0, n, cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
-            with factor_cache(), torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                out = _block_out(layer(x[idx], **kwargs))
+            with factor_cache():
+                with torch.autocast(device_type, enabled=False):
+                    precompute_factors(layer)
+                with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+                    out = _block_out(layer(x[idx], **kwargs))
             loss = torch.nn.functional.mse_loss(out.float(), y[idx].float())
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -92,6 +92,53 @@ def factor_cache():
         _CACHE = outer
 
 
+def precompute_factors(module: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    """Fill the :func:`factor_cache` with every SVD-parametrised factor of ``module`` at once.
+
+    The Cayley maps of all factors run as one batched solve: each skew matrix is zero-padded to the
+    largest size, and the Cayley map of diag(S, 0) is exactly diag(C(S), I). One solve instead of one per
+    factor matters because each small solve costs far more host time than GPU time.
+    """
+    if _CACHE is None:
+        raise RuntimeError("precompute_factors must run inside factor_cache()")
+    mats = [m for m in module.modules() if isinstance(m, LearnableMatrix) and m.parametrisation == "svd"]
+    if not mats:
+        return
+    size = max(m.n for m in mats)
+    eye = torch.eye(size, dtype=dtype, device=mats[0].sigma.device)
+
+    def pad(t: torch.Tensor, n: int, fill_identity: bool) -> torch.Tensor:
+        if n == size:
+            return t
+        if t.dim() == 1:  # sigma: padded with ones
+            return torch.nn.functional.pad(t - 1, (0, size - n)) + 1
+        padded = torch.nn.functional.pad(t, (0, size - n, 0, size - n))
+        return (
+            padded + torch.diag(torch.cat([torch.zeros(n), torch.ones(size - n)]).to(eye)) if fill_identity else padded
+        )
+
+    q0 = torch.stack([pad(m.q0.to(dtype), m.n, True) for m in mats])  # (B, N, N)
+    su = torch.stack([pad(m.skew_u.to(dtype), m.n, False) for m in mats])
+    sv = torch.stack([pad(m.skew_v.to(dtype), m.n, False) for m in mats])
+    sigma = torch.stack([pad(m.sigma.to(dtype), m.n, False) for m in mats])  # (B, N)
+    p, p_inv = _svd_pairs_batched(q0, su, sv, sigma)
+    for i, m in enumerate(mats):
+        _CACHE[(id(m), dtype)] = (p[i, : m.n, : m.n], p_inv[i, : m.n, : m.n])
+
+
+@fusable
+def _svd_pairs_batched(q0, skew_u, skew_v, sigma):
+    """Batched (U diag(sigma) V^T, V diag(1/sigma) U^T) for (B, N, N) inputs and sigma (B, N)."""
+    s = torch.cat([skew_u, skew_v])
+    s = 0.5 * (s - s.transpose(-1, -2))
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
+    c = torch.linalg.solve_ex(eye - s, eye + s)[0]
+    cu, cv = c.chunk(2)
+    u = q0 @ cu
+    sig = sigma.unsqueeze(-2)  # (B, 1, N): scales columns
+    return (u * sig) @ cv.transpose(-1, -2), (cv / sig) @ u.transpose(-1, -2)
+
+
 def _cayley(a: torch.Tensor) -> torch.Tensor:
     """Orthogonal matrix (I - S)^-1 (I + S) of the skew-symmetric part S of a.
 
