@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--label", default=None, help="model name written in the records [default --model]")
     p.add_argument("--save", default=None, help="save the FlatQuant W4A4KV4 calibration to this folder")
     p.add_argument("--results", default=RESULTS)
+    p.add_argument("--state-dir", default=None, help="resumable calibration state of the FlatQuant runs")
     p.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. epochs=5 weight_decay=0.01")
     args = p.parse_args()
     overrides = {}
@@ -74,7 +75,8 @@ def main() -> None:
             if method == "flatquant":
                 windows = calibration_windows(calib_ids, cfg.nsamples, cfg.seqlen, cfg.seed)
             t0 = time.perf_counter()
-            fq.quantize(model, cfg, windows, state_dir=None)
+            state = None if args.state_dir is None or method != "flatquant" else f"{args.state_dir}/{run}"
+            fq.quantize(model, cfg, windows, state_dir=state)
             seconds = time.perf_counter() - t0
             if torch.cuda.is_available():
                 peak = torch.cuda.max_memory_allocated()

@@ -70,7 +70,7 @@ class _ResumeState:
     """``state_dir/progress.json`` plus one safetensors file per finished block."""
 
     def __init__(self, state_dir: str | None, fp: str):
-        self.dir, self.fp, self.done = state_dir, fp, {}
+        self.dir, self.fp, self.done, self.seconds = state_dir, fp, {}, {}
         if state_dir is None:
             return
         os.makedirs(state_dir, exist_ok=True)
@@ -84,6 +84,7 @@ class _ResumeState:
                     f"!= {fp}); use another state directory or delete it"
                 )
             self.done = {int(k): v for k, v in prog.get("losses", {}).items()}
+            self.seconds = {int(k): v for k, v in prog.get("seconds", {}).items()}
 
     def block_path(self, i: int) -> str:
         return os.path.join(self.dir, f"block_{i:04d}.safetensors")
@@ -93,13 +94,13 @@ class _ResumeState:
             return None
         return load_file(self.block_path(i))
 
-    def save(self, i: int, state: dict[str, torch.Tensor], loss: float) -> None:
+    def save(self, i: int, state: dict[str, torch.Tensor], loss: float, seconds: float) -> None:
         if self.dir is None:
             return
         _atomic_save(state, self.block_path(i))
-        self.done[i] = loss
+        self.done[i], self.seconds[i] = loss, seconds
         _atomic_json(
-            {"version": _STATE_VERSION, "fingerprint": self.fp, "losses": self.done},
+            {"version": _STATE_VERSION, "fingerprint": self.fp, "losses": self.done, "seconds": self.seconds},
             os.path.join(self.dir, "progress.json"),
         )
 
@@ -256,6 +257,7 @@ def calibrate(
         x, kwargs = capture_block_inputs(model, windows, device)
     bar = tqdm(range(len(layers)), desc="calibrating blocks", disable=not progress)
     for i in bar:
+        block_start = time.perf_counter()
         layer = layers[i]
         home = next(layer.parameters()).device
         layer.to(device)
@@ -274,7 +276,9 @@ def calibrate(
             loss = float("nan")
         state = calibration_state(layer)
         if saved is None:
-            resume.save(i, state, loss)
+            resume.save(i, state, loss, time.perf_counter() - block_start)
+        else:  # count the time this block took when it was calibrated, not the reload
+            start -= resume.seconds.get(i, 0.0) - (time.perf_counter() - block_start)
         result.state[i], result.losses[i] = state, loss
         for p in layer.parameters():
             p.requires_grad_(False)
