@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .arch import spec_for
 from .config import FlatQuantConfig
 from .fusion import fused_calibration
-from .prepare import calibration_state, load_calibration_state, prepare_block
+from .prepare import CALIBRATED_TYPES, calibration_state, load_calibration_state, prepare_block
 from .transforms import factor_cache, precompute_factors
 
 _STATE_VERSION = 1
@@ -295,8 +295,6 @@ def _calibrate_one(layer, x, y, kwargs, cfg, bar, index: int) -> float:
         p.requires_grad_(False)
     trainable = calibration_state(layer)
     initial = {k: v.clone() for k, v in trainable.items()}
-    from .prepare import CALIBRATED_TYPES
-
     for m in layer.modules():
         if isinstance(m, CALIBRATED_TYPES):
             for p in m.parameters():

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 import types
@@ -171,16 +172,10 @@ def cmd_quantize(args) -> list[dict]:
     quantize(model, cfg, windows, device=args.device, state_dir=output + ".state", progress=not args.quiet)
     seconds = time.perf_counter() - t0
     save_quantized(model, output, overwrite=args.overwrite, metadata={"model": args.model, "calib": args.calib_data})
-    _remove_tree(output + ".state")
+    shutil.rmtree(output + ".state", ignore_errors=True)  # the checkpoint now holds everything
     print(f"saved calibration to {output}")
     records.append(_record(args, cfg.method, cfg, _evaluate(model, tokenizer, args, cfg.method), seconds))
     return records
-
-
-def _remove_tree(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def cmd_eval(args) -> list[dict]:

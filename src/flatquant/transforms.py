@@ -128,7 +128,11 @@ def precompute_factors(module: nn.Module, dtype: torch.dtype = torch.float32) ->
 
 @fusable
 def _svd_pairs_batched(q0, skew_u, skew_v, sigma):
-    """Batched (U diag(sigma) V^T, V diag(1/sigma) U^T) for (B, N, N) inputs and sigma (B, N)."""
+    """Batched (U diag(sigma) V^T, V diag(1/sigma) U^T) for (B, N, N) inputs and sigma (B, N).
+
+    U = q0 C(skew_u), V = C(skew_v), with C(A) = (I - S)^-1 (I + S) the Cayley map of S, the skew part of A.
+    I - S is always invertible; ``solve_ex`` skips the error check, which would synchronise with the GPU.
+    """
     s = torch.cat([skew_u, skew_v])
     s = 0.5 * (s - s.transpose(-1, -2))
     eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
@@ -137,25 +141,6 @@ def _svd_pairs_batched(q0, skew_u, skew_v, sigma):
     u = q0 @ cu
     sig = sigma.unsqueeze(-2)  # (B, 1, N): scales columns
     return (u * sig) @ cv.transpose(-1, -2), (cv / sig) @ u.transpose(-1, -2)
-
-
-def _cayley(a: torch.Tensor) -> torch.Tensor:
-    """Orthogonal matrix (I - S)^-1 (I + S) of the skew-symmetric part S of a.
-
-    I - S is always invertible for skew-symmetric S; ``solve_ex`` skips the error check, which would
-    synchronise with the GPU at every training step.
-    """
-    s = 0.5 * (a - a.transpose(0, 1))
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    return torch.linalg.solve_ex(eye - s, eye + s)[0]
-
-
-@fusable
-def _svd_pair(q0, skew_u, skew_v, sigma) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U diag(sigma) V^T, V diag(1/sigma) U^T) with U = q0 C(skew_u), V = C(skew_v)."""
-    u = q0 @ _cayley(skew_u)
-    v = _cayley(skew_v)
-    return (u * sigma) @ v.transpose(0, 1), (v / sigma) @ u.transpose(0, 1)
 
 
 class LearnableMatrix(nn.Module):
@@ -196,7 +181,9 @@ class LearnableMatrix(nn.Module):
 
     def _compute_pair(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.parametrisation == "svd":
-            return _svd_pair(self.q0.to(dtype), self.skew_u.to(dtype), self.skew_v.to(dtype), self.sigma.to(dtype))
+            args = (self.q0, self.skew_u, self.skew_v, self.sigma)
+            m, m_inv = _svd_pairs_batched(*(t.to(dtype).unsqueeze(0) for t in args))
+            return m[0], m_inv[0]
         m = self.matrix.to(dtype)
         return m, torch.linalg.inv(self.matrix.double()).to(dtype)
 
