@@ -66,3 +66,14 @@ def test_activation_quantizer_is_per_token_and_off_at_16_bits():
     out = aq(x)
     torch.testing.assert_close(out, x)  # each row sits on its own grid: scales 1.0 and 0.1
     assert ActivationQuantizer(16)(x) is x
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_no_grad_path_matches_the_training_path(symmetric):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g) * torch.rand(64, 1, generator=g) * 5
+    aq = ActivationQuantizer(4, symmetric=symmetric, learnable_clip=True, clip_init=1.5)
+    trained_path = aq(x)
+    with torch.no_grad():
+        fast_path = aq(x)
+    torch.testing.assert_close(fast_path, trained_path.detach(), rtol=0, atol=1e-6)

@@ -19,7 +19,8 @@ Kernel layout: the inner loop loads an int8 activation tile and a packed weight 
 registers to int8 holding 16x the code (``p << 4`` and ``p & 0xF0``: two ALU ops per 8 weights with the inline
 PTX path), and accumulates in int32 on the tensor cores; the accumulator is shifted right by 4 (exact) in the
 epilogue. The zero point is applied as ``acc - x_zero[m] * colsum(w)[n]``. docs/kernels-gemm.md explains why
-the INT8 rather than the FP8 tensor-core path is the default and gives the measurements.
+the INT8 rather than the FP8 tensor-core path is the default (faster at every measured shape, and its int32
+accumulator is exact without care) and gives the measurements.
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None
     _HAS_TRITON = False
 
-__all__ = ["pack_int4", "unpack_int4", "w4a4_gemm", "w4a4_gemm_reference", "SMALL_M"]
+__all__ = ["pack_int4", "unpack_int4", "w4a4_gemm", "w4a4_gemm_reference", "SMALL_M", "FP8_MAX_BLOCK_K"]
 
 SMALL_M = 16  # at or below this many tokens the weight-bandwidth-bound (decode) configs are used
+# FP8 path: largest K tile whose partial sum is exact in the FP8 MMA's ~14-bit accumulator (128 * 120 < 2^14)
+FP8_MAX_BLOCK_K = 128
 _X_DTYPES = (torch.int8, torch.float8_e4m3fn)  # activation codes: integers, exact in both
 _QMIN, _QMAX = -8, 7
 
@@ -316,13 +319,18 @@ if _HAS_TRITON:
                 gs = tl.load(gs_ptr + rows_w * stride_gn + k0 // group_size)  # (BN,)
                 accf += (part >> 4).to(tl.float32) * gs[None, :]
             elif USE_FP8:
-                # codes are exact in e4m3; plain codes (not 16x) keep every fp32 partial sum exact.
+                # codes are exact in e4m3. Hopper's FP8 MMA does not accumulate in full fp32: it keeps about
+                # 14 significant bits (Triton's sm_90 default max_num_imprecise_acc = 2^30 leaves it so for
+                # the whole K loop), which rounded sums above 2^14 on the GPU (K = 14336). So each tile's
+                # sum starts from zero (|sum| <= 128 * 120 < 2^14 with BLOCK_K <= FP8_MAX_BLOCK_K: exact)
+                # and is added to the running sum here in fp32 (exact below 2^24). Triton does not fold
+                # this add back into the dot for fp8 with a nonzero max_num_imprecise_acc.
                 # int8 activation codes are converted here (slow); fp8 codes feed the tensor cores directly
                 if X_FP8:
                     x = x.to(tl.float8e4nv, bitcast=True)  # the bytes are e4m3 already
                 else:
                     x = x.to(tl.float16).to(tl.float8e4nv)
-                acc = tl.dot(x, tl.trans(w), acc)
+                acc += tl.dot(x, tl.trans(w), max_num_imprecise_acc=BLOCK_K)
             else:
                 acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)  # (BM, BN)
             x_ptrs += BLOCK_K
@@ -370,10 +378,16 @@ if _HAS_TRITON:
         _cfg(16, 32, 1024, 4, 3, 1),
         _cfg(16, 64, 256, 4, 4, 1),
     ]
+    # decode tiles for the FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K keeps every partial sum exact
+    SMALL_CONFIGS_FP8 = [
+        _cfg(16, 32, 128, 4, 4, 1),
+        _cfg(16, 64, 128, 4, 4, 1),
+    ]
     _KEY = ["M_KEY", "N", "K", "HAS_ZERO", "HAS_BIAS", "USE_FP8", "X_FP8"]
     _large = triton.autotune(LARGE_CONFIGS, key=_KEY)(_kernel)
     # decode kernels take a few microseconds: time the candidates under CUDA graphs, not launch overhead
     _small = triton.autotune(SMALL_CONFIGS, key=_KEY, use_cuda_graph=True)(_kernel)
+    _small_fp8 = triton.autotune(SMALL_CONFIGS_FP8, key=_KEY, use_cuda_graph=True)(_kernel)
 
 
 def _triton_unavailable_reason(x: torch.Tensor) -> str | None:
@@ -450,12 +464,17 @@ def _w4a4_gemm_triton(
             config.update(num_warps=4, num_stages=3)
     if config is not None:
         bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+        if flags["USE_FP8"] and bk > FP8_MAX_BLOCK_K:
+            raise ValueError(f"the fp8 path needs BLOCK_K <= {FP8_MAX_BLOCK_K} for exact sums, got BLOCK_K={bk}")
         if group_size is not None and group_size % bk:
             raise ValueError(f"group_size={group_size} must be a multiple of BLOCK_K={bk} (and of 32)")
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
         _kernel[grid](*args, **flags, **config)
     else:
-        tuned = _small if m <= SMALL_M else _large
+        if m > SMALL_M:
+            tuned = _large  # BLOCK_K = 128 in every config
+        else:
+            tuned = _small_fp8 if flags["USE_FP8"] else _small
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -483,8 +502,11 @@ def w4a4_gemm(
     Args:
         impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" (raises RuntimeError saying why
             when it cannot run) or "reference".
-        path: tensor-core path of the Triton kernel: "int8", "fp8", or "auto": fp8 for float8_e4m3fn codes
-            when M > SMALL_M (prefill, compute-bound; fastest measured), else int8 (decode, and int8 codes).
+        path: tensor-core path of the Triton kernel: "int8", "fp8", or "auto" = "int8" (float8_e4m3fn codes
+            are converted to int8, exactly). The INT8 path was faster than the FP8 one at every shape and M
+            measured on an H100 (docs/kernels-gemm.md). Both give exact integer sums; the FP8 one promotes
+            each K tile's sum to fp32 (the FP8 MMA accumulator keeps ~14 bits), exact while
+            |sum| < 2^24 (K <= 139,810 for 4-bit codes) and only on configs with BLOCK_K <= FP8_MAX_BLOCK_K.
         config: fixed tile config (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M[, num_warps, num_stages]) instead of
             autotuning; for tests and benchmarks.
     Other arguments as in the module docstring.
@@ -504,8 +526,7 @@ def w4a4_gemm(
     if reason is not None:
         raise RuntimeError(f"w4a4_gemm(impl='triton') cannot run: {reason}")
     if path == "auto":
-        fp8_x = x_codes.dtype == torch.float8_e4m3fn
-        path = "fp8" if fp8_x and x_codes.shape[0] > SMALL_M and group_size is None else "int8"
+        path = "int8"  # faster than fp8 at every measured shape on H100 (docs/kernels-gemm.md)
     if (path == "int8" or group_size is not None) and x_codes.dtype != torch.int8:
         x_codes = x_codes.to(torch.int8)  # exact: the codes are small integers
     return _w4a4_gemm_triton(
