@@ -6,6 +6,8 @@ python benchmarks/calibration_profile.py --steps 30   # on a GPU; prints ms/step
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 import torch
@@ -33,6 +35,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--compile", type=int, default=1)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "calibration_profile.json"))
     args = p.parse_args()
     dev = torch.device("cuda")
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2, attn_implementation="sdpa")).eval()
@@ -51,9 +54,8 @@ def main() -> None:
         if isinstance(m, CALIBRATED_TYPES):
             for q in m.parameters():
                 q.requires_grad_(True)
-    import os
-
     os.environ["FLATQUANT_COMPILE"] = str(args.compile)
+    timings = {}
     with fused_calibration(dev):
         for label, profile in (("warm-up", False), ("timed", False), ("profiled", True)):
             cfg = fq.FlatQuantConfig(epochs=max(1, args.steps * 4 // args.nsamples), nsamples=args.nsamples)
@@ -68,10 +70,22 @@ def main() -> None:
                 calib._train_block(layer, x, y, kwargs, cfg, 1.0, None)
             torch.cuda.synchronize()
             steps = cfg.epochs * (args.nsamples // 4)
-            print(f"{label}: {1000 * (time.perf_counter() - t0) / steps:.2f} ms/step over {steps} steps")
+            timings[label] = 1000 * (time.perf_counter() - t0) / steps
+            print(f"{label}: {timings[label]:.2f} ms/step over {steps} steps")
     events = prof.key_averages()
     gpu_total = sum(e.self_device_time_total for e in events) / 1000 / steps
     print(f"GPU busy per step: {gpu_total:.2f} ms")
+    record = {
+        "model_config": "SmolLM2-135M block (random weights)",
+        "ms_per_step": timings["timed"],
+        "gpu_busy_ms_per_step": gpu_total,
+        "compile": bool(args.compile),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump([record], f, indent=2)
     print(events.table(sort_by="self_cpu_time_total", row_limit=25))
     print(events.table(sort_by="self_device_time_total", row_limit=15))
 
