@@ -1,4 +1,4 @@
-"""Command line: ``flatquant quantize`` and ``flatquant eval``.
+"""Command line: ``flatquant quantize``, ``flatquant eval`` and ``flatquant report``.
 
 The quantization options are generated from :class:`FlatQuantConfig`'s fields, so defaults live in one
 place (the dataclass and its presets); an option left out takes the preset's value.
@@ -17,14 +17,13 @@ import time
 import types
 import typing
 
-import torch
-
 from .checkpoint import load_quantized, save_quantized
 from .config import PRESETS, FlatQuantConfig, preset
 from .data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, calibration_windows, eval_windows, load_text, tokenize
 from .evaluate import perplexity
 from .loading import DEFAULT_MODEL, load_model
 from .pipeline import quantize
+from .report import device_name, library_versions, load_records, markdown_table, write_report
 
 
 def _field_type(f: dataclasses.Field):
@@ -70,7 +69,19 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per evaluation window")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate at most this many windows")
     parser.add_argument("--results-json", default=None, help="append result records to this JSON list")
+    parser.add_argument("--tasks", nargs="*", default=[], help="lm-eval zero-shot tasks, e.g. arc_easy piqa")
+    parser.add_argument("--tasks-path", default=None, help="folder of extra lm-eval task YAMLs (local data)")
+    parser.add_argument("--limit", type=_limit, default=None, help="zero-shot: at most N documents per task")
+    parser.add_argument("--zeroshot-batch-size", type=int, default=1, help="zero-shot: lm-eval batch size")
+    parser.add_argument("--report", default=None, help="write report.json/.md (and a plot) into this folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _limit(s: str) -> int | float:
+    value = float(s)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--limit {s}: must be > 0 (a count, or a fraction below 1)")
+    return int(value) if value >= 1 else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of the original model or of a saved calibration")
     _add_common(e)
     e.add_argument("--checkpoint", default=None, help="a folder written by 'flatquant quantize'")
+    r = sub.add_parser("report", help="render result files of several runs side by side")
+    r.add_argument("results", nargs="+", help="--results-json files or report.json files")
+    r.add_argument("--out", default=None, help="also write report.json, report.md (and a plot) here")
     return parser
 
 
@@ -104,7 +118,25 @@ def _evaluate(model, tokenizer, args, label: str) -> dict[str, float]:
     return out
 
 
-def _record(args, method: str, cfg: FlatQuantConfig | None, ppl: dict, seconds: float | None) -> dict:
+def _zeroshot(model, tokenizer, args) -> dict | None:
+    if not args.tasks:
+        return None
+    from .zeroshot import run_tasks
+
+    return run_tasks(
+        model,
+        tokenizer,
+        args.tasks,
+        include_path=args.tasks_path,
+        limit=args.limit,
+        batch_size=args.zeroshot_batch_size,
+        device=args.device,
+    )
+
+
+def _record(
+    args, method: str, cfg: FlatQuantConfig | None, ppl: dict, seconds: float | None, zs: dict | None = None
+) -> dict:
     bits = (16, 16, 16) if cfg is None else (cfg.w_bits, cfg.a_bits, cfg.k_bits)
     return {
         "model": args.model,
@@ -118,7 +150,15 @@ def _record(args, method: str, cfg: FlatQuantConfig | None, ppl: dict, seconds: 
         "eval_seqlen": args.eval_seqlen,
         "calib_seconds": seconds,
         "preset": getattr(args, "preset", None),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": device_name(args.device),
+        **(
+            {}
+            if zs is None
+            else {"zeroshot": zs["scores"], "paper_mean": zs["paper_mean"], "zeroshot_settings": zs["settings"]}
+        ),
+        "checkpoint": getattr(args, "checkpoint", None),
+        "config": None if cfg is None else dataclasses.asdict(cfg),
+        "versions": library_versions(),
     }
 
 
@@ -155,14 +195,16 @@ def cmd_quantize(args) -> list[dict]:
     original = copy.deepcopy(model) if args.baselines else None
     records = []
     if args.baselines:
-        records.append(_record(args, "fp", None, _evaluate(original, tokenizer, args, "fp"), None))
+        ppl = _evaluate(original, tokenizer, args, "fp")
+        records.append(_record(args, "fp", None, ppl, None, _zeroshot(original, tokenizer, args)))
         for method in ("rtn", "rotation"):
             base = copy.deepcopy(original)
             bcfg = cfg.replace(method=method)
             t0 = time.perf_counter()
             quantize(base, bcfg, device=args.device, progress=not args.quiet)
             seconds = time.perf_counter() - t0
-            records.append(_record(args, method, bcfg, _evaluate(base, tokenizer, args, method), seconds))
+            ppl = _evaluate(base, tokenizer, args, method)
+            records.append(_record(args, method, bcfg, ppl, seconds, _zeroshot(base, tokenizer, args)))
             del base
     windows = None
     if cfg.method == "flatquant":
@@ -174,30 +216,58 @@ def cmd_quantize(args) -> list[dict]:
     save_quantized(model, output, overwrite=args.overwrite, metadata={"model": args.model, "calib": args.calib_data})
     shutil.rmtree(output + ".state", ignore_errors=True)  # the checkpoint now holds everything
     print(f"saved calibration to {output}")
-    records.append(_record(args, cfg.method, cfg, _evaluate(model, tokenizer, args, cfg.method), seconds))
+    ppl = _evaluate(model, tokenizer, args, cfg.method)
+    records.append(_record(args, cfg.method, cfg, ppl, seconds, _zeroshot(model, tokenizer, args)))
     return records
 
 
 def cmd_eval(args) -> list[dict]:
     model, tokenizer = load_model(args.model, args.dtype)
     if args.checkpoint is None:
-        return [_record(args, "fp", None, _evaluate(model, tokenizer, args, "fp"), None)]
+        ppl = _evaluate(model, tokenizer, args, "fp")
+        return [_record(args, "fp", None, ppl, None, _zeroshot(model, tokenizer, args))]
     load_quantized(model, args.checkpoint, args.device)
     cfg = model.flatquant.config
-    return [_record(args, cfg.method, cfg, _evaluate(model, tokenizer, args, cfg.method), model.flatquant.seconds)]
+    ppl = _evaluate(model, tokenizer, args, cfg.method)
+    return [_record(args, cfg.method, cfg, ppl, model.flatquant.seconds, _zeroshot(model, tokenizer, args))]
+
+
+def cmd_report(args) -> int:
+    records = load_records(args.results)
+    print(markdown_table(records), end="")
+    if args.out:
+        for path in write_report(records, args.out).values():
+            print(f"wrote {path}")
+    return 0
+
+
+def _check_tasks(args) -> None:
+    """Fail on an unknown task or a missing lm-eval before minutes of loading and calibration."""
+    if args.tasks:
+        from .zeroshot import task_manager
+
+        task_manager(args.tasks, args.tasks_path)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "report":
+            return cmd_report(args)
+        _check_tasks(args)
         records = cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.eval_data:
         _print_table(records, [_text_label(n) for n in args.eval_data])
+    if args.tasks:
+        print(markdown_table(records), end="")
     if args.results_json:
         _append_json(args.results_json, records)
+    if args.report:
+        for path in write_report(records, args.report).values():
+            print(f"wrote {path}")
     return 0
 
 
