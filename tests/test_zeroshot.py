@@ -127,3 +127,17 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path):
     report.atomic_write(str(tmp_path / "x" / "a.md"), "one")
     report.atomic_write(str(tmp_path / "x" / "a.md"), "two")
     assert os.listdir(tmp_path / "x") == ["a.md"] and (tmp_path / "x" / "a.md").read_text() == "two"
+
+
+def test_report_draws_a_perplexity_plot_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    from flatquant.report import write_report
+
+    records = [
+        {"model": "m", "method": "fp", "w_bits": 16, "a_bits": 16, "kv_bits": 16, "wiki_ppl": 18.0, "c4_ppl": 29.3},
+        {"model": "m", "method": "flatquant", "w_bits": 4, "a_bits": 4, "kv_bits": 4, "wiki_ppl": 23.9},
+    ]
+    paths = write_report(records, str(tmp_path))
+    with open(paths["plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["perplexity.png", "report.json", "report.md"]
