@@ -21,6 +21,7 @@ import torch
 import flatquant as fq
 from flatquant.data import calibration_windows, eval_windows, load_text, tokenize
 from flatquant.evaluate import perplexity
+from flatquant.files import atomic_write_json
 from flatquant.loading import DEFAULT_MODEL, load_model
 
 RUNS = {  # name: (method, bit overrides)
@@ -122,10 +123,7 @@ def _merge_results(path: str, records: list[dict]) -> None:
             old = json.load(f)
     new_keys = {key(r) for r in records}
     merged = [r for r in old if key(r) not in new_keys] + records
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(merged, f, indent=2)
-    os.replace(f"{path}.tmp", path)
+    atomic_write_json(path, merged)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import spec_for
 from .config import FlatQuantConfig
+from .files import atomic_write, atomic_write_json
 from .fusion import fused_calibration
 from .prepare import CALIBRATED_TYPES, calibration_state, load_calibration_state, prepare_block
 from .transforms import factor_cache, precompute_factors
@@ -51,19 +52,6 @@ def fingerprint(config: FlatQuantConfig, model: nn.Module, data: torch.Tensor | 
     if data is not None:
         h.update(data.numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: str) -> None:
-    tmp = f"{path}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj: dict, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 class _ResumeState:
@@ -97,11 +85,11 @@ class _ResumeState:
     def save(self, i: int, state: dict[str, torch.Tensor], loss: float, seconds: float) -> None:
         if self.dir is None:
             return
-        _atomic_save(state, self.block_path(i))
+        atomic_write(self.block_path(i), save({k: v.contiguous() for k, v in state.items()}))
         self.done[i], self.seconds[i] = loss, seconds
-        _atomic_json(
-            {"version": _STATE_VERSION, "fingerprint": self.fp, "losses": self.done, "seconds": self.seconds},
+        atomic_write_json(
             os.path.join(self.dir, "progress.json"),
+            {"version": _STATE_VERSION, "fingerprint": self.fp, "losses": self.done, "seconds": self.seconds},
         )
 
 

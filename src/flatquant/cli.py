@@ -21,6 +21,7 @@ from .checkpoint import load_quantized, save_quantized
 from .config import PRESETS, FlatQuantConfig, preset
 from .data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, calibration_windows, eval_windows, load_text, tokenize
 from .evaluate import perplexity
+from .files import atomic_write_json
 from .loading import DEFAULT_MODEL, load_model
 from .pipeline import quantize
 from .report import device_name, library_versions, load_records, markdown_table, write_report
@@ -178,11 +179,7 @@ def _append_json(path: str, records: list[dict]) -> None:
     if os.path.exists(path):
         with open(path) as f:
             existing = json.load(f)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(existing + records, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, existing + records)
 
 
 def cmd_quantize(args) -> list[dict]:

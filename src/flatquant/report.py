@@ -7,13 +7,15 @@ several runs and renders them side by side. Every file is written under a tempor
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
+
+from .files import atomic_write
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "perplexity.png"
 _PACKAGES = ("torch", "transformers", "lm-eval", "flatquant")
@@ -36,20 +38,6 @@ def device_name(device: str | torch.device | None = None) -> str:
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
         return torch.cuda.get_device_name(device)
     return "cpu"
-
-
-def atomic_write(path: str, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load_records(paths: list[str]) -> list[dict]:
@@ -133,16 +121,12 @@ def _plot(records: list[dict], path: str) -> bool:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".png")
-    os.close(fd)
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        fig.savefig(png, format="png", dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, png.getvalue())
     return True
 
 
