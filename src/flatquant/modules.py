@@ -43,13 +43,11 @@ class OnlineTransform(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., n) -> transformed, fake-quantized (..., n) of x's dtype."""
+        p1 = p2 = None
         if self.merged:
             if self.kron is not None:
-                p2 = None if self.p2_fixed is None else self.p2_fixed.to(x.dtype)
-                x = kron_apply(x, self.p1_fixed.to(x.dtype), p2)
-            return self.quant(x)
-        p1 = p2 = None
-        if self.kron is not None:
+                p1, p2 = self.p1_fixed, self.p2_fixed
+        elif self.kron is not None:
             with _no_autocast(x.device.type):
                 (p1, _), p2 = self.kron.factors(torch.float32)
                 p2 = None if p2 is None else p2[0]

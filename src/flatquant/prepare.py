@@ -38,10 +38,11 @@ def use_flatquant_attention(model: nn.Module) -> None:
     model.config._attn_implementation = ATTN_IMPLEMENTATION
 
 
-def _dims(config) -> tuple[int, int, int, int]:
+def _dims(config) -> tuple[int, int, int]:
+    """(hidden size, attention heads, head_dim)."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.hidden_size, config.intermediate_size, heads, head_dim
+    return config.hidden_size, heads, head_dim
 
 
 def prepare_block(
@@ -57,7 +58,7 @@ def prepare_block(
     act_stats: per-channel max |x| of the inputs of q ("qkv"), gate/up ("upgate") and down ("down"),
     used to initialise the per-channel scaling; without it the scaling starts at one.
     """
-    hidden, _, heads, head_dim = _dims(model_config)
+    hidden, heads, head_dim = _dims(model_config)
     attn, mlp = layer.get_submodule(spec.attn), layer.get_submodule(spec.mlp)
     transforms = cfg.uses_transforms
     learn_clip = cfg.method == "flatquant"
