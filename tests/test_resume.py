@@ -71,3 +71,17 @@ def test_persistent_nan_raises(tokens, monkeypatch):
     monkeypatch.setattr(calib_mod, "_train_block", lambda *a, **k: float("nan"))
     with pytest.raises(RuntimeError, match="non-finite"):
         fq.quantize(tiny_model("llama", num_hidden_layers=1), _cfg(), tokens, device="cpu", progress=False)
+
+
+def test_log_mse_objective_reweights_steps(tokens):
+    # Adam's first step ignores a constant loss scale, later steps see the per-step 1/MSE weights.
+    base = tiny_model("llama", num_hidden_layers=1)
+    states = {}
+    for loss in ("mse", "log-mse"):
+        model = copy.deepcopy(base)
+        states[loss] = fq.quantize(model, _cfg(loss=loss), tokens, device="cpu", progress=False).state[0]
+    assert states["mse"].keys() == states["log-mse"].keys()
+    assert all(torch.isfinite(v).all() for v in states["log-mse"].values())
+    assert any(not torch.equal(states["mse"][k], states["log-mse"][k]) for k in states["mse"])
+    with pytest.raises(ValueError, match="loss='l1' is not one of"):
+        _cfg(loss="l1")

@@ -204,8 +204,9 @@ def _train_block(layer, x, y, kwargs, cfg: FlatQuantConfig, lr_scale: float, bar
                 with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
                     out = _block_out(layer(x[idx], **kwargs))
             loss = torch.nn.functional.mse_loss(out.float(), y[idx].float())
+            objective = loss / loss.detach() if cfg.loss == "log-mse" else loss  # log-mse: gradient of log(MSE)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             opt.step()
             sched.step()
             total += loss.detach()

@@ -11,6 +11,7 @@ from .transforms import INITS, PARAMETRISATIONS
 METHODS = ("flatquant", "rotation", "rtn")
 AUTOCAST_DTYPES = ("bfloat16", "float16", "float32")
 WEIGHT_METHODS = ("rtn",)
+LOSSES = ("mse", "log-mse")
 
 
 @dataclass
@@ -46,6 +47,10 @@ class FlatQuantConfig:
     lr: float = field(default=5e-3, metadata={"help": "learning rate of transforms and scalings"})
     clip_lr: float = field(default=5e-2, metadata={"help": "learning rate of the clipping logits"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    loss: str = field(
+        default="mse",
+        metadata={"help": f"block objective {LOSSES}; log-mse divides each step's MSE by its detached value"},
+    )
     autocast_dtype: str = field(default="bfloat16", metadata={"help": f"training precision {AUTOCAST_DTYPES}"})
     seed: int = field(default=0, metadata={"help": "seed of windows and transform inits"})
 
@@ -60,6 +65,7 @@ class FlatQuantConfig:
             "parametrisation": PARAMETRISATIONS,
             "transform_init": INITS,
             "autocast_dtype": AUTOCAST_DTYPES,
+            "loss": LOSSES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
