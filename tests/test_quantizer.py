@@ -77,3 +77,28 @@ def test_no_grad_path_matches_the_training_path(symmetric):
     with torch.no_grad():
         fast_path = aq(x)
     torch.testing.assert_close(fast_path, trained_path.detach(), rtol=0, atol=1e-6)
+
+
+def test_compiled_quantizers_train_like_eager(monkeypatch):
+    # The calibration step compiles these functions; compiled gradients must equal eager ones. On CUDA the
+    # test runs there (torch.aminmax once broke only the CUDA compile), elsewhere it compiles for the CPU.
+    from flatquant import fusion
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(fusion, "_DEVICE_TYPES", {device.type})
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 32, generator=g).to(device)
+    w = torch.randn(16, 32, generator=g).to(device)
+    grads = []
+    for compiled in (False, True):
+        aq, wq = (
+            ActivationQuantizer(4, symmetric=True).to(device),
+            WeightQuantizer(16, 32, 4, symmetric=True).to(device),
+        )
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        ctx = fusion.fused_calibration(device) if compiled else torch.enable_grad()
+        with ctx:
+            (aq(xs) @ wq(ws).T).square().sum().backward()
+        grads.append([t.grad for t in (xs, ws, aq.clip_max, aq.clip_min, wq.clip_max, wq.clip_min)])
+    for eager, comp in zip(*grads, strict=True):
+        torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)

@@ -131,8 +131,8 @@ def quantize_weight(w, clip_max, clip_min, bits: int, symmetric: bool, group_siz
 def quantize_activation(x, clip_max, clip_min, bits: int, symmetric: bool) -> torch.Tensor:
     """Per-token fake quantization of x (..., d) in float32 with optional scalar clipping logits."""
     xf = x.float()
-    xmin, xmax = torch.aminmax(xf, dim=-1, keepdim=True)
-    xmax, xmin = xmax.clamp_min(0), xmin.clamp_max(0)
+    # amax/amin, not aminmax: aminmax has no derivative, which breaks the compiled training step
+    xmax, xmin = xf.amax(-1, keepdim=True).clamp_min(0), xf.amin(-1, keepdim=True).clamp_max(0)
     if clip_max is not None:
         xmax = xmax * torch.sigmoid(clip_max)
         xmin = xmin * torch.sigmoid(clip_min)
