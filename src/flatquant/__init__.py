@@ -5,6 +5,7 @@ from .calibrate import CalibrationResult
 from .checkpoint import load_quantized, save_quantized
 from .config import FlatQuantConfig, preset
 from .pipeline import merge_model, quantize
+from .streaming import StreamingModel
 
 __all__ = [
     "ArchSpec",
@@ -16,6 +17,7 @@ __all__ = [
     "quantize",
     "register_architecture",
     "save_quantized",
+    "StreamingModel",
     "supported_architectures",
 ]
 __version__ = "0.1.0"
