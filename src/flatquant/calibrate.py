@@ -307,7 +307,8 @@ def calibrate(
     offload: where the activations live, ``auto``, ``device``, ``cpu`` (pinned) or ``disk`` (memory-mapped
     files in ``offload_dir``, default the system's temporary folder); memory_budget: GB of GPU memory
     that ``auto`` plans with (see :func:`flatquant.offload.choose_placement`).
-    before_block / after_block: called with the index of each calibrated block.
+    before_block: called with the index of every block about to be worked on (full precision or
+    calibration); after_block: with the index of each calibrated block once it is done.
     The blocks are left unmerged; call :func:`flatquant.merge_model` next.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -347,7 +348,7 @@ def calibrate(
                     start -= seconds
                     bar.update()
                 continue
-            if mine and before_block is not None:
+            if before_block is not None:
                 before_block(i)
             block_start = time.perf_counter()
             layer = source.block(i, device)
