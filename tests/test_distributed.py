@@ -2,6 +2,8 @@ import copy
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,7 +13,7 @@ from conftest import tiny_model
 
 import flatquant as fq
 from flatquant import calibrate as calib_mod
-from flatquant import distributed
+from flatquant import cli, distributed
 from flatquant.checkpoint import read_checkpoint, write_calibration
 
 BLOCKS = 4
@@ -135,3 +137,40 @@ def test_single_process_falls_back_to_calibrate(tokens, monkeypatch):
     with pytest.raises(ValueError, match="covers blocks"):
         result.state.pop(2)
         write_calibration(result, model.config, "unused")
+
+
+def _hf_folder(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = str(tmp_path / "hf")
+    tiny_model("llama", num_hidden_layers=3).save_pretrained(folder, max_shard_size="100KB")
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(2000)))
+    return folder, str(text)
+
+
+def test_torchrun_quantize_streaming_matches_the_single_process_command(tmp_path):
+    folder, text = _hf_folder(tmp_path)
+    argv = ["quantize", "--model", folder, "--preset", "quick", "--seqlen", "32", "--nsamples", "4", "--epochs", "1"]
+    argv += ["--calib-data", text, "--eval-data", "--device", "cpu", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    run = subprocess.run(
+        [*cmd, "-m", "flatquant.cli", *argv, "--stream", "--output", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "saved calibration to" in run.stdout and "2 process(es)" in run.stdout
+    assert cli.main([*argv, "--output", str(tmp_path / "one")]) == 0
+    one, two = read_checkpoint(str(tmp_path / "one")), read_checkpoint(str(tmp_path / "two"))
+    assert one[1].keys() == two[1].keys()
+    for k in one[1]:
+        torch.testing.assert_close(two[1][k], one[1][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert not os.path.exists(str(tmp_path / "two.state"))
