@@ -28,9 +28,7 @@ def _tokens():
 
 
 def _model():
-    model = tiny_model("llama", num_hidden_layers=BLOCKS)
-    fq.prepare.use_flatquant_attention(model)
-    return model
+    return tiny_model("llama", num_hidden_layers=BLOCKS)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:

@@ -6,10 +6,10 @@ import torch
 from conftest import tiny_model
 
 import flatquant as fq
+from flatquant import calibrate as calib_mod
 from flatquant import streaming
 from flatquant.calibrate import calibrate
 from flatquant.offload import Activations, choose_placement
-from flatquant.prepare import use_flatquant_attention
 
 
 def _cfg(**kw):
@@ -18,7 +18,6 @@ def _cfg(**kw):
 
 def _in_memory(model, cfg, tokens, **kw):
     model = copy.deepcopy(model)
-    use_flatquant_attention(model)
     return calibrate(model, cfg, tokens, device="cpu", progress=False, **kw)
 
 
@@ -55,13 +54,22 @@ def test_streaming_from_safetensors_shards_matches_the_in_memory_model(tmp_path,
     assert all(p.is_meta for p in sm.skeleton.parameters())  # embeddings and head dropped again
 
 
-def test_offloaded_activations_give_the_same_calibration(tmp_path, tokens):
+def test_offloaded_activations_give_the_same_calibration(tmp_path, tokens, monkeypatch):
     model = tiny_model("llama", num_hidden_layers=2)
     reference = _in_memory(model, _cfg(), tokens)
     for where in ("cpu", "disk"):
         folder = str(tmp_path / where)
         _assert_same_states(_in_memory(model, _cfg(), tokens, offload=where, offload_dir=folder), reference)
         assert not os.path.exists(folder) or os.listdir(folder) == []  # activation files removed
+
+    def fail(*_args, **_kwargs):
+        assert len(os.listdir(tmp_path / "disk")) == 2  # inputs and targets of the block, on disk
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(calib_mod, "_train_block", fail)
+    with pytest.raises(RuntimeError, match="stop"):
+        _in_memory(model, _cfg(), tokens, offload="disk", offload_dir=str(tmp_path / "disk"))
+    assert os.listdir(tmp_path / "disk") == []  # removed after the error too
 
 
 def test_activation_store_rows_and_placement():

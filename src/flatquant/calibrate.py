@@ -32,7 +32,13 @@ from .config import FlatQuantConfig
 from .files import atomic_write, atomic_write_json
 from .fusion import fused_calibration
 from .offload import Activations, as_activations, choose_placement
-from .prepare import CALIBRATED_TYPES, calibration_state, load_calibration_state, prepare_block
+from .prepare import (
+    CALIBRATED_TYPES,
+    calibration_state,
+    load_calibration_state,
+    prepare_block,
+    use_flatquant_attention,
+)
 from .transforms import factor_cache, precompute_factors
 
 _STATE_VERSION = 2
@@ -122,6 +128,7 @@ class _ModelBlocks:
     in_place = True
 
     def __init__(self, model: nn.Module):
+        use_flatquant_attention(model)  # the calibrated blocks run their K/V quantizers in it (idempotent)
         self.model, self.config = model, model.config
         self.layers = model.get_submodule(spec_for(model).layers)
         self._homes: dict[int, torch.device] = {}
@@ -335,7 +342,7 @@ def calibrate(
         nbytes = 2 * dtype.itemsize * math.prod(shape)  # inputs and targets
         return Activations(shape, dtype, device, choose_placement(nbytes, device, offload, memory_budget), offload_dir)
 
-    x = kwargs = None
+    x = y = kwargs = None
     if last >= 0:
         x, kwargs = source.capture(windows, device, make_store)
     bar = tqdm(total=len(todo), desc="calibrating blocks", disable=not progress)
@@ -373,9 +380,10 @@ def calibrate(
                 bar.set_postfix(block=i, loss=f"{result.losses[i]:.3g}")
                 if after_block is not None:
                     after_block(i)
-    finally:
-        if x is not None:
-            x.close()
+    finally:  # free the activations (remove their files), also after an error
+        for store in (x, y):
+            if store is not None:
+                store.close()
         bar.close()
     result.seconds = time.perf_counter() - start
     if device.type == "cuda":

@@ -26,7 +26,6 @@ from safetensors.torch import load, save
 
 from .arch import spec_for
 from .calibrate import CalibrationResult, calibrate
-from .prepare import use_flatquant_attention
 
 
 class DistributedCalibrationError(RuntimeError):
@@ -146,8 +145,6 @@ def calibrate_distributed(
     apply_calibration` prepares a fresh model with the whole result.
     """
     ctx = setup(device, timeout)
-    if not getattr(model, "streams_blocks", False):
-        use_flatquant_attention(model)  # as flatquant.quantize does (a streamed model selects it itself)
     if ctx.world == 1:
         return calibrate(model, cfg, windows, ctx.device, state_dir, progress, blocks=blocks, **options)
     shares = assign_blocks(range(num_blocks(model)) if blocks is None else blocks, ctx.world)
