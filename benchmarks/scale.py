@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -153,9 +154,9 @@ def worker(spec: dict) -> None:
                 "torch": torch.__version__,
             }
         )
-    if ctx.rank == 0:
-        with open(spec["record"], "w") as f:
-            json.dump(records, f)
+        if ctx.rank == 0:  # after every run: a job stopped by the time limit keeps what it measured
+            with open(spec["record"], "w") as f:
+                json.dump(records, f)
     if ctx.group is not None:
         torch.distributed.destroy_process_group()
 
@@ -178,13 +179,23 @@ def run(spec: dict, procs: int, timeout: float) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if spec["quick"] else "8")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
-        raise SystemExit(f"{spec['model']} on {procs} process(es) failed (exit {proc.returncode})")
+    # a session of its own, so that on the time limit the launcher and its workers are stopped together
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            print(out[-2000:], err[-4000:], sep="\n")
+            raise SystemExit(f"{spec['model']} on {procs} process(es) failed (exit {proc.returncode})")
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        print(f"{spec['model']}: stopped after {timeout:.0f} s (time budget); keeping the runs it finished")
     with open(spec["record"]) as f:
-        records = json.load(f)
+        text = f.read()
     os.unlink(spec["record"])
+    records = json.loads(text) if text else []
     for r in records:
         r["job_seconds"] = time.perf_counter() - t0  # both runs of the job, start-up and warm-up included
     return records

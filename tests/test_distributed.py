@@ -65,6 +65,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         write_calibration(result, _model().config, os.path.join(out, "resumed"))
 
+    torch.distributed.barrier()  # both ranks here before the group with the short timeout is made
     ctx = distributed.setup("cpu", timeout=1)  # rank 1 hangs: rank 0 gives up after the timeout
     t0 = time.perf_counter()
     try:

@@ -17,6 +17,8 @@ import time
 import types
 import typing
 
+import torch
+
 from . import distributed
 from .checkpoint import apply_calibration, load_quantized, save_quantized, write_calibration
 from .config import PRESETS, FlatQuantConfig, preset
@@ -266,6 +268,8 @@ def _quantize_scaled(args, cfg: FlatQuantConfig, output: str) -> list[dict]:
         timeout=args.dist_timeout,
         **_offload_options(args),
     )
+    if ctx.group is not None:  # the group this command joined: no more collectives
+        torch.distributed.destroy_process_group()
     if ctx.rank != 0:
         return []
     meta = {
