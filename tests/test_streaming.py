@@ -83,7 +83,8 @@ def test_activation_store_rows_and_placement():
     store.close()
     assert not os.path.exists(path)
     cpu = torch.device("cpu")
-    assert choose_placement(10**6, cpu) in ("cpu", "disk")
+    assert choose_placement(10**6, cpu) == "device"
+    assert choose_placement(10**6, cpu, memory_budget=1e-3) == "disk"  # 1 MB > half of 1 MB
     assert choose_placement(10**6, cpu, memory_budget=1.0) == "device"
     assert choose_placement(10**6, cpu, "disk") == "disk"
     with pytest.raises(ValueError, match="offload='ram' is not one of"):
@@ -98,3 +99,17 @@ def test_streaming_needs_a_local_safetensors_folder(tmp_path):
     tiny_model("llama").config.save_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="neither model.safetensors.index.json nor"):
         fq.StreamingModel(str(tmp_path))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_activations_on_cuda_match_device_resident_ones(tokens):
+    model = tiny_model("llama", num_hidden_layers=2)
+    results = {
+        where: calibrate(copy.deepcopy(model), _cfg(), tokens, device="cuda", progress=False, offload=where)
+        for where in ("device", "cpu")
+    }
+    for i, state in results["device"].state.items():
+        for k, v in state.items():
+            torch.testing.assert_close(results["cpu"].state[i][k], v, rtol=1e-3, atol=1e-4)
+    assert results["cpu"].peak_gpu_bytes > 0
+    assert choose_placement(10**9, torch.device("cuda"), memory_budget=1.0) in ("cpu", "disk")

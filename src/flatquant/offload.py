@@ -20,9 +20,10 @@ def choose_placement(
 ) -> str:
     """'device', 'cpu' or 'disk' for activations of ``nbytes`` (inputs and targets together).
 
-    auto: on a GPU, the device when they take at most half of ``memory_budget`` (GB; default the device's
-    total memory), the rest being left for the block and its training; else pinned CPU memory, or a file
-    when they do not fit the available CPU memory either.
+    auto, on a GPU: the device when they take at most half of ``memory_budget`` (GB; default the device's
+    total memory), the rest being left for the block and its training; else pinned CPU memory, or files
+    when they do not fit the available CPU memory either. On the CPU: in memory when they take at most half
+    of ``memory_budget`` (default: 80% of the available memory), else files.
     """
     if offload not in PLACEMENTS:
         raise ValueError(f"offload={offload!r} is not one of {PLACEMENTS}")
@@ -30,15 +31,14 @@ def choose_placement(
         raise ValueError(f"memory_budget={memory_budget} must be a positive number of GB")
     if offload != "auto":
         return offload
+    fits_ram = nbytes <= 0.8 * _available_ram()
     if device.type == "cuda":
-        total = (
-            memory_budget * 1e9 if memory_budget is not None else torch.cuda.get_device_properties(device).total_memory
-        )
-        if nbytes <= total / 2:
-            return "device"
-    elif memory_budget is not None and nbytes <= memory_budget * 1e9 / 2:
-        return "device"  # the device is the CPU
-    return "cpu" if nbytes <= 0.8 * _available_ram() else "disk"
+        props = torch.cuda.get_device_properties(device)
+        total = memory_budget * 1e9 if memory_budget is not None else props.total_memory
+        return "device" if nbytes <= total / 2 else "cpu" if fits_ram else "disk"
+    if memory_budget is not None:
+        return "device" if nbytes <= memory_budget * 1e9 / 2 else "disk"
+    return "device" if fits_ram else "disk"
 
 
 def _available_ram() -> int:
