@@ -2,20 +2,28 @@
 
 from .arch import ArchSpec, register_architecture, supported_architectures
 from .calibrate import CalibrationResult
-from .checkpoint import load_quantized, save_quantized
+from .checkpoint import apply_calibration, load_quantized, save_quantized, write_calibration
 from .config import FlatQuantConfig, preset
+from .distributed import DistributedCalibrationError, calibrate_distributed, is_main_process
 from .pipeline import merge_model, quantize
+from .streaming import StreamingModel
 
 __all__ = [
+    "apply_calibration",
     "ArchSpec",
+    "calibrate_distributed",
     "CalibrationResult",
+    "DistributedCalibrationError",
     "FlatQuantConfig",
+    "is_main_process",
     "load_quantized",
     "merge_model",
     "preset",
     "quantize",
     "register_architecture",
     "save_quantized",
+    "StreamingModel",
     "supported_architectures",
+    "write_calibration",
 ]
 __version__ = "0.1.0"

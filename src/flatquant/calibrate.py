@@ -5,6 +5,11 @@ the block is then swapped for its FlatQuant version and its transforms, scalings
 trained to match those targets. One block sits on the accelerator at a time. After every block its
 calibrated parameters are written (atomically) to ``state_dir``, so an interrupted run continues from the
 last finished block.
+
+Given their full-precision inputs the blocks are independent: ``blocks=`` calibrates a subset (the
+multi-process driver in :mod:`flatquant.distributed` gives each rank a contiguous range), and the model can
+be a :class:`flatquant.streaming.StreamingModel` that materialises one block at a time from safetensors
+shards. Activations live on the device, in pinned CPU memory or in a memory-mapped file (:mod:`.offload`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -25,10 +31,17 @@ from .arch import spec_for
 from .config import FlatQuantConfig
 from .files import atomic_write, atomic_write_json
 from .fusion import fused_calibration
-from .prepare import CALIBRATED_TYPES, calibration_state, load_calibration_state, prepare_block
+from .offload import Activations, as_activations, choose_placement
+from .prepare import (
+    CALIBRATED_TYPES,
+    calibration_state,
+    load_calibration_state,
+    prepare_block,
+    use_flatquant_attention,
+)
 from .transforms import factor_cache, precompute_factors
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 class _StopForward(Exception):
@@ -43,6 +56,7 @@ class CalibrationResult:
     state: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     losses: dict[int, float] = field(default_factory=dict)
     seconds: float = 0.0
+    peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated during calibration (max over ranks)
 
 
 def fingerprint(config: FlatQuantConfig, model: nn.Module, data: torch.Tensor | None) -> str:
@@ -55,10 +69,14 @@ def fingerprint(config: FlatQuantConfig, model: nn.Module, data: torch.Tensor | 
 
 
 class _ResumeState:
-    """``state_dir/progress.json`` plus one safetensors file per finished block."""
+    """``state_dir/progress.json`` (format and job fingerprint) plus one safetensors file per finished block.
+
+    A block's loss and time are kept in its own file's metadata, so several processes calibrating different
+    blocks can share one directory, and a restart with any number of processes skips every finished block.
+    """
 
     def __init__(self, state_dir: str | None, fp: str):
-        self.dir, self.fp, self.done, self.seconds = state_dir, fp, {}, {}
+        self.dir, self.fp = state_dir, fp
         if state_dir is None:
             return
         os.makedirs(state_dir, exist_ok=True)
@@ -66,44 +84,91 @@ class _ResumeState:
         if os.path.exists(path):
             with open(path) as f:
                 prog = json.load(f)
+            if prog.get("version") != _STATE_VERSION:
+                raise ValueError(
+                    f"{state_dir} was written by another version of flatquant (state format "
+                    f"{prog.get('version')}, this one reads {_STATE_VERSION}); use another state directory or delete it"
+                )
             if prog.get("fingerprint") != fp:
                 raise ValueError(
                     f"{state_dir} holds a calibration of another job (fingerprint {prog.get('fingerprint')} "
                     f"!= {fp}); use another state directory or delete it"
                 )
-            self.done = {int(k): v for k, v in prog.get("losses", {}).items()}
-            self.seconds = {int(k): v for k, v in prog.get("seconds", {}).items()}
+        else:  # every process writes the same content: a race between them is harmless
+            atomic_write_json(path, {"version": _STATE_VERSION, "fingerprint": fp})
 
     def block_path(self, i: int) -> str:
         return os.path.join(self.dir, f"block_{i:04d}.safetensors")
 
-    def load(self, i: int) -> dict[str, torch.Tensor] | None:
-        if self.dir is None or i not in self.done or not os.path.exists(self.block_path(i)):
+    def load(self, i: int) -> tuple[dict[str, torch.Tensor], float, float] | None:
+        """(calibrated tensors, loss, seconds) of a finished block, or None."""
+        if self.dir is None or not os.path.exists(self.block_path(i)):
             return None
-        return load_file(self.block_path(i))
+        with safe_open(self.block_path(i), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        return state, float(meta.get("loss", "nan")), float(meta.get("seconds", "0"))
 
     def save(self, i: int, state: dict[str, torch.Tensor], loss: float, seconds: float) -> None:
         if self.dir is None:
             return
-        atomic_write(self.block_path(i), save({k: v.contiguous() for k, v in state.items()}))
-        self.done[i], self.seconds[i] = loss, seconds
-        atomic_write_json(
-            os.path.join(self.dir, "progress.json"),
-            {"version": _STATE_VERSION, "fingerprint": self.fp, "losses": self.done, "seconds": self.seconds},
-        )
+        meta = {"loss": repr(float(loss)), "seconds": repr(float(seconds))}
+        atomic_write(self.block_path(i), save({k: v.contiguous() for k, v in state.items()}, metadata=meta))
+
+
+def block_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of block ``index``'s random starts: independent of which process calibrates it."""
+    digest = hashlib.sha256(f"flatquant:{seed}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+class _ModelBlocks:
+    """The blocks of a model held in memory: calibrated in place, one at a time on the device."""
+
+    in_place = True
+
+    def __init__(self, model: nn.Module):
+        use_flatquant_attention(model)  # the calibrated blocks run their K/V quantizers in it (idempotent)
+        self.model, self.config = model, model.config
+        self.layers = model.get_submodule(spec_for(model).layers)
+        self._homes: dict[int, torch.device] = {}
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def capture(self, windows, device, make_store=None):
+        return capture_block_inputs(self.model, windows, device, make_store)
+
+    def block(self, i: int, device) -> nn.Module:
+        layer = self.layers[i]
+        self._homes[i] = next(layer.parameters()).device
+        return layer.to(device)
+
+    def release(self, i: int, layer: nn.Module) -> None:
+        layer.to(self._homes.pop(i))
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device):
-    """Hidden states entering block 0, (N, T, H) on ``device``, and the block's keyword arguments."""
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device, make_store=None):
+    """Hidden states entering block 0, (N, T, H) on ``device``, and the block's keyword arguments.
+
+    make_store: ``(shape, dtype) -> Activations``; when given, the rows are written there as they come and
+    the store is returned instead of one tensor.
+    """
     layers = model.get_submodule(spec_for(model).layers)
     home = model.get_input_embeddings().weight.device
     _move_except_layers(model, layers, device)  # everything but the blocks goes to the device
-    captured, kwargs_box = [], {}
+    captured, kwargs_box, store = [], {}, []
 
     def hook(_module, args, kwargs):
         hs = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(hs.detach())
+        if make_store is None:
+            captured.append(hs.detach())
+        else:
+            if not store:
+                store.append(make_store((len(windows), *hs.shape[1:]), hs.dtype))
+            store[0].write(len(captured), hs.detach())
+            captured.append(None)
         if not kwargs_box:
             kwargs_box.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _StopForward
@@ -123,7 +188,7 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
         kwargs[key] = False
     for key in ("past_key_values", "cache", "past_key_value"):
         kwargs.pop(key, None)
-    return torch.cat(captured, 0), kwargs
+    return (torch.cat(captured, 0) if make_store is None else store[0]), kwargs
 
 
 def _move_except_layers(model: nn.Module, layers: nn.ModuleList, device) -> None:
@@ -143,8 +208,14 @@ def _block_out(out):
 
 
 @torch.no_grad()
-def _fp_forward(layer, spec, x, kwargs, batch_size, collect_stats: bool):
-    """Full-precision outputs (same shape as x) and per-channel max|input| of the quantized linears."""
+def _fp_forward(layer, spec, x, kwargs, batch_size, collect_stats: bool, out: Activations | None = None):
+    """Full-precision outputs (same shape as x) and per-channel max|input| of the quantized linears.
+
+    x: a tensor or :class:`Activations`; the outputs go to ``out`` (default: a tensor like x).
+    """
+    raw = torch.is_tensor(x)
+    x = as_activations(x)
+    out = out if out is not None else Activations.wrap(torch.empty_like(x.data))
     stats, handles = {}, []
     if collect_stats:
         targets = {
@@ -160,13 +231,12 @@ def _fp_forward(layer, spec, x, kwargs, batch_size, collect_stats: bool):
 
             handles.append(mod.register_forward_pre_hook(hook))
     try:
-        out = torch.empty_like(x)
-        for s in range(0, x.shape[0], batch_size):
-            out[s : s + batch_size] = _block_out(layer(x[s : s + batch_size], **kwargs))
+        for s in range(0, len(x), batch_size):
+            out.write(s, _block_out(layer(x.read(s, s + batch_size), **kwargs)))
     finally:
         for h in handles:
             h.remove()
-    return out, stats
+    return (out.data if raw else out), stats
 
 
 def _lr_lambda(total_steps: int):
@@ -177,6 +247,7 @@ def _lr_lambda(total_steps: int):
 
 
 def _train_block(layer, x, y, kwargs, cfg: FlatQuantConfig, lr_scale: float, bar) -> float:
+    x, y = as_activations(x), as_activations(y)
     params = [p for p in layer.parameters() if p.requires_grad]
     clip = [p for n, p in layer.named_parameters() if p.requires_grad and "clip_" in n]
     clip_ids = {id(p) for p in clip}
@@ -186,7 +257,7 @@ def _train_block(layer, x, y, kwargs, cfg: FlatQuantConfig, lr_scale: float, bar
         weight_decay=cfg.weight_decay,
         fused=x.device.type == "cuda",  # one kernel for all the small tensors: the steps are launch-bound
     )
-    n = x.shape[0]
+    n = len(x)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.epochs * steps_per_epoch))
     amp_dtype = getattr(torch, cfg.autocast_dtype)
@@ -195,15 +266,15 @@ def _train_block(layer, x, y, kwargs, cfg: FlatQuantConfig, lr_scale: float, bar
     loss_value = float("nan")
     for epoch in range(cfg.epochs):
         total = torch.zeros((), device=x.device)
-        perm = torch.randperm(n, generator=g).to(x.device)  # one host-to-device copy per epoch, not per step
+        perm = torch.randperm(n, generator=g).to(x.index_device)  # one host-to-device copy per epoch, not per step
         for s in range(0, n, cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
             with factor_cache():
                 with torch.autocast(device_type, enabled=False):
                     precompute_factors(layer)
                 with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                    out = _block_out(layer(x[idx], **kwargs))
-            loss = torch.nn.functional.mse_loss(out.float(), y[idx].float())
+                    out = _block_out(layer(x.rows(idx), **kwargs))
+            loss = torch.nn.functional.mse_loss(out.float(), y.rows(idx).float())
             objective = loss / loss.detach() if cfg.loss == "log-mse" else loss  # log-mse: gradient of log(MSE)
             opt.zero_grad(set_to_none=True)
             objective.backward()
@@ -219,63 +290,121 @@ def _train_block(layer, x, y, kwargs, cfg: FlatQuantConfig, lr_scale: float, bar
 
 
 def calibrate(
-    model: nn.Module,
+    model,
     cfg: FlatQuantConfig,
     windows: torch.Tensor | None,
     device: torch.device | str | None = None,
     state_dir: str | None = None,
     progress: bool = True,
+    *,
+    blocks=None,
+    offload: str = "auto",
+    memory_budget: float | None = None,
+    offload_dir: str | None = None,
+    before_block=None,
+    after_block=None,
 ) -> CalibrationResult:
     """Swap every block of ``model`` in place and calibrate it; returns the calibrated tensors.
 
+    model: a model in memory (calibrated in place), or a :class:`flatquant.streaming.StreamingModel`
+    (blocks materialised one at a time; only the returned tensors are kept).
     windows: (N, T) token ids; needed when ``cfg.trains`` (FlatQuant) and for the scaling init.
+    blocks: the block indices to calibrate (default all); the others only run in full precision, and only
+    as far as needed to produce the inputs of the last block to train.
+    offload: where the activations live, ``auto``, ``device``, ``cpu`` (pinned) or ``disk`` (memory-mapped
+    files in ``offload_dir``, default the system's temporary folder); memory_budget: GB of GPU memory
+    that ``auto`` plans with (see :func:`flatquant.offload.choose_placement`).
+    before_block: called with the index of every block about to be worked on (full precision or
+    calibration); after_block: with the index of each calibrated block once it is done.
     The blocks are left unmerged; call :func:`flatquant.merge_model` next.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = spec_for(model)
-    layers = model.get_submodule(spec.layers)
+    source = model if getattr(model, "streams_blocks", False) else _ModelBlocks(model)
+    n = len(source)
+    todo = sorted(set(range(n) if blocks is None else blocks))
+    if any(not 0 <= i < n for i in todo):
+        raise ValueError(f"blocks={todo} must lie in 0..{n - 1}")
     needs_data = cfg.method == "flatquant"
     if needs_data and windows is None:
         raise ValueError("method='flatquant' needs calibration windows (N, T) of token ids")
-    resume = _ResumeState(state_dir, fingerprint(cfg, model, windows if needs_data else None))
+    choose_placement(0, device, offload, memory_budget)  # validates the options
+    resume = _ResumeState(state_dir, fingerprint(cfg, source, windows if needs_data else None))
+    saved = {i: resume.load(i) for i in todo}
+    train = [i for i in todo if saved[i] is None]
+    last = max(train) if needs_data and train else -1  # blocks up to here run in full precision
     result = CalibrationResult(cfg)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    g = torch.Generator().manual_seed(cfg.seed)
-    x = kwargs = None
-    if needs_data:
-        x, kwargs = capture_block_inputs(model, windows, device)
-    bar = tqdm(range(len(layers)), desc="calibrating blocks", disable=not progress)
-    for i in bar:
-        block_start = time.perf_counter()
-        layer = layers[i]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        saved = resume.load(i)
-        y = stats = None
-        if needs_data:
-            y, stats = _fp_forward(layer, spec, x, kwargs, cfg.batch_size, saved is None)
-        prepare_block(layer, spec, model.config, cfg, stats, generator=g)
-        layer.to(device)
-        if saved is not None:
-            load_calibration_state(layer, saved)
-            loss = resume.done[i]
-        elif cfg.trains:
-            loss = _calibrate_one(layer, x, y, kwargs, cfg, bar, i)
-        else:
-            loss = float("nan")
-        state = calibration_state(layer)
-        if saved is None:
-            resume.save(i, state, loss, time.perf_counter() - block_start)
-        else:  # count the time this block took when it was calibrated, not the reload
-            start -= resume.seconds.get(i, 0.0) - (time.perf_counter() - block_start)
-        result.state[i], result.losses[i] = state, loss
-        for p in layer.parameters():
-            p.requires_grad_(False)
-        layer.to(home)
-        x = y
-        bar.set_postfix(block=i, loss=f"{loss:.3g}")
+
+    def make_store(shape, dtype):
+        nbytes = 2 * dtype.itemsize * math.prod(shape)  # inputs and targets
+        return Activations(shape, dtype, device, choose_placement(nbytes, device, offload, memory_budget), offload_dir)
+
+    x = y = kwargs = None
+    if last >= 0:
+        x, kwargs = source.capture(windows, device, make_store)
+    bar = tqdm(total=len(todo), desc="calibrating blocks", disable=not progress)
+    try:
+        for i in range(n):
+            full_precision, mine = i <= last, i in saved
+            if not full_precision and not (mine and (source.in_place or saved[i] is None)):
+                if mine:  # finished earlier and nothing to apply it to: take the saved tensors
+                    result.state[i], result.losses[i], seconds = saved[i]
+                    start -= seconds
+                    bar.update()
+                continue
+            if before_block is not None:
+                before_block(i)
+            block_start = time.perf_counter()
+            layer = source.block(i, device)
+            y = stats = None
+            if full_precision:
+                out = make_store(x.shape, x.dtype)
+                y, stats = _fp_forward(layer, spec, x, kwargs, cfg.batch_size, mine and saved[i] is None, out)
+            if mine:
+                loss = _calibrate_block(layer, i, spec, source.config, cfg, stats, saved[i], x, y, kwargs, bar, device)
+                state = calibration_state(layer)
+                if saved[i] is None:
+                    resume.save(i, state, loss, time.perf_counter() - block_start)
+                else:  # count the time this block took when it was calibrated, not the reload
+                    start -= saved[i][2] - (time.perf_counter() - block_start)
+                result.state[i], result.losses[i] = state, loss
+            source.release(i, layer)
+            if full_precision:
+                x.close()
+                x = y
+            if mine:
+                bar.update()
+                bar.set_postfix(block=i, loss=f"{result.losses[i]:.3g}")
+                if after_block is not None:
+                    after_block(i)
+    finally:  # free the activations (remove their files), also after an error
+        for store in (x, y):
+            if store is not None:
+                store.close()
+        bar.close()
     result.seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        result.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
     return result
+
+
+def _calibrate_block(layer, i, spec, model_config, cfg, stats, saved, x, y, kwargs, bar, device) -> float:
+    """Swap block ``i``'s modules, then load its saved calibration or train it; returns its loss."""
+    prepare_block(layer, spec, model_config, cfg, stats, generator=block_generator(cfg.seed, i))
+    layer.to(device)
+    if saved is not None:
+        load_calibration_state(layer, saved[0])
+        loss = saved[1]
+    elif cfg.trains:
+        loss = _calibrate_one(layer, x, y, kwargs, cfg, bar, i)
+    else:
+        loss = float("nan")
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    return loss
 
 
 def _calibrate_one(layer, x, y, kwargs, cfg, bar, index: int) -> float:
@@ -290,7 +419,7 @@ def _calibrate_one(layer, x, y, kwargs, cfg, bar, index: int) -> float:
                 p.requires_grad_(True)
     lr_scale = 1.0
     for _attempt in range(3):
-        with fused_calibration(x.device):
+        with fused_calibration(as_activations(x).device):
             loss = _train_block(layer, x, y, kwargs, cfg, lr_scale, bar)
         if math.isfinite(loss):
             return loss

@@ -27,8 +27,8 @@ FORMAT_VERSION = 1
 _CONFIG_FILE, _TENSORS_FILE = "flatquant.json", "calibration.safetensors"
 
 
-def _model_identity(model: nn.Module) -> dict:
-    c = model.config
+def _model_identity(c) -> dict:
+    """The shape of the model a calibration belongs to, from its Hugging Face config."""
     return {
         "model_type": c.model_type,
         "num_hidden_layers": c.num_hidden_layers,
@@ -44,6 +44,20 @@ def save_quantized(model: nn.Module, path: str, overwrite: bool = False, metadat
     result: CalibrationResult | None = getattr(model, "flatquant", None)
     if result is None:
         raise ValueError("model has no FlatQuant calibration: run flatquant.quantize(model, ...) first")
+    return write_calibration(result, model.config, path, overwrite, metadata)
+
+
+def write_calibration(
+    result: CalibrationResult, model_config, path: str, overwrite: bool = False, metadata: dict | None = None
+) -> str:
+    """Write a calibration result for the model described by ``model_config`` (its Hugging Face config).
+
+    This is what :func:`save_quantized` writes; it also serves results of :func:`flatquant.calibrate_distributed`
+    and of streamed models, which never exist as one quantized model in memory.
+    """
+    n = model_config.num_hidden_layers
+    if sorted(result.state) != list(range(n)):
+        raise ValueError(f"the calibration covers blocks {sorted(result.state)}, but the model has {n} blocks")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     parent = os.path.dirname(os.path.abspath(path))
@@ -56,7 +70,7 @@ def save_quantized(model: nn.Module, path: str, overwrite: bool = False, metadat
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "config": result.config.to_dict(),
-            "model": _model_identity(model),
+            "model": _model_identity(model_config),
             "block_losses": {str(k): v for k, v in result.losses.items()},
             "calib_seconds": result.seconds,
             "metadata": metadata or {},
@@ -101,23 +115,26 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
 def load_quantized(model: nn.Module, path: str, device: torch.device | str | None = None) -> nn.Module:
     """Apply a saved calibration to the original (unquantized) ``model`` in place and return it."""
     meta, tensors = read_checkpoint(path)
-    ident = _model_identity(model)
+    ident = _model_identity(model.config)
     if meta["model"] != ident:
         raise ValueError(f"checkpoint was made for {meta['model']}, but the model is {ident}")
-    cfg = FlatQuantConfig.from_dict(meta["config"])
-    spec = spec_for(model)
-    layers = model.get_submodule(spec.layers)
-    result = CalibrationResult(cfg, seconds=meta.get("calib_seconds", 0.0))
-    use_flatquant_attention(model)
-    for i, layer in enumerate(layers):
+    result = CalibrationResult(FlatQuantConfig.from_dict(meta["config"]), seconds=meta.get("calib_seconds", 0.0))
+    for i in range(len(model.get_submodule(spec_for(model).layers))):
         prefix = f"layers.{i}."
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        result.state[i] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        result.losses[i] = meta["block_losses"].get(str(i), float("nan"))
+    return apply_calibration(model, result, device)
+
+
+def apply_calibration(model: nn.Module, result: CalibrationResult, device: torch.device | str | None = None):
+    """Swap every block of the original ``model``, load ``result``'s tensors and merge (in place)."""
+    cfg, spec = result.config, spec_for(model)
+    use_flatquant_attention(model)
+    for i, layer in enumerate(model.get_submodule(spec.layers)):
         prepare_block(layer, spec, model.config, cfg)
-        load_calibration_state(layer, state)
+        load_calibration_state(layer, result.state[i])
         for p in layer.parameters():
             p.requires_grad_(False)
-        result.state[i] = state
-        result.losses[i] = meta["block_losses"].get(str(i), float("nan"))
     merge_model(model, device)
     model.flatquant = result
     return model

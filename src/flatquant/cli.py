@@ -17,14 +17,19 @@ import time
 import types
 import typing
 
-from .checkpoint import load_quantized, save_quantized
+import torch
+
+from . import distributed
+from .checkpoint import apply_calibration, load_quantized, save_quantized, write_calibration
 from .config import PRESETS, FlatQuantConfig, preset
 from .data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, calibration_windows, eval_windows, load_text, tokenize
 from .evaluate import perplexity
 from .files import atomic_write_json
-from .loading import DEFAULT_MODEL, load_model
+from .loading import DEFAULT_MODEL, load_model, load_tokenizer
+from .offload import PLACEMENTS
 from .pipeline import quantize
 from .report import device_name, library_versions, load_records, markdown_table, write_report
+from .streaming import StreamingModel
 
 
 def _field_type(f: dataclasses.Field):
@@ -95,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", default=None, help="checkpoint folder [default flatquant-out/<model>-<method>]")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--baselines", action="store_true", help="also evaluate FP, RTN and fixed rotation")
+    s = q.add_argument_group(
+        "scale-out (see docs/scale-out.md; several GPUs: torchrun --nproc-per-node N -m flatquant.cli)"
+    )
+    s.add_argument("--stream", action="store_true", help="read blocks one at a time from a local safetensors folder")
+    s.add_argument("--offload", choices=PLACEMENTS, default="auto", help="where activations live [default auto]")
+    s.add_argument("--offload-dir", default=None, help="folder of --offload disk files [default: the temp folder]")
+    s.add_argument("--memory-budget", type=float, default=None, help="GB of GPU memory to plan with [default: all]")
+    s.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds to wait for another rank [1800]")
     _add_config_options(q)
     e = sub.add_parser("eval", help="perplexity of the original model or of a saved calibration")
     _add_common(e)
@@ -182,12 +195,24 @@ def _append_json(path: str, records: list[dict]) -> None:
     atomic_write_json(path, existing + records)
 
 
+def _offload_options(args) -> dict:
+    return {"offload": args.offload, "offload_dir": args.offload_dir, "memory_budget": args.memory_budget}
+
+
+def _calibration_windows(tokenizer, args, cfg: FlatQuantConfig):
+    if cfg.method != "flatquant":
+        return None
+    return calibration_windows(tokenize(tokenizer, load_text(args.calib_data)), cfg.nsamples, cfg.seqlen, cfg.seed)
+
+
 def cmd_quantize(args) -> list[dict]:
     cfg = config_from_args(args)
     model_name = os.path.basename(os.path.normpath(args.model))
     output = args.output or os.path.join("flatquant-out", f"{model_name}-{cfg.method}")
     if os.path.exists(output) and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite or choose another --output")
+    if args.stream or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _quantize_scaled(args, cfg, output)
     model, tokenizer = load_model(args.model, args.dtype)
     original = copy.deepcopy(model) if args.baselines else None
     records = []
@@ -203,12 +228,17 @@ def cmd_quantize(args) -> list[dict]:
             ppl = _evaluate(base, tokenizer, args, method)
             records.append(_record(args, method, bcfg, ppl, seconds, _zeroshot(base, tokenizer, args)))
             del base
-    windows = None
-    if cfg.method == "flatquant":
-        ids = tokenize(tokenizer, load_text(args.calib_data))
-        windows = calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+    windows = _calibration_windows(tokenizer, args, cfg)
     t0 = time.perf_counter()
-    quantize(model, cfg, windows, device=args.device, state_dir=output + ".state", progress=not args.quiet)
+    quantize(
+        model,
+        cfg,
+        windows,
+        device=args.device,
+        state_dir=output + ".state",
+        progress=not args.quiet,
+        **_offload_options(args),
+    )
     seconds = time.perf_counter() - t0
     save_quantized(model, output, overwrite=args.overwrite, metadata={"model": args.model, "calib": args.calib_data})
     shutil.rmtree(output + ".state", ignore_errors=True)  # the checkpoint now holds everything
@@ -216,6 +246,53 @@ def cmd_quantize(args) -> list[dict]:
     ppl = _evaluate(model, tokenizer, args, cfg.method)
     records.append(_record(args, cfg.method, cfg, ppl, seconds, _zeroshot(model, tokenizer, args)))
     return records
+
+
+def _quantize_scaled(args, cfg: FlatQuantConfig, output: str) -> list[dict]:
+    """Streamed and/or multi-process calibration: every rank calibrates its blocks, rank 0 writes and evaluates."""
+    if args.baselines:
+        raise ValueError("--baselines needs a single process without --stream")
+    ctx = distributed.setup(args.device, args.dist_timeout)
+    if args.stream:
+        model = StreamingModel(args.model, args.dtype)
+        tokenizer = load_tokenizer(args.model) if cfg.method == "flatquant" else None
+    else:
+        model, tokenizer = load_model(args.model, args.dtype)
+    result = distributed.calibrate_distributed(
+        model,
+        cfg,
+        _calibration_windows(tokenizer, args, cfg),
+        device=ctx.device,
+        state_dir=output + ".state",
+        progress=not args.quiet,
+        timeout=args.dist_timeout,
+        **_offload_options(args),
+    )
+    if ctx.group is not None:  # the group this command joined: no more collectives
+        torch.distributed.destroy_process_group()
+    if ctx.rank != 0:
+        return []
+    meta = {
+        "model": args.model,
+        "calib": args.calib_data,
+        "processes": ctx.world,
+        "peak_gpu_bytes": result.peak_gpu_bytes,
+    }
+    write_calibration(result, model.config, output, overwrite=args.overwrite, metadata=meta)
+    shutil.rmtree(output + ".state", ignore_errors=True)  # the checkpoint now holds everything
+    peak = "" if result.peak_gpu_bytes is None else f", peak GPU memory {result.peak_gpu_bytes / 1e9:.2f} GB"
+    print(f"saved calibration to {output} ({ctx.world} process(es), {result.seconds:.1f} s{peak})")
+    ppl, zs = {}, None
+    if args.stream:
+        if args.eval_data or args.tasks:
+            print(f"not evaluated (--stream); where it fits: flatquant eval --model {args.model} --checkpoint {output}")
+    elif args.eval_data or args.tasks:
+        model, tokenizer = load_model(args.model, args.dtype)  # a fresh copy: rank 0 prepared only its own blocks
+        apply_calibration(model, result, ctx.device)
+        ppl, zs = _evaluate(model, tokenizer, args, cfg.method), _zeroshot(model, tokenizer, args)
+    record = _record(args, cfg.method, cfg, ppl, result.seconds, zs)
+    record.update(processes=ctx.world, peak_gpu_bytes=result.peak_gpu_bytes, checkpoint=output)
+    return [record]
 
 
 def cmd_eval(args) -> list[dict]:
@@ -253,9 +330,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_report(args)
         _check_tasks(args)
         records = cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, distributed.DistributedCalibrationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not records:  # a rank other than 0 of a multi-process run: rank 0 reports
+        return 0
     if args.eval_data:
         _print_table(records, [_text_label(n) for n in args.eval_data])
     if args.tasks:

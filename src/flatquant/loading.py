@@ -26,6 +26,12 @@ def resolve_model(name: str | None) -> tuple[str, str | None]:
     return name, None
 
 
+def load_tokenizer(name: str | None = None):
+    """The tokenizer of a model name, folder, hub id or .gguf file (as for :func:`load_model`)."""
+    folder, gguf = resolve_model(name)
+    return AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+
+
 def load_model(name: str | None = None, dtype: str | torch.dtype | None = None):
     """(model, tokenizer) on the CPU with SDPA attention; raises for unsupported architectures.
 
@@ -40,7 +46,7 @@ def load_model(name: str | None = None, dtype: str | torch.dtype | None = None):
     kwargs = {"gguf_file": gguf} if gguf else {}
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    tokenizer = load_tokenizer(name)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype if dtype is not None else "auto", attn_implementation="sdpa", **kwargs
     )

@@ -30,6 +30,7 @@ def quantize(
     device: torch.device | str | None = None,
     state_dir: str | None = None,
     progress: bool = True,
+    **calibration_options,
 ) -> CalibrationResult:
     """Quantize ``model`` in place with ``config`` (fake quantization) and return the calibration result.
 
@@ -37,6 +38,7 @@ def quantize(
     ``method="flatquant"``, ignored by the ``rtn`` and ``rotation`` baselines.
     state_dir: where per-block progress is kept; rerunning with the same directory resumes.
     The result is also stored as ``model.flatquant`` so that :func:`save_quantized` can find it.
+    calibration_options: ``offload``, ``memory_budget``, ``offload_dir`` (see :func:`flatquant.calibrate.calibrate`).
     """
     if not isinstance(config, FlatQuantConfig):
         raise TypeError(f"config must be a FlatQuantConfig, got {type(config).__name__}")
@@ -49,7 +51,9 @@ def quantize(
             f"{calibration_data.dtype}"
         )
     use_flatquant_attention(model)
-    result = calibrate(model, config, calibration_data, device=device, state_dir=state_dir, progress=progress)
+    result = calibrate(
+        model, config, calibration_data, device=device, state_dir=state_dir, progress=progress, **calibration_options
+    )
     merge_model(model, device)
     model.flatquant = result
     return result
