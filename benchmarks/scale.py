@@ -96,9 +96,9 @@ def worker(spec: dict) -> None:
 
     ctx = distributed.setup(timeout=600)
     if spec["model"].startswith("smollm2"):
-        model, tokenizer = load_model()
+        model, tokenizer = load_model(spec["source"])
         cfg = fq.preset(spec["preset"], **spec["overrides"])
-        ids = tokenize(tokenizer, load_text("wiki-summaries"))
+        ids = tokenize(tokenizer, load_text(spec["calib_data"]))
         windows = calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
     else:
         model = fq.StreamingModel(spec["folder"])
@@ -224,6 +224,8 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=2, help="processes of the job: measures 1 and this many [2]")
     p.add_argument("--models", nargs="+", default=["llama-2-7b-config", "smollm2-135m"])
     p.add_argument("--smollm-blocks", type=int, default=4)
+    p.add_argument("--smollm-model", default=None, help="SmolLM2 checkpoint or GGUF file [default: the built-in]")
+    p.add_argument("--calib-data", default="wiki-summaries", help="SmolLM2 calibration text: name or file")
     p.add_argument("--llama-blocks", type=int, default=6)
     p.add_argument("--llama-samples", type=int, default=32)
     p.add_argument("--llama-epochs", type=int, default=4)
@@ -262,7 +264,7 @@ def main() -> None:
             overrides = {"nsamples": 4, "seqlen": 64, "epochs": 1} if args.quick else {}
             note = f"paper preset, first {blocks} of 30 blocks" + (" (--quick: 4 x 64 windows, 1 epoch)" * args.quick)
             spec = dict(model=model, preset="quick" if args.quick else "paper", overrides=overrides, blocks=blocks)
-            spec["model_blocks"] = 30
+            spec.update(model_blocks=30, source=args.smollm_model, calib_data=args.calib_data)
         else:
             raise SystemExit(f"--models: {model!r} is not one of llama-2-7b-config, smollm2-135m")
         specs.append({**spec, "note": note, "quick": args.quick})
