@@ -228,7 +228,7 @@ def main() -> None:
     p.add_argument("--calib-data", default="wiki-summaries", help="SmolLM2 calibration text: name or file")
     p.add_argument("--llama-blocks", type=int, default=6)
     p.add_argument("--llama-samples", type=int, default=32)
-    p.add_argument("--llama-epochs", type=int, default=4)
+    p.add_argument("--llama-epochs", type=int, default=12)
     p.add_argument("--budget", type=float, default=450, help="seconds; runs that would start later are skipped")
     p.add_argument("--out", default=None, help="[default benchmarks/results/scale.json; --quick: a temporary file]")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -53,14 +53,18 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     calib_mod._train_block = failing_train
     t0 = time.perf_counter()
     try:
-        distributed.calibrate_distributed(_model(), _cfg(), _tokens(), state_dir=state, progress=False, timeout=60)
+        distributed.calibrate_distributed(
+            _model(), _cfg(), _tokens(), device="cpu", state_dir=state, progress=False, timeout=60
+        )
     except distributed.DistributedCalibrationError as e:
         report["error"] = str(e)
     report["failure_seconds"] = time.perf_counter() - t0
 
     trained.clear()
     calib_mod._train_block = lambda *a, **k: trained.append(1) or real_train(*a, **k)
-    result = distributed.calibrate_distributed(_model(), _cfg(), _tokens(), state_dir=state, progress=False)
+    result = distributed.calibrate_distributed(
+        _model(), _cfg(), _tokens(), device="cpu", state_dir=state, progress=False
+    )
     report["trained_after_restart"] = len(trained)
     if rank == 0:
         write_calibration(result, _model().config, os.path.join(out, "resumed"))
