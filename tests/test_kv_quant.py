@@ -246,13 +246,20 @@ def test_dispatcher_choices_and_errors(monkeypatch):
         kv.quantize_kv(torch.randn(2, 8), impl="triton")
 
 
-def test_sm_scale_and_grouping_semantics():
-    """Query head h reads KV head h // G, as transformers' repeat_kv expands them."""
-    d, hkv, g = 8, 2, 3
-    cache = _cache(1, hkv, 4, d, [4], device="cpu")
-    q = _kv_like((1, hkv * g, d), seed=2, dtype=torch.bfloat16, device="cpu")
-    k = kv.dequantize_kv(cache[0], cache[1], cache[2]).repeat_interleave(g, dim=1)  # (1, Hq, 4, D)
-    v = kv.dequantize_kv(cache[3], cache[4], cache[5]).repeat_interleave(g, dim=1)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q.float()[:, :, None], k, v, scale=math.pi / 10)
+def test_decode_equals_sdpa_on_the_fake_quantized_cache():
+    """The evaluation path (fake-quantize K and V, expand KV heads as repeat_kv does, SDPA) and decode over
+    the packed cache agree: query head h reads KV head h // G, sm_scale is applied once."""
+    b, hkv, g, s, d = 2, 2, 3, 11, 16
+    quants = [ActivationQuantizer(4, symmetric=False) for _ in range(2)]
+    k, v = (_kv_like((b, hkv, s, d), seed=i, device="cpu") for i in (5, 6))
+    q = _kv_like((b, hkv * g, d), seed=7, dtype=torch.bfloat16, device="cpu")
+    with torch.no_grad():
+        k_fq, v_fq = (quant(x).repeat_interleave(g, dim=1) for quant, x in zip(quants, (k, v), strict=True))
+        ratios = [quant.clip_ratios() for quant in quants]  # sigmoid(4.0) = 0.982: clipping on
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.float()[:, :, None], k_fq, v_fq, scale=math.pi / 10)
+    cache = (*kv.quantize_kv(k, 4, *ratios[0]), *kv.quantize_kv(v, 4, *ratios[1]), torch.tensor([s, s]))
     out = kv.decode_attention_reference(q, *cache, math.pi / 10)
     torch.testing.assert_close(out.float(), sdpa[:, :, 0], rtol=2**-8, atol=1e-6)
+    if kv.triton is not None and kv._interpreting():
+        kern = kv.decode_attention_triton(q, *cache, math.pi / 10)
+        torch.testing.assert_close(kern.float(), sdpa[:, :, 0], rtol=2**-8, atol=1e-5)
