@@ -45,7 +45,7 @@ QUICK_BATCHES, QUICK_CONTEXTS = (1, 2), (64, 128)
 # (title, record key, width) of the printed table; times in us
 COLUMNS = [
     ("model", "model", 11), ("B", "batch", 3), ("ctx", "context", 5),
-    ("kv4", "kv4_us", 8), ("GB/s", "kv4_gbs", 6),
+    ("kv4", "kv4_us", 8), ("GB/s", "kv4_gbs", 6), ("kv4 asm", "kv4_asm_us", 8),
     ("sdpa", "sdpa_gqa_us", 8), ("GB/s", "sdpa_gqa_gbs", 6), ("x sdpa", "speedup_vs_sdpa_gqa", 6),
     ("fa2", "sdpa_flash_us", 8), ("effic", "sdpa_efficient_us", 8), ("cudnn", "sdpa_cudnn_us", 8),
     ("x best", "speedup_vs_best_sdpa", 6), ("expand", "sdpa_expanded_us", 8), ("fa-kvc", "flash_attn_us", 8),
@@ -96,6 +96,11 @@ def measure(model, hq, hkv, d, b, s, cuda, config=None) -> dict:
     sm = d**-0.5
     rec = {"model": model, "hq": hq, "hkv": hkv, "head_dim": d, "batch": b, "context": s}
     ours = _bench(lambda: kv.decode_attention_triton(q, *packed, lens, sm, config=config), cuda)
+    if cuda:  # the inline-PTX unpacking variant (config "asm")
+        asm_cfg = {**(config or {}), "asm": True}
+        rec["kv4_asm_us"] = round(
+            _bench(lambda: kv.decode_attention_triton(q, *packed, lens, sm, config=asm_cfg), cuda), 2
+        )
     kv4_bytes = sum(t.numel() * t.element_size() for t in packed)
     bf16_bytes = 2 * k.numel() * k.element_size()
     q4 = q[:, :, None]  # (B, Hq, 1, D)
@@ -142,8 +147,8 @@ def _sweep_shape(model, hq, hkv, d, b, s) -> list[dict]:
     q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((b,), s, dtype=torch.int32, device="cuda")
     out = []
-    for bn, warps, stages, pps in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3), (2, 4, 8)):
-        cfg = {"block_n": bn, "num_warps": warps, "num_stages": stages, "progs_per_sm": pps}
+    for bn, warps, stages, pps, asm in itertools.product((32, 64, 128), (4, 8), (2, 3), (2, 4, 8), (False, True)):
+        cfg = {"block_n": bn, "num_warps": warps, "num_stages": stages, "progs_per_sm": pps, "asm": asm}
         try:
             us = _bench(lambda c=cfg: kv.decode_attention_triton(q, *packed, lens, 0.1, config=c), True)
         except Exception as err:  # out of resources, for instance
@@ -187,6 +192,13 @@ def main():
                 print(" ".join(_cell(r.get(key), w) for _, key, w in COLUMNS))
                 torch.cuda.empty_cache() if cuda else None
     atomic_write_json(args.out, {"records": records, "sweep": sweep_records})
+    if sweep_records:
+        for model, b, s in sorted({(r["model"], r["batch"], r["context"]) for r in sweep_records}):
+            best = min(
+                (r for r in sweep_records if (r["model"], r["batch"], r["context"]) == (model, b, s)),
+                key=lambda r: r["kv4_us"],
+            )
+            print(f"best config {model} B={b} S={s}: {best}")
     print(f"wrote {args.out}")
 
 

@@ -7,6 +7,8 @@ compiled, at LLaMA head sizes and long contexts as well.
 import importlib
 import math
 import os
+import random
+import struct
 
 import torch
 
@@ -28,6 +30,7 @@ needs_triton = pytest.mark.skipif(
     kv.triton is None or not (CUDA or kv._interpreting()), reason="triton is not importable"
 )
 HEAD_DIMS = [64, 128] if CUDA else [32]
+ASM = [False, True] if CUDA else [False]  # inline-PTX unpacking exists only compiled
 BLOCK_N = None if CUDA else 16  # small token blocks in the interpreter, so that short caches take many steps
 
 
@@ -180,12 +183,13 @@ def _check_kernel(b, groups, hkv, d, s_cap, lens, dtype, seed=0, config=None):
 
 
 @needs_triton
+@pytest.mark.parametrize("asm", ASM)
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("groups", [1, 3, 4])
-def test_kernel_matches_reference_and_dense(groups, dtype, d):
+def test_kernel_matches_reference_and_dense(groups, dtype, d, asm):
     lens = [1000, 77, 4097] if CUDA else [37, 1, 50]
-    _check_kernel(len(lens), groups, 2, d, max(lens) + 3, lens, dtype, seed=groups)
+    _check_kernel(len(lens), groups, 2, d, max(lens) + 3, lens, dtype, seed=groups, config={"asm": asm})
 
 
 @needs_triton
@@ -210,6 +214,14 @@ def test_kernel_strided_views():
     cfg = {"block_n": BLOCK_N} if BLOCK_N else None
     out = kv.decode_attention_triton(q, *cache, lens_t, 0.3, config=cfg)
     _assert_close_to_dense(out, _dense_float64(q, *cache, lens_t, 0.3), torch.bfloat16)
+
+
+@needs_triton
+def test_kernel_rejects_bad_block():
+    cache = _cache(1, 1, 8, 16, [8])
+    q = _kv_like((1, 1, 16), seed=1, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="block_n"):
+        kv.decode_attention_triton(q, *cache, 0.5, config={"block_n": 24})
 
 
 @pytest.mark.skipif(not CUDA, reason="long contexts only on the GPU")
@@ -263,3 +275,51 @@ def test_decode_equals_sdpa_on_the_fake_quantized_cache():
     if kv.triton is not None and kv._interpreting():
         kern = kv.decode_attention_triton(q, *cache, math.pi / 10)
         torch.testing.assert_close(kern.float(), sdpa[:, :, 0], rtol=2**-8, atol=1e-5)
+
+
+_B32_OPS = {
+    "shl.b32": lambda x, y: (x << y) & 0xFFFFFFFF,
+    "shr.b32": lambda x, y: x >> y,
+    "and.b32": lambda x, y: x & y,
+    "or.b32": lambda x, y: x | y,
+}
+
+
+def _run_ptx(ptx: str, word: int) -> list[int]:
+    """A tiny interpreter for the instructions the unpacking PTX uses (prmt, shl, shr, and, or on b32)."""
+    regs = {"$4": word}
+
+    def val(tok):
+        return int(tok, 16) if tok.startswith("0x") else int(tok) if tok.isdigit() else regs[tok]
+
+    for ins in ptx.strip("{} ").split(";"):
+        op, _, rest = ins.strip().partition(" ")
+        a = [t.strip() for t in rest.split(",")]
+        if op == "prmt.b32":  # result byte i = byte (selector nibble i) of {a[2]:a[1]}
+            src, sel = val(a[2]) << 32 | val(a[1]), val(a[3])
+            regs[a[0]] = sum(((src >> 8 * ((sel >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+        elif op in _B32_OPS:
+            regs[a[0]] = _B32_OPS[op](val(a[1]), val(a[2]))
+        else:
+            assert op in ("", ".reg"), op
+    return [regs[f"${i}"] for i in range(4)]
+
+
+@pytest.mark.skipif(kv.triton is None, reason="triton is not importable")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unpack_ptx_bit_logic(dtype):
+    """The inline PTX of the compiled kernel, emulated: 4 bytes -> 16 + low nibbles, 16 + high nibbles, two
+    16-bit values per register, element i in register i // 2, low half first (LLVM's vector packing)."""
+    ptx = (kv._PTX_BF16 if dtype == torch.bfloat16 else kv._PTX_FP16).value
+    g = random.Random(0)
+    words = [[g.randrange(256) for _ in range(4)] for _ in range(512)]
+    for i in range(256):  # every byte value in the first and the last position
+        words[i][0], words[256 + i][3] = i, i
+    for b in words:
+        regs = _run_ptx(ptx, b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24)
+        halves = [h for r in regs for h in (r & 0xFFFF, r >> 16)]
+        if dtype == torch.bfloat16:  # a bf16 is the top half of an fp32
+            vals = [struct.unpack("<f", struct.pack("<I", h << 16))[0] for h in halves]
+        else:
+            vals = [struct.unpack("<e", struct.pack("<H", h))[0] for h in halves]
+        assert vals == [16.0 + (x & 15) for x in b] + [16.0 + (x >> 4) for x in b]

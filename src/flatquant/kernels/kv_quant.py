@@ -38,6 +38,8 @@ _IMPLS = ("auto", "triton", "torch")
 _Q_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_SPLITS = 64  # chunks per sequence; the merge kernel holds (splits, D) fp32 in registers
 _LOG2E = math.log2(math.e)
+# decode kernel launch: tokens per step, warps, pipeline stages, target programs per SM, inline-PTX unpacking
+DEFAULT_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4, "asm": False}
 
 
 # ------------------------------------------------------------------------------------ quantize (torch)
@@ -83,7 +85,29 @@ def dequantize_kv(
 
 
 # ----------------------------------------------------------------------------------- Triton kernels
+def _unpack_ptx(lo_shift: str, hi_shift: str, mask: int, magic: int) -> str:
+    """PTX for 4 packed bytes ($4) -> 16 + their low nibbles ($0, $1) and 16 + their high nibbles ($2, $3),
+    two 16-bit values per register: prmt moves bytes 0, 1 (2, 3) into the two 16-bit lanes, then a shift puts
+    the nibble at the mantissa position where it counts units, and / or mask it and add the exponent of 16."""
+    body = ["prmt.b32 t0, $4, 0, 0x4140;", "prmt.b32 t1, $4, 0, 0x4342;"]
+    for out, src, shift in (
+        ("$0", "t0", lo_shift),
+        ("$1", "t1", lo_shift),
+        ("$2", "t0", hi_shift),
+        ("$3", "t1", hi_shift),
+    ):
+        body += [
+            shift.format(out, src) + ";",
+            f"and.b32 {out}, {out}, {mask:#010x};",
+            f"or.b32 {out}, {out}, {magic:#010x};",
+        ]
+    return "{ .reg .b32 t0, t1; " + " ".join(body) + " }"
+
+
 if triton is not None:
+    # bf16 in [16, 32): one unit is 2^3 mantissa steps; fp16: 2^6. The high nibble sits 4 bits higher.
+    _PTX_BF16 = tl.constexpr(_unpack_ptx("shl.b32 {}, {}, 3", "shr.b32 {}, {}, 1", 0x00780078, 0x41804180))
+    _PTX_FP16 = tl.constexpr(_unpack_ptx("shl.b32 {}, {}, 6", "shl.b32 {}, {}, 2", 0x03C003C0, 0x4C004C00))
     _dot, _round_to, _rint = _kq._dot, _kq._round_to, _kq._rint
 
     @triton.jit
@@ -99,14 +123,37 @@ if triton is not None:
         return tl.reduce(v, 1, tl.standard._sum_combine)
 
     @triton.jit
-    def _biased(nib, dt: tl.constexpr, INTERPRET: tl.constexpr):
-        """Codes 0..15 (uint16) to dt as 16 + code, exactly, by writing the code into the mantissa of 16.0
-        (one integer op instead of an int -> float conversion, which runs at a quarter of the ALU rate)."""
-        if INTERPRET:  # the interpreter casts int -> bf16 as raw bits; go through fp32
-            return (nib.to(tl.float32) + 16.0).to(dt)
+    def _unpack_ptx_call(p, dt: tl.constexpr):
+        """Four bytes per call, the 16-bit results two per register (see _unpack_ptx)."""
         if dt == tl.bfloat16:
-            return ((nib << 3) | 0x4180).to(dt, bitcast=True)  # bf16 in [16, 32): 1 unit = 8 mantissa steps
-        return ((nib << 6) | 0x4C00).to(dt, bitcast=True)  # fp16 in [16, 32): 1 unit = 64 mantissa steps
+            lo, hi = tl.inline_asm_elementwise(
+                _PTX_BF16, "=r,=r,=r,=r,r", [p], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
+            )
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                _PTX_FP16, "=r,=r,=r,=r,r", [p], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
+            )
+        return lo, hi
+
+    @triton.jit
+    def _unpack_biased(p, dt: tl.constexpr, INTERPRET: tl.constexpr, ASM: tl.constexpr):
+        """Packed bytes (uint8) -> (16 + low nibble, 16 + high nibble) in dt (bf16/fp16), exactly.
+
+        The code is written into the mantissa of 16.0 (in [16, 32) one unit is 8 bf16 / 64 fp16 mantissa
+        steps): integer ops only, no int -> float conversion (a quarter of the ALU rate). ASM does it on two
+        codes per 32-bit register (prmt, shift, and, or: ~1.25 instructions per code).
+        """
+        if ASM and not INTERPRET:
+            lo, hi = _unpack_ptx_call(p, dt)
+        elif dt == tl.bfloat16:
+            p16 = p.to(tl.uint16)
+            lo = ((p16 & 15) << 3 | 0x4180).to(dt, bitcast=True)
+            hi = ((p16 >> 4) << 3 | 0x4180).to(dt, bitcast=True)
+        else:
+            p16 = p.to(tl.uint16)
+            lo = ((p16 & 15) << 6 | 0x4C00).to(dt, bitcast=True)
+            hi = ((p16 >> 4) << 6 | 0x4C00).to(dt, bitcast=True)
+        return lo, hi
 
     @triton.jit
     def _quantize_kv_kernel(
@@ -185,6 +232,7 @@ if triton is not None:
         BLOCK_HD: tl.constexpr,  # HALF_D padded to a power of two
         BLOCK_N: tl.constexpr,  # tokens per step
         SINGLE: tl.constexpr,
+        ASM: tl.constexpr,  # unpack codes with inline PTX
         INTERPRET: tl.constexpr,
     ):
         bh = tl.program_id(0)
@@ -221,11 +269,11 @@ if triton is not None:
             kb = tl.load(k_ptr + kv_off, mask=mkv, other=0)  # (BLOCK_N, BLOCK_HD) uint8
             ks = tl.load(ks_ptr + sc_base + t, mask=mt, other=0.0)
             kz = tl.load(kz_ptr + sc_base + t, mask=mt, other=0.0)
-            kb = kb.to(tl.uint16)
+            k_lo, k_hi = _unpack_biased(kb, dt, INTERPRET, ASM)
             # biased codes 16 + c are exact in 16 bits; products exact, fp32 accumulation
             qc = tl.full((BLOCK_G, BLOCK_N), 0.0, tl.float32)
-            qc = _dot(q_e, tl.trans(_biased(kb & 15, dt, INTERPRET)), qc, INTERPRET)
-            qc = _dot(q_o, tl.trans(_biased(kb >> 4, dt, INTERPRET)), qc, INTERPRET)
+            qc = _dot(q_e, tl.trans(k_lo), qc, INTERPRET)
+            qc = _dot(q_o, tl.trans(k_hi), qc, INTERPRET)
             s = (qc - q_sum[:, None] * (kz + 16.0)[None, :]) * (ks * qk_scale)[None, :]  # (BLOCK_G, BLOCK_N), base 2
             s = tl.where(mt[None, :], s, -float("inf"))
             m_new = tl.maximum(m_i, _row_max(s))  # finite: every step has a valid token
@@ -243,9 +291,7 @@ if triton is not None:
             pz = _row_sum(p * (vs * (vz + 16.0))[None, :])
             p_hi = pv.to(tl.float16)
             p_lo = (pv - p_hi.to(tl.float32)).to(tl.float16)
-            vb = vb.to(tl.uint16)
-            v_lo = _biased(vb & 15, tl.float16, INTERPRET)
-            v_hi = _biased(vb >> 4, tl.float16, INTERPRET)
+            v_lo, v_hi = _unpack_biased(vb, tl.float16, INTERPRET, ASM)
             zero_acc = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
             pv_e = _dot(p_lo, v_lo, _dot(p_hi, v_lo, zero_acc, INTERPRET), INTERPRET)
             pv_o = _dot(p_lo, v_hi, _dot(p_hi, v_hi, zero_acc, INTERPRET), INTERPRET)
@@ -451,7 +497,7 @@ def decode_attention_triton(
     """The flash-decoding Triton kernels; same contract as :func:`decode_attention_reference`, except that
     seq_lens are clamped to [0, S_cap] on the device instead of checked (no host synchronisation).
 
-    config: optional launch overrides (block_n, num_warps, num_stages, progs_per_sm, splits), for benchmarks.
+    config: optional overrides of DEFAULT_CONFIG (and ``splits``: chunks per sequence), for tests and benchmarks.
     """
     reason = triton_unavailable_reason(q)
     if reason is not None:
@@ -460,8 +506,9 @@ def decode_attention_triton(
     out = torch.empty((b, hq, d), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
-    cfg = {"block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4}
-    cfg.update(config or {})
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {cfg['block_n']}")
     if k_packed.stride(-1) != 1 or v_packed.stride() != k_packed.stride():
         k_packed, v_packed = k_packed.contiguous(), v_packed.contiguous()
     scales = (k_scale, k_zero, v_scale, v_zero)
@@ -482,7 +529,8 @@ def decode_attention_triton(
         q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
         k_scale.stride(0), k_scale.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, G=g, HALF_D=d // 2, BLOCK_G=max(16, triton.next_power_of_2(g)),
-        BLOCK_HD=max(16, triton.next_power_of_2(d // 2)), BLOCK_N=bn, SINGLE=single, INTERPRET=interpret,
+        BLOCK_HD=max(16, triton.next_power_of_2(d // 2)), BLOCK_N=bn, SINGLE=single, ASM=cfg["asm"],
+        INTERPRET=interpret,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if not single:
