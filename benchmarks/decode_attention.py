@@ -181,6 +181,8 @@ def main():
     print(f"device: {device}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
     print(f"flash-attn: {'installed' if flash_attn_with_kvcache is not None else 'not installed'}")
     sweep_records = sweep() if args.sweep and cuda else []
+    for r in sweep_records:
+        r.update(device=device, torch=torch.__version__)
     print(" ".join(f"{title:>{w}}" for title, _, w in COLUMNS))
     records = []
     for model, (hq, hkv, d) in models.items():
