@@ -1,0 +1,560 @@
+"""INT4 KV cache: per-(token, head) asymmetric quantization and decode attention over the packed cache.
+
+Layout of one layer's cache (B batch, Hkv key/value heads, S_cap capacity, D head_dim):
+
+    k_packed, v_packed  uint8 (B, Hkv, S_cap, D // 2)  byte j = code 2j (low nibble) | code 2j+1 (high nibble)
+    k_scale, k_zero, v_scale, v_zero  fp32 (B, Hkv, S_cap)   x ~= (code - zero) * scale
+
+Quantization is exactly the fake quantizer of :mod:`flatquant.quantizer` with ``symmetric=False`` (the KV
+setting), so ``dequantize_kv(*quantize_kv(x, bits, cmax, cmin))`` equals ``fake_quantize``'s output bit for
+bit in fp32 (docs/kernels-decode-attention.md). ``decode_attention`` computes one query token per sequence
+against the packed cache; its Triton kernel is flash-decoding: the sequence is split into chunks across
+programs, each program handles all G query heads of one KV head (the 4-bit cache is read once per group)
+with an online softmax, and a second small kernel merges the chunks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import kron_quantize as _kq
+
+triton, tl = _kq.triton, _kq.tl
+
+__all__ = [
+    "decode_attention",
+    "decode_attention_reference",
+    "decode_attention_triton",
+    "dequantize_kv",
+    "quantize_kv",
+    "quantize_kv_reference",
+    "quantize_kv_triton",
+]
+
+_EPS = 1e-8  # the fake quantizer's lower bound on (xmax - xmin)
+_IMPLS = ("auto", "triton", "torch")
+_Q_DTYPES = (torch.bfloat16, torch.float16)
+_MAX_SPLITS = 64  # chunks per sequence; the merge kernel holds (splits, D) fp32 in registers
+_LOG2E = math.log2(math.e)
+# decode kernel launch: tokens per step, warps, pipeline stages, target programs per SM, inline-PTX unpacking
+DEFAULT_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4, "asm": False}
+
+
+# ------------------------------------------------------------------------------------ quantize (torch)
+def _check_bits(bits: int, d: int) -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in [2, 8], got {bits=}")
+    if bits == 4 and d % 2:
+        raise ValueError(f"4-bit codes are packed two per byte and need an even last dimension, got {d=}")
+
+
+def quantize_kv_reference(x: torch.Tensor, bits: int = 4, clip_max: float = 1.0, clip_min: float = 1.0):
+    """Plain PyTorch :func:`quantize_kv` (any device): the fake quantizer's operations, in fp32."""
+    _check_bits(bits, x.shape[-1])
+    qmax = 2**bits - 1
+    xf = x.float()  # (..., D)
+    xmin, xmax = torch.aminmax(xf, dim=-1)  # (...,)
+    xmax = xmax.clamp_min(0) * clip_max
+    xmin = xmin.clamp_max(0) * clip_min
+    scale = (xmax - xmin).clamp_min(_EPS) / qmax
+    zero = torch.round(-xmin / scale)
+    codes = torch.div(xf, scale[..., None]).round_().add_(zero[..., None]).clamp_(0, qmax).to(torch.uint8)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, scale, zero
+
+
+def dequantize_kv(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 4, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_kv`: ``(code - zero) * scale`` in fp32, then cast to ``dtype``.
+
+    packed: uint8 (..., D // 2) for 4 bits, else uint8 codes (..., D); scale, zero: fp32 (...,).
+    """
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed codes must be uint8, got {packed.dtype=}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in [2, 8], got {bits=}")
+    codes = packed
+    if bits == 4:
+        codes = torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)  # (..., D)
+    out = (codes.float() - zero[..., None].float()) * scale[..., None].float()
+    return out.to(dtype)
+
+
+# ----------------------------------------------------------------------------------- Triton kernels
+def _unpack_ptx(lo_shift: str, hi_shift: str, mask: int, magic: int) -> str:
+    """PTX for 4 packed bytes ($4) -> 16 + their low nibbles ($0, $1) and 16 + their high nibbles ($2, $3),
+    two 16-bit values per register: prmt moves bytes 0, 1 (2, 3) into the two 16-bit lanes, then a shift puts
+    the nibble at the mantissa position where it counts units, and / or mask it and add the exponent of 16."""
+    body = ["prmt.b32 t0, $4, 0, 0x4140;", "prmt.b32 t1, $4, 0, 0x4342;"]
+    for out, src, shift in (
+        ("$0", "t0", lo_shift),
+        ("$1", "t1", lo_shift),
+        ("$2", "t0", hi_shift),
+        ("$3", "t1", hi_shift),
+    ):
+        body += [
+            shift.format(out, src) + ";",
+            f"and.b32 {out}, {out}, {mask:#010x};",
+            f"or.b32 {out}, {out}, {magic:#010x};",
+        ]
+    return "{ .reg .b32 t0, t1; " + " ".join(body) + " }"
+
+
+if triton is not None:
+    # bf16 in [16, 32): one unit is 2^3 mantissa steps; fp16: 2^6. The high nibble sits 4 bits higher.
+    _PTX_BF16 = tl.constexpr(_unpack_ptx("shl.b32 {}, {}, 3", "shr.b32 {}, {}, 1", 0x00780078, 0x41804180))
+    _PTX_FP16 = tl.constexpr(_unpack_ptx("shl.b32 {}, {}, 6", "shl.b32 {}, {}, 2", 0x03C003C0, 0x4C004C00))
+    _dot, _round_to, _rint = _kq._dot, _kq._round_to, _kq._rint
+
+    @triton.jit
+    def _row_max(v):
+        return tl.reduce(v, 1, tl.standard._elementwise_max)
+
+    @triton.jit
+    def _row_min(v):
+        return tl.reduce(v, 1, tl.standard._elementwise_min)
+
+    @triton.jit
+    def _row_sum(v):
+        return tl.reduce(v, 1, tl.standard._sum_combine)
+
+    @triton.jit
+    def _unpack_ptx_call(p, dt: tl.constexpr):
+        """Four bytes per call, the 16-bit results two per register (see _unpack_ptx)."""
+        if dt == tl.bfloat16:
+            lo, hi = tl.inline_asm_elementwise(
+                _PTX_BF16, "=r,=r,=r,=r,r", [p], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
+            )
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                _PTX_FP16, "=r,=r,=r,=r,r", [p], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
+            )
+        return lo, hi
+
+    @triton.jit
+    def _unpack_biased(p, dt: tl.constexpr, INTERPRET: tl.constexpr, ASM: tl.constexpr):
+        """Packed bytes (uint8) -> (16 + low nibble, 16 + high nibble) in dt (bf16/fp16), exactly.
+
+        The code is written into the mantissa of 16.0 (in [16, 32) one unit is 8 bf16 / 64 fp16 mantissa
+        steps): integer ops only, no int -> float conversion (a quarter of the ALU rate). ASM does it on two
+        codes per 32-bit register (prmt, shift, and, or: ~1.25 instructions per code).
+        """
+        if ASM and not INTERPRET:
+            lo, hi = _unpack_ptx_call(p, dt)
+        elif dt == tl.bfloat16:
+            p16 = p.to(tl.uint16)
+            lo = ((p16 & 15) << 3 | 0x4180).to(dt, bitcast=True)
+            hi = ((p16 >> 4) << 3 | 0x4180).to(dt, bitcast=True)
+        else:
+            p16 = p.to(tl.uint16)
+            lo = ((p16 & 15) << 6 | 0x4C00).to(dt, bitcast=True)
+            hi = ((p16 >> 4) << 6 | 0x4C00).to(dt, bitcast=True)
+        return lo, hi
+
+    @triton.jit
+    def _quantize_kv_kernel(
+        x_ptr,  # (R, D) rows with stride stride_x
+        code_ptr,  # uint8 (R, D // 2) packed when PACK, else (R, D)
+        scale_ptr,  # fp32 (R,)
+        zero_ptr,  # fp32 (R,)
+        clip_max,
+        clip_min,
+        n_rows,
+        stride_x,
+        D: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BITS: tl.constexpr,
+        PACK: tl.constexpr,
+    ):
+        rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rd = tl.arange(0, BLOCK_D)
+        mr = rr < n_rows
+        m = mr[:, None] & (rd[None, :] < D)
+        r64 = rr.to(tl.int64)
+        x = tl.load(x_ptr + r64[:, None] * stride_x + rd[None, :], mask=m, other=0.0).to(tl.float32)
+        # the fake quantizer's fp32 operations, in its order (no fp contraction: see the launch)
+        xmax = tl.maximum(_row_max(tl.where(m, x, -float("inf"))), 0.0) * clip_max
+        xmin = tl.minimum(_row_min(tl.where(m, x, float("inf"))), 0.0) * clip_min
+        scale = tl.math.div_rn(tl.maximum(xmax - xmin, 1e-8), 2.0**BITS - 1)
+        zero = _rint(tl.math.div_rn(-xmin, scale))
+        q = _rint(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
+        q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1).to(tl.int32)
+        if PACK:
+            lo, hi = tl.split(tl.reshape(q, (BLOCK_R, BLOCK_D // 2, 2)))  # even / odd channels
+            rh = tl.arange(0, BLOCK_D // 2)
+            mh = mr[:, None] & (rh[None, :] < D // 2)
+            tl.store(code_ptr + r64[:, None] * (D // 2) + rh[None, :], (lo | (hi << 4)).to(tl.uint8), mask=mh)
+        else:
+            tl.store(code_ptr + r64[:, None] * D + rd[None, :], q.to(tl.uint8), mask=m)
+        tl.store(scale_ptr + rr, scale, mask=mr)
+        tl.store(zero_ptr + rr, zero, mask=mr)
+
+    @triton.jit
+    def _decode_chunk_kernel(
+        # inputs
+        q_ptr,  # (B, Hq, D) bf16/fp16
+        k_ptr,  # uint8 (B, Hkv, S_cap, D // 2); v_ptr has the same strides
+        v_ptr,
+        ks_ptr,  # fp32 (B, Hkv, S_cap), token stride 1; the four scale/zero tensors share strides
+        kz_ptr,
+        vs_ptr,
+        vz_ptr,
+        lens_ptr,  # int32 (B,)
+        # outputs: the final (B, Hq, D) when SINGLE, else per-chunk acc (B * Hq, splits, D), m and l
+        out_ptr,
+        acc_ptr,
+        m_ptr,
+        l_ptr,
+        # runtime scalars
+        qk_scale,  # sm_scale * log2(e): the softmax runs in base 2
+        s_cap,
+        chunk,  # tokens per program, a multiple of BLOCK_N
+        n_splits,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        stride_sb,
+        stride_sh,
+        stride_ob,
+        stride_oh,
+        # shapes
+        HKV: tl.constexpr,
+        G: tl.constexpr,  # query heads per KV head
+        HALF_D: tl.constexpr,
+        BLOCK_G: tl.constexpr,  # G padded to >= 16 (tensor-core M)
+        BLOCK_HD: tl.constexpr,  # HALF_D padded to a power of two
+        BLOCK_N: tl.constexpr,  # tokens per step
+        SINGLE: tl.constexpr,
+        ASM: tl.constexpr,  # unpack codes with inline PTX
+        INTERPRET: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // HKV
+        kvh = bh % HKV
+        seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 0), s_cap)
+        start = split * chunk
+        end = tl.minimum(start + chunk, seq_len)
+        dt = q_ptr.dtype.element_ty
+
+        rg = tl.arange(0, BLOCK_G)
+        rj = tl.arange(0, BLOCK_HD)
+        rn = tl.arange(0, BLOCK_N)
+        mj = rj < HALF_D
+        mq = (rg[:, None] < G) & mj[None, :]
+        # even and odd channels apart: q . k = q_even . k_low_nibbles + q_odd . k_high_nibbles
+        q_rows = q_ptr + b.to(tl.int64) * stride_qb + (kvh * G + rg)[:, None] * stride_qh + 2 * rj[None, :]
+        q_e = tl.load(q_rows, mask=mq, other=0.0)  # (BLOCK_G, BLOCK_HD)
+        q_o = tl.load(q_rows + 1, mask=mq, other=0.0)
+        q_sum = _row_sum(q_e.to(tl.float32) + q_o.to(tl.float32))  # q.(c - z) = q.(16 + c) - (16 + z) sum(q)
+
+        kv_base = b.to(tl.int64) * stride_kb + kvh * stride_kh
+        sc_base = b.to(tl.int64) * stride_sb + kvh * stride_sh
+        m_i = tl.full((BLOCK_G,), -float("inf"), tl.float32)
+        l_i = tl.full((BLOCK_G,), 0.0, tl.float32)
+        acc_e = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
+        acc_o = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
+        for t0 in range(start, end, BLOCK_N):
+            t = t0 + rn
+            mt = t < end  # positions beyond seq_len are never read (they may hold garbage)
+            mkv = mt[:, None] & mj[None, :]
+            kv_off = kv_base + t.to(tl.int64)[:, None] * stride_kt + rj[None, :]
+            kb = tl.load(k_ptr + kv_off, mask=mkv, other=0)  # (BLOCK_N, BLOCK_HD) uint8
+            ks = tl.load(ks_ptr + sc_base + t, mask=mt, other=0.0)
+            kz = tl.load(kz_ptr + sc_base + t, mask=mt, other=0.0)
+            k_lo, k_hi = _unpack_biased(kb, dt, INTERPRET, ASM)
+            # biased codes 16 + c are exact in 16 bits; products exact, fp32 accumulation
+            qc = tl.full((BLOCK_G, BLOCK_N), 0.0, tl.float32)
+            qc = _dot(q_e, tl.trans(k_lo), qc, INTERPRET)
+            qc = _dot(q_o, tl.trans(k_hi), qc, INTERPRET)
+            s = (qc - q_sum[:, None] * (kz + 16.0)[None, :]) * (ks * qk_scale)[None, :]  # (BLOCK_G, BLOCK_N), base 2
+            s = tl.where(mt[None, :], s, -float("inf"))
+            m_new = tl.maximum(m_i, _row_max(s))  # finite: every step has a valid token
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + _row_sum(p)
+
+            vb = tl.load(v_ptr + kv_off, mask=mkv, other=0)
+            vs = tl.load(vs_ptr + sc_base + t, mask=mt, other=0.0)
+            vz = tl.load(vz_ptr + sc_base + t, mask=mt, other=0.0)
+            # p . ((c - z) * s) = vs_max * (p * s / vs_max) . (16 + c) - sum(p * s * (16 + z)); p * s / vs_max is
+            # in [0, 1] and goes to the tensor cores as two fp16 halves (~22 significant bits, products exact)
+            vs_max = tl.reduce(vs, 0, tl.standard._elementwise_max)  # > 0: every step has a valid token
+            pv = p * (vs / vs_max)[None, :]
+            pz = _row_sum(p * (vs * (vz + 16.0))[None, :])
+            p_hi = pv.to(tl.float16)
+            p_lo = (pv - p_hi.to(tl.float32)).to(tl.float16)
+            v_lo, v_hi = _unpack_biased(vb, tl.float16, INTERPRET, ASM)
+            zero_acc = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
+            pv_e = _dot(p_lo, v_lo, _dot(p_hi, v_lo, zero_acc, INTERPRET), INTERPRET)
+            pv_o = _dot(p_lo, v_hi, _dot(p_hi, v_hi, zero_acc, INTERPRET), INTERPRET)
+            acc_e = acc_e * alpha[:, None] + vs_max * pv_e - pz[:, None]
+            acc_o = acc_o * alpha[:, None] + vs_max * pv_o - pz[:, None]
+            m_i = m_new
+
+        h = kvh * G + rg
+        if SINGLE:
+            inv = 1.0 / tl.maximum(l_i, 1.0)  # l >= 1 once a token is seen (its max term is 1); else acc = 0
+            o_rows = out_ptr + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + 2 * rj[None, :]
+            o_dt = out_ptr.dtype.element_ty
+            tl.store(o_rows, _round_to(acc_e * inv[:, None], o_dt, INTERPRET), mask=mq)
+            tl.store(o_rows + 1, _round_to(acc_o * inv[:, None], o_dt, INTERPRET), mask=mq)
+        else:
+            row = ((b * (HKV * G) + h) * n_splits + split).to(tl.int64)  # (BLOCK_G,)
+            a_rows = acc_ptr + row[:, None] * (2 * HALF_D) + 2 * rj[None, :]
+            tl.store(a_rows, acc_e, mask=mq)
+            tl.store(a_rows + 1, acc_o, mask=mq)
+            tl.store(m_ptr + row, m_i, mask=rg < G)
+            tl.store(l_ptr + row, l_i, mask=rg < G)
+
+    @triton.jit
+    def _decode_merge_kernel(
+        acc_ptr,  # fp32 (B * Hq, splits, D)
+        m_ptr,  # fp32 (B * Hq, splits)
+        l_ptr,
+        out_ptr,  # (B, Hq, D)
+        n_splits,
+        stride_ob,
+        stride_oh,
+        HQ: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        INTERPRET: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        rs = tl.arange(0, BLOCK_S)
+        rd = tl.arange(0, BLOCK_D)
+        ms = rs < n_splits
+        base = row.to(tl.int64) * n_splits
+        m = tl.load(m_ptr + base + rs, mask=ms, other=-float("inf"))
+        l = tl.load(l_ptr + base + rs, mask=ms, other=0.0)
+        m_max = tl.reduce(m, 0, tl.standard._elementwise_max)
+        m_max = tl.where(m_max > -float("inf"), m_max, 0.0)  # an empty sequence: all weights 0, no NaN
+        w = tl.exp2(m - m_max)  # empty chunks (m = -inf) weigh 0
+        denom = tl.maximum(tl.reduce(w * l, 0, tl.standard._sum_combine), 1.0)  # >= 1 unless empty (acc = 0)
+        acc = tl.load(acc_ptr + (base + rs)[:, None] * D + rd[None, :], mask=ms[:, None] & (rd[None, :] < D), other=0.0)
+        o = tl.reduce(acc * w[:, None], 0, tl.standard._sum_combine)  # (BLOCK_D,)
+        o = o / denom
+        b = row // HQ
+        h = row % HQ
+        o_dt = out_ptr.dtype.element_ty
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + rd, _round_to(o, o_dt, INTERPRET), mask=rd < D)
+
+
+def _interpreting() -> bool:
+    """Whether the kernels were built for the CPU interpreter (TRITON_INTERPRET=1 when imported)."""
+    return triton is not None and type(_decode_chunk_kernel).__name__ == "InterpretedFunction"
+
+
+def _no_fp_fusion() -> dict:
+    return {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
+
+
+def triton_unavailable_reason(x: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot run on ``x``, or None when they can."""
+    if triton is None:
+        return f"triton is not importable ({_kq._TRITON_IMPORT_ERROR}); install triton>=3.0"
+    if x.device.type != "cuda" and not _interpreting():
+        return f"x is on {x.device}, the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
+    return None
+
+
+def _pick(impl: str, x: torch.Tensor) -> str:
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl=}")
+    if impl == "auto":
+        return "triton" if x.device.type == "cuda" and triton is not None else "torch"
+    return impl
+
+
+# --------------------------------------------------------------------------------------- quantize
+def quantize_kv_triton(x: torch.Tensor, bits: int = 4, clip_max: float = 1.0, clip_min: float = 1.0):
+    """One Triton launch for :func:`quantize_kv` (the cache's append path); same results, bit for bit."""
+    reason = triton_unavailable_reason(x)
+    if reason is not None:
+        raise RuntimeError(f"quantize_kv triton kernel cannot run: {reason}")
+    d = x.shape[-1]
+    _check_bits(bits, d)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n_rows = x2.shape[0]
+    pack = bits == 4
+    codes = torch.empty((n_rows, d // 2 if pack else d), device=x.device, dtype=torch.uint8)
+    scale = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+    zero = torch.empty_like(scale)
+    if n_rows:
+        block_d = max(2, triton.next_power_of_2(d))
+        block_r = max(1, min(16, 4096 // block_d))
+        grid = (triton.cdiv(n_rows, block_r),)
+        _quantize_kv_kernel[grid](
+            x2, codes, scale, zero, float(clip_max), float(clip_min), n_rows, x2.stride(0),
+            D=d, BLOCK_R=block_r, BLOCK_D=block_d, BITS=bits, PACK=pack, num_warps=4, **_no_fp_fusion(),
+        )  # fmt: skip
+    return codes.reshape(*lead, codes.shape[-1]), scale.reshape(lead), zero.reshape(lead)
+
+
+def quantize_kv(x: torch.Tensor, bits: int = 4, clip_max: float = 1.0, clip_min: float = 1.0, *, impl: str = "auto"):
+    """Asymmetric per-row quantization of K or V, exactly the fake quantizer (``symmetric=False``).
+
+    x: (..., D) float, one (token, head) per row (K after RoPE and P_h, or V in P_v space).
+    clip_max, clip_min: clipping ratios (``ActivationQuantizer.clip_ratios()``; 1.0 = no clipping).
+      xmax = max(x.max(-1), 0) * clip_max ; xmin = min(x.min(-1), 0) * clip_min        (fp32)
+      scale = max(xmax - xmin, 1e-8) / (2**bits - 1) ; zero = round(-xmin / scale)
+      code = clamp(round(x / scale) + zero, 0, 2**bits - 1)                        (round half to even)
+    Returns (codes, scale fp32 (...,), zero fp32 (...,)); codes are uint8 (..., D // 2) packed for 4 bits
+    (byte j: code 2j low nibble, code 2j + 1 high nibble), else uint8 (..., D).
+    impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch" (forced; RuntimeError when
+    the forced kernel cannot run).
+    """
+    if _pick(impl, x) == "triton":
+        return quantize_kv_triton(x, bits, clip_max, clip_min)
+    return quantize_kv_reference(x, bits, clip_max, clip_min)
+
+
+# ------------------------------------------------------------------------------------------ decode
+def _check_decode_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens) -> tuple[int, ...]:
+    """Validate shapes, dtypes and devices; return (B, Hq, Hkv, S_cap, D)."""
+    if q.dtype not in _Q_DTYPES or q.dim() != 3:
+        raise TypeError(f"q must be (B, Hq, D) bfloat16/float16, got {q.dtype=} shape={tuple(q.shape)}")
+    b, hq, d = q.shape
+    for name, t in (("k_packed", k_packed), ("v_packed", v_packed)):
+        if t.dtype != torch.uint8 or t.dim() != 4 or t.shape[0] != b or 2 * t.shape[3] != d:
+            raise ValueError(f"{name} must be uint8 (B={b}, Hkv, S_cap, D//2={d // 2}), got {t.dtype} {tuple(t.shape)}")
+    if v_packed.shape != k_packed.shape:
+        raise ValueError(f"v_packed {tuple(v_packed.shape)} must have k_packed's shape {tuple(k_packed.shape)}")
+    hkv, s_cap = k_packed.shape[1], k_packed.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads must be a multiple of KV heads, got Hq={hq}, Hkv={hkv}")
+    for name, t in (("k_scale", k_scale), ("k_zero", k_zero), ("v_scale", v_scale), ("v_zero", v_zero)):
+        if t.dtype != torch.float32 or t.shape != k_packed.shape[:3]:
+            raise ValueError(f"{name} must be float32 {tuple(k_packed.shape[:3])}, got {t.dtype} {tuple(t.shape)}")
+    if seq_lens.shape != (b,) or seq_lens.dtype.is_floating_point or seq_lens.dtype == torch.bool:
+        raise ValueError(f"seq_lens must be integer ({b},), got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    devices = {t.device for t in (q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    return b, hq, hkv, s_cap, d
+
+
+def decode_attention_reference(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale):
+    """Plain PyTorch :func:`decode_attention`: dequantize, then scores, softmax and P @ V in fp32.
+
+    Positions >= seq_lens[b] are ignored (they may hold anything, NaN included); seq_len 0 gives zeros.
+    """
+    b, hq, hkv, s_cap, d = _check_decode_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
+    lens = seq_lens.to(device="cpu", dtype=torch.int64)
+    if (lens < 0).any() or (lens > s_cap).any():
+        raise ValueError(f"seq_lens must lie in [0, S_cap={s_cap}], got {lens.tolist()}")
+    s = int(lens.max()) if b else 0  # positions beyond every sequence are never touched
+    k = dequantize_kv(k_packed[:, :, :s], k_scale[:, :, :s], k_zero[:, :, :s])  # (B, Hkv, s, D) fp32
+    v = dequantize_kv(v_packed[:, :, :s], v_scale[:, :, :s], v_zero[:, :, :s])
+    valid = torch.arange(s, device=q.device)[None, :] < lens.to(q.device)[:, None]  # (B, s)
+    v = torch.where(valid[:, None, :, None], v, 0.0)
+    qg = q.float().reshape(b, hkv, hq // hkv, d)  # (B, Hkv, G, D): query head h reads KV head h // G
+    scores = torch.einsum("bhgd,bhsd->bhgs", qg, k) * sm_scale
+    scores = scores.masked_fill(~valid[:, None, None, :], -float("inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty sequence: all -inf -> NaN -> 0
+    out = torch.einsum("bhgs,bhsd->bhgd", p, v)
+    return out.reshape(b, hq, d).to(q.dtype)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _launch_plan(n_kv_programs, s_cap, block_n, device, progs_per_sm, splits=None) -> tuple[int, int]:
+    """(splits, chunk): enough programs to fill the GPU (or the given splits), chunks a multiple of
+    block_n, at most _MAX_SPLITS chunks per sequence."""
+    blocks = max(1, -(-s_cap // block_n))
+    if splits is None:
+        splits = -(-progs_per_sm * _sm_count(device) // max(1, n_kv_programs))
+    splits = max(1, min(_MAX_SPLITS, blocks, splits))
+    chunk = -(-blocks // splits) * block_n
+    return -(-max(1, s_cap) // chunk), chunk
+
+
+def decode_attention_triton(
+    q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale, *, config: dict | None = None
+):
+    """The flash-decoding Triton kernels; same contract as :func:`decode_attention_reference`, except that
+    seq_lens are clamped to [0, S_cap] on the device instead of checked (no host synchronisation).
+
+    config: optional overrides of DEFAULT_CONFIG (and ``splits``: chunks per sequence), for tests and benchmarks.
+    """
+    reason = triton_unavailable_reason(q)
+    if reason is not None:
+        raise RuntimeError(f"decode_attention triton kernel cannot run: {reason}")
+    b, hq, hkv, s_cap, d = _check_decode_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
+    out = torch.empty((b, hq, d), device=q.device, dtype=q.dtype)
+    if out.numel() == 0:
+        return out
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {cfg['block_n']}")
+    if k_packed.stride(-1) != 1 or v_packed.stride() != k_packed.stride():
+        k_packed, v_packed = k_packed.contiguous(), v_packed.contiguous()
+    scales = (k_scale, k_zero, v_scale, v_zero)
+    if k_scale.stride(-1) != 1 or any(t.stride() != k_scale.stride() for t in scales):
+        k_scale, k_zero, v_scale, v_zero = (t.contiguous() for t in scales)
+    lens = seq_lens.to(torch.int32).contiguous()
+    g, bn = hq // hkv, cfg["block_n"]
+    splits, chunk = _launch_plan(b * hkv, s_cap, bn, q.device, cfg["progs_per_sm"], cfg.get("splits"))
+    single = splits == 1
+    f32 = dict(device=q.device, dtype=torch.float32)
+    acc = out if single else torch.empty((b * hq, splits, d), **f32)
+    m = out if single else torch.empty((b * hq, splits), **f32)
+    l = out if single else torch.empty((b * hq, splits), **f32)
+    interpret = _interpreting()
+    _decode_chunk_kernel[(b * hkv, splits)](
+        q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, lens, out, acc, m, l,
+        float(sm_scale) * _LOG2E, s_cap, chunk, splits,
+        q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
+        k_scale.stride(0), k_scale.stride(1), out.stride(0), out.stride(1),
+        HKV=hkv, G=g, HALF_D=d // 2, BLOCK_G=max(16, triton.next_power_of_2(g)),
+        BLOCK_HD=max(16, triton.next_power_of_2(d // 2)), BLOCK_N=bn, SINGLE=single, ASM=cfg["asm"],
+        INTERPRET=interpret,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    if not single:
+        _decode_merge_kernel[(b * hq,)](
+            acc, m, l, out, splits, out.stride(0), out.stride(1),
+            HQ=hq, D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=triton.next_power_of_2(d),
+            INTERPRET=interpret, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def decode_attention(
+    q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale, *, impl: str = "auto"
+) -> torch.Tensor:
+    """One new query token per sequence against a 4-bit cache (layout in the module doc).
+
+    q: (B, Hq, D) bf16/fp16, Hq = Hkv * G; query head h reads KV head h // G (KV heads never duplicated).
+    k_packed, v_packed: uint8 (B, Hkv, S_cap, D // 2); k_scale, k_zero, v_scale, v_zero: fp32 (B, Hkv, S_cap).
+    seq_lens: (B,) integer, valid positions per sequence (<= S_cap); later positions are ignored.
+    sm_scale: float (usually D ** -0.5).
+    Returns (B, Hq, D) in q.dtype: softmax(q K^T * sm_scale) V with K, V dequantized, fp32 math.
+    impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch" (forced; RuntimeError
+    saying why when the forced kernel cannot run).
+    """
+    if _pick(impl, q) == "triton":
+        return decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale)
+    return decode_attention_reference(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale)

@@ -1,0 +1,325 @@
+"""INT4 KV cache: quantization against the fake quantizer, decode attention against a float64 computation.
+
+Without a GPU the Triton kernels run in the CPU interpreter on small shapes; on a GPU the same tests run
+compiled, at LLaMA head sizes and long contexts as well.
+"""
+
+import importlib
+import math
+import os
+import random
+import struct
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import flatquant.kernels.kron_quantize as kq  # noqa: E402
+import flatquant.kernels.kv_quant as kv  # noqa: E402
+from flatquant.quantizer import ActivationQuantizer  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+if not CUDA and kv.triton is not None and not kv._interpreting():
+    kq = importlib.reload(kq)  # imported before TRITON_INTERPRET was set: rebuild both for the interpreter
+    kv = importlib.reload(kv)
+DEVICE = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(
+    kv.triton is None or not (CUDA or kv._interpreting()), reason="triton is not importable"
+)
+HEAD_DIMS = [64, 128] if CUDA else [32]
+ASM = [False, True] if CUDA else [False]  # inline-PTX unpacking exists only compiled
+BLOCK_N = None if CUDA else 16  # small token blocks in the interpreter, so that short caches take many steps
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _kv_like(shape, seed=0, dtype=torch.float32, device=DEVICE):
+    """Random K/V rows with per-row magnitudes and a few outlier channels, as after RoPE and P_h."""
+    g = _gen(seed)
+    x = torch.randn(shape, generator=g) * (0.2 + 3 * torch.rand(*shape[:-1], 1, generator=g))
+    x[..., :: max(1, shape[-1] // 5)] *= 6
+    x = x + 0.5 * torch.randn(*shape[:-1], 1, generator=g)  # rows not centred on zero
+    return x.to(device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------ quantize
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quantize_matches_fake_quantizer_bit_for_bit(bits, clip, dtype):
+    quant = ActivationQuantizer(bits, symmetric=False, learnable_clip=clip)
+    if clip:
+        with torch.no_grad():
+            quant.clip_max.fill_(1.3)  # ratios 0.79 and 0.55
+            quant.clip_min.fill_(0.2)
+    x = _kv_like((2, 3, 7, 16), seed=bits, dtype=dtype, device="cpu")
+    x[0, 0, 0] = 0  # an all-zero row: scale hits the 1e-8 floor
+    x[0, 0, 1] = 2.5  # a constant positive row: xmin = 0
+    with torch.no_grad():
+        expected = quant(x)
+        ratios = quant.clip_ratios()
+    codes, scale, zero = kv.quantize_kv(x, bits, *ratios, impl="torch")
+    assert codes.dtype == torch.uint8 and codes.shape == (*x.shape[:-1], 8 if bits == 4 else 16)
+    assert scale.dtype == zero.dtype == torch.float32 and scale.shape == zero.shape == x.shape[:-1]
+    assert torch.equal(kv.dequantize_kv(codes, scale, zero, bits, dtype=dtype), expected)
+    if dtype == torch.float32:  # and in fp32 exactly the training-time (straight-through) path
+        assert torch.equal(kv.dequantize_kv(codes, scale, zero, bits), quant(x.requires_grad_()).detach())
+
+
+def test_quantize_codes_and_layout_from_the_formula():
+    """Codes from the written formula in float64 (no tie cases here), and the nibble order."""
+    x = torch.tensor([[-1.0, 0.5, 3.0, 0.0], [0.2, 0.45, 0.6, 0.8]])
+    codes, scale, zero = kv.quantize_kv_reference(x, 4)
+    xd = x.double()
+    s = (xd.amax(1).clamp_min(0) - xd.amin(1).clamp_max(0)) / 15
+    z = torch.round(-xd.amin(1).clamp_max(0) / s)
+    expected = torch.clamp(torch.round(xd / s[:, None]) + z[:, None], 0, 15).to(torch.uint8)
+    assert expected.tolist() == [[0, 6, 15, 4], [4, 8, 11, 15]]
+    assert codes.tolist() == [[0 | 6 << 4, 15 | 4 << 4], [4 | 8 << 4, 11 | 15 << 4]]
+    torch.testing.assert_close(scale.double(), s, rtol=1e-7, atol=0)
+    assert torch.equal(zero.double(), z)
+    assert torch.equal(kv.dequantize_kv(codes, scale, zero), (expected.float() - zero[:, None]) * scale[:, None])
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_kernel_is_bit_exact(bits, dtype):
+    d = 128 if CUDA else 24  # 24: not a power of two
+    x = _kv_like((3, 5, 11, d), seed=7 + bits, dtype=dtype)
+    x[1, 2, 3] = 0
+    for cmax, cmin in ((1.0, 1.0), (0.83, 0.61)):
+        out = kv.quantize_kv(x, bits, cmax, cmin, impl="triton")
+        ref = kv.quantize_kv_reference(x, bits, cmax, cmin)
+        for a, b in zip(out, ref, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_quantize_errors():
+    x = torch.randn(2, 6)
+    with pytest.raises(ValueError, match="bits"):
+        kv.quantize_kv(x, bits=9)
+    with pytest.raises(ValueError, match="even"):
+        kv.quantize_kv(torch.randn(2, 5), bits=4)
+    with pytest.raises(ValueError, match="impl"):
+        kv.quantize_kv(x, impl="cuda")
+    with pytest.raises(TypeError, match="uint8"):
+        kv.dequantize_kv(torch.zeros(2, 3, dtype=torch.int8), torch.ones(2), torch.zeros(2))
+
+
+# -------------------------------------------------------------------------------------------- decode
+def _cache(b, hkv, s_cap, d, lens, seed=0, device=DEVICE):
+    """A 4-bit cache whose positions >= lens[b] hold garbage codes and NaN / inf scales."""
+    k_packed, k_scale, k_zero = kv.quantize_kv_reference(_kv_like((b, hkv, s_cap, d), seed, device=device))
+    v_packed, v_scale, v_zero = kv.quantize_kv_reference(_kv_like((b, hkv, s_cap, d), seed + 1, device=device))
+    junk = torch.randint(0, 256, k_packed.shape, generator=_gen(seed + 2), dtype=torch.uint8).to(device)
+    for i, n in enumerate(lens):
+        for t, fill in ((k_packed, junk), (v_packed, junk)):
+            t[i, :, n:] = fill[i, :, n:]
+        k_scale[i, :, n:], v_scale[i, :, n:] = float("nan"), float("inf")
+        k_zero[i, :, n:], v_zero[i, :, n:] = float("inf"), float("nan")
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
+    return k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lens_t
+
+
+def _dense_float64(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lens, sm_scale):
+    """Per sequence and query head: explicit nibble unpacking, dequantization and softmax in float64."""
+    b, hq, d = q.shape
+    g = hq // k_packed.shape[1]
+    out = torch.zeros(b, hq, d, dtype=torch.float64)
+
+    def deq(p, s, z, i, kvh, n):
+        p = p[i, kvh, :n].cpu().long()
+        codes = torch.empty(n, d, dtype=torch.float64)
+        codes[:, 0::2], codes[:, 1::2] = p % 16, p // 16
+        return (codes - z[i, kvh, :n].cpu().double()[:, None]) * s[i, kvh, :n].cpu().double()[:, None]
+
+    for i in range(b):
+        n = int(lens[i])
+        for h in range(hq):
+            if n == 0:
+                continue
+            k = deq(k_packed, k_scale, k_zero, i, h // g, n)  # (n, D)
+            v = deq(v_packed, v_scale, v_zero, i, h // g, n)
+            p = torch.softmax(k @ q[i, h].cpu().double() * sm_scale, dim=0)
+            out[i, h] = p @ v
+    return out
+
+
+def _assert_close_to_dense(out, dense, dtype):
+    """Within the output rounding (half an ulp of dtype) plus a little fp32 error."""
+    assert out.dtype == dtype and out.shape == dense.shape
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    err = (out.cpu().double() - dense).abs()
+    bound = ulp * dense.abs() + 1e-5 * dense.abs().max() + 1e-6
+    assert (err <= bound).all(), f"max error {err.max().item():.3g} (bound {bound.max().item():.3g})"
+
+
+@pytest.mark.parametrize("groups", [1, 3, 4])
+def test_reference_matches_dense_float64(groups):
+    hkv, d = 2, 16
+    lens = [13, 1, 0, 20]
+    cache = _cache(len(lens), hkv, 20, d, lens, seed=groups, device="cpu")
+    q = _kv_like((len(lens), hkv * groups, d), seed=40, dtype=torch.bfloat16, device="cpu")
+    out = kv.decode_attention_reference(q, *cache, d**-0.5)
+    _assert_close_to_dense(out, _dense_float64(q, *cache, d**-0.5), torch.bfloat16)
+    assert (out[2] == 0).all()  # an empty sequence gives zeros
+
+
+def _check_kernel(b, groups, hkv, d, s_cap, lens, dtype, seed=0, config=None):
+    cache = _cache(b, hkv, s_cap, d, lens, seed=seed)
+    q = _kv_like((b, hkv * groups, d), seed=seed + 50, dtype=dtype)
+    cfg = {"block_n": BLOCK_N} if BLOCK_N else {}
+    out = kv.decode_attention_triton(q, *cache, d**-0.5, config={**cfg, **(config or {})})
+    ref = kv.decode_attention_reference(q, *cache, d**-0.5)
+    _assert_close_to_dense(out, _dense_float64(q, *cache, d**-0.5), dtype)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10  # both round to dtype: at most an ulp apart
+    torch.testing.assert_close(out.float(), ref.float(), rtol=ulp, atol=1e-4 * ref.float().abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize("asm", ASM)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("groups", [1, 3, 4])
+def test_kernel_matches_reference_and_dense(groups, dtype, d, asm):
+    lens = [1000, 77, 4097] if CUDA else [37, 1, 50]
+    _check_kernel(len(lens), groups, 2, d, max(lens) + 3, lens, dtype, seed=groups, config={"asm": asm})
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 3, 8])
+def test_kernel_chunk_splits(splits):
+    """Sequence split across programs (and the merge), including empty chunks and an empty sequence."""
+    lens = [0, 5, 64, 200, 131] if CUDA else [0, 5, 16, 61, 33]
+    s_cap = 256 if CUDA else 64
+    _check_kernel(len(lens), 4, 1, HEAD_DIMS[0], s_cap, lens, torch.bfloat16, seed=splits, config={"splits": splits})
+
+
+@needs_triton
+def test_kernel_strided_views():
+    """q from a (B, 1, Hq, D) layout, the cache as a batch slice of a larger allocation."""
+    d, hkv, g, s_cap = HEAD_DIMS[-1], 2, 2, 48
+    lens = [30, 47]
+    big = _cache(4, hkv, s_cap, d, [s_cap] * 4, seed=3)
+    cache = [t[1:3] for t in big[:6]]
+    q4 = _kv_like((2, hkv * g, 1, d), seed=8, dtype=torch.bfloat16).transpose(1, 2)  # (B, 1, Hq, D), strided
+    q = q4[:, 0]
+    lens_t = torch.tensor(lens, dtype=torch.int64, device=DEVICE)
+    cfg = {"block_n": BLOCK_N} if BLOCK_N else None
+    out = kv.decode_attention_triton(q, *cache, lens_t, 0.3, config=cfg)
+    _assert_close_to_dense(out, _dense_float64(q, *cache, lens_t, 0.3), torch.bfloat16)
+
+
+@needs_triton
+def test_kernel_rejects_bad_block():
+    cache = _cache(1, 1, 8, 16, [8])
+    q = _kv_like((1, 1, 16), seed=1, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="block_n"):
+        kv.decode_attention_triton(q, *cache, 0.5, config={"block_n": 24})
+
+
+@pytest.mark.skipif(not CUDA, reason="long contexts only on the GPU")
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
+def test_kernel_long_context(hq, hkv):
+    lens = [32768, 9000]
+    cache = _cache(2, hkv, 32768, 128, lens, seed=11)
+    q = _kv_like((2, hq, 128), seed=12, dtype=torch.bfloat16)
+    out = kv.decode_attention(q, *cache, 128**-0.5)
+    ref = kv.decode_attention_reference(q, *cache, 128**-0.5)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-4 * ref.float().abs().max().item())
+
+
+def test_dispatcher_choices_and_errors(monkeypatch):
+    d, lens = 8, [5, 3]
+    cache = _cache(2, 2, 6, d, lens, device="cpu")
+    q = _kv_like((2, 4, d), seed=1, dtype=torch.float16, device="cpu")
+    ref = kv.decode_attention_reference(q, *cache, 0.5)
+    assert torch.equal(kv.decode_attention(q, *cache, 0.5), ref)  # CPU tensors: auto uses the reference
+    with pytest.raises(ValueError, match="impl"):
+        kv.decode_attention(q, *cache, 0.5, impl="cuda")
+    with pytest.raises(TypeError, match="q must be"):
+        kv.decode_attention(q.float(), *cache, 0.5)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        kv.decode_attention(torch.cat([q, q[:, :1]], 1), *cache, 0.5)
+    with pytest.raises(ValueError, match="k_scale"):
+        kv.decode_attention(q, cache[0], cache[1].double(), *cache[2:], 0.5)
+    with pytest.raises(ValueError, match="S_cap"):
+        kv.decode_attention(q, *cache[:6], torch.tensor([7, 1]), 0.5)
+    monkeypatch.setattr(kv, "_interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        kv.decode_attention(q, *cache, 0.5, impl="triton")
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        kv.quantize_kv(torch.randn(2, 8), impl="triton")
+
+
+def test_decode_equals_sdpa_on_the_fake_quantized_cache():
+    """The evaluation path (fake-quantize K and V, expand KV heads as repeat_kv does, SDPA) and decode over
+    the packed cache agree: query head h reads KV head h // G, sm_scale is applied once."""
+    b, hkv, g, s, d = 2, 2, 3, 11, 16
+    quants = [ActivationQuantizer(4, symmetric=False) for _ in range(2)]
+    k, v = (_kv_like((b, hkv, s, d), seed=i, device="cpu") for i in (5, 6))
+    q = _kv_like((b, hkv * g, d), seed=7, dtype=torch.bfloat16, device="cpu")
+    with torch.no_grad():
+        k_fq, v_fq = (quant(x).repeat_interleave(g, dim=1) for quant, x in zip(quants, (k, v), strict=True))
+        ratios = [quant.clip_ratios() for quant in quants]  # sigmoid(4.0) = 0.982: clipping on
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.float()[:, :, None], k_fq, v_fq, scale=math.pi / 10)
+    cache = (*kv.quantize_kv(k, 4, *ratios[0]), *kv.quantize_kv(v, 4, *ratios[1]), torch.tensor([s, s]))
+    out = kv.decode_attention_reference(q, *cache, math.pi / 10)
+    torch.testing.assert_close(out.float(), sdpa[:, :, 0], rtol=2**-8, atol=1e-6)
+    if kv.triton is not None and kv._interpreting():
+        kern = kv.decode_attention_triton(q, *cache, math.pi / 10)
+        torch.testing.assert_close(kern.float(), sdpa[:, :, 0], rtol=2**-8, atol=1e-5)
+
+
+_B32_OPS = {
+    "shl.b32": lambda x, y: (x << y) & 0xFFFFFFFF,
+    "shr.b32": lambda x, y: x >> y,
+    "and.b32": lambda x, y: x & y,
+    "or.b32": lambda x, y: x | y,
+}
+
+
+def _run_ptx(ptx: str, word: int) -> list[int]:
+    """A tiny interpreter for the instructions the unpacking PTX uses (prmt, shl, shr, and, or on b32)."""
+    regs = {"$4": word}
+
+    def val(tok):
+        return int(tok, 16) if tok.startswith("0x") else int(tok) if tok.isdigit() else regs[tok]
+
+    for ins in ptx.strip("{} ").split(";"):
+        op, _, rest = ins.strip().partition(" ")
+        a = [t.strip() for t in rest.split(",")]
+        if op == "prmt.b32":  # result byte i = byte (selector nibble i) of {a[2]:a[1]}
+            src, sel = val(a[2]) << 32 | val(a[1]), val(a[3])
+            regs[a[0]] = sum(((src >> 8 * ((sel >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+        elif op in _B32_OPS:
+            regs[a[0]] = _B32_OPS[op](val(a[1]), val(a[2]))
+        else:
+            assert op in ("", ".reg"), op
+    return [regs[f"${i}"] for i in range(4)]
+
+
+@pytest.mark.skipif(kv.triton is None, reason="triton is not importable")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unpack_ptx_bit_logic(dtype):
+    """The inline PTX of the compiled kernel, emulated: 4 bytes -> 16 + low nibbles, 16 + high nibbles, two
+    16-bit values per register, element i in register i // 2, low half first (LLVM's vector packing)."""
+    ptx = (kv._PTX_BF16 if dtype == torch.bfloat16 else kv._PTX_FP16).value
+    g = random.Random(0)
+    words = [[g.randrange(256) for _ in range(4)] for _ in range(512)]
+    for i in range(256):  # every byte value in the first and the last position
+        words[i][0], words[256 + i][3] = i, i
+    for b in words:
+        regs = _run_ptx(ptx, b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24)
+        halves = [h for r in regs for h in (r & 0xFFFF, r >> 16)]
+        if dtype == torch.bfloat16:  # a bf16 is the top half of an fp32
+            vals = [struct.unpack("<f", struct.pack("<I", h << 16))[0] for h in halves]
+        else:
+            vals = [struct.unpack("<e", struct.pack("<H", h))[0] for h in halves]
+        assert vals == [16.0 + (x & 15) for x in b] + [16.0 + (x >> 4) for x in b]
