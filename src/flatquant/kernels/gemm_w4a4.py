@@ -39,7 +39,16 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None
     _HAS_TRITON = False
 
-__all__ = ["pack_int4", "unpack_int4", "w4a4_gemm", "w4a4_gemm_reference", "SMALL_M", "FP8_MAX_BLOCK_K"]
+__all__ = [
+    "pack_int4",
+    "unpack_int4",
+    "w4a4_gemm",
+    "w4a4_gemm_reference",
+    "last_config",
+    "SMALL_M",
+    "FP8_MAX_BLOCK_K",
+    "MAX_SPLIT_K",
+]
 
 SMALL_M = 16  # at or below this many tokens the weight-bandwidth-bound (decode) configs are used
 # FP8 path: largest K tile whose partial sum is exact in the FP8 MMA's ~14-bit accumulator (128 * 120 < 2^14)
@@ -247,6 +256,9 @@ if _HAS_TRITON:
         bias_ptr,
         # per-group weight scales (N, G) fp32
         gs_ptr,
+        # split-K (decode): int32 partial sums (SPLIT_K, M, N) and one arrival counter per output tile
+        part_ptr,
+        cnt_ptr,
         # sizes and strides (inner strides are 1)
         M,
         N,
@@ -271,6 +283,7 @@ if _HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        SPLIT_K: tl.constexpr,  # > 1: program (tile, s) sums K slice s; the last to finish reduces
     ):
         # grouped launch order: GROUP_M row tiles share the weight tiles they read from L2
         pid = tl.program_id(0)
@@ -291,8 +304,15 @@ if _HAS_TRITON:
         # clamp rows instead of masking them in the loop: out-of-range rows are never stored
         rows_x = tl.where(mask_m, offs_m, 0)
         rows_w = tl.where(mask_n, offs_n, 0)
-        x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :]  # (BM, BK)
-        w_ptrs = w_ptr + rows_w[:, None] * stride_wn + offs_kh[None, :]  # (BN, BK/2)
+        # K range of this program: all of K, or a BLOCK_K-aligned slice of it (split-K)
+        k_lo = 0
+        k_hi = K
+        if SPLIT_K > 1:
+            k_per = ((K + BLOCK_K * SPLIT_K - 1) // (BLOCK_K * SPLIT_K)) * BLOCK_K
+            k_lo = tl.program_id(1) * k_per
+            k_hi = min(K, k_lo + k_per)
+        x_ptrs = x_ptr + rows_x[:, None] * stride_xm + k_lo + offs_k[None, :]  # (BM, BK)
+        w_ptrs = w_ptr + rows_w[:, None] * stride_wn + k_lo // 2 + offs_kh[None, :]  # (BN, BK/2)
 
         if USE_FP8:
             acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
@@ -301,7 +321,7 @@ if _HAS_TRITON:
         if HAS_GROUP:
             accf = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
 
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 x = tl.load(x_ptrs)  # (BM, BK) int8
                 p = tl.load(w_ptrs)  # (BN, BK/2) uint8
@@ -336,13 +356,29 @@ if _HAS_TRITON:
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K // 2
 
-        # epilogue: integer sums -> scaled output
-        if HAS_GROUP:
+        # integer sums -> fp32
+        if SPLIT_K > 1:
+            # publish this slice's int32 sums; the last program of the tile to arrive adds all slices (exact),
+            # runs the epilogue and resets the tile's counter for the next launch; the others store nothing
+            tile = offs_m[:, None] * N + offs_n[None, :]
+            tl.store(part_ptr + tl.program_id(1) * M * N + tile, acc, mask=mask_m[:, None] & mask_n[None, :])
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            last = arrived == SPLIT_K - 1
+            mask_m = mask_m & ((offs_m * 0 + arrived) == SPLIT_K - 1)  # (BM,): all rows, or none
+            mask_mn = mask_m[:, None] & mask_n[None, :]
+            acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+            for s in range(0, SPLIT_K):
+                acc += tl.load(part_ptr + s * M * N + tile, mask=mask_mn, other=0, cache_modifier=".cg")
+            tl.atomic_add(cnt_ptr + pid, tl.where(last, -SPLIT_K, 0))  # back to 0 once all have arrived
+            res = (acc >> 4).to(tl.float32)
+        elif HAS_GROUP:
             res = accf
         elif USE_FP8:
             res = acc
         else:
             res = (acc >> 4).to(tl.float32)  # exact: every product carried a factor 16
+        # epilogue: zero-point correction, scales, bias, one rounding
         if HAS_ZERO:
             xz = tl.load(xz_ptr + offs_m, mask=mask_m, other=0.0)  # (BM,)
             zc = tl.load(zc_ptr + offs_n, mask=mask_n, other=0.0)  # (BN,)
@@ -358,27 +394,38 @@ if _HAS_TRITON:
 
     _kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_w4a4_gemm_kernel)
 
-    def _cfg(bm, bn, bk, warps, stages, group_m=8):
+    def _cfg(bm, bn, bk, warps, stages, group_m=8, split_k=1):
         return triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "SPLIT_K": split_k},
             num_warps=warps,
             num_stages=stages,
         )
 
-    # prefill: compute-bound tiles on wgmma (BLOCK_M >= 64 per warpgroup)
+    # prefill (M > SMALL_M): compute-bound tiles on wgmma (BLOCK_M >= 64 per warpgroup); the first four are the
+    # configs of the earlier H100 runs, the rest add deeper pipelines, a longer K step and other swizzle groups
     LARGE_CONFIGS = [
         _cfg(128, 128, 128, 8, 4),
         _cfg(128, 256, 128, 8, 3),
         _cfg(256, 128, 128, 8, 3),
         _cfg(64, 128, 128, 4, 4),
+        _cfg(128, 256, 128, 8, 4, 16),
+        _cfg(256, 128, 64, 8, 4, 4),
+        _cfg(128, 128, 256, 8, 3),
+        _cfg(64, 256, 128, 4, 4),
     ]
-    # decode: one 16-row tile of tokens, narrow weight tiles so that N / BLOCK_N CTAs fill the SMs
+    # decode (M <= SMALL_M): one 16-row tile of tokens; narrow weight tiles so that many CTAs stream the packed
+    # weights, and split-K (SPLIT_K slices of K in separate CTAs, int32 partials summed exactly by the last one)
+    # to keep more weight bytes in flight when N alone gives too few CTAs
     SMALL_CONFIGS = [
         _cfg(16, 32, 512, 4, 3, 1),
         _cfg(16, 32, 1024, 4, 3, 1),
         _cfg(16, 64, 256, 4, 4, 1),
+        _cfg(16, 16, 1024, 4, 4, 1),
+        _cfg(16, 32, 512, 4, 3, 1, 2),
+        _cfg(16, 64, 512, 4, 3, 1, 4),
+        _cfg(16, 32, 256, 4, 4, 1, 4),
     ]
-    # decode tiles for the FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K keeps every partial sum exact
+    # decode tiles for the FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K keeps every partial sum exact; no split-K
     SMALL_CONFIGS_FP8 = [
         _cfg(16, 32, 128, 4, 4, 1),
         _cfg(16, 64, 128, 4, 4, 1),
@@ -388,6 +435,32 @@ if _HAS_TRITON:
     # decode kernels take a few microseconds: time the candidates under CUDA graphs, not launch overhead
     _small = triton.autotune(SMALL_CONFIGS, key=_KEY, use_cuda_graph=True)(_kernel)
     _small_fp8 = triton.autotune(SMALL_CONFIGS_FP8, key=_KEY, use_cuda_graph=True)(_kernel)
+
+MAX_SPLIT_K = 4  # the largest SPLIT_K of any config; the partial-sum workspace is sized for it
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_k_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one per output tile, reused across calls (each launch leaves them at 0).
+
+    Split-K launches that share a device must not run concurrently on different streams.
+    """
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def last_config(m: int) -> dict | None:
+    """The tile config the autotuner chose for the last prefill (m > SMALL_M) or decode call, or None."""
+    if not _HAS_TRITON:
+        return None
+    tuned = _large if m > SMALL_M else _small
+    cfg = getattr(tuned, "best_config", None)
+    if cfg is None:
+        return None
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 def _triton_unavailable_reason(x: torch.Tensor) -> str | None:
@@ -426,6 +499,14 @@ def _w4a4_gemm_triton(
             zc = (wg * w_group_scale.to(**f32)).sum(dim=1)
         zc = zc.contiguous()
     gs = w_group_scale.to(**f32).contiguous() if group_size is not None else dummy
+    split_ok = m <= SMALL_M and group_size is None and path != "fp8"
+    if split_ok and (config is None or config.get("SPLIT_K", 1) > 1):
+        part = torch.empty(
+            (MAX_SPLIT_K if config is None else config["SPLIT_K"]) * m * n, device=dev, dtype=torch.int32
+        )
+        counters = _split_k_counters(dev, triton.cdiv(m, 16) * triton.cdiv(n, 16))
+    else:
+        part = counters = dummy
     args = (
         x_codes.view(torch.int8),  # fp8 codes travel as their bytes (masked loads fill int 0 = fp8 +0)
         w_packed,
@@ -436,6 +517,8 @@ def _w4a4_gemm_triton(
         zc,
         bias.contiguous() if bias is not None else dummy,
         gs,
+        part,
+        counters,
         m,
         n,
         k,
@@ -463,12 +546,19 @@ def _w4a4_gemm_triton(
         if not _interpreting():
             config.update(num_warps=4, num_stages=3)
     if config is not None:
-        bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+        config = {"SPLIT_K": 1, **config}
+        bm, bn, bk, sk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
         if flags["USE_FP8"] and bk > FP8_MAX_BLOCK_K:
             raise ValueError(f"the fp8 path needs BLOCK_K <= {FP8_MAX_BLOCK_K} for exact sums, got BLOCK_K={bk}")
         if group_size is not None and group_size % bk:
             raise ValueError(f"group_size={group_size} must be a multiple of BLOCK_K={bk} (and of 32)")
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        if sk > 1 and not split_ok:
+            raise ValueError(f"SPLIT_K={sk} needs the int8 path without group scales and M <= {SMALL_M}, got {m=}")
+        if not 1 <= sk <= MAX_SPLIT_K:
+            raise ValueError(f"SPLIT_K must be in [1, {MAX_SPLIT_K}], got {sk}")
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), sk)
+        if _interpreting():
+            config = {k_: v for k_, v in config.items() if k_ not in ("num_warps", "num_stages")}
         _kernel[grid](*args, **flags, **config)
     else:
         if m > SMALL_M:
@@ -477,7 +567,7 @@ def _w4a4_gemm_triton(
             tuned = _small_fp8 if flags["USE_FP8"] else _small
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
         tuned[grid](*args, **flags)
     return out
