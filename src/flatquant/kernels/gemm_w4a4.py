@@ -45,6 +45,7 @@ __all__ = [
     "w4a4_gemm",
     "w4a4_gemm_reference",
     "last_config",
+    "resolve_path",
     "SMALL_M",
     "FP8_MAX_BLOCK_K",
     "MAX_SPLIT_K",
@@ -573,6 +574,14 @@ def _w4a4_gemm_triton(
     return out
 
 
+def resolve_path(path: str, group_size: int | None = None) -> str:
+    """The tensor-core path the Triton kernel really takes for a ``path`` argument: "auto" is "int8" (faster
+    than fp8 at every shape measured on H100, docs/kernels-gemm.md); group scales always run on "int8"."""
+    if path not in ("auto", "int8", "fp8"):
+        raise ValueError(f"path must be 'auto', 'int8' or 'fp8', got {path=}")
+    return "int8" if path == "auto" or group_size is not None else path
+
+
 def w4a4_gemm(
     x_codes: torch.Tensor,
     x_scale: torch.Tensor,
@@ -615,9 +624,8 @@ def w4a4_gemm(
         )
     if reason is not None:
         raise RuntimeError(f"w4a4_gemm(impl='triton') cannot run: {reason}")
-    if path == "auto":
-        path = "int8"  # faster than fp8 at every measured shape on H100 (docs/kernels-gemm.md)
-    if (path == "int8" or group_size is not None) and x_codes.dtype != torch.int8:
+    path = resolve_path(path, group_size)
+    if path == "int8" and x_codes.dtype != torch.int8:
         x_codes = x_codes.to(torch.int8)  # exact: the codes are small integers
     return _w4a4_gemm_triton(
         x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype, path, config
