@@ -302,3 +302,16 @@ def test_autotuned_launch(n1, n2):
         x = _inputs(tokens, n1 * n2, torch.bfloat16, seed=tokens)
         out = kq.kron_quantize(x, p1, p2, 0.9, 0.9)
         _assert_same(out, kq.kron_quantize_reference(x, p1, p2, 0.9, 0.9), x, p1, p2)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric,pack", [(True, False), (False, True)])
+def test_p1_first_order(dtype, symmetric, pack):
+    """(P1^T X) P2 order (fp32 intermediate split on the left operand) gives the reference's codes."""
+    n1, n2 = (86, 128) if CUDA else (24, 40)
+    p1, p2 = _factors(n1, n2, seed=21)
+    x = _inputs(13, n1 * n2, dtype, seed=22)
+    kw = dict(clip_max=0.8, clip_min=0.7, symmetric=symmetric, pack=pack)
+    out = kq.kron_quantize_triton(x, p1, p2, config=dict(P1_FIRST=1), **kw)
+    _assert_same(out, kq.kron_quantize_reference(x, p1, p2, **kw), x, p1, p2, symmetric, pack)

@@ -388,6 +388,9 @@ if triton is not None:
         # launch config (autotuned): tokens stacked per iteration, programs per SM (read by the grid only)
         BLOCK_T: tl.constexpr,
         PROGS_PER_SM: tl.constexpr,
+        # one token per iteration, fp32 intermediate, both factors: compute (P1^T X) P2, so that the split
+        # fp32 intermediate is the left operand of the second product (registers, not shared memory)
+        P1_FIRST: tl.constexpr,
     ):
         # Persistent: each program loads the factors once and loops over token blocks pid, pid + G, ...
         pid = tl.program_id(0)
@@ -456,11 +459,15 @@ if triton is not None:
                 xrow = t64 * stride_xt
                 if BC == BN2:
                     x = tl.load(x_ptr + xrow + ra[:, None] * N2 + rb[None, :], mask=mask, other=0.0)
-                    if HAS_P2:
-                        y = _dot(x, p2, tl.full((BN1, BN2), 0.0, tl.float32), INTERPRET)  # (BN1, BN2)
+                    if P1_FIRST and HAS_P1 and HAS_P2 and SPLIT_Y:
+                        w = _dot(p1t, x, tl.full((BN1, BN2), 0.0, tl.float32), INTERPRET)  # P1^T X, exact products
+                        z = _right_factor(w, p2, dt, True, True, INTERPRET)  # (BN1, BN2) fp32
                     else:
-                        y = x.to(tl.float32)
-                    z = _left_factor(y, p1t, dt, HAS_P1, SPLIT_Y, INTERPRET)  # (BN1, BN2) fp32
+                        if HAS_P2:
+                            y = _dot(x, p2, tl.full((BN1, BN2), 0.0, tl.float32), INTERPRET)  # (BN1, BN2)
+                        else:
+                            y = x.to(tl.float32)
+                        z = _left_factor(y, p1t, dt, HAS_P1, SPLIT_Y, INTERPRET)  # (BN1, BN2) fp32
                     zmax = _tile_max(tl.where(mask, z, -float("inf")))
                     zmin = _tile_min(tl.where(mask, z, float("inf")))
                     scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC, BITS)
@@ -528,40 +535,50 @@ def _default_config(bn1: int, bn2: int, n_tokens: int) -> dict:
     tile = bn1 * bn2
     return {
         "BLOCK_T": 1,
+        "P1_FIRST": 0,
         "PROGS_PER_SM": 4,
         "num_warps": 4 if tile <= 8192 else 8,
         "num_stages": 2 if tile == 8192 else 3,
     }
 
 
-def candidate_configs(bn1: int, bn2: int, bucket: int) -> list[dict]:
+def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) -> list[dict]:
     """The launch configs the autotuner chooses among for a (BN1, BN2) tile and token bucket.
 
-    Latency path (bucket 0): one token per program, 4 or 8 warps. Throughput path: the fixed default,
-    plus token stacking (BLOCK_T tokens per iteration, up to _MAX_STACK elements) with 4 or 8 warps,
-    fewer pipeline stages and fewer programs per SM (less shared memory, more iterations per program).
+    Latency path (bucket 0): one token per program, 4 or 8 warps, both product orders. Throughput path:
+    the fixed default; (P1^T X) P2 order (``P1_FIRST``, the split fp32 intermediate stays in registers);
+    token stacking (BLOCK_T tokens per iteration, up to _MAX_STACK elements); fewer pipeline stages and
+    programs per SM (less shared memory). p1_first: whether P1_FIRST changes anything for the call (fp32
+    intermediate and both factors); when not, its configs are left out.
     """
     tile = bn1 * bn2
     default = _default_config(bn1, bn2, 0)
+    orders = (0, 1) if p1_first else (0,)
     if bucket == 0:
         # 4 warps spill a 128x128 fp32 tile (seen in the sm_90 build): 8 warps only from 128x128 up
-        return [dict(default, num_stages=1, num_warps=w) for w in ((4, 8) if tile < 128 * 128 else (8,))]
+        warps = (4, 8) if tile < 128 * 128 else (8,)
+        return [dict(default, num_stages=1, num_warps=w, P1_FIRST=o) for o in orders for w in warps]
     out = [default]
-    if tile > _MAX_TILE:  # column-chunked tiles: one token per iteration
+    if tile > _MAX_TILE:  # column-chunked tiles: one token per iteration, product order fixed
         return out + [dict(default, num_warps=4, num_stages=2)]
+    if p1_first:
+        out.append(dict(default, P1_FIRST=1))
+        if tile >= 128 * 128:
+            out.append(dict(default, P1_FIRST=1, num_stages=2, PROGS_PER_SM=2))
     if tile >= 128 * 128:
-        return out + [dict(default, num_stages=2, PROGS_PER_SM=2), dict(default, num_stages=1, PROGS_PER_SM=2)]
+        return out + [dict(default, num_stages=2, PROGS_PER_SM=2)]
     for bt in (2, 4, 8):
         if bt * tile <= _MAX_STACK:
             warps = 4 if bt * tile <= 4096 else 8
-            out.append(dict(BLOCK_T=bt, PROGS_PER_SM=4 if bt * tile <= 8192 else 2, num_warps=warps, num_stages=2))
+            pps = 4 if bt * tile <= 8192 else 2
+            out.append(dict(default, BLOCK_T=bt, PROGS_PER_SM=pps, num_warps=warps, num_stages=2))
     if tile == 8192:
         out.append(dict(default, num_warps=8, num_stages=3))
     return out
 
 
 def _as_triton_config(cfg: dict):
-    meta = {"BLOCK_T": cfg["BLOCK_T"], "PROGS_PER_SM": cfg["PROGS_PER_SM"]}
+    meta = {"BLOCK_T": cfg["BLOCK_T"], "PROGS_PER_SM": cfg["PROGS_PER_SM"], "P1_FIRST": cfg["P1_FIRST"]}
     return triton.Config(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -572,12 +589,13 @@ if triton is not None:
         for bn1 in (16, 32, 64, 128, 256)
         for bn2 in (16, 32, 64, 128, 256)
         for bucket in (0, 1)
-        for c in candidate_configs(bn1, bn2, bucket)
+        for c in candidate_configs(bn1, bn2, bucket, True)
     }
 
     def _prune(configs, named_args, **kwargs):
         a = {**named_args, **kwargs}
-        keep = candidate_configs(a["BN1"], a["BN2"], a["T_BUCKET"])
+        p1_first = a["SPLIT_Y"] and a["HAS_P1"] and a["HAS_P2"]
+        keep = candidate_configs(a["BN1"], a["BN2"], a["T_BUCKET"], p1_first)
         want = [tuple(sorted(c.items())) for c in keep]
         got = [
             c
