@@ -114,7 +114,7 @@ def run_shape(k: int, n: int, m: int, paths: list[str]) -> dict:
             rec[f"gemm_{path}_us"] = bench(
                 lambda p=path, xin=xin: [w4a4_gemm(xin, x_scale, w, w_scale, impl=impl, path=p) for w in packed], nq
             )
-            rec[f"gemm_{path}_config"] = last_config(m) if CUDA else "fixed (interpreter)"
+            rec[f"gemm_{path}_config"] = last_config(m, path) if CUDA else "fixed (interpreter)"
         except Exception as err:  # a path that fails to compile is reported, not fatal
             print(f"  {path} failed at {k=} {n=} {m=}: {err!r}"[:400])
             rec[f"gemm_{path}_us"] = float("inf")

@@ -195,7 +195,7 @@ ints = ["M", "N", "K", "K2", "M_KEY", "group_size", "stride_xm", "stride_wn", "s
 sig = {p: "*i8" if p == "x_ptr" else "*u8" if p == "w_ptr" else "*i32" if p in ("part_ptr", "cnt_ptr") else "*fp32"
        for p in ptrs} | dict.fromkeys(ints, "i32")
 const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_GROUP=False, USE_FP8=True, X_FP8=True, USE_ASM=True, EVEN_K=True,
-             BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_K=1)
+             BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_K=1, SWAP_AB=False)
 sig |= dict.fromkeys(const, "constexpr")
 src = ASTSource(kern, sig, constexprs={(list(sig).index(k),): v for k, v in const.items()})
 print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["ttgir"])
@@ -249,11 +249,38 @@ def test_split_k_decode_exact(m, n, k, split_k):
 
 
 @needs_triton
+@pytest.mark.parametrize("m,n,k,split_k", [(5, 70, 1029, 1), (16, 130, 512, 2), (33, 37, 190, 1)])
+def test_swap_ab_exact_with_zero_point_and_bias(m, n, k, split_k):
+    """SWAP_AB (W @ X^T, transposed back in the epilogue): odd N and K, zero point, bias, split-K."""
+    x, w, xs, ws, xz = _operands(m, n, k, asym=True, seed=29 + k)
+    bm = 16 if m <= 16 else 64
+    cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, SPLIT_K=split_k, SWAP_AB=True)
+    if DEV == "cuda":
+        cfg.update(num_warps=4, num_stages=3)
+    x, xs, wp, ws, xz = (t.to(DEV) for t in (x, xs, pack_int4(w), ws, xz))
+    ones_m, ones_n = torch.ones(m, device=DEV), torch.ones(n, device=DEV)
+    out = w4a4_gemm(x, ones_m, wp, ones_n, x_zero=xz, out_dtype=torch.float32, impl="triton", config=cfg)
+    assert torch.equal(out.double().cpu(), (x.double() - xz.double()[:, None]).cpu() @ w.double().T)
+    bias = torch.randn(n, generator=_gen(30)).to(DEV)
+    out = w4a4_gemm(x, xs, wp, ws, bias, xz, out_dtype=torch.float32, impl="triton", config=cfg)
+    ref = w4a4_gemm_reference(x, xs, wp, ws, bias, xz, out_dtype=torch.float32)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+
+
+@needs_triton
 def test_split_k_rejected_where_unsupported():
     x, w, xs, ws, _ = _operands(40, 8, 64)
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, SPLIT_K=2)
     with pytest.raises(ValueError, match="SPLIT_K=2 needs"):
         w4a4_gemm(x.to(DEV), xs.to(DEV), pack_int4(w).to(DEV), ws.to(DEV), impl="triton", config=cfg)
+
+
+def test_fp8_autotune_configs_keep_k_tiles_exact():
+    import flatquant.kernels.gemm_w4a4 as g
+
+    for c in g.LARGE_CONFIGS_FP8 + g.SMALL_CONFIGS_FP8:
+        assert c.kwargs["BLOCK_K"] <= g.FP8_MAX_BLOCK_K and c.kwargs["SPLIT_K"] == 1 and not c.kwargs["SWAP_AB"]
+    assert len(g.LARGE_CONFIGS_FP8) >= 4
 
 
 def _config_dict(c):

@@ -285,6 +285,9 @@ if _HAS_TRITON:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         SPLIT_K: tl.constexpr,  # > 1: program (tile, s) sums K slice s; the last to finish reduces
+        # INT8 path: compute the transposed tile W @ X^T, so that the weights unpacked in registers feed the
+        # tensor cores as the register operand (no shared-memory round trip) and few tokens are the short side
+        SWAP_AB: tl.constexpr,
     ):
         # grouped launch order: GROUP_M row tiles share the weight tiles they read from L2
         pid = tl.program_id(0)
@@ -317,6 +320,8 @@ if _HAS_TRITON:
 
         if USE_FP8:
             acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
+        elif SWAP_AB:
+            acc_t = tl.full((BLOCK_N, BLOCK_M), 0, tl.int32)
         else:
             acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
         if HAS_GROUP:
@@ -352,11 +357,15 @@ if _HAS_TRITON:
                 else:
                     x = x.to(tl.float16).to(tl.float8e4nv)
                 acc += tl.dot(x, tl.trans(w), max_num_imprecise_acc=BLOCK_K)
+            elif SWAP_AB:
+                acc_t = tl.dot(w, tl.trans(x), acc_t, out_dtype=tl.int32)  # (BN, BM)
             else:
                 acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)  # (BM, BN)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K // 2
 
+        if SWAP_AB and not USE_FP8 and not HAS_GROUP:
+            acc = tl.trans(acc_t)  # (BM, BN)
         # integer sums -> fp32
         if SPLIT_K > 1:
             # publish this slice's int32 sums; the last program of the tile to arrive adds all slices (exact),
@@ -395,28 +404,31 @@ if _HAS_TRITON:
 
     _kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_w4a4_gemm_kernel)
 
-    def _cfg(bm, bn, bk, warps, stages, group_m=8, split_k=1):
+    def _cfg(bm, bn, bk, warps, stages, group_m=8, split_k=1, swap=False):
         return triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "SPLIT_K": split_k},
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "SPLIT_K": split_k, "SWAP_AB": swap},
             num_warps=warps,
             num_stages=stages,
         )
 
-    # prefill (M > SMALL_M): compute-bound tiles on wgmma (BLOCK_M >= 64 per warpgroup); the first four are the
-    # configs of the earlier H100 runs, the rest add deeper pipelines, a longer K step and other swizzle groups
+    # prefill (M > SMALL_M): compute-bound tiles on wgmma (BLOCK_M >= 64 per warpgroup). The first four are the
+    # configs of the earlier H100 runs; then a deeper pipeline with a wider swizzle group, a longer K step, and
+    # SWAP_AB tiles (the unpacked weights as the register operand of wgmma: no shared-memory round trip)
     LARGE_CONFIGS = [
         _cfg(128, 128, 128, 8, 4),
         _cfg(128, 256, 128, 8, 3),
         _cfg(256, 128, 128, 8, 3),
         _cfg(64, 128, 128, 4, 4),
         _cfg(128, 256, 128, 8, 4, 16),
-        _cfg(256, 128, 64, 8, 4, 4),
         _cfg(128, 128, 256, 8, 3),
-        _cfg(64, 256, 128, 4, 4),
+        _cfg(128, 128, 128, 8, 4, swap=True),
+        _cfg(256, 128, 128, 8, 3, swap=True),
+        _cfg(128, 256, 128, 8, 3, swap=True),
     ]
-    # decode (M <= SMALL_M): one 16-row tile of tokens; narrow weight tiles so that many CTAs stream the packed
-    # weights, and split-K (SPLIT_K slices of K in separate CTAs, int32 partials summed exactly by the last one)
-    # to keep more weight bytes in flight when N alone gives too few CTAs
+    # decode (M <= SMALL_M): one 16-row tile of tokens. Narrow weight tiles on mma.sync so that many CTAs
+    # stream the packed weights; SWAP_AB tiles put the weights on the long side of wgmma (64/128 rows) and the
+    # 16 tokens on the short one; split-K (SPLIT_K slices of K in separate CTAs, int32 partials summed exactly
+    # by the last one) keeps more weight bytes in flight when N alone gives too few CTAs
     SMALL_CONFIGS = [
         _cfg(16, 32, 512, 4, 3, 1),
         _cfg(16, 32, 1024, 4, 3, 1),
@@ -425,6 +437,10 @@ if _HAS_TRITON:
         _cfg(16, 32, 512, 4, 3, 1, 2),
         _cfg(16, 64, 512, 4, 3, 1, 4),
         _cfg(16, 32, 256, 4, 4, 1, 4),
+        _cfg(16, 64, 256, 4, 4, 1, 1, True),
+        _cfg(16, 128, 256, 8, 4, 1, 1, True),
+        _cfg(16, 64, 512, 4, 3, 1, 2, True),
+        _cfg(16, 128, 256, 8, 4, 1, 4, True),
     ]
     # decode tiles for the FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K keeps every partial sum exact; no split-K
     SMALL_CONFIGS_FP8 = [
@@ -433,6 +449,9 @@ if _HAS_TRITON:
     ]
     _KEY = ["M_KEY", "N", "K", "HAS_ZERO", "HAS_BIAS", "USE_FP8", "X_FP8"]
     _large = triton.autotune(LARGE_CONFIGS, key=_KEY)(_kernel)
+    # FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K (exact tile sums); SWAP_AB is an INT8-path option
+    LARGE_CONFIGS_FP8 = [c for c in LARGE_CONFIGS if c.kwargs["BLOCK_K"] <= FP8_MAX_BLOCK_K and not c.kwargs["SWAP_AB"]]
+    _large_fp8 = triton.autotune(LARGE_CONFIGS_FP8, key=_KEY)(_kernel)
     # decode kernels take a few microseconds: time the candidates under CUDA graphs, not launch overhead
     _small = triton.autotune(SMALL_CONFIGS, key=_KEY, use_cuda_graph=True)(_kernel)
     _small_fp8 = triton.autotune(SMALL_CONFIGS_FP8, key=_KEY, use_cuda_graph=True)(_kernel)
@@ -453,11 +472,12 @@ def _split_k_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def last_config(m: int) -> dict | None:
-    """The tile config the autotuner chose for the last prefill (m > SMALL_M) or decode call, or None."""
+def last_config(m: int, path: str = "auto") -> dict | None:
+    """The tile config the autotuner chose for the last prefill (m > SMALL_M) or decode call on ``path``
+    ("auto"/"int8" or "fp8"), or None."""
     if not _HAS_TRITON:
         return None
-    tuned = _large if m > SMALL_M else _small
+    tuned = (_large_fp8 if path == "fp8" else _large) if m > SMALL_M else (_small_fp8 if path == "fp8" else _small)
     cfg = getattr(tuned, "best_config", None)
     if cfg is None:
         return None
@@ -547,7 +567,7 @@ def _w4a4_gemm_triton(
         if not _interpreting():
             config.update(num_warps=4, num_stages=3)
     if config is not None:
-        config = {"SPLIT_K": 1, **config}
+        config = {"SPLIT_K": 1, "SWAP_AB": False, **config}
         bm, bn, bk, sk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
         if flags["USE_FP8"] and bk > FP8_MAX_BLOCK_K:
             raise ValueError(f"the fp8 path needs BLOCK_K <= {FP8_MAX_BLOCK_K} for exact sums, got BLOCK_K={bk}")
@@ -563,7 +583,7 @@ def _w4a4_gemm_triton(
         _kernel[grid](*args, **flags, **config)
     else:
         if m > SMALL_M:
-            tuned = _large  # BLOCK_K = 128 in every config
+            tuned = _large_fp8 if flags["USE_FP8"] else _large
         else:
             tuned = _small_fp8 if flags["USE_FP8"] else _small
 
