@@ -105,6 +105,7 @@ def main():
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kron_quantize[_quick].json)")
     ap.add_argument("--quick", action="store_true", help="toy sizes (runs on CPU through the interpreter)")
     ap.add_argument("--no-unfused", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--budget", type=float, default=210.0, help="seconds; later shapes are skipped past it")
     ap.add_argument(
         "--input-intermediate", action="store_true", help='also time intermediate="input" (more autotuning time)'
     )
@@ -127,7 +128,8 @@ def main():
     elif not cuda:
         unfused = _unfused
     shapes, token_counts = (QUICK_SHAPES, QUICK_TOKENS) if args.quick or not cuda else (SHAPES, TOKENS)
-    records = []
+    records, skipped = [], []
+    result = {"device": device, "copy_gbs": copy_gbs, "records": records, "skipped": skipped}
     print(
         f"{'n':>6} {'n1xn2':>8} {'T':>5} {'kernel':>8} {'k16':>8} {'unfused':>8} {'gemm':>8} {'%gemm':>6} "
         f"{'x unf':>6} {'GB/s':>6}  config"
@@ -137,6 +139,10 @@ def main():
         p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16)
         w = torch.randn(n, gemm_n, device=dev, dtype=torch.bfloat16)
         for tokens in token_counts:
+            if time.time() - start > args.budget:
+                skipped.append({"n": n, "tokens": tokens})
+                print(f"{n:6d} {f'{n1}x{n2}':>8} {tokens:5d} skipped: past the {args.budget:.0f} s budget")
+                continue
             inters = ("fp32", "input") if args.input_intermediate or not cuda else ("fp32",)
             r = _measure(n, n1, n2, tokens, p1, p2, w, unfused, dev, inters)
             r.update(gemm_n=gemm_n, gemm_layer=layer, copy_gbs=round(copy_gbs, 1), device=device)
@@ -148,9 +154,12 @@ def main():
                 f"{r['achieved_gbs']:6.0f}  {r['kernel_config']}",
                 flush=True,
             )
-    atomic_write_json(out_path, {"device": device, "seconds": round(time.time() - start, 1), "records": records})
+            result["seconds"] = round(time.time() - start, 1)
+            atomic_write_json(out_path, result)  # after every record: a run cut short keeps what it measured
+    result["seconds"] = round(time.time() - start, 1)
+    atomic_write_json(out_path, result)
     if os.environ.get("OUT"):
-        atomic_write_json(os.path.join(os.environ["OUT"], name), {"device": device, "records": records})
+        atomic_write_json(os.path.join(os.environ["OUT"], name), result)
     print(f"wrote {out_path} ({time.time() - start:.0f} s)")
 
 
