@@ -243,7 +243,8 @@ if _HAS_TRITON:
             hi = (hi16 >> 4).to(tl.float16).to(tl.float8e4nv)
         return lo, hi
 
-    @triton.jit
+    # one binary for every token count (no specialisation on 1 or on divisibility by 16: fewer compiles)
+    @triton.jit(do_not_specialize=["M", "M_KEY"])
     def _w4a4_gemm_kernel(
         # operands: activation codes (M, K) int8, packed weights (N, K2) uint8, output (M, N)
         x_ptr,

@@ -355,7 +355,8 @@ if triton is not None:
             ).to(tl.float32)
         return _left_factor(y, p1t, dt, HAS_P1, SPLIT_Y, INTERPRET)
 
-    @triton.jit
+    # one binary for every token count (no specialisation on 1 or on divisibility by 16: fewer compiles)
+    @triton.jit(do_not_specialize=["n_tokens", "T_BUCKET"])
     def _kron_quantize_kernel(
         # pointers: x (T, n) row stride stride_xt; p1 (N1, N1); p2 (N2, N2); q codes; scale/zero (T,)
         x_ptr,
