@@ -315,3 +315,36 @@ def test_p1_first_order(dtype, symmetric, pack):
     kw = dict(clip_max=0.8, clip_min=0.7, symmetric=symmetric, pack=pack)
     out = kq.kron_quantize_triton(x, p1, p2, config=dict(P1_FIRST=1), **kw)
     _assert_same(out, kq.kron_quantize_reference(x, p1, p2, **kw), x, p1, p2, symmetric, pack)
+
+
+@needs_triton
+@pytest.mark.skipif(CUDA, reason="the GPU runs the real autotuner (test_autotuned_launch)")
+def test_autotuned_plumbing_in_interpreter(monkeypatch):
+    """The autotuned launch path on CPU: key names, config pruning to the call's candidates, grid from the
+    chosen config; timing replaced by a stub (every candidate runs once)."""
+    pruned = []
+
+    def prune(configs, named_args, **kwargs):
+        out = kq._prune(configs, named_args, **kwargs)
+        pruned.append([{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in out])
+        return out
+
+    def bench(fn, quantiles=None, **kwargs):
+        fn()
+        return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+    configs = [kq._as_triton_config(c) for c in kq._ALL_CONFIGS.values()]
+    key = ["N1", "N2", "T_BUCKET", "HAS_P1", "HAS_P2", "SPLIT_Y", "SYMMETRIC", "PACK"]
+    try:
+        tuned = kq.triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, do_bench=bench)
+    except TypeError:
+        pytest.skip("this triton's autotune takes no do_bench")
+    monkeypatch.setattr(kq, "_kron_quantize_tuned", tuned(kq._kron_quantize_kernel))
+    monkeypatch.setattr(kq, "_use_autotuner", lambda config: config is None)
+    p1, p2 = _factors(16, 16, seed=31)
+    for tokens, bucket in ((70, 1), (5, 0)):
+        x = _inputs(tokens, 256, torch.bfloat16, seed=tokens)
+        out = kq.kron_quantize_triton(x, p1, p2, 0.9, 0.8)
+        _assert_same(out, kq.kron_quantize_reference(x, p1, p2, 0.9, 0.8), x, p1, p2)
+        want = kq.candidate_configs(16, 16, bucket)
+        assert sorted(str(sorted(c.items())) for c in pruned[-1]) == sorted(str(sorted(c.items())) for c in want)

@@ -485,6 +485,11 @@ def last_config(m: int, path: str = "auto") -> dict | None:
     return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
+def _use_autotuner(group_size: int | None) -> bool:
+    """Whether a launch without a fixed config is autotuned (compiled Triton; groups need a fixed BLOCK_K)."""
+    return not _interpreting() and group_size is None
+
+
 def _triton_unavailable_reason(x: torch.Tensor) -> str | None:
     """Why the Triton kernel cannot run on ``x`` here, or None if it can."""
     if not _HAS_TRITON:
@@ -560,7 +565,7 @@ def _w4a4_gemm_triton(
         X_FP8=x_fp8,
         USE_ASM=not _interpreting(),
     )
-    if config is None and (_interpreting() or group_size is not None):
+    if config is None and not _use_autotuner(group_size):
         # no autotuning in the interpreter; groups need BLOCK_K to divide group_size
         bm = 16 if m <= SMALL_M else 64
         bk = 64 if group_size is None else max(32, min(128, group_size & -group_size))

@@ -612,6 +612,11 @@ if triton is not None:
     )(_kron_quantize_kernel)
 
 
+def _use_autotuner(config: dict | None) -> bool:
+    """Whether a launch goes through the autotuner (CUDA, no fixed config, AUTOTUNE on)."""
+    return config is None and AUTOTUNE and not _interpreting()
+
+
 def triton_unavailable_reason(x: torch.Tensor) -> str | None:
     """Why the Triton kernel cannot run on ``x``, or None when it can."""
     if triton is None:
@@ -662,16 +667,16 @@ def kron_quantize_triton(
         sms = _sm_count(x.device)
         args = (x2, p1c, p2c, codes, scale, zero if zero is not None else scale)
         args += (float(clip_max), float(clip_min), n_tokens, x2.stride(0), _token_bucket(n_tokens))
-        meta = dict(N1=n1, N2=n2, BN1=bn1, BN2=bn2, BC=bc, HAS_P1=p1 is not None, HAS_P2=p2 is not None)
-        meta.update(SPLIT_Y=intermediate == "fp32", SYMMETRIC=symmetric, BITS=bits, PACK=pack)
-        meta.update(INTERPRET=_interpreting())
-        if not _interpreting():
-            meta["enable_fp_fusion"] = False  # keep the reference's roundings
+        # the shape and variant constexprs go positionally (N1 ... INTERPRET), so that the autotuner's key and
+        # its config pruning see them among the named arguments in every Triton version
+        args += (n1, n2, bn1, bn2, bc, p1 is not None, p2 is not None, intermediate == "fp32", symmetric, bits, pack)
+        args += (_interpreting(),)
+        meta = {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
 
         def grid(m):
             return (max(1, min(triton.cdiv(n_tokens, m["BLOCK_T"]), sms * m["PROGS_PER_SM"])),)
 
-        if config is None and AUTOTUNE and not _interpreting():
+        if _use_autotuner(config):
             _kron_quantize_tuned[grid](*args, **meta)
         else:
             cfg = _default_config(bn1, bn2, n_tokens)
