@@ -280,7 +280,8 @@ def test_fp8_autotune_configs_keep_k_tiles_exact():
 
     for c in g.LARGE_CONFIGS_FP8 + g.SMALL_CONFIGS_FP8:
         assert c.kwargs["BLOCK_K"] <= g.FP8_MAX_BLOCK_K and c.kwargs["SPLIT_K"] == 1 and not c.kwargs["SWAP_AB"]
-    assert len(g.LARGE_CONFIGS_FP8) >= 4
+        assert c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128  # 128x256 spills with the fp32 tile sums
+    assert len(g.LARGE_CONFIGS_FP8) >= 3
 
 
 def _config_dict(c):

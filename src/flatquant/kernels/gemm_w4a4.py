@@ -450,8 +450,15 @@ if _HAS_TRITON:
     ]
     _KEY = ["M_KEY", "N", "K", "HAS_ZERO", "HAS_BIAS", "USE_FP8", "X_FP8"]
     _large = triton.autotune(LARGE_CONFIGS, key=_KEY)(_kernel)
-    # FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K (exact tile sums); SWAP_AB is an INT8-path option
-    LARGE_CONFIGS_FP8 = [c for c in LARGE_CONFIGS if c.kwargs["BLOCK_K"] <= FP8_MAX_BLOCK_K and not c.kwargs["SWAP_AB"]]
+    # FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K (exact tile sums); SWAP_AB is an INT8-path option; at most 128x128
+    # output tiles (the per-tile fp32 sum doubles the accumulator registers: 128x256 spilled in the sm_90 build)
+    LARGE_CONFIGS_FP8 = [
+        c
+        for c in LARGE_CONFIGS
+        if c.kwargs["BLOCK_K"] <= FP8_MAX_BLOCK_K
+        and not c.kwargs["SWAP_AB"]
+        and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128
+    ] + [_cfg(128, 64, 128, 4, 4)]
     _large_fp8 = triton.autotune(LARGE_CONFIGS_FP8, key=_KEY)(_kernel)
     # decode kernels take a few microseconds: time the candidates under CUDA graphs, not launch overhead
     _small = triton.autotune(SMALL_CONFIGS, key=_KEY, use_cuda_graph=True)(_kernel)
