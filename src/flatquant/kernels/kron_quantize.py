@@ -641,8 +641,9 @@ def kron_quantize_triton(
 ) -> KronQuantized:
     """The fused Triton kernel (one launch); same contract as :func:`kron_quantize_reference`.
 
-    config: a fixed launch config instead of the autotuner (keys BLOCK_T, PROGS_PER_SM, num_warps,
-    num_stages; see ``candidate_configs``), for tests and benchmarks.
+    config: a fixed launch config instead of the autotuner (keys BLOCK_T, PROGS_PER_SM, P1_FIRST, num_warps,
+    num_stages; missing keys from the default; see ``candidate_configs``), for tests and benchmarks. On
+    CUDA without it the launch is autotuned among ``candidate_configs`` (``AUTOTUNE``).
     """
     reason = triton_unavailable_reason(x)
     if reason is not None:
