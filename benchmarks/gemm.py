@@ -1,52 +1,74 @@
 """Benchmark the W4A4 GEMM and the full W4A4 layer against BF16 nn.Linear (cuBLAS) on LLaMA layer shapes.
 
-Usage: PYTHONPATH=src python benchmarks/gemm.py [--out benchmarks/results/gemm.json] [--quick]
+Usage:
+    PYTHONPATH=src python benchmarks/gemm.py             # CUDA, about 2-3 minutes on an H100
+    PYTHONPATH=src python benchmarks/gemm.py --quick     # toy sizes; runs on CPU (interpreter) too
+    PYTHONPATH=src python benchmarks/gemm.py --paths auto,fp8   # also time the FP8 tensor-core path
 
 Times are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph), so Python launch overhead is
 excluded, as it is when a model runs decode under CUDA graphs. Each timed call cycles through enough copies
 of the weights to overflow L2 (> 3x its size), so small-M figures are HBM-bound, not L2-bound. Ceilings
-(a bf16 8192^3 matmul and a large device copy) are measured in the same run.
+(a bf16 8192^3 matmul and a large device copy) are measured in the same run. Every shape is called before it
+is timed (autotuning outside the numbers); each record names the tensor-core path really taken (``path``,
+from the dispatcher's own rule) and the tile config the autotuner chose.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import time
 
 import torch
-import triton
-from torch import nn
 
-from flatquant.kernels.gemm_w4a4 import SMALL_M, pack_int4, w4a4_gemm
-from flatquant.kernels.w4a4_linear import W4A4Linear
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the CPU run goes through Triton's interpreter
+
+import triton  # noqa: E402
+from torch import nn  # noqa: E402
+
+from flatquant.files import atomic_write_json  # noqa: E402
+from flatquant.kernels import gemm_w4a4  # noqa: E402
+from flatquant.kernels.gemm_w4a4 import SMALL_M, last_config, pack_int4, resolve_path, w4a4_gemm  # noqa: E402
+from flatquant.kernels.w4a4_linear import W4A4Linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096), (4096, 12288)]  # K -> N
 TOKENS = [1, 16, 256, 2048, 8192]
-FACTORS = {4096: (64, 64), 11008: (86, 128), 14336: (112, 128)}  # Kronecker factor sizes (method.md)
+FACTORS = {4096: (64, 64), 11008: (86, 128), 14336: (112, 128), 96: (8, 12), 160: (10, 16)}  # method.md
+QUICK_SHAPES = [(96, 40), (160, 72)]
+QUICK_TOKENS = [1, 16, 33]
+CUDA = torch.cuda.is_available()
 
 
 def bench(fn, n_calls: int = 1) -> float:
     """Median microseconds of one call of ``fn`` (which performs ``n_calls`` operations), under a CUDA graph."""
     fn()
     fn()  # autotune and compile outside the graph
+    if not CUDA:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6 / n_calls
     torch.cuda.synchronize()
     try:
-        ms = triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
-    except TypeError:  # older triton without return_mode
-        ms = triton.testing.do_bench_cudagraph(fn, rep=30)
+        ms = triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+    except TypeError:  # a triton without return_mode
+        ms = triton.testing.do_bench_cudagraph(fn, rep=20)
     return 1000.0 * ms / n_calls
 
 
 def n_copies(weight_bytes: int) -> int:
     """How many weight copies to cycle through so that together they exceed three times the L2 size."""
+    if not CUDA:
+        return 1
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
     return max(1, min(16, math.ceil(3 * l2 / weight_bytes)))
 
 
 def ceilings() -> dict:
     """Measured bf16 matmul TFLOP/s (8192^3) and device-copy GB/s (bytes read + written)."""
+    if not CUDA:
+        return {"bf16_tflops": float("nan"), "copy_gbps": float("nan")}
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t = bench(lambda: a @ b)
@@ -58,12 +80,9 @@ def ceilings() -> dict:
 
 def _check_ptx() -> list[str]:
     """Which tensor-core instructions the compiled GEMM kernels use (wgmma s8 / e4m3, or mma.sync)."""
-    from flatquant.kernels import gemm_w4a4
-
     found = []
     try:
-        caches = gemm_w4a4._kernel.fn.device_caches
-        for dev_cache in caches.values():
+        for dev_cache in gemm_w4a4._kernel.fn.device_caches.values():
             for kernel in dev_cache[0].values():
                 ptx = kernel.asm.get("ptx", "")
                 kinds = sorted({w for w in ("wgmma.mma_async", "mma.sync", ".s8", ".e4m3") if w in ptx})
@@ -74,7 +93,7 @@ def _check_ptx() -> list[str]:
 
 
 def run_shape(k: int, n: int, m: int, paths: list[str]) -> dict:
-    dev = "cuda"
+    dev = "cuda" if CUDA else "cpu"
     gen = torch.Generator(device=dev).manual_seed(k + n + m)
     # BF16 cuBLAS baseline
     nb = n_copies(2 * n * k)
@@ -91,88 +110,95 @@ def run_shape(k: int, n: int, m: int, paths: list[str]) -> dict:
     w_scale = torch.rand(n, device=dev) + 0.01
     packed = [pack_int4(torch.randint(-8, 8, (n, k), device=dev, dtype=torch.int8)) for _ in range(nq)]
     rec = {"K": k, "N": n, "M": m, "bf16_us": bf16_us}
+    impl = "triton"
     for path in paths:
         xin = codes.to(torch.float8_e4m3fn) if path == "fp8" else codes  # each path's native operand
         try:
             rec[f"gemm_{path}_us"] = bench(
-                lambda p=path, xin=xin: [w4a4_gemm(xin, x_scale, w, w_scale, path=p) for w in packed], nq
+                lambda p=path, xin=xin: [w4a4_gemm(xin, x_scale, w, w_scale, impl=impl, path=p) for w in packed], nq
             )
+            rec[f"gemm_{path}_config"] = last_config(m, path) if CUDA else "fixed (interpreter)"
         except Exception as err:  # a path that fails to compile is reported, not fatal
             print(f"  {path} failed at {k=} {n=} {m=}: {err!r}"[:400])
             rec[f"gemm_{path}_us"] = float("inf")
+    # exactness of the autotuned call (the config chosen above: the tuning key ignores the output dtype)
+    ones_m, ones_n = torch.ones(m, device=dev), torch.ones(n, device=dev)
+    out = w4a4_gemm(codes, ones_m, packed[0], ones_n, out_dtype=torch.float32, impl=impl, path=paths[0])
+    want = codes.double() @ gemm_w4a4.unpack_int4(packed[0], k).double().T
+    rec["exact"] = bool(torch.equal(out.double(), want))
+    out = want = None
     packed = None
-    # full layer: transform + quantize + GEMM
+    # full layer (default settings): transform + quantize + GEMM
     n1, n2 = FACTORS[k]
     p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0]
     p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0]
-    layers = [W4A4Linear.from_float(weight, None, p1, p2, act_clip=0.9) for _ in range(nq)]
-    for name, fp8 in (("layer_us", True), ("layer_int8_us", False)):
-        for layer in layers:
-            layer.prefill_fp8 = fp8  # int8 codes to the FP8 GEMM (one conversion pass) or to the INT8 one
-        try:
-            with torch.no_grad():
-                rec[name] = bench(lambda: [layer(x) for layer in layers], nq)
-        except Exception as err:
-            print(f"  layer failed at {k=} {n=} {m=}: {err!r}"[:400])
-            rec[name] = float("inf")
+    layers = [W4A4Linear.from_float(weight, None, p1, p2, act_clip=0.9, gemm_impl=impl) for _ in range(nq)]
+    try:
+        with torch.no_grad():
+            rec["layer_us"] = bench(lambda: [layer(x) for layer in layers], nq)
+    except Exception as err:
+        print(f"  layer failed at {k=} {n=} {m=}: {err!r}"[:400])
+        rec["layer_us"] = float("inf")
     return rec
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results/gemm.json")
-    ap.add_argument("--quick", action="store_true", help="two shapes only")
-    ap.add_argument("--paths", default="int8,fp8", help="tensor-core paths to time")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gemm[_quick].json)")
+    ap.add_argument("--quick", action="store_true", help="toy sizes (runs on CPU through the interpreter)")
+    ap.add_argument("--paths", default="auto", help="path arguments to time, comma-separated: auto,int8,fp8")
+    ap.add_argument("--budget", type=float, default=210.0, help="seconds; later shapes are skipped past it")
     args = ap.parse_args()
+    start = time.time()
     torch.backends.cuda.matmul.allow_tf32 = False
-    device = torch.cuda.get_device_name()
+    device = torch.cuda.get_device_name() if CUDA else "cpu (Triton interpreter)"
     ceil = ceilings()
     print(f"{device}: bf16 {ceil['bf16_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s")
     paths = args.paths.split(",")
-    shapes = SHAPES[:1] + SHAPES[4:5] if args.quick else SHAPES
+    for p in paths:
+        resolve_path(p)  # validates
+    shapes, tokens = (QUICK_SHAPES, QUICK_TOKENS) if args.quick or not CUDA else (SHAPES, TOKENS)
     records = []
     hdr = f"{'K':>6} {'N':>6} {'M':>5} {'bf16us':>8} " + " ".join(f"{p + 'us':>8}" for p in paths)
-    print(hdr + f" {'layerus':>8} {'l_int8':>8} {'path':>5} {'gemm_x':>6} {'layer_x':>7} {'TFLOP/s':>7} {'GB/s':>6}")
+    print(
+        hdr + f" {'layerus':>8} {'path':>5} {'gemm_x':>6} {'layer_x':>7} {'TOP/s':>7} {'GB/s':>6} {'exact':>5} config"
+    )
+    name = "gemm_quick.json" if args.quick or not CUDA else "gemm.json"
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+    result = {"device": device, "small_m": SMALL_M, "ceilings": ceil, "records": records, "skipped": []}
     for k, n in shapes:
-        for m in TOKENS:
+        for m in tokens:
+            if time.time() - start > args.budget:
+                result["skipped"].append({"K": k, "N": n, "M": m})
+                print(f"{k:6d} {n:6d} {m:5d} skipped: past the {args.budget:.0f} s budget")
+                continue
             rec = run_shape(k, n, m, paths)
-            # the path the dispatcher picks by default (fp8 codes: fp8 above SMALL_M, else int8)
-            default = "fp8" if m > SMALL_M and "fp8" in paths else "int8"
+            first = paths[0]  # the headline: the first path argument (default "auto", the dispatcher's choice)
             best = min(paths, key=lambda p: rec[f"gemm_{p}_us"])
-            rec.update(path=default, best_path=best, gemm_us=rec[f"gemm_{default}_us"], device=device)
-            t = rec["gemm_us"]
-            rec["gemm_tflops"] = 2 * m * n * k / t / 1e6
+            t = rec[f"gemm_{first}_us"]
+            rec.update(path=resolve_path(first), path_arg=first, best_path=resolve_path(best), gemm_us=t)
+            rec.update(config=rec.get(f"gemm_{first}_config"), decode=m <= SMALL_M, device=device)
+            rec["gemm_tops"] = 2 * m * n * k / t / 1e6
             rec["gemm_gbps"] = (n * k / 2 + m * k + 2 * m * n + 4 * (m + n)) / t / 1e3
             rec["bf16_tflops"] = 2 * m * n * k / rec["bf16_us"] / 1e6
             rec["bf16_gbps"] = 2 * (n * k + m * k + m * n) / rec["bf16_us"] / 1e3
             records.append(rec)
             times = " ".join(f"{rec[f'gemm_{p}_us']:8.1f}" for p in paths)
             print(
-                f"{k:6d} {n:6d} {m:5d} {rec['bf16_us']:8.1f} {times} {rec['layer_us']:8.1f} "
-                f"{rec['layer_int8_us']:8.1f} {default:>5} "
+                f"{k:6d} {n:6d} {m:5d} {rec['bf16_us']:8.1f} {times} {rec['layer_us']:8.1f} {rec['path']:>5} "
                 f"{rec['bf16_us'] / t:6.2f} {rec['bf16_us'] / rec['layer_us']:7.2f} "
-                f"{rec['gemm_tflops']:7.0f} {rec['gemm_gbps']:6.0f}",
+                f"{rec['gemm_tops']:7.0f} {rec['gemm_gbps']:6.0f}  {rec['exact']!s:>5} {rec['config']}",
                 flush=True,
             )
-    kernels = _check_ptx()
-    print("\n".join(kernels))
-    from flatquant.kernels import gemm_w4a4
-
-    tuned = {f"{name}{key}": str(cfg) for name, t in (("large", gemm_w4a4._large), ("small", gemm_w4a4._small))
-             for key, cfg in getattr(t, "cache", {}).items()}  # fmt: skip
-    print("\n".join(f"{k_}: {v}" for k_, v in tuned.items()))
-    result = {
-        "device": device,
-        "small_m": SMALL_M,
-        "ceilings": ceil,
-        "kernels": kernels,
-        "tuned": tuned,
-        "records": records,
-    }
-    for path in [args.out] + ([os.path.join(os.environ["OUT"], "gemm.json")] if os.environ.get("OUT") else []):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+            result["seconds"] = round(time.time() - start, 1)
+            atomic_write_json(out, result)  # after every record: a run cut short keeps what it measured
+    result["kernels"] = _check_ptx() if CUDA else []
+    print("\n".join(result["kernels"]))
+    result["seconds"] = round(time.time() - start, 1)
+    atomic_write_json(out, result)
+    if os.environ.get("OUT"):
+        atomic_write_json(os.path.join(os.environ["OUT"], name), result)
+    print(f"wrote {out} ({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":

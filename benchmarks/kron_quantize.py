@@ -1,22 +1,30 @@
-"""Benchmark the fused Kronecker transform + per-token 4-bit quantization kernel (CUDA only).
+"""Benchmark the fused Kronecker transform + per-token 4-bit quantization kernel.
 
-For each hidden size and token count: the fused kernel (int8 codes and packed int4, fp32 intermediate,
-plus packed with the 16-bit intermediate), the unfused torch.compile path, the BF16 GEMM the operand
-feeds, all timed with triton.testing.do_bench medians (L2 flushed between runs), and the device copy
-bandwidth measured in the same run. Prints a table and writes benchmarks/results/kron_quantize.json.
+For each hidden size and token count: the fused kernel (int8 codes; fp32 and 16-bit intermediate), the
+unfused torch.compile path and the BF16 GEMM the operand feeds, with the device copy bandwidth measured in the
+same run. 1-16 tokens are timed as CUDA-graph replays (decode runs under graphs; no Python launch cost),
+larger counts with triton.testing.do_bench (L2 flushed). Every shape is called once before it is timed, so
+autotuning and compilation stay outside the numbers; the config the autotuner chose is recorded.
+Prints a table and writes benchmarks/results/kron_quantize.json (device name in every record).
 
-    PYTHONPATH=src python benchmarks/kron_quantize.py [--sweep] [--out PATH]
+    PYTHONPATH=src python benchmarks/kron_quantize.py            # CUDA, about 2-3 minutes on an H100
+    PYTHONPATH=src python benchmarks/kron_quantize.py --quick    # toy sizes; runs on CPU (interpreter) too
 """
 
 import argparse
-import json
 import os
+import time
 
 import torch
-import triton
-import triton.testing
 
-from flatquant.kernels.kron_quantize import kron_quantize_triton
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the CPU run goes through Triton's interpreter
+
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+from flatquant.files import atomic_write_json  # noqa: E402
+from flatquant.kernels import kron_quantize as kq  # noqa: E402
 
 # hidden size -> (n1, n2, N of the BF16 GEMM it feeds, which layer)
 SHAPES = {
@@ -26,10 +34,24 @@ SHAPES = {
     8192: (64, 128, 8192, "LLaMA-2/3-70B hidden -> q_proj (8192->8192)"),
 }
 TOKENS = (1, 16, 2048, 8192)
+QUICK_SHAPES = {256: (16, 16, 64, "toy"), 480: (20, 24, 64, "toy, padded tiles")}
+QUICK_TOKENS = (1, 16, 67)
+GRAPH_TOKENS = 16  # at or below: time CUDA-graph replays
 
 
-def _bench(fn, rep=100):
-    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3  # us
+def _bench(fn, tokens: int) -> float:
+    """Median microseconds of fn()."""
+    if not torch.cuda.is_available():  # interpreter: wall clock of a few calls
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        return (time.perf_counter() - t0) / 3 * 1e6
+    if tokens <= GRAPH_TOKENS:
+        try:
+            return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+        except TypeError:  # a triton without return_mode
+            return triton.testing.do_bench_cudagraph(fn, rep=20) * 1e3
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
 
 
 def _unfused(x, p1, p2, clip_max: float, clip_min: float):
@@ -45,98 +67,103 @@ def _unfused(x, p1, p2, clip_max: float, clip_min: float):
 def copy_bandwidth_gbs(nbytes=1 << 30):
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    return 2 * nbytes / (_bench(lambda: dst.copy_(src)) * 1e-6) / 1e9
+    return 2 * nbytes / (_bench(lambda: dst.copy_(src), 1 << 20) * 1e-6) / 1e9
 
 
-def _sweep_shape(n, n1, n2, tokens):
-    x = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
-    p1 = torch.randn(n1, n1, device="cuda", dtype=torch.bfloat16)
-    p2 = torch.randn(n2, n2, device="cuda", dtype=torch.bfloat16)
-    out = []
-    for warps in (4, 8):
-        for stages in (1, 2, 3):
-            for pps in (1, 2, 4):
-                cfg = {"num_warps": warps, "num_stages": stages, "progs_per_sm": pps}
-                try:
-                    us = _bench(lambda c=cfg: kron_quantize_triton(x, p1, p2, config=c), rep=30)
-                except Exception as err:  # out of resources, for instance
-                    print(f"sweep n={n} {cfg}: {type(err).__name__}")
-                    continue
-                out.append({"n": n, "tokens": tokens, **cfg, "kernel_us": round(us, 2)})
-                print(f"sweep n={n:6d} T={tokens} warps={warps} stages={stages} progs/SM={pps}: {us:8.1f} us")
-    return out
+def _tuned_config():
+    cfg = getattr(getattr(kq, "_kron_quantize_tuned", None), "best_config", None)
+    if cfg is None or not kq.AUTOTUNE or not torch.cuda.is_available():
+        return "fixed"
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-def sweep(tokens=8192):
-    """Time launch configurations at one token count; prints, returns the records."""
-    out = []
-    for n, (n1, n2, _, _) in SHAPES.items():
-        out += _sweep_shape(n, n1, n2, tokens)
-    return out
-
-
-def _measure(n, n1, n2, tokens, p1, p2, w, unfused):
-    x = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
-    kernel = _bench(lambda: kron_quantize_triton(x, p1, p2, 0.9, 0.9))
-    packed = _bench(lambda: kron_quantize_triton(x, p1, p2, 0.9, 0.9, pack=True))
-    pk16 = _bench(lambda: kron_quantize_triton(x, p1, p2, 0.9, 0.9, pack=True, intermediate="input"))
-    unf = float("nan") if unfused is None else _bench(lambda: unfused(x, p1, p2, 0.9, 0.9))
-    gemm = _bench(lambda: x @ w)
-    moved = tokens * n * (2 + 1) + tokens * 4 + 2 * (n1 * n1 + n2 * n2)  # bytes, int8 codes
-    rec = {
-        "n": n, "n1": n1, "n2": n2, "tokens": tokens,
-        "kernel_us": round(kernel, 2), "kernel_packed_us": round(packed, 2),
-        "kernel_packed_input_intermediate_us": round(pk16, 2),
-        "unfused_us": round(unf, 2), "gemm_bf16_us": round(gemm, 2),
-        "achieved_gbs": round(moved / (kernel * 1e-6) / 1e9, 1),
-        "torch": torch.__version__, "triton": triton.__version__,
-    }  # fmt: skip
+def _measure(n, n1, n2, tokens, p1, p2, w, unfused, device, intermediates):
+    x = torch.randn(tokens, n, device=device, dtype=torch.bfloat16)
+    rec = {"n": n, "n1": n1, "n2": n2, "tokens": tokens, "kernel_input_intermediate_us": float("nan")}
+    for name, inter in (("kernel_us", "fp32"), ("kernel_input_intermediate_us", "input")):
+        if inter not in intermediates:
+            continue
+        out = kq.kron_quantize_triton(x, p1, p2, 0.9, 0.9, intermediate=inter)  # autotune outside timing
+        ref = kq.kron_quantize_reference(x[:64], p1, p2, 0.9, 0.9, intermediate=inter)
+        mismatch = (out.codes[:64] != ref.codes).float().mean().item()  # ties only: ~1e-5 or less
+        rec[name] = round(
+            _bench(lambda i=inter: kq.kron_quantize_triton(x, p1, p2, 0.9, 0.9, intermediate=i), tokens), 2
+        )
+        rec[name.replace("_us", "_config")] = _tuned_config()
+        rec[name.replace("_us", "_code_mismatch")] = mismatch
+    if unfused is not None:
+        unfused(x, p1, p2, 0.9, 0.9)
+        rec["unfused_us"] = round(_bench(lambda: unfused(x, p1, p2, 0.9, 0.9), tokens), 2)
+    else:
+        rec["unfused_us"] = float("nan")
+    rec["gemm_bf16_us"] = round(_bench(lambda: x @ w, tokens), 2)
+    moved = tokens * n * (2 + 1) + tokens * 4 + 2 * (n1 * n1 + n2 * n2)  # bytes: x, int8 codes, scales, factors
+    rec["achieved_gbs"] = round(moved / (rec["kernel_us"] * 1e-6) / 1e9, 1)
+    rec.update(torch=torch.__version__, triton=triton.__version__)
     return rec
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kron_quantize.json"))
-    ap.add_argument("--sweep", default=None, metavar="PATH", help="also time launch configs, write them here")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kron_quantize[_quick].json)")
+    ap.add_argument("--quick", action="store_true", help="toy sizes (runs on CPU through the interpreter)")
     ap.add_argument("--no-unfused", action="store_true", help="skip the torch.compile baseline")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    device = torch.cuda.get_device_name()
-    copy_gbs = copy_bandwidth_gbs()
-    print(f"device: {device}; copy bandwidth {copy_gbs:.0f} GB/s (read + write, 1 GiB)")
-    if args.sweep:
-        sweep_records = sweep()
-        with open(args.sweep, "w") as f:
-            json.dump(sweep_records, f, indent=1)
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 64)
-    unfused = torch.compile(_unfused)
-    records = []
-    header = (
-        f"{'n':>6} {'n1xn2':>8} {'T':>5} {'kernel':>8} {'packed':>8} {'pk16':>8} {'unfused':>8} "
-        f"{'gemm':>8} {'%gemm':>6} {'x unf':>6} {'GB/s':>6}"
+    ap.add_argument("--budget", type=float, default=210.0, help="seconds; later shapes are skipped past it")
+    ap.add_argument(
+        "--input-intermediate", action="store_true", help='also time intermediate="input" (more autotuning time)'
     )
-    print(header)
-    for n, (n1, n2, gemm_n, layer) in SHAPES.items():
-        p1 = torch.linalg.qr(torch.randn(n1, n1, device="cuda"))[0].to(torch.bfloat16)
-        p2 = torch.linalg.qr(torch.randn(n2, n2, device="cuda"))[0].to(torch.bfloat16)
-        w = torch.randn(n, gemm_n, device="cuda", dtype=torch.bfloat16)
-        for tokens in TOKENS:
-            rec = _measure(n, n1, n2, tokens, p1, p2, w, None if args.no_unfused else unfused)
-            rec.update(gemm_n=gemm_n, gemm_layer=layer, copy_gbs=round(copy_gbs, 1), device=device)
-            records.append(rec)
-            r = rec
+    args = ap.parse_args()
+    start = time.time()
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    name = "kron_quantize_quick.json" if args.quick else "kron_quantize.json"
+    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+    torch.manual_seed(0)
+    device = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
+    copy_gbs = copy_bandwidth_gbs() if cuda else float("nan")
+    print(f"device: {device}; copy bandwidth {copy_gbs:.0f} GB/s (read + write, 1 GiB)")
+    unfused = None
+    if cuda and not args.no_unfused:
+        for opt in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, opt):
+                setattr(torch._dynamo.config, opt, 64)
+        unfused = torch.compile(_unfused, dynamic=True)
+    elif not cuda:
+        unfused = _unfused
+    shapes, token_counts = (QUICK_SHAPES, QUICK_TOKENS) if args.quick or not cuda else (SHAPES, TOKENS)
+    records, skipped = [], []
+    result = {"device": device, "copy_gbs": copy_gbs, "records": records, "skipped": skipped}
+    print(
+        f"{'n':>6} {'n1xn2':>8} {'T':>5} {'kernel':>8} {'k16':>8} {'unfused':>8} {'gemm':>8} {'%gemm':>6} "
+        f"{'x unf':>6} {'GB/s':>6}  config"
+    )
+    for n, (n1, n2, gemm_n, layer) in shapes.items():
+        p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16)
+        p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16)
+        w = torch.randn(n, gemm_n, device=dev, dtype=torch.bfloat16)
+        for tokens in token_counts:
+            if time.time() - start > args.budget:
+                skipped.append({"n": n, "tokens": tokens})
+                print(f"{n:6d} {f'{n1}x{n2}':>8} {tokens:5d} skipped: past the {args.budget:.0f} s budget")
+                continue
+            inters = ("fp32", "input") if args.input_intermediate or not cuda else ("fp32",)
+            r = _measure(n, n1, n2, tokens, p1, p2, w, unfused, dev, inters)
+            r.update(gemm_n=gemm_n, gemm_layer=layer, copy_gbs=round(copy_gbs, 1), device=device)
+            records.append(r)
             print(
-                f"{n:6d} {f'{n1}x{n2}':>8} {tokens:5d} {r['kernel_us']:8.1f} {r['kernel_packed_us']:8.1f} "
-                f"{r['kernel_packed_input_intermediate_us']:8.1f} {r['unfused_us']:8.1f} {r['gemm_bf16_us']:8.1f} "
+                f"{n:6d} {f'{n1}x{n2}':>8} {tokens:5d} {r['kernel_us']:8.1f} "
+                f"{r['kernel_input_intermediate_us']:8.1f} {r['unfused_us']:8.1f} {r['gemm_bf16_us']:8.1f} "
                 f"{100 * r['kernel_us'] / r['gemm_bf16_us']:5.1f}% {r['unfused_us'] / r['kernel_us']:6.2f} "
-                f"{r['achieved_gbs']:6.0f}"
+                f"{r['achieved_gbs']:6.0f}  {r['kernel_config']}",
+                flush=True,
             )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(records, f, indent=1)
-    print(f"wrote {args.out}")
+            result["seconds"] = round(time.time() - start, 1)
+            atomic_write_json(out_path, result)  # after every record: a run cut short keeps what it measured
+    result["seconds"] = round(time.time() - start, 1)
+    atomic_write_json(out_path, result)
+    if os.environ.get("OUT"):
+        atomic_write_json(os.path.join(os.environ["OUT"], name), result)
+    print(f"wrote {out_path} ({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":

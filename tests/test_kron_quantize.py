@@ -38,6 +38,14 @@ VARIANT_PAIR = (86, 128) if CUDA else (24, 40)
 TIE_TOL = 1e-3  # |X'/scale - (k + 1/2)| below this (in code units) counts as a rounding tie
 
 
+@pytest.fixture(autouse=True)
+def _fixed_launch_config(monkeypatch, request):
+    """On the GPU, tests use the fixed default config (autotuning every shape would take minutes); the
+    candidates are checked one by one in test_every_candidate_config, the autotuner in test_autotuned_*."""
+    if "autotuned" not in request.node.name:
+        monkeypatch.setattr(kq, "AUTOTUNE", False)
+
+
 def _factors(n1, n2, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     p1 = torch.linalg.qr(torch.randn(n1, n1, generator=g, dtype=torch.float64))[0] * 1.3
@@ -216,3 +224,127 @@ def test_kernel_column_chunks(monkeypatch, n1, n2, symmetric, pack):
     kw = dict(clip_max=0.9, clip_min=0.85, symmetric=symmetric, pack=pack)
     out = kq.kron_quantize(x, p1, p2, impl="triton", **kw)
     _assert_same(out, kq.kron_quantize_reference(x, p1, p2, **kw), x, p1, p2, symmetric, pack)
+
+
+# ----------------------------------------------------------------------------------- launch configs
+# The autotuner may pick any candidate config on the GPU, so every candidate must give the same codes.
+CONFIG_PAIRS = [(64, 64), (112, 128), (128, 148)] if CUDA else [(6, 10), (16, 16)]
+
+
+@needs_triton
+@pytest.mark.parametrize("n1,n2", CONFIG_PAIRS)
+def test_every_candidate_config(n1, n2):
+    p1, p2 = _factors(n1, n2, seed=11)
+    bn1, bn2 = max(16, kq._next_pow2(n1)), max(16, kq._next_pow2(n2))
+    for bucket, tokens in ((0, 5), (1, 70 if CUDA else 67)):  # token counts not multiples of BLOCK_T
+        x = _inputs(tokens, n1 * n2, torch.bfloat16, seed=bucket)
+        ref = kq.kron_quantize_reference(x, p1, p2, 0.9, 0.8)
+        cfgs = kq.candidate_configs(bn1, bn2, bucket)
+        if not CUDA:  # the interpreter has no register budget: also run the stacked path on these tiles
+            cfgs = cfgs + [dict(cfgs[0], BLOCK_T=4, PROGS_PER_SM=1)]
+        for cfg in cfgs:
+            _assert_same(kq.kron_quantize_triton(x, p1, p2, 0.9, 0.8, config=cfg), ref, x, p1, p2)
+
+
+@needs_triton
+@pytest.mark.parametrize("symmetric,pack,intermediate", [(False, True, "fp32"), (True, False, "input")])
+@pytest.mark.parametrize("which", ["both", "p2_identity", "p1_identity"])
+def test_stacked_tokens_variants(which, symmetric, pack, intermediate):
+    """BLOCK_T tokens per iteration: asymmetric, packed, 16-bit intermediate, identity factors, fp16."""
+    n1, n2 = (32, 48) if CUDA else (8, 12)
+    p1, p2 = _factors(n1, n2, seed=13)
+    p1, p2 = (None, p2) if which == "p1_identity" else (p1, None) if which == "p2_identity" else (p1, p2)
+    x = _inputs(11, n1 * n2, torch.float16, seed=14)
+    x[4] = 0  # a zero token inside a block
+    kw = dict(clip_max=0.9, clip_min=0.85, symmetric=symmetric, pack=pack, intermediate=intermediate)
+    out = kq.kron_quantize_triton(x, p1, p2, config=dict(BLOCK_T=4, PROGS_PER_SM=1), **kw)
+    _assert_same(out, kq.kron_quantize_reference(x, p1, p2, **kw), x, p1, p2, symmetric, pack, intermediate)
+
+
+def test_candidate_configs_respect_limits():
+    """Stacking stays within the register budget, never on column-chunked tiles, never in the latency path."""
+    for bn1 in (16, 32, 64, 128):
+        for bn2 in (16, 32, 64, 128, 256):
+            for bucket in (0, 1):
+                cfgs = kq.candidate_configs(bn1, bn2, bucket)
+                assert cfgs and (bucket == 0 or cfgs[0] == kq._default_config(bn1, bn2, 0))
+                for c in cfgs:
+                    assert c["BLOCK_T"] * bn1 * bn2 <= max(kq._MAX_STACK, bn1 * bn2)
+                    assert c["BLOCK_T"] == 1 or (bucket == 1 and bn1 * bn2 <= kq._MAX_TILE)
+                    assert c["num_warps"] in (4, 8) and c["PROGS_PER_SM"] >= 1
+    assert kq._token_bucket(1) == kq._token_bucket(kq.SMALL_TOKENS) == 0 and kq._token_bucket(65) == 1
+
+
+@needs_triton
+def test_stacked_config_rejected_on_large_tiles():
+    p1, p2 = _factors(16, 16)
+    x = _inputs(3, 256, torch.bfloat16)
+    with pytest.raises(ValueError, match="BLOCK_T=128"):
+        kq.kron_quantize_triton(x, p1, p2, config=dict(BLOCK_T=128))
+
+
+@needs_triton
+def test_identity_p1_with_16bit_intermediate():
+    """p1=None with intermediate="input": X @ P2 rounded to x.dtype is the transform's result (one token
+    per iteration, the default path)."""
+    n1, n2 = (32, 64) if CUDA else (4, 16)
+    _, p2 = _factors(n1, n2, seed=17)
+    x = _inputs(9, n1 * n2, torch.bfloat16, seed=18)
+    out = kq.kron_quantize_triton(x, None, p2, intermediate="input")
+    _assert_same(out, kq.kron_quantize_reference(x, None, p2, intermediate="input"), x, None, p2, intermediate="input")
+
+
+@pytest.mark.skipif(not CUDA, reason="the autotuner runs on CUDA only (the interpreter uses the fixed config)")
+@pytest.mark.parametrize("n1,n2", [(64, 64), (112, 128)])
+def test_autotuned_launch(n1, n2):
+    p1, p2 = _factors(n1, n2, seed=19)
+    for tokens in (3, 1000):
+        x = _inputs(tokens, n1 * n2, torch.bfloat16, seed=tokens)
+        out = kq.kron_quantize(x, p1, p2, 0.9, 0.9)
+        _assert_same(out, kq.kron_quantize_reference(x, p1, p2, 0.9, 0.9), x, p1, p2)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric,pack", [(True, False), (False, True)])
+def test_p1_first_order(dtype, symmetric, pack):
+    """(P1^T X) P2 order (fp32 intermediate split on the left operand) gives the reference's codes."""
+    n1, n2 = (86, 128) if CUDA else (24, 40)
+    p1, p2 = _factors(n1, n2, seed=21)
+    x = _inputs(13, n1 * n2, dtype, seed=22)
+    kw = dict(clip_max=0.8, clip_min=0.7, symmetric=symmetric, pack=pack)
+    out = kq.kron_quantize_triton(x, p1, p2, config=dict(P1_FIRST=1), **kw)
+    _assert_same(out, kq.kron_quantize_reference(x, p1, p2, **kw), x, p1, p2, symmetric, pack)
+
+
+@needs_triton
+@pytest.mark.skipif(CUDA, reason="the GPU runs the real autotuner (test_autotuned_launch)")
+def test_autotuned_plumbing_in_interpreter(monkeypatch):
+    """The autotuned launch path on CPU: key names, config pruning to the call's candidates, grid from the
+    chosen config; timing replaced by a stub (every candidate runs once)."""
+    pruned = []
+
+    def prune(configs, named_args, **kwargs):
+        out = kq._prune(configs, named_args, **kwargs)
+        pruned.append([{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in out])
+        return out
+
+    def bench(fn, quantiles=None, **kwargs):
+        fn()
+        return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+    configs = [kq._as_triton_config(c) for c in kq._ALL_CONFIGS.values()]
+    key = ["N1", "N2", "T_BUCKET", "HAS_P1", "HAS_P2", "SPLIT_Y", "SYMMETRIC", "PACK"]
+    try:
+        tuned = kq.triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, do_bench=bench)
+    except TypeError:
+        pytest.skip("this triton's autotune takes no do_bench")
+    monkeypatch.setattr(kq, "_kron_quantize_tuned", tuned(kq._kron_quantize_kernel))
+    monkeypatch.setattr(kq, "_use_autotuner", lambda config: config is None)
+    p1, p2 = _factors(16, 16, seed=31)
+    for tokens, bucket in ((70, 1), (5, 0)):
+        x = _inputs(tokens, 256, torch.bfloat16, seed=tokens)
+        out = kq.kron_quantize_triton(x, p1, p2, 0.9, 0.8)
+        _assert_same(out, kq.kron_quantize_reference(x, p1, p2, 0.9, 0.8), x, p1, p2)
+        want = kq.candidate_configs(16, 16, bucket)
+        assert sorted(str(sorted(c.items())) for c in pruned[-1]) == sorted(str(sorted(c.items())) for c in want)

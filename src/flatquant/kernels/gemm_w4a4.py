@@ -39,7 +39,17 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None
     _HAS_TRITON = False
 
-__all__ = ["pack_int4", "unpack_int4", "w4a4_gemm", "w4a4_gemm_reference", "SMALL_M", "FP8_MAX_BLOCK_K"]
+__all__ = [
+    "pack_int4",
+    "unpack_int4",
+    "w4a4_gemm",
+    "w4a4_gemm_reference",
+    "last_config",
+    "resolve_path",
+    "SMALL_M",
+    "FP8_MAX_BLOCK_K",
+    "MAX_SPLIT_K",
+]
 
 SMALL_M = 16  # at or below this many tokens the weight-bandwidth-bound (decode) configs are used
 # FP8 path: largest K tile whose partial sum is exact in the FP8 MMA's ~14-bit accumulator (128 * 120 < 2^14)
@@ -233,7 +243,8 @@ if _HAS_TRITON:
             hi = (hi16 >> 4).to(tl.float16).to(tl.float8e4nv)
         return lo, hi
 
-    @triton.jit
+    # one binary for every token count (no specialisation on 1 or on divisibility by 16: fewer compiles)
+    @triton.jit(do_not_specialize=["M", "M_KEY"])
     def _w4a4_gemm_kernel(
         # operands: activation codes (M, K) int8, packed weights (N, K2) uint8, output (M, N)
         x_ptr,
@@ -247,6 +258,9 @@ if _HAS_TRITON:
         bias_ptr,
         # per-group weight scales (N, G) fp32
         gs_ptr,
+        # split-K (decode): int32 partial sums (SPLIT_K, M, N) and one arrival counter per output tile
+        part_ptr,
+        cnt_ptr,
         # sizes and strides (inner strides are 1)
         M,
         N,
@@ -271,6 +285,10 @@ if _HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        SPLIT_K: tl.constexpr,  # > 1: program (tile, s) sums K slice s; the last to finish reduces
+        # INT8 path: compute the transposed tile W @ X^T, so that the weights unpacked in registers feed the
+        # tensor cores as the register operand (no shared-memory round trip) and few tokens are the short side
+        SWAP_AB: tl.constexpr,
     ):
         # grouped launch order: GROUP_M row tiles share the weight tiles they read from L2
         pid = tl.program_id(0)
@@ -291,17 +309,26 @@ if _HAS_TRITON:
         # clamp rows instead of masking them in the loop: out-of-range rows are never stored
         rows_x = tl.where(mask_m, offs_m, 0)
         rows_w = tl.where(mask_n, offs_n, 0)
-        x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :]  # (BM, BK)
-        w_ptrs = w_ptr + rows_w[:, None] * stride_wn + offs_kh[None, :]  # (BN, BK/2)
+        # K range of this program: all of K, or a BLOCK_K-aligned slice of it (split-K)
+        k_lo = 0
+        k_hi = K
+        if SPLIT_K > 1:
+            k_per = ((K + BLOCK_K * SPLIT_K - 1) // (BLOCK_K * SPLIT_K)) * BLOCK_K
+            k_lo = tl.program_id(1) * k_per
+            k_hi = min(K, k_lo + k_per)
+        x_ptrs = x_ptr + rows_x[:, None] * stride_xm + k_lo + offs_k[None, :]  # (BM, BK)
+        w_ptrs = w_ptr + rows_w[:, None] * stride_wn + k_lo // 2 + offs_kh[None, :]  # (BN, BK/2)
 
         if USE_FP8:
             acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
+        elif SWAP_AB:
+            acc_t = tl.full((BLOCK_N, BLOCK_M), 0, tl.int32)
         else:
             acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
         if HAS_GROUP:
             accf = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
 
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 x = tl.load(x_ptrs)  # (BM, BK) int8
                 p = tl.load(w_ptrs)  # (BN, BK/2) uint8
@@ -331,18 +358,38 @@ if _HAS_TRITON:
                 else:
                     x = x.to(tl.float16).to(tl.float8e4nv)
                 acc += tl.dot(x, tl.trans(w), max_num_imprecise_acc=BLOCK_K)
+            elif SWAP_AB:
+                acc_t = tl.dot(w, tl.trans(x), acc_t, out_dtype=tl.int32)  # (BN, BM)
             else:
                 acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)  # (BM, BN)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K // 2
 
-        # epilogue: integer sums -> scaled output
-        if HAS_GROUP:
+        if SWAP_AB and not USE_FP8 and not HAS_GROUP:
+            acc = tl.trans(acc_t)  # (BM, BN)
+        # integer sums -> fp32
+        if SPLIT_K > 1:
+            # publish this slice's int32 sums; the last program of the tile to arrive adds all slices (exact),
+            # runs the epilogue and resets the tile's counter for the next launch; the others store nothing
+            tile = offs_m[:, None] * N + offs_n[None, :]
+            tl.store(part_ptr + tl.program_id(1) * M * N + tile, acc, mask=mask_m[:, None] & mask_n[None, :])
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            last = arrived == SPLIT_K - 1
+            mask_m = mask_m & ((offs_m * 0 + arrived) == SPLIT_K - 1)  # (BM,): all rows, or none
+            mask_mn = mask_m[:, None] & mask_n[None, :]
+            acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+            for s in range(0, SPLIT_K):
+                acc += tl.load(part_ptr + s * M * N + tile, mask=mask_mn, other=0, cache_modifier=".cg")
+            tl.atomic_add(cnt_ptr + pid, tl.where(last, -SPLIT_K, 0))  # back to 0 once all have arrived
+            res = (acc >> 4).to(tl.float32)
+        elif HAS_GROUP:
             res = accf
         elif USE_FP8:
             res = acc
         else:
             res = (acc >> 4).to(tl.float32)  # exact: every product carried a factor 16
+        # epilogue: zero-point correction, scales, bias, one rounding
         if HAS_ZERO:
             xz = tl.load(xz_ptr + offs_m, mask=mask_m, other=0.0)  # (BM,)
             zc = tl.load(zc_ptr + offs_n, mask=mask_n, other=0.0)  # (BN,)
@@ -358,36 +405,96 @@ if _HAS_TRITON:
 
     _kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_w4a4_gemm_kernel)
 
-    def _cfg(bm, bn, bk, warps, stages, group_m=8):
+    def _cfg(bm, bn, bk, warps, stages, group_m=8, split_k=1, swap=False):
         return triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "SPLIT_K": split_k, "SWAP_AB": swap},
             num_warps=warps,
             num_stages=stages,
         )
 
-    # prefill: compute-bound tiles on wgmma (BLOCK_M >= 64 per warpgroup)
+    # prefill (M > SMALL_M): compute-bound tiles on wgmma (BLOCK_M >= 64 per warpgroup). The first four are the
+    # configs of the earlier H100 runs; then a deeper pipeline with a wider swizzle group, a longer K step, and
+    # SWAP_AB tiles (the unpacked weights as the register operand of wgmma: no shared-memory round trip)
     LARGE_CONFIGS = [
         _cfg(128, 128, 128, 8, 4),
         _cfg(128, 256, 128, 8, 3),
         _cfg(256, 128, 128, 8, 3),
         _cfg(64, 128, 128, 4, 4),
+        _cfg(128, 256, 128, 8, 4, 16),
+        _cfg(128, 128, 256, 8, 3),
+        _cfg(128, 128, 128, 8, 4, swap=True),
+        _cfg(256, 128, 128, 8, 3, swap=True),
+        _cfg(128, 256, 128, 8, 3, swap=True),
     ]
-    # decode: one 16-row tile of tokens, narrow weight tiles so that N / BLOCK_N CTAs fill the SMs
+    # decode (M <= SMALL_M): one 16-row tile of tokens. Narrow weight tiles on mma.sync so that many CTAs
+    # stream the packed weights; SWAP_AB tiles put the weights on the long side of wgmma (64/128 rows) and the
+    # 16 tokens on the short one; split-K (SPLIT_K slices of K in separate CTAs, int32 partials summed exactly
+    # by the last one) keeps more weight bytes in flight when N alone gives too few CTAs
     SMALL_CONFIGS = [
         _cfg(16, 32, 512, 4, 3, 1),
         _cfg(16, 32, 1024, 4, 3, 1),
         _cfg(16, 64, 256, 4, 4, 1),
+        _cfg(16, 16, 1024, 4, 4, 1),
+        _cfg(16, 32, 512, 4, 3, 1, 2),
+        _cfg(16, 64, 512, 4, 3, 1, 4),
+        _cfg(16, 32, 256, 4, 4, 1, 4),
+        _cfg(16, 64, 256, 4, 4, 1, 1, True),
+        _cfg(16, 128, 256, 8, 4, 1, 1, True),
+        _cfg(16, 64, 512, 4, 3, 1, 2, True),
+        _cfg(16, 128, 256, 8, 4, 1, 4, True),
     ]
-    # decode tiles for the FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K keeps every partial sum exact
+    # decode tiles for the FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K keeps every partial sum exact; no split-K
     SMALL_CONFIGS_FP8 = [
         _cfg(16, 32, 128, 4, 4, 1),
         _cfg(16, 64, 128, 4, 4, 1),
     ]
     _KEY = ["M_KEY", "N", "K", "HAS_ZERO", "HAS_BIAS", "USE_FP8", "X_FP8"]
     _large = triton.autotune(LARGE_CONFIGS, key=_KEY)(_kernel)
+    # FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K (exact tile sums); SWAP_AB is an INT8-path option; at most 128x128
+    # output tiles (the per-tile fp32 sum doubles the accumulator registers: 128x256 spilled in the sm_90 build)
+    LARGE_CONFIGS_FP8 = [
+        c
+        for c in LARGE_CONFIGS
+        if c.kwargs["BLOCK_K"] <= FP8_MAX_BLOCK_K
+        and not c.kwargs["SWAP_AB"]
+        and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128
+    ] + [_cfg(128, 64, 128, 4, 4)]
+    _large_fp8 = triton.autotune(LARGE_CONFIGS_FP8, key=_KEY)(_kernel)
     # decode kernels take a few microseconds: time the candidates under CUDA graphs, not launch overhead
     _small = triton.autotune(SMALL_CONFIGS, key=_KEY, use_cuda_graph=True)(_kernel)
     _small_fp8 = triton.autotune(SMALL_CONFIGS_FP8, key=_KEY, use_cuda_graph=True)(_kernel)
+
+MAX_SPLIT_K = 4  # the largest SPLIT_K of any config; the partial-sum workspace is sized for it
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_k_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one per output tile, reused across calls (each launch leaves them at 0).
+
+    Split-K launches that share a device must not run concurrently on different streams.
+    """
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def last_config(m: int, path: str = "auto") -> dict | None:
+    """The tile config the autotuner chose for the last prefill (m > SMALL_M) or decode call on ``path``
+    ("auto"/"int8" or "fp8"), or None."""
+    if not _HAS_TRITON:
+        return None
+    tuned = (_large_fp8 if path == "fp8" else _large) if m > SMALL_M else (_small_fp8 if path == "fp8" else _small)
+    cfg = getattr(tuned, "best_config", None)
+    if cfg is None:
+        return None
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _use_autotuner(group_size: int | None) -> bool:
+    """Whether a launch without a fixed config is autotuned (compiled Triton; groups need a fixed BLOCK_K)."""
+    return not _interpreting() and group_size is None
 
 
 def _triton_unavailable_reason(x: torch.Tensor) -> str | None:
@@ -426,6 +533,14 @@ def _w4a4_gemm_triton(
             zc = (wg * w_group_scale.to(**f32)).sum(dim=1)
         zc = zc.contiguous()
     gs = w_group_scale.to(**f32).contiguous() if group_size is not None else dummy
+    split_ok = m <= SMALL_M and group_size is None and path != "fp8"
+    if split_ok and (config is None or config.get("SPLIT_K", 1) > 1):
+        part = torch.empty(
+            (MAX_SPLIT_K if config is None else config["SPLIT_K"]) * m * n, device=dev, dtype=torch.int32
+        )
+        counters = _split_k_counters(dev, triton.cdiv(m, 16) * triton.cdiv(n, 16))
+    else:
+        part = counters = dummy
     args = (
         x_codes.view(torch.int8),  # fp8 codes travel as their bytes (masked loads fill int 0 = fp8 +0)
         w_packed,
@@ -436,6 +551,8 @@ def _w4a4_gemm_triton(
         zc,
         bias.contiguous() if bias is not None else dummy,
         gs,
+        part,
+        counters,
         m,
         n,
         k,
@@ -455,7 +572,7 @@ def _w4a4_gemm_triton(
         X_FP8=x_fp8,
         USE_ASM=not _interpreting(),
     )
-    if config is None and (_interpreting() or group_size is not None):
+    if config is None and not _use_autotuner(group_size):
         # no autotuning in the interpreter; groups need BLOCK_K to divide group_size
         bm = 16 if m <= SMALL_M else 64
         bk = 64 if group_size is None else max(32, min(128, group_size & -group_size))
@@ -463,24 +580,39 @@ def _w4a4_gemm_triton(
         if not _interpreting():
             config.update(num_warps=4, num_stages=3)
     if config is not None:
-        bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+        config = {"SPLIT_K": 1, "SWAP_AB": False, **config}
+        bm, bn, bk, sk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
         if flags["USE_FP8"] and bk > FP8_MAX_BLOCK_K:
             raise ValueError(f"the fp8 path needs BLOCK_K <= {FP8_MAX_BLOCK_K} for exact sums, got BLOCK_K={bk}")
         if group_size is not None and group_size % bk:
             raise ValueError(f"group_size={group_size} must be a multiple of BLOCK_K={bk} (and of 32)")
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        if sk > 1 and not split_ok:
+            raise ValueError(f"SPLIT_K={sk} needs the int8 path without group scales and M <= {SMALL_M}, got {m=}")
+        if not 1 <= sk <= MAX_SPLIT_K:
+            raise ValueError(f"SPLIT_K must be in [1, {MAX_SPLIT_K}], got {sk}")
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), sk)
+        if _interpreting():
+            config = {k_: v for k_, v in config.items() if k_ not in ("num_warps", "num_stages")}
         _kernel[grid](*args, **flags, **config)
     else:
         if m > SMALL_M:
-            tuned = _large  # BLOCK_K = 128 in every config
+            tuned = _large_fp8 if flags["USE_FP8"] else _large
         else:
             tuned = _small_fp8 if flags["USE_FP8"] else _small
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
         tuned[grid](*args, **flags)
     return out
+
+
+def resolve_path(path: str, group_size: int | None = None) -> str:
+    """The tensor-core path the Triton kernel really takes for a ``path`` argument: "auto" is "int8" (faster
+    than fp8 at every shape measured on H100, docs/kernels-gemm.md); group scales always run on "int8"."""
+    if path not in ("auto", "int8", "fp8"):
+        raise ValueError(f"path must be 'auto', 'int8' or 'fp8', got {path=}")
+    return "int8" if path == "auto" or group_size is not None else path
 
 
 def w4a4_gemm(
@@ -525,9 +657,8 @@ def w4a4_gemm(
         )
     if reason is not None:
         raise RuntimeError(f"w4a4_gemm(impl='triton') cannot run: {reason}")
-    if path == "auto":
-        path = "int8"  # faster than fp8 at every measured shape on H100 (docs/kernels-gemm.md)
-    if (path == "int8" or group_size is not None) and x_codes.dtype != torch.int8:
+    path = resolve_path(path, group_size)
+    if path == "int8" and x_codes.dtype != torch.int8:
         x_codes = x_codes.to(torch.int8)  # exact: the codes are small integers
     return _w4a4_gemm_triton(
         x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype, path, config

@@ -28,6 +28,7 @@ Contract shared by the kernel and the reference (the rest of the library depends
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -202,7 +203,24 @@ if triton is not None:
                 acc = _dot(p1t, y_lo, acc, INTERPRET)
                 return _dot(p1t, y_hi, acc, INTERPRET)
             return _dot(p1t, _round_to(y, dt, INTERPRET), acc, INTERPRET)  # exact when y == x
-        return y
+        if SPLIT_Y:
+            return y
+        return _round_to(y, dt, INTERPRET).to(tl.float32)  # the 16-bit intermediate is the result
+
+    @triton.jit
+    def _right_factor(yt, p1, dt: tl.constexpr, HAS_P1: tl.constexpr, SPLIT_Y: tl.constexpr, INTERPRET):
+        """yt @ P1, fp32 (rows, BN1): the stacked, transposed form of P1^T @ Y_t (rows = tokens x BN2)."""
+        if HAS_P1:
+            acc = tl.full(yt.shape, 0.0, tl.float32)
+            if SPLIT_Y:
+                y_hi = _round_to(yt, dt, INTERPRET)
+                y_lo = _round_to(yt - y_hi.to(tl.float32), dt, INTERPRET)
+                acc = _dot(y_lo, p1, acc, INTERPRET)
+                return _dot(y_hi, p1, acc, INTERPRET)
+            return _dot(_round_to(yt, dt, INTERPRET), p1, acc, INTERPRET)
+        if SPLIT_Y:
+            return yt
+        return _round_to(yt, dt, INTERPRET).to(tl.float32)
 
     @triton.jit
     def _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC: tl.constexpr, BITS: tl.constexpr):
@@ -257,6 +275,46 @@ if triton is not None:
             tl.store(q_ptr + row0 + ra[:, None] * N2 + rb[None, :], qi.to(tl.int8), mask=m)
 
     @triton.jit
+    def _quantize_store_tokens(
+        z,
+        scale,
+        zero,
+        q_ptr,
+        t64,
+        tmask,
+        N1,
+        N2,
+        BT: tl.constexpr,
+        BN1: tl.constexpr,
+        BN2: tl.constexpr,
+        SYMMETRIC: tl.constexpr,
+        BITS: tl.constexpr,
+        PACK: tl.constexpr,
+    ):
+        """Quantize z (BT, BN1, BN2) fp32 (BT tokens) with per-token scale / zero (BT,); store the codes."""
+        s3 = scale[:, None, None]
+        if SYMMETRIC:
+            v = tl.math.div_rn(z, s3)
+            q = _rint(tl.minimum(tl.maximum(v, -(2.0 ** (BITS - 1))), 2.0 ** (BITS - 1) - 1))
+        else:
+            q = _rint(tl.math.div_rn(z, s3)) + zero[:, None, None]
+            q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1)
+        qi = q.to(tl.int32)
+        ra = tl.arange(0, BN1)
+        base = t64 * (N1 * N2)  # (BT,) int64, in codes
+        mt = tmask[:, None, None] & (ra[None, :, None] < N1)
+        if PACK:
+            lo, hi = tl.split(tl.reshape(qi, (BT, BN1, BN2 // 2, 2)))  # even / odd columns
+            byte = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
+            rh = tl.arange(0, BN2 // 2)
+            offs = base[:, None, None] // 2 + ra[None, :, None] * (N2 // 2) + rh[None, None, :]
+            tl.store(q_ptr + offs, byte, mask=mt & (rh[None, None, :] < N2 // 2))
+        else:
+            rb = tl.arange(0, BN2)
+            offs = base[:, None, None] + ra[None, :, None] * N2 + rb[None, None, :]
+            tl.store(q_ptr + offs, qi.to(tl.int8), mask=mt & (rb[None, None, :] < N2))
+
+    @triton.jit
     def _column_chunk(
         x_ptr,
         p2_ptr,
@@ -297,7 +355,8 @@ if triton is not None:
             ).to(tl.float32)
         return _left_factor(y, p1t, dt, HAS_P1, SPLIT_Y, INTERPRET)
 
-    @triton.jit
+    # one binary for every token count (no specialisation on 1 or on divisibility by 16: fewer compiles)
+    @triton.jit(do_not_specialize=["n_tokens", "T_BUCKET"])
     def _kron_quantize_kernel(
         # pointers: x (T, n) row stride stride_xt; p1 (N1, N1); p2 (N2, N2); q codes; scale/zero (T,)
         x_ptr,
@@ -311,6 +370,7 @@ if triton is not None:
         clip_min,
         n_tokens,
         stride_xt,
+        T_BUCKET,  # token-count bucket: an autotune key, unused in the body
         # shapes: the token tile is (BN1, BN2) = (N1, N2) padded to powers of two >= 16
         N1: tl.constexpr,
         N2: tl.constexpr,
@@ -326,55 +386,115 @@ if triton is not None:
         BITS: tl.constexpr,
         PACK: tl.constexpr,
         INTERPRET: tl.constexpr,  # CPU interpreter workarounds
+        # launch config (autotuned): tokens stacked per iteration, programs per SM (read by the grid only)
+        BLOCK_T: tl.constexpr,
+        PROGS_PER_SM: tl.constexpr,
+        # one token per iteration, fp32 intermediate, both factors: compute (P1^T X) P2, so that the split
+        # fp32 intermediate is the left operand of the second product (registers, not shared memory)
+        P1_FIRST: tl.constexpr,
     ):
-        # Persistent: each program loads the factors once and loops over tokens pid, pid + G, ...
+        # Persistent: each program loads the factors once and loops over token blocks pid, pid + G, ...
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         ra = tl.arange(0, BN1)
         rb = tl.arange(0, BN2)
         mask = (ra[:, None] < N1) & (rb[None, :] < N2)  # (BN1, BN2)
         dt = x_ptr.dtype.element_ty
-        # p1t[i, a] = P1[a, i]; zero padding keeps padded rows of X' at 0
         m1 = (ra[:, None] < N1) & (ra[None, :] < N1)
-        p1t = tl.load(p1_ptr + ra[None, :] * N1 + ra[:, None], mask=m1 & HAS_P1, other=0.0)  # (BN1, BN1)
-        if BC == BN2 and HAS_P2:
-            m2 = (rb[:, None] < N2) & (rb[None, :] < N2)
-            p2 = tl.load(p2_ptr + rb[:, None] * N2 + rb[None, :], mask=m2, other=0.0)  # (BN2, BN2)
-
-        for i in range(0, (n_tokens - pid + nprog - 1) // nprog):
-            t64 = (pid + i * nprog).to(tl.int64)  # token index; int64 offsets for huge T * n
-            xrow = t64 * stride_xt
-            if BC == BN2:
-                x = tl.load(x_ptr + xrow + ra[:, None] * N2 + rb[None, :], mask=mask, other=0.0)
+        if BLOCK_T > 1:
+            # BLOCK_T tokens per iteration: X @ P2 as one (BLOCK_T * BN1, BN2) product, then P1^T @ Y_t for
+            # every token as one stacked product of the transposed intermediates, (BLOCK_T * BN2, BN1) @ P1
+            p1 = tl.load(p1_ptr + ra[:, None] * N1 + ra[None, :], mask=m1 & HAS_P1, other=0.0)  # (BN1, BN1)
+            if HAS_P2:
+                m2 = (rb[:, None] < N2) & (rb[None, :] < N2)
+                p2 = tl.load(p2_ptr + rb[:, None] * N2 + rb[None, :], mask=m2, other=0.0)  # (BN2, BN2)
+            rt = tl.arange(0, BLOCK_T)
+            n_blocks = (n_tokens + BLOCK_T - 1) // BLOCK_T
+            for i in range(0, (n_blocks - pid + nprog - 1) // nprog):
+                t64 = (pid + i * nprog).to(tl.int64) * BLOCK_T + rt  # (BT,) token indices
+                tmask = t64 < n_tokens
+                m3 = tmask[:, None, None] & mask[None, :, :]  # (BT, BN1, BN2)
+                offs = t64[:, None, None] * stride_xt + ra[None, :, None] * N2 + rb[None, None, :]
+                x = tl.load(x_ptr + offs, mask=m3, other=0.0)  # (BT, BN1, BN2)
                 if HAS_P2:
-                    y = _dot(x, p2, tl.full((BN1, BN2), 0.0, tl.float32), INTERPRET)  # (BN1, BN2)
+                    y = _dot(
+                        tl.reshape(x, (BLOCK_T * BN1, BN2)),
+                        p2,
+                        tl.full((BLOCK_T * BN1, BN2), 0.0, tl.float32),
+                        INTERPRET,
+                    )
                 else:
-                    y = x.to(tl.float32)
-                z = _left_factor(y, p1t, dt, HAS_P1, SPLIT_Y, INTERPRET)  # (BN1, BN2) fp32
-                zmax = _tile_max(tl.where(mask, z, -float("inf")))
-                zmin = _tile_min(tl.where(mask, z, float("inf")))
-                scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC, BITS)
-                _quantize_store(z, scale, zero, q_ptr, t64 * (N1 * N2), 0, N1, N2, BN1, BN2, SYMMETRIC, BITS, PACK)
-            else:
-                zmax = tl.full((), -float("inf"), tl.float32)
-                zmin = tl.full((), float("inf"), tl.float32)
-                for j0 in range(0, BN2, BC):
-                    z = _column_chunk(
-                        x_ptr, p2_ptr, p1t, xrow, j0, N1, N2, BN1, BN2, BC, BC, HAS_P1, HAS_P2, SPLIT_Y, INTERPRET
-                    )
-                    rj = j0 + tl.arange(0, BC)
-                    mj = (ra[:, None] < N1) & (rj[None, :] < N2)
-                    zmax = tl.maximum(zmax, _tile_max(tl.where(mj, z, -float("inf"))))
-                    zmin = tl.minimum(zmin, _tile_min(tl.where(mj, z, float("inf"))))
-                scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC, BITS)
-                for j0 in range(0, BN2, BC):  # recompute: cheaper than a round trip through memory
-                    z = _column_chunk(
-                        x_ptr, p2_ptr, p1t, xrow, j0, N1, N2, BN1, BN2, BC, BC, HAS_P1, HAS_P2, SPLIT_Y, INTERPRET
-                    )
-                    _quantize_store(z, scale, zero, q_ptr, t64 * (N1 * N2), j0, N1, N2, BN1, BC, SYMMETRIC, BITS, PACK)
-            tl.store(scale_ptr + t64, scale)
-            if not SYMMETRIC:
-                tl.store(zero_ptr + t64, zero)
+                    y = tl.reshape(x.to(tl.float32), (BLOCK_T * BN1, BN2))
+                if HAS_P1:
+                    yt = tl.reshape(tl.permute(tl.reshape(y, (BLOCK_T, BN1, BN2)), (0, 2, 1)), (BLOCK_T * BN2, BN1))
+                    zt = _right_factor(yt, p1, dt, HAS_P1, SPLIT_Y, INTERPRET)  # (BT * BN2, BN1)
+                    z = tl.permute(tl.reshape(zt, (BLOCK_T, BN2, BN1)), (0, 2, 1))  # (BT, BN1, BN2)
+                else:
+                    z = tl.reshape(_right_factor(y, p1, dt, HAS_P1, SPLIT_Y, INTERPRET), (BLOCK_T, BN1, BN2))
+                zmax = tl.reduce(
+                    tl.reduce(tl.where(m3, z, -float("inf")), 2, tl.standard._elementwise_max),
+                    1,
+                    tl.standard._elementwise_max,
+                )  # (BT,)
+                zmin = tl.reduce(
+                    tl.reduce(tl.where(m3, z, float("inf")), 2, tl.standard._elementwise_min),
+                    1,
+                    tl.standard._elementwise_min,
+                )
+                scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC, BITS)  # (BT,)
+                _quantize_store_tokens(
+                    z, scale, zero, q_ptr, t64, tmask, N1, N2, BLOCK_T, BN1, BN2, SYMMETRIC, BITS, PACK
+                )
+                tl.store(scale_ptr + t64, scale, mask=tmask)
+                if not SYMMETRIC:
+                    tl.store(zero_ptr + t64, zero, mask=tmask)
+        else:
+            # one token per iteration. p1t[i, a] = P1[a, i]; zero padding keeps padded rows of X' at 0
+            p1t = tl.load(p1_ptr + ra[None, :] * N1 + ra[:, None], mask=m1 & HAS_P1, other=0.0)  # (BN1, BN1)
+            if BC == BN2 and HAS_P2:
+                m2 = (rb[:, None] < N2) & (rb[None, :] < N2)
+                p2 = tl.load(p2_ptr + rb[:, None] * N2 + rb[None, :], mask=m2, other=0.0)  # (BN2, BN2)
+
+            for i in range(0, (n_tokens - pid + nprog - 1) // nprog):
+                t64 = (pid + i * nprog).to(tl.int64)  # token index; int64 offsets for huge T * n
+                xrow = t64 * stride_xt
+                if BC == BN2:
+                    x = tl.load(x_ptr + xrow + ra[:, None] * N2 + rb[None, :], mask=mask, other=0.0)
+                    if P1_FIRST and HAS_P1 and HAS_P2 and SPLIT_Y:
+                        w = _dot(p1t, x, tl.full((BN1, BN2), 0.0, tl.float32), INTERPRET)  # P1^T X, exact products
+                        z = _right_factor(w, p2, dt, True, True, INTERPRET)  # (BN1, BN2) fp32
+                    else:
+                        if HAS_P2:
+                            y = _dot(x, p2, tl.full((BN1, BN2), 0.0, tl.float32), INTERPRET)  # (BN1, BN2)
+                        else:
+                            y = x.to(tl.float32)
+                        z = _left_factor(y, p1t, dt, HAS_P1, SPLIT_Y, INTERPRET)  # (BN1, BN2) fp32
+                    zmax = _tile_max(tl.where(mask, z, -float("inf")))
+                    zmin = _tile_min(tl.where(mask, z, float("inf")))
+                    scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC, BITS)
+                    _quantize_store(z, scale, zero, q_ptr, t64 * (N1 * N2), 0, N1, N2, BN1, BN2, SYMMETRIC, BITS, PACK)
+                else:
+                    zmax = tl.full((), -float("inf"), tl.float32)
+                    zmin = tl.full((), float("inf"), tl.float32)
+                    for j0 in range(0, BN2, BC):
+                        z = _column_chunk(
+                            x_ptr, p2_ptr, p1t, xrow, j0, N1, N2, BN1, BN2, BC, BC, HAS_P1, HAS_P2, SPLIT_Y, INTERPRET
+                        )
+                        rj = j0 + tl.arange(0, BC)
+                        mj = (ra[:, None] < N1) & (rj[None, :] < N2)
+                        zmax = tl.maximum(zmax, _tile_max(tl.where(mj, z, -float("inf"))))
+                        zmin = tl.minimum(zmin, _tile_min(tl.where(mj, z, float("inf"))))
+                    scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC, BITS)
+                    for j0 in range(0, BN2, BC):  # recompute: cheaper than a round trip through memory
+                        z = _column_chunk(
+                            x_ptr, p2_ptr, p1t, xrow, j0, N1, N2, BN1, BN2, BC, BC, HAS_P1, HAS_P2, SPLIT_Y, INTERPRET
+                        )
+                        _quantize_store(
+                            z, scale, zero, q_ptr, t64 * (N1 * N2), j0, N1, N2, BN1, BC, SYMMETRIC, BITS, PACK
+                        )
+                tl.store(scale_ptr + t64, scale)
+                if not SYMMETRIC:
+                    tl.store(zero_ptr + t64, zero)
 
 
 def _next_pow2(v: int) -> int:
@@ -386,23 +506,115 @@ def _interpreting() -> bool:
     return triton is not None and type(_kron_quantize_kernel).__name__ == "InterpretedFunction"
 
 
+_CONFIG_ALIASES = {"progs_per_sm": "PROGS_PER_SM", "block_t": "BLOCK_T"}
 _SM_COUNT: dict[int, int] = {}
+SMALL_TOKENS = 64  # at or below: the latency path (one token per program, no token stacking)
+# Register budget of the stacked path: BLOCK_T * BN1 * BN2 fp32 elements of X' per iteration
+_MAX_STACK = 128 * 128
+# Autotuning on CUDA (set False, or FLATQUANT_AUTOTUNE=0, for the fixed heuristic config)
+AUTOTUNE = os.environ.get("FLATQUANT_AUTOTUNE", "1") != "0"
 
 
-def _default_config(bn1: int, bn2: int, n_tokens: int, device: torch.device) -> dict:
-    """Launch heuristics from a sweep on H100 at 8192 tokens (benchmarks/kron_quantize.py --sweep):
-    4 warps up to 64x128 tiles, 8 above; 3 pipeline stages except at 64x128; 4 programs per SM."""
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _token_bucket(n_tokens: int) -> int:
+    """Autotune key for the token count: 0 = latency path (<= SMALL_TOKENS), 1 = throughput path."""
+    return 0 if n_tokens <= SMALL_TOKENS else 1
+
+
+def _default_config(bn1: int, bn2: int, n_tokens: int) -> dict:
+    """The fixed launch config (interpreter, FLATQUANT_AUTOTUNE=0): the previous H100 sweep's best one
+    token per iteration config (4 warps up to 64x128 tiles, 8 above; 3 stages except 2 at 64x128;
+    4 programs per SM)."""
     tile = bn1 * bn2
-    num_warps = 4 if tile <= 8192 else 8
-    num_stages = 2 if tile == 8192 else 3
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        sms = _SM_COUNT[idx]
-    else:
-        sms = 4
-    return {"num_warps": num_warps, "num_stages": num_stages, "progs_per_sm": 4, "sms": sms}
+    return {
+        "BLOCK_T": 1,
+        "P1_FIRST": 0,
+        "PROGS_PER_SM": 4,
+        "num_warps": 4 if tile <= 8192 else 8,
+        "num_stages": 2 if tile == 8192 else 3,
+    }
+
+
+def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) -> list[dict]:
+    """The launch configs the autotuner chooses among for a (BN1, BN2) tile and token bucket.
+
+    Latency path (bucket 0): one token per program, 4 or 8 warps, both product orders. Throughput path:
+    the fixed default; (P1^T X) P2 order (``P1_FIRST``, the split fp32 intermediate stays in registers);
+    token stacking (BLOCK_T tokens per iteration, up to _MAX_STACK elements); fewer pipeline stages and
+    programs per SM (less shared memory). p1_first: whether P1_FIRST changes anything for the call (fp32
+    intermediate and both factors); when not, its configs are left out.
+    """
+    tile = bn1 * bn2
+    default = _default_config(bn1, bn2, 0)
+    orders = (0, 1) if p1_first else (0,)
+    if bucket == 0:
+        # 4 warps spill a 128x128 fp32 tile (seen in the sm_90 build): 8 warps only from 128x128 up
+        warps = (4, 8) if tile < 128 * 128 else (8,)
+        return [dict(default, num_stages=1, num_warps=w, P1_FIRST=o) for o in orders for w in warps]
+    out = [default]
+    if tile > _MAX_TILE:  # column-chunked tiles: one token per iteration, product order fixed
+        return out + [dict(default, num_warps=4, num_stages=2)]
+    if p1_first:
+        out.append(dict(default, P1_FIRST=1))
+        if tile >= 128 * 128:
+            out.append(dict(default, P1_FIRST=1, num_stages=2, PROGS_PER_SM=2))
+    if tile >= 128 * 128:
+        return out + [dict(default, num_stages=2, PROGS_PER_SM=2)]
+    for bt in (2, 4, 8):
+        if bt * tile <= _MAX_STACK:
+            warps = 4 if bt * tile <= 4096 else 8
+            pps = 4 if bt * tile <= 8192 else 2
+            out.append(dict(default, BLOCK_T=bt, PROGS_PER_SM=pps, num_warps=warps, num_stages=2))
+    if tile == 8192:
+        out.append(dict(default, num_warps=8, num_stages=3))
+    return out
+
+
+def _as_triton_config(cfg: dict):
+    meta = {"BLOCK_T": cfg["BLOCK_T"], "PROGS_PER_SM": cfg["PROGS_PER_SM"], "P1_FIRST": cfg["P1_FIRST"]}
+    return triton.Config(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+if triton is not None:
+    # every candidate of every tile / bucket; early_config_prune keeps those of the call's tile and bucket
+    _ALL_CONFIGS = {
+        tuple(sorted(c.items())): c
+        for bn1 in (16, 32, 64, 128, 256)
+        for bn2 in (16, 32, 64, 128, 256)
+        for bucket in (0, 1)
+        for c in candidate_configs(bn1, bn2, bucket, True)
+    }
+
+    def _prune(configs, named_args, **kwargs):
+        a = {**named_args, **kwargs}
+        p1_first = a["SPLIT_Y"] and a["HAS_P1"] and a["HAS_P2"]
+        keep = candidate_configs(a["BN1"], a["BN2"], a["T_BUCKET"], p1_first)
+        want = [tuple(sorted(c.items())) for c in keep]
+        got = [
+            c
+            for c in configs
+            if tuple(sorted({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}.items())) in want
+        ]
+        return got or configs[:1]
+
+    _kron_quantize_tuned = triton.autotune(
+        [_as_triton_config(c) for c in _ALL_CONFIGS.values()],
+        key=["N1", "N2", "T_BUCKET", "HAS_P1", "HAS_P2", "SPLIT_Y", "SYMMETRIC", "PACK"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(_kron_quantize_kernel)
+
+
+def _use_autotuner(config: dict | None) -> bool:
+    """Whether a launch goes through the autotuner (CUDA, no fixed config, AUTOTUNE on)."""
+    return config is None and AUTOTUNE and not _interpreting()
 
 
 def triton_unavailable_reason(x: torch.Tensor) -> str | None:
@@ -429,7 +641,9 @@ def kron_quantize_triton(
 ) -> KronQuantized:
     """The fused Triton kernel (one launch); same contract as :func:`kron_quantize_reference`.
 
-    config: optional launch overrides (num_warps, num_stages, progs_per_sm), for benchmarking.
+    config: a fixed launch config instead of the autotuner (keys BLOCK_T, PROGS_PER_SM, P1_FIRST, num_warps,
+    num_stages; missing keys from the default; see ``candidate_configs``), for tests and benchmarks. On
+    CUDA without it the launch is autotuned among ``candidate_configs`` (``AUTOTUNE``).
     """
     reason = triton_unavailable_reason(x)
     if reason is not None:
@@ -451,37 +665,31 @@ def kron_quantize_triton(
     if n_tokens > 0:
         bn1, bn2 = max(16, _next_pow2(n1)), max(16, _next_pow2(n2))
         bc = bn2 if bn1 * bn2 <= _MAX_TILE else 64
-        cfg = _default_config(bn1, bn2, n_tokens, x.device)
-        cfg.update(config or {})
-        grid = (min(n_tokens, cfg["sms"] * cfg["progs_per_sm"]),)
-        extra = {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
-        _kron_quantize_kernel[grid](
-            x2,
-            p1c,
-            p2c,
-            codes,
-            scale,
-            zero if zero is not None else scale,
-            float(clip_max),
-            float(clip_min),
-            n_tokens,
-            x2.stride(0),
-            N1=n1,
-            N2=n2,
-            BN1=bn1,
-            BN2=bn2,
-            BC=bc,
-            HAS_P1=p1 is not None,
-            HAS_P2=p2 is not None,
-            SPLIT_Y=intermediate == "fp32",
-            SYMMETRIC=symmetric,
-            BITS=bits,
-            PACK=pack,
-            INTERPRET=_interpreting(),
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
-            **extra,
-        )
+        sms = _sm_count(x.device)
+        args = (x2, p1c, p2c, codes, scale, zero if zero is not None else scale)
+        args += (float(clip_max), float(clip_min), n_tokens, x2.stride(0), _token_bucket(n_tokens))
+        # the shape and variant constexprs go positionally (N1 ... INTERPRET), so that the autotuner's key and
+        # its config pruning see them among the named arguments in every Triton version
+        args += (n1, n2, bn1, bn2, bc, p1 is not None, p2 is not None, intermediate == "fp32", symmetric, bits, pack)
+        args += (_interpreting(),)
+        meta = {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
+
+        def grid(m):
+            return (max(1, min(triton.cdiv(n_tokens, m["BLOCK_T"]), sms * m["PROGS_PER_SM"])),)
+
+        if _use_autotuner(config):
+            _kron_quantize_tuned[grid](*args, **meta)
+        else:
+            cfg = _default_config(bn1, bn2, n_tokens)
+            cfg.update({_CONFIG_ALIASES.get(k, k): v for k, v in (config or {}).items()})
+            if cfg["BLOCK_T"] > 1 and (bc != bn2 or cfg["BLOCK_T"] * bn1 * bn2 > _MAX_STACK):
+                raise ValueError(
+                    f"BLOCK_T={cfg['BLOCK_T']} stacks tokens only for tiles up to {_MAX_STACK} elements in all "
+                    f"(BLOCK_T * BN1 * BN2), got a {bn1}x{bn2} tile"
+                )
+            if _interpreting():
+                cfg.pop("num_warps"), cfg.pop("num_stages")
+            _kron_quantize_kernel[grid({**cfg})](*args, **meta, **cfg)
     codes = codes.reshape(*lead, codes.shape[-1])
     return KronQuantized(codes, scale.reshape(lead), None if zero is None else zero.reshape(lead))
 

@@ -1,0 +1,140 @@
+"""Compile every autotune candidate of the Hopper kernels for sm_90 on the CPU and report their resources.
+
+No GPU needed: Triton compiles to a cubin with its bundled ptxas, and cuobjdump reads registers, stack
+(spills) and the tensor-core instructions (HGMMA/IGMMA = wgmma, HMMA/IMMA = mma.sync) from it; shared memory
+comes from the compiler's metadata. Use it to drop candidates that spill or exceed shared memory before a
+GPU run. Takes a few seconds per kernel.
+
+    PYTHONPATH=src python benchmarks/sm90_report.py [--kron 112x128,64x64] [--gemm small,large] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from flatquant.files import atomic_write_json  # noqa: E402
+from flatquant.kernels import gemm_w4a4 as gw  # noqa: E402
+from flatquant.kernels import kron_quantize as kq  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on H100 (227 KB)
+
+
+def compile_sm90(fn, sig: dict, const: dict, div16: list[str], options: dict):
+    """Compile a @triton.jit function for sm_90: sig maps argument name -> type, const the constexprs;
+    div16 names the arguments to assume 16-divisible (as Triton does for aligned pointers and strides)."""
+    while not hasattr(fn, "arg_names"):
+        fn = fn.fn  # unwrap autotuners / heuristics
+    names = fn.arg_names
+    full = {n: "constexpr" if n in const else sig[n] for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = ASTSource(fn, full, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def resources(kernel) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True).stdout  # fmt: skip
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    ops = collections.Counter(m.split(".")[0] for m in re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]+)", sass))
+    return {
+        "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
+        "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+        "smem": kernel.metadata.shared,
+        "wgmma": ops["HGMMA"] + ops["IGMMA"] + ops["QGMMA"],
+        "mma_sync": ops["HMMA"] + ops["IMMA"],
+        "instructions": sum(ops.values()),
+    }
+
+
+def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
+    sig = dict.fromkeys(["x_ptr", "p1_ptr", "p2_ptr"], "*bf16") | {"q_ptr": "*i8"}
+    sig |= dict.fromkeys(["scale_ptr", "zero_ptr"], "*fp32") | dict.fromkeys(["clip_max", "clip_min"], "fp32")
+    sig |= dict.fromkeys(["n_tokens", "stride_xt", "T_BUCKET"], "i32")
+    out = []
+    for n1, n2 in pairs:
+        bn1, bn2 = max(16, kq._next_pow2(n1)), max(16, kq._next_pow2(n2))
+        bc = bn2 if bn1 * bn2 <= kq._MAX_TILE else 64
+        for bucket in (0, 1):
+            for cfg in kq.candidate_configs(bn1, bn2, bucket):
+                const = dict(N1=n1, N2=n2, BN1=bn1, BN2=bn2, BC=bc, HAS_P1=True, HAS_P2=True, SPLIT_Y=True)
+                const |= dict(SYMMETRIC=True, BITS=4, PACK=False, INTERPRET=False)
+                const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST")}
+                opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
+                div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt"]
+                rec = {"kernel": "kron_quantize", "n1": n1, "n2": n2, "bucket": bucket, **cfg}
+                out.append(
+                    _report(rec, lambda c=const, o=opts, d=div16: compile_sm90(kq._kron_quantize_kernel, sig, c, d, o))
+                )
+    return out
+
+
+def gemm_reports(sets: list[str]) -> list[dict]:
+    ptrs = ["x_ptr", "w_ptr", "out_ptr", "xs_ptr", "ws_ptr", "xz_ptr", "zc_ptr", "bias_ptr", "gs_ptr"]
+    types = {"x_ptr": "*i8", "w_ptr": "*u8", "out_ptr": "*bf16", "part_ptr": "*i32", "cnt_ptr": "*i32"}
+    sig = {p: types.get(p, "*fp32") for p in ptrs + ["part_ptr", "cnt_ptr"]}
+    ints = ["M", "N", "K", "K2", "M_KEY", "group_size", "stride_xm", "stride_wn", "stride_om", "stride_gn"]
+    sig |= dict.fromkeys(ints, "i32")
+    div16 = ["x_ptr", "w_ptr", "out_ptr", "K", "K2", "N", "stride_xm", "stride_wn", "stride_om"]
+    configs = {"large": gw.LARGE_CONFIGS, "small": gw.SMALL_CONFIGS, "large_fp8": gw.LARGE_CONFIGS_FP8}
+    configs["small_fp8"] = gw.SMALL_CONFIGS_FP8
+    out = []
+    for name in sets:
+        for c in configs[name]:
+            fp8 = name.endswith("fp8")
+            const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_GROUP=False, USE_FP8=fp8, X_FP8=fp8, USE_ASM=True)
+            const |= dict(EVEN_K=True, **c.kwargs)
+            opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
+            rec = {"kernel": "w4a4_gemm", "set": name, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+            out.append(_report(rec, lambda c=const, o=opts: compile_sm90(gw._w4a4_gemm_kernel, sig, c, div16, o)))
+    return out
+
+
+def _report(rec: dict, build) -> dict:
+    try:
+        rec.update(resources(build()))
+        rec["ok"] = rec["stack"] == 0 and rec["smem"] <= SMEM_LIMIT
+    except Exception as err:  # a candidate that does not compile is a finding, not a crash
+        rec.update(ok=False, error=f"{type(err).__name__}: {str(err)[:300]}")
+    flag = "ok " if rec["ok"] else "BAD"
+    detail = rec.get("error") or (
+        f"regs {rec['regs']:3d} stack {rec['stack']:4d} smem {rec['smem']:6d} wgmma {rec['wgmma']:3d} "
+        f"mma.sync {rec['mma_sync']:3d}"
+    )
+    cfg = {
+        k: v for k, v in rec.items() if k not in ("regs", "stack", "smem", "wgmma", "mma_sync", "instructions", "ok")
+    }
+    print(f"{flag} {detail}  {cfg}", flush=True)
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kron", default="24x24,64x64,64x128,86x128,112x128,128x148", help="n1xn2 factor pairs")
+    ap.add_argument("--gemm", default="large,small,large_fp8,small_fp8", help="GEMM config sets")
+    ap.add_argument("--json", default=None, help="also write the records here")
+    args = ap.parse_args()
+    pairs = [tuple(int(v) for v in p.split("x")) for p in args.kron.split(",") if p]
+    records = kron_reports(pairs) + gemm_reports([s for s in args.gemm.split(",") if s])
+    bad = [r for r in records if not r["ok"]]
+    print(f"{len(records)} kernels, {len(bad)} with spills, too much shared memory or compile errors")
+    if args.json:
+        atomic_write_json(args.json, {"target": "sm_90", "triton": triton.__version__, "records": records})
+
+
+if __name__ == "__main__":
+    main()
