@@ -4,7 +4,7 @@ from .arch import ArchSpec, register_architecture, supported_architectures
 from .calibrate import CalibrationResult
 from .checkpoint import load_quantized, save_quantized
 from .config import FlatQuantConfig, preset
-from .pipeline import merge_model, quantize
+from .pipeline import merge_model, quantize, round_weights
 
 __all__ = [
     "ArchSpec",
@@ -15,6 +15,7 @@ __all__ = [
     "preset",
     "quantize",
     "register_architecture",
+    "round_weights",
     "save_quantized",
     "supported_architectures",
 ]

@@ -43,11 +43,12 @@ class CalibrationResult:
     state: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     losses: dict[int, float] = field(default_factory=dict)
     seconds: float = 0.0
+    rounded: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # GPTQ codes per block
 
 
 def fingerprint(config: FlatQuantConfig, model: nn.Module, data: torch.Tensor | None) -> str:
     """Identifies a calibration job: config, model shape and calibration tokens."""
-    h = hashlib.sha256(config.to_json().encode())
+    h = hashlib.sha256(json.dumps(config.calibration_dict(), indent=2, sort_keys=True).encode())
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     if data is not None:
         h.update(data.numpy().tobytes())
@@ -254,7 +255,7 @@ def calibrate(
         y = stats = None
         if needs_data:
             y, stats = _fp_forward(layer, spec, x, kwargs, cfg.batch_size, saved is None)
-        prepare_block(layer, spec, model.config, cfg, stats, generator=g)
+        prepare_block(layer, spec, model.config, cfg, stats, generator=g, layer_name=f"{spec.layers}.{i}")
         layer.to(device)
         if saved is not None:
             load_calibration_state(layer, saved)
@@ -288,6 +289,8 @@ def _calibrate_one(layer, x, y, kwargs, cfg, bar, index: int) -> float:
         if isinstance(m, CALIBRATED_TYPES):
             for p in m.parameters():
                 p.requires_grad_(True)
+    if not any(p.requires_grad for p in layer.parameters()):
+        return float("nan")  # nothing in this block is quantized (e.g. a block kept in 16 bits)
     lr_scale = 1.0
     for _attempt in range(3):
         with fused_calibration(x.device):
