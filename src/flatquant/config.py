@@ -151,6 +151,15 @@ def _check_overrides(overrides) -> None:
                 raise ValueError(f"override {pattern!r}: {key}={value!r} is out of range: allowed integers 2..16")
 
 
+def describe_overrides(overrides: dict[str, dict[str, int]]) -> str | None:
+    """A short text such as ``down_proj: W8A8; layers.0.: W8`` (None without overrides)."""
+    if not overrides:
+        return None
+    short = {"w_bits": "W", "a_bits": "A", "k_bits": "K", "v_bits": "V"}
+    parts = [f"{p}: " + "".join(f"{short[k]}{v}" for k, v in bits.items()) for p, bits in overrides.items()]
+    return "; ".join(parts)
+
+
 PRESETS: dict[str, dict] = {
     # method.md section 4: 128 x 2048 windows, 15 epochs, batch 4, bf16 autocast.
     "paper": {},
