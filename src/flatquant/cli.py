@@ -220,6 +220,10 @@ def cmd_quantize(args) -> list[dict]:
         raise FileExistsError(f"{output} exists; pass --overwrite or choose another --output")
     model, tokenizer = load_model(args.model, args.dtype)
     original = copy.deepcopy(model) if args.baselines else None
+    windows = None
+    if cfg.method == "flatquant" or cfg.weight_method == "gptq":
+        ids = tokenize(tokenizer, load_text(args.calib_data))
+        windows = calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
     records = []
     if args.baselines:
         ppl = _evaluate(original, tokenizer, args, "fp")
@@ -228,15 +232,11 @@ def cmd_quantize(args) -> list[dict]:
             base = copy.deepcopy(original)
             bcfg = cfg.replace(method=method)
             t0 = time.perf_counter()
-            quantize(base, bcfg, device=args.device, progress=not args.quiet)
+            quantize(base, bcfg, windows, device=args.device, progress=not args.quiet)
             seconds = time.perf_counter() - t0
             ppl = _evaluate(base, tokenizer, args, method)
             records.append(_record(args, method, bcfg, ppl, seconds, _zeroshot(base, tokenizer, args)))
             del base
-    windows = None
-    if cfg.method == "flatquant":
-        ids = tokenize(tokenizer, load_text(args.calib_data))
-        windows = calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
     t0 = time.perf_counter()
     quantize(model, cfg, windows, device=args.device, state_dir=output + ".state", progress=not args.quiet)
     seconds = time.perf_counter() - t0
