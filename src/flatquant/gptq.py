@@ -63,9 +63,7 @@ def gptq_codes(
         perm = torch.argsort(torch.diagonal(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
         col_scale, col_zero = col_scale[:, perm], col_zero[:, perm]
-    h.diagonal().add_(damping * torch.diagonal(h).mean())
-    # Upper Cholesky factor of H^-1: row i holds the error-feedback weights of column i over columns > i.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = _inverse_cholesky(h, damping)
     codes = torch.zeros_like(w)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -83,6 +81,18 @@ def gptq_codes(
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return codes, scale, zero
+
+
+def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping·mean(diag H)·I)^-1; row i holds the error-feedback weights of
+    column i over the columns after it. Damping grows tenfold (up to three times) if H is not positive definite."""
+    mean_diag = torch.diagonal(h).mean()
+    for attempt in range(4):
+        damped = h + damping * 10**attempt * mean_diag * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if info.item() == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    raise ValueError(f"the Hessian is not positive definite even with damping {damping * 1000:g}")
 
 
 def code_dtype(quant: WeightQuantizer) -> torch.dtype:
