@@ -14,9 +14,9 @@ from flatquant.quantizer import ActivationQuantizer, WeightQuantizer
 
 SETTINGS = {  # name: (config fields, weight method)
     "w4a4kv4": ({}, "rtn"),
-    "w4a4kv4-gptq-g16": ({"w_group_size": 16}, "gptq"),
+    "w4a4kv4-gptq-g24": ({"w_group_size": 24}, "gptq"),  # 64 = 2 x 24 + 16: a shorter last group
     "w4a16": ({"a_bits": 16, "k_bits": 16, "v_bits": 16}, "gptq"),
-    "w3a16-g16": ({"w_bits": 3, "a_bits": 16, "k_bits": 16, "v_bits": 16, "w_group_size": 16}, "rtn"),
+    "w3a16-g24": ({"w_bits": 3, "a_bits": 16, "k_bits": 16, "v_bits": 16, "w_group_size": 24}, "rtn"),
     "w4a8": ({"a_bits": 8, "k_bits": 16, "v_bits": 16}, "rtn"),
     "k4v4": ({"w_bits": 16, "a_bits": 16}, "rtn"),
     "k3v3": ({"w_bits": 16, "a_bits": 16, "k_bits": 3, "v_bits": 3}, "rtn"),
@@ -50,8 +50,11 @@ def _trainable(model, kind):
 
 def test_weight_only_calibration_trains_no_activation_or_kv_clipping(tokens):
     model = tiny_model("llama")
-    fq.quantize(model, _cfg(a_bits=16, k_bits=16, v_bits=16), tokens, device="cpu", progress=False, merge=False)
+    cfg = _cfg(a_bits=16, k_bits=16, v_bits=16, w_group_size=24)
+    fq.quantize(model, cfg, tokens, device="cpu", progress=False, merge=False)
     assert _trainable(model, ActivationQuantizer) == []
+    clip = model.model.layers[0].mlp.down_proj.quant.clip_max  # LWC per group: 96 = 4 x 24 columns
+    assert clip.shape == (64, 4, 1) and len(torch.unique(clip)) > 1  # learned, group by group
     assert all(m.p_h is None for m in model.modules() if isinstance(m, AttentionQuant))
     assert len(_trainable(model, WeightQuantizer)) == 2 * 7 * 2  # clip_max, clip_min of 7 linears per block
     assert all(m.kron is not None for m in model.modules() if isinstance(m, OnlineTransform))
