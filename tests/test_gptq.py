@@ -156,3 +156,15 @@ def test_one_calibration_rounded_both_ways(tokens):
 def test_gptq_needs_calibration_windows():
     with pytest.raises(ValueError, match="weight_method='gptq' needs calibration windows"):
         fq.quantize(tiny_model("llama"), fq.FlatQuantConfig(method="rtn", weight_method="gptq"))
+
+
+def test_rtn_and_gptq_share_a_calibration_state(tokens):
+    from flatquant.calibrate import fingerprint
+
+    model, cfg = tiny_model("llama"), _cfg()
+    same = cfg.replace(weight_method="gptq", gptq_act_order=True, gptq_damping=0.1)
+    assert fingerprint(same, model, tokens) == fingerprint(cfg, model, tokens)
+    assert fingerprint(cfg.replace(overrides={"down_proj": {"a_bits": 8}}), model, tokens) != fingerprint(
+        cfg, model, tokens
+    )
+    assert "overrides" not in cfg.calibration_dict() and "gptq_damping" not in cfg.calibration_dict()
