@@ -105,6 +105,10 @@ def code_dtype(quant: WeightQuantizer) -> torch.dtype:
     raise AssertionError(f"no integer dtype for codes {qmin}..{qmax}")
 
 
+class _StageDone(Exception):
+    """Raised once every linear of a stage has seen its input: the rest of the block is not needed."""
+
+
 def _run_block(layer: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int) -> torch.Tensor:
     out = torch.empty_like(x)
     for s in range(0, x.shape[0], batch_size):
@@ -114,8 +118,11 @@ def _run_block(layer: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int)
 
 
 def _hessians(layer, linears: dict[str, FlatQuantLinear], x, kwargs, batch_size) -> dict[str, torch.Tensor]:
-    """X^T X / n (float64) of each linear's input over all windows, from one pass through the block."""
-    sums, counts = {}, {}
+    """X^T X / n (float64) of each linear's input over all windows, from one pass through the block.
+
+    Each batch stops as soon as every linear of ``linears`` has seen its input.
+    """
+    sums, counts, seen = {}, {}, set()
 
     def observer(name):
         def observe(inp: torch.Tensor) -> None:
@@ -123,13 +130,21 @@ def _hessians(layer, linears: dict[str, FlatQuantLinear], x, kwargs, batch_size)
             xtx = (flat.transpose(0, 1) @ flat).double()
             sums[name] = xtx if name not in sums else sums[name] + xtx
             counts[name] = counts.get(name, 0) + flat.shape[0]
+            seen.add(name)
+            if len(seen) == len(linears):
+                raise _StageDone
 
         return observe
 
     for name, lin in linears.items():
         lin.input_observer = observer(name)
     try:
-        _run_block(layer, x, kwargs, batch_size)
+        for s in range(0, x.shape[0], batch_size):
+            seen.clear()
+            try:
+                layer(x[s : s + batch_size], **kwargs)
+            except _StageDone:
+                pass
     finally:
         for lin in linears.values():
             lin.input_observer = None
