@@ -115,12 +115,13 @@ def main() -> None:
         )
 
 
-def _run(run: str, base, texts, calib_ids, extra: dict, args) -> list[dict]:
-    """Calibrate ``run`` once, then evaluate it with each weight rounding; one record per rounding."""
+def _run(run: str, base, texts, calib_ids, extra: dict, args):
+    """Calibrate ``run`` once, then evaluate it with each weight rounding; yields one record per rounding."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if run == "fp":
-        return [_record(run, args, None, None, base, texts, None, None)]
+        yield _record(run, args, None, None, base, texts, None, None)
+        return
     method, setting = run.split("-", 1)
     cfg = fq.preset(args.preset, method=method, **SETTINGS[setting], **extra)
     windows = calibration_windows(calib_ids, cfg.nsamples, cfg.seqlen, cfg.seed)
@@ -130,7 +131,6 @@ def _run(run: str, base, texts, calib_ids, extra: dict, args) -> list[dict]:
     result = fq.quantize(model, cfg, windows, state_dir=state, merge=False)
     calib_seconds = time.perf_counter() - t0
     rounds = args.weights if _quantizes_weights(cfg) else [None]
-    out = []
     for k, weights in enumerate(rounds):
         m = model if k == len(rounds) - 1 else copy.deepcopy(model)  # the last rounding may consume the original
         t0 = time.perf_counter()
@@ -138,10 +138,8 @@ def _run(run: str, base, texts, calib_ids, extra: dict, args) -> list[dict]:
         round_seconds = time.perf_counter() - t0
         if args.save and run == "flatquant-w4a4kv4":
             fq.save_quantized(m, f"{args.save}-{weights}", overwrite=True)
-        rec = _record(run, args, m.flatquant.config, weights, m, texts, calib_seconds, round_seconds)
-        out.append(rec)
+        yield _record(run, args, m.flatquant.config, weights, m, texts, calib_seconds, round_seconds)
         del m
-    return out
 
 
 def _quantizes_weights(cfg) -> bool:
