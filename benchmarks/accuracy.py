@@ -10,7 +10,7 @@ replaced; the file is locked while it is rewritten, so several processes may sha
 
     python benchmarks/accuracy.py                       # the default runs, paper preset (use a GPU)
     python benchmarks/accuracy.py --runs flatquant-w4a16 rtn-w4a16 --state-dir runs/state
-    python benchmarks/accuracy.py --preset quick --eval-windows 4 --runs fp rtn-w4a4kv4 --results /tmp/a.json
+    python benchmarks/accuracy.py --preset quick --eval-windows 4 --runs fp rtn-w4a4kv4 --results runs/quick.json
 """
 
 from __future__ import annotations
