@@ -1,17 +1,24 @@
-"""Accuracy benchmark: FP vs RTN vs fixed rotation vs FlatQuant on the default model (SmolLM2-135M).
+"""Accuracy benchmark: FP vs RTN vs fixed rotation vs FlatQuant, RTN or GPTQ weights, several bit settings.
 
-Perplexity on the offline ``wiki`` and ``c4`` texts in non-overlapping 2048-token windows, W4A4KV4
-(weights and activations symmetric, KV asymmetric, RTN weights), plus W4A16. Prints a table and writes
-``benchmarks/results/accuracy.json`` (records keyed by model, method and bits are replaced).
+SmolLM2-135M (the default model), perplexity on the offline ``wiki`` and ``c4`` texts in non-overlapping
+2048-token windows. A run is ``METHOD-SETTING`` (e.g. ``flatquant-w4a16``) or ``fp``. Each run calibrates
+once and then rounds the weights of deep copies of the calibrated model with every ``--weights`` method, so
+RTN and GPTQ of one setting share one calibration and give one record each (a setting without weight
+quantization, e.g. K4V4, gives one record with ``weights`` null). Prints a table and merges the records
+into ``benchmarks/results/accuracy.json`` (a record with the same model, method, bits, weights and notes is
+replaced; the file is locked while it is rewritten, so several processes may share it).
 
-    python benchmarks/accuracy.py                       # everything, paper preset (use a GPU)
-    python benchmarks/accuracy.py --preset quick --eval-windows 4 --runs fp rtn
+    python benchmarks/accuracy.py                       # the default runs, paper preset (use a GPU)
+    python benchmarks/accuracy.py --runs flatquant-w4a16 rtn-w4a16 --state-dir runs/state
+    python benchmarks/accuracy.py --preset quick --eval-windows 4 --runs fp rtn-w4a4kv4 --results runs/quick.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
 import json
 import os
 import time
@@ -19,19 +26,30 @@ import time
 import torch
 
 import flatquant as fq
+from flatquant.config import describe_overrides
 from flatquant.data import calibration_windows, eval_windows, load_text, tokenize
 from flatquant.evaluate import perplexity
 from flatquant.files import atomic_write_json
 from flatquant.loading import DEFAULT_MODEL, load_model
 
-RUNS = {  # name: (method, bit overrides)
-    "fp": (None, {}),
-    "rtn": ("rtn", {}),
-    "rotation": ("rotation", {}),
-    "flatquant": ("flatquant", {}),
-    "rtn-w4a16": ("rtn", {"a_bits": 16, "k_bits": 16, "v_bits": 16}),
-    "flatquant-w4a16": ("flatquant", {"a_bits": 16, "k_bits": 16, "v_bits": 16}),
+OFF = {"a_bits": 16, "k_bits": 16, "v_bits": 16}
+SETTINGS = {  # name: config fields
+    "w4a4kv4": {},
+    "w4a16": {**OFF},
+    "w3a16": {**OFF, "w_bits": 3},
+    "w4a8": {**OFF, "a_bits": 8},
+    "k4v4": {"w_bits": 16, "a_bits": 16},
+    "k3v3": {"w_bits": 16, "a_bits": 16, "k_bits": 3, "v_bits": 3},
+    "k2v2": {"w_bits": 16, "a_bits": 16, "k_bits": 2, "v_bits": 2},
+    "w3a3kv3": {"w_bits": 3, "a_bits": 3, "k_bits": 3, "v_bits": 3},
+    "w4a4kv4-down8": {"overrides": {"down_proj": {"w_bits": 8, "a_bits": 8}}},  # the paper's mixed precision
 }
+METHODS = ("flatquant", "rtn", "rotation")
+RUNS = ["fp"] + [f"{m}-{s}" for m in METHODS for s in SETTINGS]
+ALIASES = {"rtn": "rtn-w4a4kv4", "rotation": "rotation-w4a4kv4", "flatquant": "flatquant-w4a4kv4"}
+DEFAULT_RUNS = ["fp", "rotation-w4a4kv4"] + [
+    f"{m}-{s}" for m in ("flatquant", "rtn") for s in ("w4a4kv4", "w4a16", "w3a16", "k4v4", "w3a3kv3", "w4a4kv4-down8")
+]
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "accuracy.json")
 
 
@@ -39,91 +57,145 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def _parse_set(items: list[str]) -> dict:
+    overrides = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+    return overrides
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--preset", default="paper")
-    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=DEFAULT_RUNS,
+        choices=RUNS + list(ALIASES),
+        metavar="RUN",
+        help=f"fp or METHOD-SETTING with METHOD in {METHODS}, SETTING in {list(SETTINGS)}",
+    )
+    p.add_argument("--weights", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"], help="weight rounding")
     p.add_argument("--eval-windows", type=int, default=None, help="at most this many windows per text")
     p.add_argument("--calib-data", default="wiki-summaries", help="calibration text: name or file")
     p.add_argument("--wiki", default="wiki", help="the wiki evaluation text: name or file")
     p.add_argument("--c4", default="c4", help="the c4 evaluation text: name or file")
     p.add_argument("--label", default=None, help="model name written in the records [default --model]")
-    p.add_argument("--save", default=None, help="save the FlatQuant W4A4KV4 calibration to this folder")
+    p.add_argument("--save", default=None, help="save flatquant-w4a4kv4 to SAVE-rtn / SAVE-gptq")
     p.add_argument("--results", default=RESULTS)
-    p.add_argument("--state-dir", default=None, help="resumable calibration state of the FlatQuant runs")
+    p.add_argument("--state-dir", default=None, help="resumable calibration state, one subfolder per run")
     p.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. epochs=5 weight_decay=0.01")
     args = p.parse_args()
-    overrides = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+    extra = _parse_set(args.set)
+    runs = [ALIASES.get(r, r) for r in args.runs]
 
     base, tok = load_model(args.model)
     sources = {"wiki": args.wiki, "c4": args.c4}
     texts = {n: eval_windows(tokenize(tok, load_text(src)), 2048, args.eval_windows) for n, src in sources.items()}
     calib_ids = tokenize(tok, load_text(args.calib_data))
     records = []
-    for run in args.runs:
-        method, bits = RUNS[run]
-        model = copy.deepcopy(base)
-        cfg, seconds, peak = None, None, None
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        if method is not None:
-            cfg = fq.preset(args.preset, method=method, **bits, **overrides)
-            windows = None
-            if method == "flatquant":
-                windows = calibration_windows(calib_ids, cfg.nsamples, cfg.seqlen, cfg.seed)
-            t0 = time.perf_counter()
-            state = None if args.state_dir is None or method != "flatquant" else f"{args.state_dir}/{run}"
-            fq.quantize(model, cfg, windows, state_dir=state)
-            seconds = time.perf_counter() - t0
-            if torch.cuda.is_available():
-                peak = torch.cuda.max_memory_allocated()
-            if args.save and run == "flatquant":
-                fq.save_quantized(model, args.save, overwrite=True)
-        ppl = {f"{name}_ppl": perplexity(model, w, desc=f"{run} {name}") for name, w in texts.items()}
-        rec = {
-            "model": args.label or args.model,
-            "method": method or "fp",
-            "w_bits": cfg.w_bits if cfg else 16,
-            "a_bits": cfg.a_bits if cfg else 16,
-            "kv_bits": cfg.k_bits if cfg else 16,
-            "weights": "rtn" if cfg else None,
-            **ppl,
-            "eval_windows": {name: int(w.shape[0]) for name, w in texts.items()},
-            "calib_seconds": seconds,
-            "peak_gpu_bytes": peak,
-            "device": _device_name(),
-            "preset": args.preset if cfg and method == "flatquant" else None,
-            "config": cfg.to_dict() if cfg else None,
-            "torch": torch.__version__,
-        }
-        records.append(rec)
-        _merge_results(args.results, [rec])  # written as we go: a cut-off run keeps what it measured
-        print(json.dumps({k: rec[k] for k in ("method", "w_bits", "a_bits", "kv_bits", "wiki_ppl", "c4_ppl")}))
-        del model
+    for run in runs:
+        for rec in _run(run, base, texts, calib_ids, extra, args):
+            records.append(rec)
+            _merge_results(args.results, [rec])  # written as we go: a cut-off run keeps what it measured
+            print(json.dumps({k: rec[k] for k in ("run", "weights", "wiki_ppl", "c4_ppl", "notes")}), flush=True)
 
-    print(f"\n{'run':<18}{'W/A/KV':<10}{'wiki PPL':>10}{'c4 PPL':>10}{'calib s':>10}{'peak GiB':>10}  device")
-    for run, r in zip(args.runs, records, strict=True):
+    header = f"{'run':<24}{'weights':<8}{'W/A/K/V':<11}{'wiki PPL':>10}{'c4 PPL':>10}{'calib s':>9}{'round s':>9}"
+    print(f"\n{header}{'peak GiB':>9}  device")
+    for r in records:
         secs = f"{r['calib_seconds']:.1f}" if r["calib_seconds"] is not None else "-"
+        rnd = f"{r['round_seconds']:.1f}" if r["round_seconds"] is not None else "-"
         peak = f"{r['peak_gpu_bytes'] / 2**30:.2f}" if r["peak_gpu_bytes"] else "-"
-        bits = f"{r['w_bits']}/{r['a_bits']}/{r['kv_bits']}"
-        print(f"{run:<18}{bits:<10}{r['wiki_ppl']:>10.2f}{r['c4_ppl']:>10.2f}{secs:>10}{peak:>10}  {r['device']}")
+        bits = f"{r['w_bits']}/{r['a_bits']}/{r['kv_bits']}/{r['v_bits']}"
+        print(
+            f"{r['run']:<24}{r['weights'] or '-':<8}{bits:<11}{r['wiki_ppl']:>10.2f}{r['c4_ppl']:>10.2f}"
+            f"{secs:>9}{rnd:>9}{peak:>9}  {r['device']}" + (f"  ({r['notes']})" if r["notes"] else "")
+        )
+
+
+def _run(run: str, base, texts, calib_ids, extra: dict, args):
+    """Calibrate ``run`` once, then evaluate it with each weight rounding; yields one record per rounding."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if run == "fp":
+        yield _record(run, args, None, None, base, texts, None, None)
+        return
+    method, setting = run.split("-", 1)
+    cfg = fq.preset(args.preset, method=method, **SETTINGS[setting], **extra)
+    windows = calibration_windows(calib_ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+    model = copy.deepcopy(base)
+    state = None if args.state_dir is None or method != "flatquant" else os.path.join(args.state_dir, run)
+    t0 = time.perf_counter()
+    result = fq.quantize(model, cfg, windows, state_dir=state, merge=False)
+    calib_seconds = time.perf_counter() - t0
+    rounds = args.weights if _quantizes_weights(cfg) else [None]
+    for k, weights in enumerate(rounds):
+        m = model if k == len(rounds) - 1 else copy.deepcopy(model)  # the last rounding may consume the original
+        t0 = time.perf_counter()
+        fq.round_weights(m, result, windows, weight_method=weights or "rtn")
+        round_seconds = time.perf_counter() - t0
+        if args.save and run == "flatquant-w4a4kv4":
+            fq.save_quantized(m, f"{args.save}-{weights}", overwrite=True)
+        yield _record(run, args, m.flatquant.config, weights, m, texts, calib_seconds, round_seconds)
+        del m
+
+
+def _quantizes_weights(cfg) -> bool:
+    return cfg.w_bits < 16 or any(b.get("w_bits", 16) < 16 for b in cfg.overrides.values())
+
+
+def _record(run, args, cfg, weights, model, texts, calib_seconds, round_seconds) -> dict:
+    label = f"{run} {weights or ''}".strip()
+    ppl = {f"{name}_ppl": perplexity(model, w, desc=f"{label} {name}") for name, w in texts.items()}
+    return {
+        "model": args.label or args.model,
+        "run": run,
+        "method": cfg.method if cfg else "fp",
+        "w_bits": cfg.w_bits if cfg else 16,
+        "a_bits": cfg.a_bits if cfg else 16,
+        "kv_bits": cfg.k_bits if cfg else 16,
+        "v_bits": cfg.v_bits if cfg else 16,
+        "weights": weights,
+        "notes": describe_overrides(cfg.overrides) if cfg else None,
+        **ppl,
+        "eval_windows": {name: int(w.shape[0]) for name, w in texts.items()},
+        "calib_seconds": calib_seconds,
+        "round_seconds": round_seconds,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "device": _device_name(),
+        "preset": args.preset if cfg and cfg.method == "flatquant" else None,
+        "config": cfg.to_dict() if cfg else None,
+        "torch": torch.__version__,
+    }
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive lock on ``path + '.lock'`` for a read-modify-write shared by parallel processes."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _merge_results(path: str, records: list[dict]) -> None:
     def key(r):
-        return (r["model"], r["method"], r["w_bits"], r["a_bits"], r["kv_bits"], r.get("weights"))
+        bits = (r["w_bits"], r["a_bits"], r["kv_bits"], r.get("v_bits", r["kv_bits"]))
+        return (r["model"], r["method"], *bits, r.get("weights"), r.get("notes"))
 
-    old = []
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-    new_keys = {key(r) for r in records}
-    merged = [r for r in old if key(r) not in new_keys] + records
-    atomic_write_json(path, merged)
+    with _locked(path):
+        old = []
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+        new_keys = {key(r) for r in records}
+        merged = [r for r in old if key(r) not in new_keys] + records
+        atomic_write_json(path, merged)
 
 
 if __name__ == "__main__":

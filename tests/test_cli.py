@@ -58,7 +58,7 @@ def test_quantize_and_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, cap
     text.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(3000)))
     monkeypatch.setattr(cli, "load_model", lambda name, dtype=None: (tiny_model("mistral"), tokenizer))
     out, results = tmp_path / "ckpt", tmp_path / "results.json"
-    common = ["--eval-data", str(text), "--eval-seqlen", "64", "--device", "cpu", "--quiet"]
+    common = ["--eval-data", str(text), "--eval-seqlen", "64", "--eval-windows", "8", "--device", "cpu", "--quiet"]
     argv = ["quantize", "--preset", "quick", "--seqlen", "64", "--nsamples", "4", "--epochs", "1"]
     argv += ["--calib-data", str(text), "--output", str(out), "--results-json", str(results), "--baselines"]
     assert cli.main(argv + common) == 0
@@ -70,3 +70,9 @@ def test_quantize_and_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, cap
     assert records[0]["text_ppl"] != records[-1]["text_ppl"]
     assert cli.main(argv + common) == 2  # the output exists: refused without --overwrite
     assert "exists" in capsys.readouterr().err
+    gptq = ["--weight-method", "gptq", "--override", "down_proj:w8a8", "--overwrite", "--method", "rtn"]
+    assert cli.main([a for a in argv if a != "--baselines"] + gptq + common) == 0
+    last = json.loads(results.read_text())[-1]
+    assert (last["method"], last["weights"], last["notes"]) == ("rtn", "gptq", "down_proj: W8A8")
+    assert cli.main(["eval", "--checkpoint", str(out), "--results-json", str(results)] + common) == 0
+    assert json.loads(results.read_text())[-1]["text_ppl"] == last["text_ppl"]

@@ -10,6 +10,7 @@ import flatquant as fq
 from flatquant.calibrate import calibrate
 from flatquant.modules import FlatQuantLinear, OnlineTransform
 from flatquant.prepare import use_flatquant_attention
+from flatquant.quantizer import ActivationQuantizer, WeightQuantizer
 from flatquant.transforms import LearnableMatrix
 
 OFF = dict(w_bits=16, a_bits=16, k_bits=16, v_bits=16)
@@ -36,10 +37,9 @@ def _perturb_transforms(model):
 def test_merge_is_exact_with_quantization_off(arch, parametrisation, tokens):
     model = tiny_model(arch)
     ref = model(tokens).logits
-    # k_bits=4 keeps P_h in the graph; the KV quantizer itself is then switched off below
+    # calibrated at 4 bits so that every transform exists; the quantizers are then switched off below
     quant = copy.deepcopy(model)
     cfg = fq.FlatQuantConfig(
-        **{**OFF, "k_bits": 4},
         parametrisation=parametrisation,
         nsamples=8,
         seqlen=32,
@@ -49,9 +49,7 @@ def test_merge_is_exact_with_quantization_off(arch, parametrisation, tokens):
     use_flatquant_attention(quant)
     calibrate(quant, cfg, tokens, device="cpu", progress=False)
     _perturb_transforms(quant)
-    for m in quant.modules():  # switch the K quantizer off, keep its transform
-        if hasattr(m, "k_quant"):
-            m.k_quant.bits = 16
+    _quantizers_off(quant)
     before = quant(tokens).logits  # unmerged: transforms applied on the fly
     fq.merge_model(quant, "cpu")
     after = quant(tokens).logits
@@ -71,12 +69,25 @@ def test_w4a4kv4_runs_and_stays_close(arch, tokens):
         assert not torch.equal(out, ref)  # quantization really happened
 
 
+def _quantizers_off(model):
+    """Switch every weight, activation and KV quantizer off, keeping all transforms."""
+    for m in model.modules():
+        if isinstance(m, WeightQuantizer | ActivationQuantizer):
+            m.bits = 16
+    assert any(isinstance(m, LearnableMatrix) for m in model.modules())
+
+
 def test_odd_sizes_without_power_of_two_factors(tokens):
     # hidden 54 = 6 x 9 (n ≡ 2 mod 4), MLP 70 = 7 x 10, 3 heads of 18
     model = tiny_model("llama", hidden_size=54, intermediate_size=70, num_attention_heads=3, num_key_value_heads=1)
     ref = model(tokens).logits
-    out = _calibrated(copy.deepcopy(model), tokens, **OFF)(tokens).logits
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    quant = copy.deepcopy(model)
+    use_flatquant_attention(quant)
+    cfg = fq.FlatQuantConfig(nsamples=8, seqlen=32, epochs=1, autocast_dtype="float32")
+    calibrate(quant, cfg, tokens, device="cpu", progress=False)
+    _quantizers_off(quant)
+    fq.merge_model(quant, "cpu")
+    torch.testing.assert_close(quant(tokens).logits, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_one_online_transform_per_shared_input(tokens):

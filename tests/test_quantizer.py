@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from flatquant.quantizer import ActivationQuantizer, WeightQuantizer, fake_quantize, round_ste
+from flatquant.quantizer import (
+    ActivationQuantizer,
+    WeightQuantizer,
+    dequantize_codes,
+    expand_groups,
+    fake_quantize,
+    round_ste,
+)
 
 
 def test_symmetric_4bit_hand_computed():
@@ -56,8 +63,29 @@ def test_weight_quantizer_groups_match_a_per_group_loop():
         part = w[:, 4 * j : 4 * j + 4]
         ref = WeightQuantizer(3, 4, bits=3, learnable_clip=False)(part)
         torch.testing.assert_close(grouped[:, 4 * j : 4 * j + 4], ref)
-    with pytest.raises(ValueError, match="group_size=3"):
-        WeightQuantizer(3, 8, bits=4, group_size=3)
+    with pytest.raises(ValueError, match="group_size=0"):
+        WeightQuantizer(3, 8, bits=4, group_size=0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_last_shorter_group_has_its_own_range_and_clipping(symmetric):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 11, generator=g)  # groups of 4: 4 + 4 + 3 columns
+    wq = WeightQuantizer(4, 11, bits=3, symmetric=symmetric, group_size=4, clip_init=1.0)
+    assert wq.clip_max.shape == (4, 3, 1)
+    with torch.no_grad():
+        wq.clip_max[:, 2] = 0.5  # only the last group's clipping changes
+    out = wq(w)
+    for j, (lo, hi) in enumerate([(0, 4), (4, 8), (8, 11)]):
+        ref = WeightQuantizer(4, hi - lo, bits=3, symmetric=symmetric, clip_init=1.0)
+        with torch.no_grad():
+            ref.clip_max.copy_(wq.clip_max[:, j : j + 1])
+        torch.testing.assert_close(out[:, lo:hi], ref(w[:, lo:hi]))
+    # the grid reproduces the fake-quantized values through integer codes
+    scale, zero = wq.grid(w)
+    qmin, qmax = wq.code_range()
+    codes = torch.clamp(torch.round(w / expand_groups(scale, 11, 4)) + expand_groups(zero, 11, 4), qmin, qmax)
+    torch.testing.assert_close(dequantize_codes(codes, scale, zero, 4), out.detach(), rtol=0, atol=1e-6)
 
 
 def test_activation_quantizer_is_per_token_and_off_at_16_bits():

@@ -5,7 +5,7 @@ from .calibrate import CalibrationResult
 from .checkpoint import apply_calibration, load_quantized, save_quantized, write_calibration
 from .config import FlatQuantConfig, preset
 from .distributed import DistributedCalibrationError, calibrate_distributed, is_main_process
-from .pipeline import merge_model, quantize
+from .pipeline import merge_model, quantize, round_weights
 from .streaming import StreamingModel
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "preset",
     "quantize",
     "register_architecture",
+    "round_weights",
     "save_quantized",
     "StreamingModel",
     "supported_architectures",

@@ -57,11 +57,12 @@ class CalibrationResult:
     losses: dict[int, float] = field(default_factory=dict)
     seconds: float = 0.0
     peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated during calibration (max over ranks)
+    rounded: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # GPTQ codes per block
 
 
 def fingerprint(config: FlatQuantConfig, model: nn.Module, data: torch.Tensor | None) -> str:
     """Identifies a calibration job: config, model shape and calibration tokens."""
-    h = hashlib.sha256(config.to_json().encode())
+    h = hashlib.sha256(json.dumps(config.calibration_dict(), indent=2, sort_keys=True).encode())
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     if data is not None:
         h.update(data.numpy().tobytes())
@@ -393,7 +394,9 @@ def calibrate(
 
 def _calibrate_block(layer, i, spec, model_config, cfg, stats, saved, x, y, kwargs, bar, device) -> float:
     """Swap block ``i``'s modules, then load its saved calibration or train it; returns its loss."""
-    prepare_block(layer, spec, model_config, cfg, stats, generator=block_generator(cfg.seed, i))
+    prepare_block(
+        layer, spec, model_config, cfg, stats, generator=block_generator(cfg.seed, i), layer_name=f"{spec.layers}.{i}"
+    )
     layer.to(device)
     if saved is not None:
         load_calibration_state(layer, saved[0])
@@ -417,6 +420,8 @@ def _calibrate_one(layer, x, y, kwargs, cfg, bar, index: int) -> float:
         if isinstance(m, CALIBRATED_TYPES):
             for p in m.parameters():
                 p.requires_grad_(True)
+    if not any(p.requires_grad for p in layer.parameters()):
+        return float("nan")  # nothing in this block is quantized (e.g. a block kept in 16 bits)
     lr_scale = 1.0
     for _attempt in range(3):
         with fused_calibration(as_activations(x).device):

@@ -1,7 +1,9 @@
 """Save and load calibrated parameters: ``flatquant.json`` + ``calibration.safetensors`` (no pickle).
 
 Loading applies them to the original model (prepare, load, merge) and so reproduces the quantized model
-exactly. A directory is written under a temporary name and renamed when complete.
+exactly. RTN weights are recomputed on loading; GPTQ weights depend on the calibration data, so a GPTQ
+checkpoint also holds them in ``gptq.safetensors`` (integer codes with their per-channel/group scale and zero).
+A directory is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .arch import spec_for
+from .bits import validate_overrides
 from .calibrate import CalibrationResult
 from .config import FlatQuantConfig
 from .pipeline import merge_model
@@ -24,7 +27,7 @@ from .prepare import load_calibration_state, prepare_block, use_flatquant_attent
 
 FORMAT = "flatquant-calibration"
 FORMAT_VERSION = 1
-_CONFIG_FILE, _TENSORS_FILE = "flatquant.json", "calibration.safetensors"
+_CONFIG_FILE, _TENSORS_FILE, _ROUNDED_FILE = "flatquant.json", "calibration.safetensors", "gptq.safetensors"
 
 
 def _model_identity(c) -> dict:
@@ -66,6 +69,9 @@ def write_calibration(
     try:
         tensors = {f"layers.{i}.{k}": v for i, st in result.state.items() for k, v in st.items()}
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, _TENSORS_FILE))
+        if result.config.weight_method == "gptq":
+            rounded = {f"layers.{i}.{k}": v for i, st in result.rounded.items() for k, v in st.items()}
+            save_file({k: v.contiguous() for k, v in rounded.items()}, os.path.join(tmp, _ROUNDED_FILE))
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -90,6 +96,25 @@ def write_calibration(
     return path
 
 
+def _load_tensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is corrupt: {e}") from e
+
+
+def read_rounded(path: str) -> dict[int, dict[str, torch.Tensor]]:
+    """The GPTQ codes of a checkpoint by block index (``{}`` for an RTN checkpoint's missing file)."""
+    file = os.path.join(path, _ROUNDED_FILE)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path} was saved with GPTQ weights but {_ROUNDED_FILE} is missing")
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in _load_tensors(file).items():
+        _, index, rest = key.split(".", 2)
+        out.setdefault(int(index), {})[rest] = value
+    return out
+
+
 def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a saved calibration, with clear errors for missing or corrupt files."""
     cfg_path, t_path = os.path.join(path, _CONFIG_FILE), os.path.join(path, _TENSORS_FILE)
@@ -105,11 +130,7 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{cfg_path}: format {meta.get('format')!r} v{meta.get('format_version')} is not "
             f"{FORMAT!r} v{FORMAT_VERSION}"
         )
-    try:
-        tensors = load_file(t_path)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{t_path} is corrupt: {e}") from e
-    return meta, tensors
+    return meta, _load_tensors(t_path)
 
 
 def load_quantized(model: nn.Module, path: str, device: torch.device | str | None = None) -> nn.Module:
@@ -118,7 +139,9 @@ def load_quantized(model: nn.Module, path: str, device: torch.device | str | Non
     ident = _model_identity(model.config)
     if meta["model"] != ident:
         raise ValueError(f"checkpoint was made for {meta['model']}, but the model is {ident}")
-    result = CalibrationResult(FlatQuantConfig.from_dict(meta["config"]), seconds=meta.get("calib_seconds", 0.0))
+    cfg = FlatQuantConfig.from_dict(meta["config"])
+    result = CalibrationResult(cfg, seconds=meta.get("calib_seconds", 0.0))
+    result.rounded = read_rounded(path) if cfg.weight_method == "gptq" else {}
     for i in range(len(model.get_submodule(spec_for(model).layers))):
         prefix = f"layers.{i}."
         result.state[i] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -127,14 +150,19 @@ def load_quantized(model: nn.Module, path: str, device: torch.device | str | Non
 
 
 def apply_calibration(model: nn.Module, result: CalibrationResult, device: torch.device | str | None = None):
-    """Swap every block of the original ``model``, load ``result``'s tensors and merge (in place)."""
+    """Swap every block of the original ``model``, load ``result``'s tensors and merge (in place).
+
+    GPTQ-rounded weights (``result.rounded``) are used where present; otherwise the weights are rounded
+    with RTN on the calibrated grid.
+    """
     cfg, spec = result.config, spec_for(model)
+    validate_overrides(model, cfg)
     use_flatquant_attention(model)
     for i, layer in enumerate(model.get_submodule(spec.layers)):
-        prepare_block(layer, spec, model.config, cfg)
+        prepare_block(layer, spec, model.config, cfg, layer_name=f"{spec.layers}.{i}")
         load_calibration_state(layer, result.state[i])
         for p in layer.parameters():
             p.requires_grad_(False)
-    merge_model(model, device)
+    merge_model(model, device, result.rounded or None)
     model.flatquant = result
     return model

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -21,7 +22,7 @@ import torch
 
 from . import distributed
 from .checkpoint import apply_calibration, load_quantized, save_quantized, write_calibration
-from .config import PRESETS, FlatQuantConfig, preset
+from .config import PRESETS, FlatQuantConfig, describe_overrides, preset
 from .data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, calibration_windows, eval_windows, load_text, tokenize
 from .evaluate import perplexity
 from .files import atomic_write_json
@@ -39,13 +40,34 @@ def _field_type(f: dataclasses.Field):
     return (args[0] if optional else hint), optional
 
 
+_SHORT_BITS = {"w": ("w_bits",), "a": ("a_bits",), "k": ("k_bits",), "v": ("v_bits",), "kv": ("k_bits", "v_bits")}
+
+
+def parse_override(text: str) -> tuple[str, dict[str, int]]:
+    """``PATTERN:SPEC`` -> (pattern, bits); SPEC is e.g. ``w8a8``, ``a8,w8`` or ``kv8`` (keys w, a, k, v, kv)."""
+    pattern, sep, spec = text.rpartition(":")
+    items = re.findall(r"(kv|w|a|k|v)(\d+)", spec)
+    if not sep or not pattern or not items or re.sub(r"(kv|w|a|k|v)\d+|,", "", spec):
+        raise argparse.ArgumentTypeError(
+            f"--override {text!r}: expected PATTERN:BITS such as 'down_proj:a8,w8' or 'layers.0.:w8a8' "
+            f"(bit keys {sorted(_SHORT_BITS)})"
+        )
+    bits = {key: int(value) for short, value in items for key in _SHORT_BITS[short]}
+    return pattern, bits
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("quantization options (default: the preset's value)")
     for f in dataclasses.fields(FlatQuantConfig):
         typ, optional = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} [default {f.default}]"
-        if typ is bool:
+        default = "{}" if f.default is dataclasses.MISSING else f.default
+        help_text = f"{f.metadata.get('help', '')} [default {default}]"
+        if typing.get_origin(typ) is dict:  # overrides: repeatable --override PATTERN:BITS
+            group.add_argument(
+                flag.rstrip("s"), dest=f.name, action="append", type=parse_override, default=None, help=help_text
+            )
+        elif typ is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif optional:
 
@@ -60,7 +82,12 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> FlatQuantConfig:
     overrides = {}
     for f in dataclasses.fields(FlatQuantConfig):
-        if hasattr(args, f.name) and getattr(args, f.name) is not None:
+        if f.name == "overrides" and getattr(args, f.name, None) is not None:
+            merged: dict[str, dict[str, int]] = {}
+            for pattern, bits in args.overrides:  # a repeated pattern adds to (and updates) its bits
+                merged[pattern] = {**merged.pop(pattern, {}), **bits}
+            overrides[f.name] = merged
+        elif hasattr(args, f.name) and getattr(args, f.name) is not None:
             overrides[f.name] = getattr(args, f.name)
         elif hasattr(args, f.name) and _field_type(f)[1]:
             overrides[f.name] = None  # an explicit 'none' for an optional field
@@ -158,7 +185,9 @@ def _record(
         "w_bits": bits[0],
         "a_bits": bits[1],
         "kv_bits": bits[2],
-        "weights": "rtn" if cfg is not None else None,
+        "v_bits": 16 if cfg is None else cfg.v_bits,
+        "weights": cfg.weight_method if cfg is not None else None,
+        "notes": None if cfg is None else describe_overrides(cfg.overrides),
         **{f"{name}_ppl": value for name, value in ppl.items()},
         "eval_windows": args.eval_windows,
         "eval_seqlen": args.eval_seqlen,
@@ -177,14 +206,15 @@ def _record(
 
 
 def _print_table(records: list[dict], names: list[str]) -> None:
-    header = f"{'method':<12}{'W/A/KV':<10}" + "".join(f"{n + ' PPL':>14}" for n in names) + f"{'calib s':>10}"
+    header = f"{'method':<12}{'weights':<9}{'W/A/KV':<10}" + "".join(f"{n + ' PPL':>14}" for n in names)
+    header += f"{'calib s':>10}  notes"
     print(header)
     print("-" * len(header))
     for r in records:
         bits = f"{r['w_bits']}/{r['a_bits']}/{r['kv_bits']}"
         ppl = "".join(f"{r.get(f'{n}_ppl', float('nan')):>14.3f}" for n in names)
-        secs = "" if r["calib_seconds"] is None else f"{r['calib_seconds']:>10.1f}"
-        print(f"{r['method']:<12}{bits:<10}{ppl}{secs}")
+        secs = f"{'':>10}" if r["calib_seconds"] is None else f"{r['calib_seconds']:>10.1f}"
+        print(f"{r['method']:<12}{r['weights'] or '-':<9}{bits:<10}{ppl}{secs}  {r['notes'] or ''}")
 
 
 def _append_json(path: str, records: list[dict]) -> None:
@@ -200,7 +230,7 @@ def _offload_options(args) -> dict:
 
 
 def _calibration_windows(tokenizer, args, cfg: FlatQuantConfig):
-    if cfg.method != "flatquant":
+    if cfg.method != "flatquant" and cfg.weight_method != "gptq":
         return None
     return calibration_windows(tokenize(tokenizer, load_text(args.calib_data)), cfg.nsamples, cfg.seqlen, cfg.seed)
 
@@ -215,6 +245,7 @@ def cmd_quantize(args) -> list[dict]:
         return _quantize_scaled(args, cfg, output)
     model, tokenizer = load_model(args.model, args.dtype)
     original = copy.deepcopy(model) if args.baselines else None
+    windows = _calibration_windows(tokenizer, args, cfg)  # GPTQ baselines use them too
     records = []
     if args.baselines:
         ppl = _evaluate(original, tokenizer, args, "fp")
@@ -223,12 +254,11 @@ def cmd_quantize(args) -> list[dict]:
             base = copy.deepcopy(original)
             bcfg = cfg.replace(method=method)
             t0 = time.perf_counter()
-            quantize(base, bcfg, device=args.device, progress=not args.quiet)
+            quantize(base, bcfg, windows, device=args.device, progress=not args.quiet)
             seconds = time.perf_counter() - t0
             ppl = _evaluate(base, tokenizer, args, method)
             records.append(_record(args, method, bcfg, ppl, seconds, _zeroshot(base, tokenizer, args)))
             del base
-    windows = _calibration_windows(tokenizer, args, cfg)
     t0 = time.perf_counter()
     quantize(
         model,
@@ -252,6 +282,11 @@ def _quantize_scaled(args, cfg: FlatQuantConfig, output: str) -> list[dict]:
     """Streamed and/or multi-process calibration: every rank calibrates its blocks, rank 0 writes and evaluates."""
     if args.baselines:
         raise ValueError("--baselines needs a single process without --stream")
+    if cfg.weight_method == "gptq":
+        raise ValueError(
+            "--weight-method gptq needs a single process without --stream (GPTQ runs on the merged model); "
+            "calibrate here with --weight-method rtn"
+        )
     ctx = distributed.setup(args.device, args.dist_timeout)
     if args.stream:
         model = StreamingModel(args.model, args.dtype)

@@ -10,7 +10,10 @@ from .transforms import INITS, PARAMETRISATIONS
 
 METHODS = ("flatquant", "rotation", "rtn")
 AUTOCAST_DTYPES = ("bfloat16", "float16", "float32")
-WEIGHT_METHODS = ("rtn",)
+WEIGHT_METHODS = ("rtn", "gptq")
+BIT_KEYS = ("w_bits", "a_bits", "k_bits", "v_bits")
+# Options that act only after calibration (weight rounding): a calibration is shared across their values.
+ROUNDING_FIELDS = {"weight_method": "rtn", "gptq_damping": 0.01, "gptq_act_order": False}
 LOSSES = ("mse", "log-mse")
 
 
@@ -28,6 +31,15 @@ class FlatQuantConfig:
     kv_symmetric: bool = field(default=False, metadata={"help": "symmetric KV-cache quantization"})
     w_group_size: int | None = field(default=None, metadata={"help": "weight group size (None: per channel)"})
     weight_method: str = field(default="rtn", metadata={"help": f"weight rounding, one of {WEIGHT_METHODS}"})
+    gptq_damping: float = field(default=0.01, metadata={"help": "GPTQ: damping as a fraction of the mean diag(H)"})
+    gptq_act_order: bool = field(default=False, metadata={"help": "GPTQ: columns in order of decreasing diag(H)"})
+    overrides: dict[str, dict[str, int]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "bits per module name pattern (a substring of e.g. 'model.layers.0.mlp.down_proj'), "
+            "later patterns win; CLI: --override PATTERN:w8a8 (keys w, a, k, v, kv)"
+        },
+    )
     # --- method ---
     method: str = field(
         default="flatquant",
@@ -70,6 +82,9 @@ class FlatQuantConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        if not 0.0 < self.gptq_damping < 1.0:
+            raise ValueError(f"gptq_damping={self.gptq_damping} must lie in (0, 1)")
+        _check_overrides(self.overrides)
         if self.w_group_size is not None and self.w_group_size < 1:
             raise ValueError(f"w_group_size={self.w_group_size} must be a positive integer or None")
         for name in ("nsamples", "seqlen", "batch_size"):
@@ -96,6 +111,16 @@ class FlatQuantConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def calibration_dict(self) -> dict:
+        """The options calibration depends on: the weight-rounding options take their defaults (so RTN and
+        GPTQ share one calibration) and empty overrides are left out (as before overrides existed)."""
+        d = {**self.to_dict(), **ROUNDING_FIELDS}
+        for name in set(ROUNDING_FIELDS) - {"weight_method"}:
+            del d[name]
+        if not d["overrides"]:
+            del d["overrides"]
+        return d
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
@@ -109,6 +134,30 @@ class FlatQuantConfig:
 
     def replace(self, **changes) -> FlatQuantConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _check_overrides(overrides) -> None:
+    if not isinstance(overrides, dict):
+        raise ValueError(f"overrides={overrides!r} must be a dict {{pattern: {{'w_bits': 8, ...}}}}")
+    for pattern, bits in overrides.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"override pattern {pattern!r} must be a non-empty module name substring")
+        if not isinstance(bits, dict) or not bits:
+            raise ValueError(f"override {pattern!r}: {bits!r} must be a non-empty dict with keys from {BIT_KEYS}")
+        for key, value in bits.items():
+            if key not in BIT_KEYS:
+                raise ValueError(f"override {pattern!r}: key {key!r} is not one of {BIT_KEYS}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= 16:
+                raise ValueError(f"override {pattern!r}: {key}={value!r} is out of range: allowed integers 2..16")
+
+
+def describe_overrides(overrides: dict[str, dict[str, int]]) -> str | None:
+    """A short text such as ``down_proj: W8A8; layers.0.: W8`` (None without overrides)."""
+    if not overrides:
+        return None
+    short = {"w_bits": "W", "a_bits": "A", "k_bits": "K", "v_bits": "V"}
+    parts = [f"{p}: " + "".join(f"{short[k]}{v}" for k, v in bits.items()) for p, bits in overrides.items()]
+    return "; ".join(parts)
 
 
 PRESETS: dict[str, dict] = {

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fusion import fusable
-from .quantizer import ActivationQuantizer, WeightQuantizer
+from .quantizer import ActivationQuantizer, WeightQuantizer, dequantize_codes
 from .transforms import KroneckerTransform, LearnableMatrix, kron_apply
 
 
@@ -150,6 +150,8 @@ class FlatQuantLinear(nn.Module):
         self._shared = {"input": input_transform, "right": right_extra, "head": out_head, "row": row_scale}
         self.owns_input = owns_input
         self.merged = False
+        self.pending_weight: torch.Tensor | None = None  # merged, not yet rounded (float64)
+        self.input_observer = None  # called with every (quantized) input; used to build GPTQ's Hessian
 
     def _transformed_weight(self, dtype: torch.dtype, fold_row_scale: bool):
         """(W', b') with W' = [rows scaled] P_v-rows(W diag(1/c) (P1^-T ⊗ P2^-T)), in ``dtype``."""
@@ -166,6 +168,8 @@ class FlatQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.owns_input:
             x = self.input_transform(x)
+        if self.input_observer is not None:
+            self.input_observer(x)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         with _no_autocast(x.device.type):
@@ -174,16 +178,33 @@ class FlatQuantLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold transforms in float64, quantize the weight once, and keep only that."""
+    def merge(self, round_weight: bool = True) -> None:
+        """Fold transforms in float64, quantize the weight once (RTN), and keep only that.
+
+        round_weight=False keeps the merged weight unrounded until :meth:`set_rounded` (GPTQ).
+        """
         w, b = self._transformed_weight(torch.float64, fold_row_scale=True)
-        w = self.quant(w)
+        if round_weight or self.quant.bits >= 16:
+            w = self.quant(w)
+        else:
+            self.pending_weight = w
         dtype = self.weight.dtype
         self.weight = nn.Parameter(w.to(dtype), requires_grad=False)
         if b is not None:
             self.bias = nn.Parameter(b.to(dtype), requires_grad=False)
         self._shared = {"input": self._shared["input"]}
         self.merged = True
+
+    @torch.no_grad()
+    def set_rounded(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Set the merged weight to integer ``codes`` (out, in) on the grid ``scale``, ``zero`` (out, groups)."""
+        if self.pending_weight is None:
+            raise ValueError("set_rounded needs a linear merged with round_weight=False")
+        if codes.shape != self.weight.shape:
+            raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit the weight {tuple(self.weight.shape)}")
+        w = dequantize_codes(codes.to(scale.device), scale, zero, self.quant.group_size)
+        self.weight = nn.Parameter(w.to(self.weight.device, self.weight.dtype), requires_grad=False)
+        self.pending_weight = None
 
 
 class AttentionQuant(nn.Module):

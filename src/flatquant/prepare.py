@@ -14,6 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .arch import ArchSpec, set_submodule
+from .bits import block_bits
 from .config import FlatQuantConfig
 from .modules import AttentionQuant, FlatQuantLinear, OnlineTransform, TransformedNorm
 from .quantizer import ActivationQuantizer, WeightQuantizer
@@ -52,12 +53,19 @@ def prepare_block(
     cfg: FlatQuantConfig,
     act_stats: dict[str, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    layer_name: str | None = None,
 ) -> None:
     """Replace the block's norms, linears and attention hooks in place.
 
     act_stats: per-channel max |x| of the inputs of q ("qkv"), gate/up ("upgate") and down ("down"),
     used to initialise the per-channel scaling; without it the scaling starts at one.
+    layer_name: the block's name in the model (``model.layers.3``), matched by ``cfg.overrides``.
+    A transform (and its scaling) is made only where something it feeds is quantized, so a weight-only or
+    KV-only setting learns no transform, scaling or clipping that could not change its output.
     """
+    if cfg.overrides and layer_name is None:
+        raise ValueError("config overrides need the block's name: pass layer_name='model.layers.N'")
+    bits = block_bits(cfg, spec, layer_name or "")
     hidden, heads, head_dim = _dims(model_config)
     attn, mlp = layer.get_submodule(spec.attn), layer.get_submodule(spec.mlp)
     transforms = cfg.uses_transforms
@@ -67,20 +75,22 @@ def prepare_block(
     def act_quant(bits: int, symmetric: bool) -> ActivationQuantizer:
         return ActivationQuantizer(bits, symmetric, learn_clip and cfg.learnable_act_clip)
 
-    def online(n: int, smooth: bool, n2_identity_heads: int | None = None) -> OnlineTransform:
+    def online(roles: tuple, n: int, smooth: bool, n2_identity_heads: int | None = None) -> OnlineTransform:
         kron = None
-        if transforms:
+        useful = bits.quantizes(*roles)
+        if transforms and useful:
             if n2_identity_heads is None:
                 kron = KroneckerTransform.for_size(n, **kron_kw)
             else:
                 kron = KroneckerTransform(n2_identity_heads, n // n2_identity_heads, n2_identity=True, **kron_kw)
-        return OnlineTransform(n, act_quant(cfg.a_bits, cfg.a_symmetric), kron, smooth and cfg.method == "flatquant")
+        quant = act_quant(bits.a[roles[0]], cfg.a_symmetric)
+        return OnlineTransform(n, quant, kron, smooth and useful and cfg.method == "flatquant")
 
-    def linear(lin: nn.Linear, t: OnlineTransform, **kw) -> FlatQuantLinear:
+    def linear(role: str, lin: nn.Linear, t: OnlineTransform, **kw) -> FlatQuantLinear:
         wq = WeightQuantizer(
             lin.out_features,
             lin.in_features,
-            cfg.w_bits,
+            bits.w[role],
             cfg.w_symmetric,
             cfg.w_group_size,
             learn_clip and cfg.learnable_weight_clip,
@@ -89,35 +99,36 @@ def prepare_block(
 
     # attention: P_a shared by q/k/v, P_v per head on V, P_h on Q/K after RoPE, P_o before o_proj
     q, k, v, o = (attn.get_submodule(n) for n in (spec.q, spec.k, spec.v, spec.o))
-    t_a = online(hidden, smooth=cfg.smooth)
-    p_v = LearnableMatrix(head_dim, cfg.parametrisation, cfg.effective_init, generator) if transforms else None
-    kv_quantized = cfg.k_bits < 16
+    t_a = online(("q", "k", "v"), hidden, smooth=cfg.smooth)
+    # P_v shapes the V cache, v_proj's rows and o_proj's input and weight
+    use_p_v = transforms and (bits.v < 16 or bits.w["v"] < 16 or bits.quantizes("o"))
+    p_v = LearnableMatrix(head_dim, cfg.parametrisation, cfg.effective_init, generator) if use_p_v else None
     p_h = (
         LearnableMatrix(head_dim, cfg.parametrisation, cfg.effective_init, generator)
-        if transforms and kv_quantized
+        if transforms and bits.k < 16
         else None
     )
     set_submodule(layer, spec.input_norm, TransformedNorm(layer.get_submodule(spec.input_norm), t_a))
-    setattr(attn, spec.q, linear(q, t_a))
-    setattr(attn, spec.k, linear(k, t_a))
-    setattr(attn, spec.v, linear(v, t_a, out_head=p_v))
-    t_o = online(o.in_features, smooth=False, n2_identity_heads=heads)
-    setattr(attn, spec.o, linear(o, t_o, owns_input=True, right_extra=p_v))
+    setattr(attn, spec.q, linear("q", q, t_a))
+    setattr(attn, spec.k, linear("k", k, t_a))
+    setattr(attn, spec.v, linear("v", v, t_a, out_head=p_v))
+    t_o = online(("o",), o.in_features, smooth=False, n2_identity_heads=heads)
+    setattr(attn, spec.o, linear("o", o, t_o, owns_input=True, right_extra=p_v))
     attn.flatquant_attn = AttentionQuant(
         p_h,
         p_v,
-        act_quant(cfg.k_bits, cfg.kv_symmetric),
-        act_quant(cfg.v_bits, cfg.kv_symmetric),
+        act_quant(bits.k, cfg.kv_symmetric),
+        act_quant(bits.v, cfg.kv_symmetric),
     )
 
     # MLP: P_ug shared by gate/up, P_d before down_proj with its scaling folded into up's rows
     gate, up, down = (mlp.get_submodule(n) for n in (spec.gate, spec.up, spec.down))
-    t_ug = online(hidden, smooth=cfg.smooth)
-    t_d = online(down.in_features, smooth=cfg.smooth)
+    t_ug = online(("gate", "up"), hidden, smooth=cfg.smooth)
+    t_d = online(("down",), down.in_features, smooth=cfg.smooth)
     set_submodule(layer, spec.post_norm, TransformedNorm(layer.get_submodule(spec.post_norm), t_ug))
-    setattr(mlp, spec.gate, linear(gate, t_ug))
-    setattr(mlp, spec.up, linear(up, t_ug, row_scale=t_d))
-    setattr(mlp, spec.down, linear(down, t_d, owns_input=True))
+    setattr(mlp, spec.gate, linear("gate", gate, t_ug))
+    setattr(mlp, spec.up, linear("up", up, t_ug, row_scale=t_d))
+    setattr(mlp, spec.down, linear("down", down, t_d, owns_input=True))
 
     if act_stats is not None:
         _init_smoothing(t_a, [q, k, v], act_stats.get("qkv"), cfg.smooth_alpha)
@@ -137,11 +148,15 @@ def _init_smoothing(t: OnlineTransform, linears: list[nn.Linear], act_max, alpha
 
 
 @torch.no_grad()
-def merge_block(layer: nn.Module) -> None:
-    """Fold every transform into weights and norms (float64), quantize weights, fix online parts."""
+def merge_block(layer: nn.Module, round_weights: bool = True) -> None:
+    """Fold every transform into weights and norms (float64), quantize weights, fix online parts.
+
+    round_weights=False leaves each quantized linear's merged weight unrounded (its float64 copy in
+    ``pending_weight``) for GPTQ or for rounded weights loaded from a checkpoint.
+    """
     linears = [m for m in layer.modules() if isinstance(m, FlatQuantLinear) and not m.merged]
     for lin in linears:  # weights first: they read the scalings that the norms then absorb
-        lin.merge()
+        lin.merge(round_weight=round_weights)
     for m in list(layer.modules()):
         if isinstance(m, TransformedNorm) and not m.transform.merged:
             m.merge()

@@ -54,7 +54,8 @@ class WeightQuantizer(nn.Module):
     """Per-output-channel (or per-group) RTN weight quantizer with learnable clipping.
 
     The clip range is [wmin * sigmoid(theta_min), wmax * sigmoid(theta_max)], recomputed from the
-    (transformed) weight at every call.
+    (transformed) weight at every call. Groups run over consecutive input columns; a last group shorter than
+    ``group_size`` (e.g. 576 = 4 x 128 + 64) has its own range and clipping logits.
     """
 
     def __init__(
@@ -68,10 +69,10 @@ class WeightQuantizer(nn.Module):
         clip_init: float = 4.0,
     ):
         super().__init__()
-        if group_size is not None and in_features % group_size:
-            raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size={group_size} must be a positive integer or None")
         self.bits, self.symmetric, self.group_size = bits, symmetric, group_size
-        groups = 1 if group_size is None else in_features // group_size
+        groups = num_groups(in_features, group_size)
         if learnable_clip and bits < 16:
             self.clip_max = nn.Parameter(torch.full((out_features, groups, 1), clip_init))
             self.clip_min = nn.Parameter(torch.full((out_features, groups, 1), clip_init))
@@ -83,6 +84,43 @@ class WeightQuantizer(nn.Module):
         if self.bits >= 16:
             return w
         return quantize_weight(w, self.clip_max, self.clip_min, self.bits, self.symmetric, self.group_size)
+
+    @torch.no_grad()
+    def grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero), each (out, groups) in w's dtype: the grid :meth:`forward` rounds w onto.
+
+        A weight quantized elsewhere (GPTQ) with ``codes_of`` / ``dequantize_codes`` on this grid lands on
+        the same values as RTN would, clipping included. ``zero`` is 0 for symmetric quantization.
+        """
+        wmax, wmin = _weight_range(w, self.clip_max, self.clip_min, self.group_size)
+        if self.symmetric:
+            scale = torch.maximum(wmax, -wmin).clamp_min(_EPS) / (2 ** (self.bits - 1) - 1)
+            zero = torch.zeros_like(scale)
+        else:
+            scale = (wmax - wmin).clamp_min(_EPS) / (2**self.bits - 1)
+            zero = torch.round(-wmin / scale)
+        return scale[..., 0], zero[..., 0]
+
+    def code_range(self) -> tuple[int, int]:
+        """Smallest and largest integer code."""
+        if self.symmetric:
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
+
+
+def num_groups(in_features: int, group_size: int | None) -> int:
+    return 1 if group_size is None else -(-in_features // group_size)
+
+
+def expand_groups(t: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
+    """(out, groups) -> (out, in_features): each group's value repeated over its columns."""
+    return t.repeat_interleave(group_size or in_features, dim=1)[:, :in_features]
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None):
+    """(codes - zero) * scale for integer codes (out, in) on a per-group grid (out, groups), in scale's dtype."""
+    in_f = codes.shape[1]
+    return (codes.to(scale.dtype) - expand_groups(zero, in_f, group_size)) * expand_groups(scale, in_f, group_size)
 
 
 class ActivationQuantizer(nn.Module):
@@ -118,13 +156,29 @@ class ActivationQuantizer(nn.Module):
 def quantize_weight(w, clip_max, clip_min, bits: int, symmetric: bool, group_size: int | None) -> torch.Tensor:
     """Per-row (or per-group) fake quantization of w (out, in) with optional clipping logits (out, groups, 1)."""
     out_f, in_f = w.shape
-    wg = w.reshape(out_f, -1, group_size or in_f)  # (out, groups, g)
+    wmax, wmin = _weight_range(w, clip_max, clip_min, group_size)
+    wg = _grouped(w, group_size)  # (out, groups, g)
+    return fake_quantize(wg, wmax, wmin, bits, symmetric).reshape(out_f, -1)[:, :in_f]
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """(out, in) -> (out, groups, g), the last group zero-padded (zeros never change a range that holds 0)."""
+    out_f, in_f = w.shape
+    g = group_size or in_f
+    if in_f % g:
+        w = torch.nn.functional.pad(w, (0, g - in_f % g))
+    return w.reshape(out_f, -1, g)
+
+
+def _weight_range(w, clip_max, clip_min, group_size):
+    """Clipped (max, min) of every group, (out, groups, 1) each, with max >= 0 >= min."""
+    wg = _grouped(w, group_size)
     wmax = wg.amax(-1, keepdim=True).clamp_min(0)
     wmin = wg.amin(-1, keepdim=True).clamp_max(0)
     if clip_max is not None:
         wmax = wmax * torch.sigmoid(clip_max)
         wmin = wmin * torch.sigmoid(clip_min)
-    return fake_quantize(wg, wmax, wmin, bits, symmetric).reshape(out_f, in_f)
+    return wmax, wmin
 
 
 @fusable
