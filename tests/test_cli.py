@@ -76,3 +76,19 @@ def test_quantize_and_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, cap
     assert (last["method"], last["weights"], last["notes"]) == ("rtn", "gptq", "down_proj: W8A8")
     assert cli.main(["eval", "--checkpoint", str(out), "--results-json", str(results)] + common) == 0
     assert json.loads(results.read_text())[-1]["text_ppl"] == last["text_ppl"]
+
+
+def test_gptq_with_stream_is_refused_before_any_work(tmp_path, capsys):
+    argv = [
+        "quantize",
+        "--stream",
+        "--weight-method",
+        "gptq",
+        "--model",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert cli.main(argv) == 2
+    assert "--weight-method gptq needs a single process" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
