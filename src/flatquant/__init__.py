@@ -4,14 +4,19 @@ from .arch import ArchSpec, register_architecture, supported_architectures
 from .calibrate import CalibrationResult
 from .checkpoint import load_quantized, save_quantized
 from .config import FlatQuantConfig, preset
+from .kvcache import Int4KVCache
+from .packed import load_packed, pack
 from .pipeline import merge_model, quantize
 
 __all__ = [
     "ArchSpec",
     "CalibrationResult",
     "FlatQuantConfig",
+    "Int4KVCache",
+    "load_packed",
     "load_quantized",
     "merge_model",
+    "pack",
     "preset",
     "quantize",
     "register_architecture",

@@ -177,6 +177,8 @@ class FlatQuantLinear(nn.Module):
     def merge(self) -> None:
         """Fold transforms in float64, quantize the weight once, and keep only that."""
         w, b = self._transformed_weight(torch.float64, fold_row_scale=True)
+        if self.quant.bits < 16:  # the step of every weight code, for packing into a real 4-bit layer
+            self.register_buffer("weight_scale", self.quant.scale(w).float())
         w = self.quant(w)
         dtype = self.weight.dtype
         self.weight = nn.Parameter(w.to(dtype), requires_grad=False)

@@ -27,25 +27,30 @@ def fake_quantize(x: torch.Tensor, xmax: torch.Tensor, xmin: torch.Tensor, bits:
     """
     if not torch.is_grad_enabled():  # evaluation: the same numbers in fewer passes over x
         return _fake_quantize_inplace(x, xmax, xmin, bits, symmetric)
+    scale = quant_scale(xmax, xmin, bits, symmetric)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        scale = torch.maximum(xmax, -xmin).clamp_min(_EPS) / qmax
         q = torch.clamp(round_ste(x / scale), -qmax - 1, qmax)
         return q * scale
     qmax = 2**bits - 1
-    scale = (xmax - xmin).clamp_min(_EPS) / qmax
     zero = round_ste(-xmin / scale)
     q = torch.clamp(round_ste(x / scale) + zero, 0, qmax)
     return (q - zero) * scale
 
 
+def quant_scale(xmax: torch.Tensor, xmin: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """The quantization step for a (clipped) range xmax >= 0 >= xmin."""
+    if symmetric:
+        return torch.maximum(xmax, -xmin).clamp_min(_EPS) / (2 ** (bits - 1) - 1)
+    return (xmax - xmin).clamp_min(_EPS) / (2**bits - 1)
+
+
 def _fake_quantize_inplace(x, xmax, xmin, bits: int, symmetric: bool) -> torch.Tensor:
+    scale = quant_scale(xmax, xmin, bits, symmetric)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        scale = torch.maximum(xmax, -xmin).clamp_min(_EPS) / qmax
         return torch.div(x, scale).round_().clamp_(-qmax - 1, qmax).mul_(scale)
     qmax = 2**bits - 1
-    scale = (xmax - xmin).clamp_min(_EPS) / qmax
     zero = torch.round(-xmin / scale)
     return torch.div(x, scale).round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale)
 
@@ -84,6 +89,11 @@ class WeightQuantizer(nn.Module):
             return w
         return quantize_weight(w, self.clip_max, self.clip_min, self.bits, self.symmetric, self.group_size)
 
+    def scale(self, w: torch.Tensor) -> torch.Tensor:
+        """The quantization step that :meth:`forward` uses for w (out, in): (out, groups) in w's dtype."""
+        _, wmax, wmin = _weight_range(w, self.clip_max, self.clip_min, self.group_size)
+        return quant_scale(wmax, wmin, self.bits, self.symmetric).squeeze(-1)
+
 
 class ActivationQuantizer(nn.Module):
     """Dynamic per-token quantizer over the last dimension with two learnable clipping logits."""
@@ -117,6 +127,12 @@ class ActivationQuantizer(nn.Module):
 @fusable
 def quantize_weight(w, clip_max, clip_min, bits: int, symmetric: bool, group_size: int | None) -> torch.Tensor:
     """Per-row (or per-group) fake quantization of w (out, in) with optional clipping logits (out, groups, 1)."""
+    wg, wmax, wmin = _weight_range(w, clip_max, clip_min, group_size)
+    return fake_quantize(wg, wmax, wmin, bits, symmetric).reshape(w.shape)
+
+
+def _weight_range(w, clip_max, clip_min, group_size: int | None):
+    """w (out, in) viewed as (out, groups, g), and its clipped per-group range (out, groups, 1) twice."""
     out_f, in_f = w.shape
     wg = w.reshape(out_f, -1, group_size or in_f)  # (out, groups, g)
     wmax = wg.amax(-1, keepdim=True).clamp_min(0)
@@ -124,7 +140,7 @@ def quantize_weight(w, clip_max, clip_min, bits: int, symmetric: bool, group_siz
     if clip_max is not None:
         wmax = wmax * torch.sigmoid(clip_max)
         wmin = wmin * torch.sigmoid(clip_min)
-    return fake_quantize(wg, wmax, wmin, bits, symmetric).reshape(out_f, in_f)
+    return wg, wmax, wmin
 
 
 @fusable
