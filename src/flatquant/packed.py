@@ -192,9 +192,8 @@ def read_packed_config(path: str) -> dict:
     return meta
 
 
-def _install_runtime(model: nn.Module, spec: ArchSpec, meta: dict, dtype: torch.dtype) -> None:
+def _install_runtime(model: nn.Module, spec: ArchSpec, tr: dict, dtype: torch.dtype) -> None:
     """Swap every block's linears for real-quant modules (on the meta device; tensors come later)."""
-    tr = meta["transforms"]
     head_dim = _dims(model.config)[2]
     kw = dict(out_dtype=dtype, device="meta")
     sizes = lambda key: None if tr[key] is None else tuple(tr[key])  # noqa: E731
@@ -218,7 +217,7 @@ def _install_runtime(model: nn.Module, spec: ArchSpec, meta: dict, dtype: torch.
                 lin.in_features, lin.out_features, lin.bias is not None, sizes(own[1]), tr["act_symmetric"], **kw
             )
             set_submodule(parent, own[0], new)
-        attn.kv_quant = KVQuant(head_dim, tr["p_h"], bits=meta["bits"]["k"], device="meta")
+        attn.kv_quant = KVQuant(head_dim, tr["p_h"], device="meta")
 
 
 def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
@@ -241,6 +240,34 @@ def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"unexpected tensor {name!r} in the packed checkpoint")
 
 
+def packed_skeleton(config, transforms: dict, dtype: torch.dtype, spec: ArchSpec | None = None) -> nn.Module:
+    """The real-quant model of a Hugging Face ``config`` on the meta device (no memory), to be filled.
+
+    transforms: the ``transforms`` entry of the packed config (docs/packed-format.md). Fill it with
+    :func:`load_packed`, or with ``to_empty`` and your own tensors followed by :func:`finish_packed_model`.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    _install_runtime(model, spec or spec_for(model), transforms, dtype)
+    return model
+
+
+def finish_packed_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Tie the output embedding, compute the rotary tables on ``device``, select the packed attention."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    for mod_name, mod in list(model.named_modules()):  # rotary tables are computed from the config, not stored
+        if "inv_freq" in mod._buffers and hasattr(mod, "config"):
+            parent, _, attr = mod_name.rpartition(".")
+            with torch.device(device):
+                setattr(model.get_submodule(parent), attr, type(mod)(config=model.config))
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise ValueError(f"the packed checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    use_packed_attention(model)
+    return model.eval()
+
+
 def load_packed(path: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """Build the real-quant model of a packed checkpoint on ``device`` (default: cuda when present).
 
@@ -251,15 +278,11 @@ def load_packed(path: str, device: torch.device | str | None = None, dtype: torc
     meta = read_packed_config(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hf = dict(meta["hf_config"])
-    model_type = hf["model_type"]
     spec = ArchSpec(**meta["architecture"])
-    if model_type not in supported_architectures():
-        register_architecture(model_type, spec)
+    if hf["model_type"] not in supported_architectures():
+        register_architecture(hf["model_type"], spec)
     dtype = dtype or getattr(torch, meta["dtype"])
-    config = AutoConfig.for_model(**hf)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    _install_runtime(model, spec, meta, dtype)
+    model = packed_skeleton(AutoConfig.for_model(**hf), meta["transforms"], dtype, spec)
     try:
         tensors = load_file(os.path.join(path, TENSORS_FILE), device=str(device))
     except (SafetensorError, OSError) as e:
@@ -268,17 +291,6 @@ def load_packed(path: str, device: torch.device | str | None = None, dtype: torc
         if t.is_floating_point() and not name.endswith(_FP32_TENSORS):
             t = t.to(dtype)
         _set_tensor(model, name, t)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    for mod_name, mod in model.named_modules():  # rotary tables are computed from the config, not stored
-        if any(b is not None and b.is_meta for b in mod._buffers.values()) and hasattr(mod, "inv_freq"):
-            parent, _, attr = mod_name.rpartition(".")
-            with torch.device(device):
-                setattr(model.get_submodule(parent), attr, type(mod)(config=model.config))
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if missing:
-        raise ValueError(f"the packed checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
-    use_packed_attention(model)
-    model.eval()
+    finish_packed_model(model, device)
     model.flatquant_packed = meta
     return model
