@@ -1,5 +1,6 @@
 """Packed checkpoints and the real-quant runtime on tiny random models of every architecture (CPU reference ops)."""
 
+import copy
 import json
 import os
 
@@ -16,9 +17,9 @@ from flatquant.packed import CONFIG_FILE, TENSORS_FILE, load_packed, pack
 _TOKENS = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
 
 
-def _quantized(arch: str, **overrides):
+def _quantized(arch: str, method: str = "flatquant", **overrides):
     model = tiny_model(arch, **overrides)
-    cfg = fq.FlatQuantConfig(nsamples=4, seqlen=32, epochs=1, autocast_dtype="float32")
+    cfg = fq.FlatQuantConfig(method=method, nsamples=4, seqlen=32, epochs=1, autocast_dtype="float32")
     fq.quantize(model, cfg, _TOKENS, device="cpu", progress=False)
     return model
 
@@ -141,7 +142,7 @@ def test_sampling_with_the_cache_draws_what_a_cacheless_run_draws(packed):
 
 def test_cache_bytes_are_about_four_times_smaller_than_bf16(tmp_path):
     # head_dim 128 as in Llama: per (token, head) 64 code bytes + fp32 scale and zero against 256 bf16 bytes
-    model = _quantized("qwen3", head_dim=128)
+    model = _quantized("qwen3", method="rotation", head_dim=128)  # fixed transforms: no training needed
     pack(model, str(tmp_path / "p"))
     real = load_packed(str(tmp_path / "p"), device="cpu")
     cache, dense = Int4KVCache(real), DynamicCache()
@@ -163,7 +164,7 @@ def test_cli_packs_a_saved_calibration_and_evaluates_fake_and_real_quant(tmp_pat
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
     text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(400)))
+    text.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(200)))
     fq.save_quantized(_quantized("llama"), str(tmp_path / "calib"))
     monkeypatch.setattr(cli, "load_model", lambda name, dtype=None: (tiny_model("llama"), tokenizer))
     monkeypatch.setattr(cli, "load_tokenizer", lambda name: tokenizer)
@@ -177,3 +178,18 @@ def test_cli_packs_a_saved_calibration_and_evaluates_fake_and_real_quant(tmp_pat
     assert cli.main(["eval", "--packed", out, "--results-json", str(results)] + common) == 0
     assert json.loads(results.read_text())[-1]["text_ppl"] == real["text_ppl"]
     assert cli.main(argv + common) == 2  # exists: refused without --overwrite
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fused kernels)")
+@torch.no_grad()
+def test_cuda_bf16_packed_model_with_kernels_tracks_fake_quant_and_decodes_from_the_cache(packed):
+    fake, _, path = packed["llama"]
+    real = load_packed(path, device="cuda", dtype=torch.bfloat16)
+    ids = _TOKENS.cuda()
+    ref = copy.deepcopy(fake).to("cuda", torch.bfloat16)(ids).logits.float()
+    out = real(ids).logits.float()
+    assert (out - ref).norm() / ref.norm() < 0.05  # bf16: some codes flip at rounding boundaries
+    cache = Int4KVCache(real)
+    real(ids[:, :-1], **cache_kwargs(real, cache))
+    step = real(ids[:, -1:], **cache_kwargs(real, cache)).logits[:, -1].float()  # decode_attention on the cache
+    assert (step - out[:, -1]).norm() / out[:, -1].norm() < 1e-2
