@@ -193,3 +193,19 @@ def test_cuda_bf16_packed_model_with_kernels_tracks_fake_quant_and_decodes_from_
     real(ids[:, :-1], **cache_kwargs(real, cache))
     step = real(ids[:, -1:], **cache_kwargs(real, cache)).logits[:, -1].float()  # decode_attention on the cache
     assert (step - out[:, -1]).norm() / out[:, -1].norm() < 1e-2
+
+
+def test_load_builds_on_the_meta_device_before_loading_tensors(packed, monkeypatch):
+    from flatquant import packed as packed_module
+
+    seen, build = [], packed_module.AutoModelForCausalLM.from_config
+
+    def spy(*args, **kwargs):
+        model = build(*args, **kwargs)
+        seen.append({p.device.type for p in model.parameters()})
+        return model
+
+    monkeypatch.setattr(packed_module.AutoModelForCausalLM, "from_config", spy)
+    real = load_packed(packed["qwen3"][2], device="cpu")
+    assert seen == [{"meta"}]  # the full-precision model never had memory
+    assert {t.device.type for t in list(real.parameters()) + list(real.buffers())} == {"cpu"}

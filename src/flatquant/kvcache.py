@@ -86,10 +86,11 @@ class Int4KVLayer(CacheLayerMixin):
             getattr(self, n)[:, :, self.length : end] = value
         self.length = end
         if t == 1:
-            kvq.pending = ("decode", self)
+            kvq.pending = ("decode", self, key_states)
             return key_states, value_states
-        kvq.pending = ("prefill", self)
-        return self.dequantized(value_states.dtype)
+        k, v = self.dequantized(value_states.dtype)
+        kvq.pending = ("prefill", self, k)
+        return k, v
 
     def kernel_args(self) -> tuple[torch.Tensor, ...]:
         """(k_packed, k_scale, k_zero, v_packed, v_scale, v_zero), full capacity, for ``decode_attention``."""

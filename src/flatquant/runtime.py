@@ -92,7 +92,7 @@ class KVQuant(nn.Module):
             self.register_buffer("p_h_inv", torch.eye(head_dim, device=device))
         else:
             self.p_h = self.p_h_inv = None
-        self.pending: tuple[str, object] | None = None
+        self.pending: tuple[str, object, torch.Tensor] | None = None  # (mode, cache layer, the key it returned)
 
     def transform_query(self, q: torch.Tensor) -> torch.Tensor:
         """q P_h^-T in q's dtype (B, H, T, D)."""
@@ -121,6 +121,8 @@ def packed_attention(module, query, key, value, attention_mask, **kwargs):
     """
     kvq: KVQuant = module.kv_quant
     pending, kvq.pending = kvq.pending, None
+    if pending is not None and pending[2] is not key:  # left over from a call that did not reach attention
+        pending = None
     query = kvq.transform_query(query)  # (B, H, Tq, D)
     if pending is None:
         key, value = kvq.fake_quantize(kvq.transform_key(key), value)
