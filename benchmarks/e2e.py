@@ -20,7 +20,8 @@ depend on the values; never read accuracy from them). The W4A4 model is the pack
   device time summed by kernel name into GEMM / transform+quantize / attention / other.
 
 Eager PyTorch (no CUDA graphs), so decode at small batch includes Python launch overhead for both models.
-A configuration that runs out of memory is recorded with null times and a note.
+A configuration that runs out of memory, or would start after --budget-s seconds (default 420, so the
+whole run stays under 8 minutes), is recorded with null times and a note.
 """
 
 from __future__ import annotations
@@ -263,15 +264,22 @@ def run_model(name, cfg, args, device, dtype) -> tuple[list[dict], dict]:
                 weights_bytes_bf16=res["bf16"]["weights_bytes"],
                 weights_bytes_w4a4=res["w4a4"]["weights_bytes"],
                 speedup=None if not (rec["bf16_ms"] and rec["w4a4_ms"]) else rec["bf16_ms"] / rec["w4a4_ms"],
-                note=None if bf is not None and w4 is not None else "out of memory (see the null side)",
+                note=None if bf is not None and w4 is not None else "null: out of memory or time budget (see the log)",
                 device=device_name(device),
             )
             records.append(rec)
     return records, extra
 
 
+_DEADLINE = [float("inf")]  # perf_counter time after which measurements are skipped (--budget-s)
+
+
 def _guard(fn, *args):
-    """fn(*args), or None when the device runs out of memory (its tensors freed once the exception is gone)."""
+    """fn(*args), or None when the device runs out of memory (its tensors freed once the exception is gone)
+    or the time budget is spent."""
+    if time.perf_counter() > _DEADLINE[0]:
+        print(f"  skipped {fn.__name__}{tuple(a for a in args if isinstance(a, (int, str)))}: time budget spent")
+        return None
     try:
         return fn(*args)
     except torch.OutOfMemoryError as e:
@@ -284,7 +292,7 @@ def _guard(fn, *args):
 def print_table(records: list[dict]) -> None:
     print(f"{'model':<12}{'phase':<9}{'batch':>6}{'bf16 ms':>11}{'w4a4 ms':>11}{'speed-up':>10}{'KV x':>7}{'W x':>7}")
     for r in records:
-        f = lambda v, spec: "oom" if v is None else format(v, spec)  # noqa: E731
+        f = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
         kv = r.get("kv_bytes_bf16") and r.get("kv_bytes_w4a4") and r["kv_bytes_bf16"] / r["kv_bytes_w4a4"]
         print(
             f"{r['model']:<12}{r['phase']:<9}{r['batch']:>6}{f(r['bf16_ms'], '11.1f')}{f(r['w4a4_ms'], '11.1f')}"
@@ -301,7 +309,9 @@ def main(argv=None) -> None:
     p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per batch size")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps first (autotuning)")
     p.add_argument("--reps", type=int, default=3, help="timed prefills per batch size (median)")
+    p.add_argument("--budget-s", type=float, default=420, help="skip measurements that would start after this")
     args = p.parse_args(argv)
+    _DEADLINE[0] = time.perf_counter() + args.budget_s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         configs, dtype = QUICK, torch.bfloat16 if device.type == "cuda" else torch.float32
