@@ -39,25 +39,14 @@ def _check_packable(model: nn.Module) -> ArchSpec:
     q = layers[0].get_submodule(spec.attn).get_submodule(spec.q)
     if not isinstance(q, FlatQuantLinear) or not q.merged:
         raise ValueError("pack needs a calibrated, merged model: run flatquant.quantize or load_quantized first")
-    cfg = getattr(model, "flatquant", None)
-    cfg = None if cfg is None else cfg.config
-    if cfg is not None:
-        bad = {
-            k: v
-            for k, v in dict(
-                w_bits=cfg.w_bits,
-                a_bits=cfg.a_bits,
-                k_bits=cfg.k_bits,
-                v_bits=cfg.v_bits,
-                w_group_size=cfg.w_group_size,
-            ).items()
-            if v != (None if k == "w_group_size" else 4)
-        }
-        if bad or not cfg.w_symmetric or cfg.kv_symmetric:
-            raise ValueError(
-                f"the packed runtime supports W4A4KV4 with symmetric per-channel weights and asymmetric KV; "
-                f"got {bad or ''} w_symmetric={cfg.w_symmetric} kv_symmetric={cfg.kv_symmetric}"
-            )
+    result = getattr(model, "flatquant", None)
+    if result is not None:
+        want = dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_group_size=None, w_symmetric=True, kv_symmetric=False)
+        bad = {k: getattr(result.config, k) for k, v in want.items() if getattr(result.config, k) != v}
+        if bad:
+            raise ValueError(f"the packed runtime supports {want}; this model has {bad}")
+    if getattr(q, "weight_scale", None) is None:
+        raise ValueError("the merged model has no weight scales (16-bit weights, or merged by an older flatquant)")
     return spec
 
 
