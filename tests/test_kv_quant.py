@@ -244,7 +244,11 @@ def test_dispatcher_choices_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="impl"):
         kv.decode_attention(q, *cache, 0.5, impl="cuda")
     with pytest.raises(TypeError, match="q must be"):
-        kv.decode_attention(q.float(), *cache, 0.5)
+        kv.decode_attention(q.double(), *cache, 0.5)
+    q32 = q.float()  # float32 queries (CPU runtime) take the reference
+    assert torch.equal(kv.decode_attention(q32, *cache, 0.5), kv.decode_attention_reference(q32, *cache, 0.5))
+    with pytest.raises(TypeError, match="bfloat16/float16"):
+        kv.decode_attention(q32, *cache, 0.5, impl="triton")  # the kernel takes bfloat16/float16 only
     with pytest.raises(ValueError, match="multiple of KV heads"):
         kv.decode_attention(torch.cat([q, q[:, :1]], 1), *cache, 0.5)
     with pytest.raises(ValueError, match="k_scale"):

@@ -5,6 +5,8 @@ from .calibrate import CalibrationResult
 from .checkpoint import apply_calibration, load_quantized, save_quantized, write_calibration
 from .config import FlatQuantConfig, preset
 from .distributed import DistributedCalibrationError, calibrate_distributed, is_main_process
+from .kvcache import Int4KVCache
+from .packed import load_packed, pack
 from .pipeline import merge_model, quantize, round_weights
 from .streaming import StreamingModel
 
@@ -16,8 +18,11 @@ __all__ = [
     "DistributedCalibrationError",
     "FlatQuantConfig",
     "is_main_process",
+    "Int4KVCache",
+    "load_packed",
     "load_quantized",
     "merge_model",
+    "pack",
     "preset",
     "quantize",
     "register_architecture",

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +20,7 @@ from .arch import spec_for
 from .bits import validate_overrides
 from .calibrate import CalibrationResult
 from .config import FlatQuantConfig
+from .files import atomic_directory, read_format_json
 from .pipeline import merge_model
 from .prepare import load_calibration_state, prepare_block, use_flatquant_attention
 
@@ -61,12 +60,7 @@ def write_calibration(
     n = model_config.num_hidden_layers
     if sorted(result.state) != list(range(n)):
         raise ValueError(f"the calibration covers blocks {sorted(result.state)}, but the model has {n} blocks")
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".flatquant-", dir=parent)
-    try:
+    with atomic_directory(path, overwrite) as tmp:
         tensors = {f"layers.{i}.{k}": v for i, st in result.state.items() for k, v in st.items()}
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, _TENSORS_FILE))
         if result.config.weight_method == "gptq":
@@ -83,16 +77,6 @@ def write_calibration(
         }
         with open(os.path.join(tmp, _CONFIG_FILE), "w") as f:
             json.dump(meta, f, indent=2)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".flatquant-old-", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -120,16 +104,7 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg_path, t_path = os.path.join(path, _CONFIG_FILE), os.path.join(path, _TENSORS_FILE)
     if not os.path.isdir(path) or not os.path.isfile(cfg_path) or not os.path.isfile(t_path):
         raise FileNotFoundError(f"{path} is not a flatquant checkpoint (needs {_CONFIG_FILE} and {_TENSORS_FILE})")
-    try:
-        with open(cfg_path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is corrupt: {e}") from e
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{cfg_path}: format {meta.get('format')!r} v{meta.get('format_version')} is not "
-            f"{FORMAT!r} v{FORMAT_VERSION}"
-        )
+    meta = read_format_json(cfg_path, FORMAT, FORMAT_VERSION)
     return meta, _load_tensors(t_path)
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``flatquant quantize``, ``flatquant eval`` and ``flatquant report``.
+"""Command line: ``flatquant quantize``, ``flatquant pack``, ``flatquant eval`` and ``flatquant report``.
 
 The quantization options are generated from :class:`FlatQuantConfig`'s fields, so defaults live in one
 place (the dataclass and its presets); an option left out takes the preset's value.
@@ -28,6 +28,7 @@ from .evaluate import perplexity
 from .files import atomic_write_json
 from .loading import DEFAULT_MODEL, load_model, load_tokenizer
 from .offload import PLACEMENTS
+from .packed import load_packed, pack
 from .pipeline import quantize
 from .report import device_name, library_versions, load_records, markdown_table, write_report
 from .streaming import StreamingModel
@@ -136,9 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-budget", type=float, default=None, help="GB of GPU memory to plan with [default: all]")
     s.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds to wait for another rank [1800]")
     _add_config_options(q)
-    e = sub.add_parser("eval", help="perplexity of the original model or of a saved calibration")
+    p = sub.add_parser("pack", help="write the real 4-bit checkpoint of a calibration (or quantize first)")
+    _add_common(p)
+    p.set_defaults(eval_data=[])
+    p.add_argument("--checkpoint", default=None, help="a folder written by 'flatquant quantize' [default: quantize]")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="without --checkpoint [default paper]")
+    p.add_argument("--calib-data", default=DEFAULT_CALIBRATION, help="without --checkpoint: calibration text")
+    p.add_argument("--output", required=True, help="packed checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_config_options(p)
+    e = sub.add_parser("eval", help="perplexity of the original model, a saved calibration or a packed model")
     _add_common(e)
     e.add_argument("--checkpoint", default=None, help="a folder written by 'flatquant quantize'")
+    e.add_argument("--packed", default=None, help="a folder written by 'flatquant pack' (real 4-bit inference)")
     r = sub.add_parser("report", help="render result files of several runs side by side")
     r.add_argument("results", nargs="+", help="--results-json files or report.json files")
     r.add_argument("--out", default=None, help="also write report.json, report.md (and a plot) here")
@@ -330,7 +341,47 @@ def _quantize_scaled(args, cfg: FlatQuantConfig, output: str) -> list[dict]:
     return [record]
 
 
+def _calibrate(model, tokenizer, cfg: FlatQuantConfig, args, state_dir: str) -> float:
+    """Quantize ``model`` in place (resumable in ``state_dir``); the seconds it took."""
+    windows = _calibration_windows(tokenizer, args, cfg)
+    t0 = time.perf_counter()
+    quantize(model, cfg, windows, device=args.device, state_dir=state_dir, progress=not args.quiet)
+    return time.perf_counter() - t0
+
+
+def cmd_pack(args) -> list[dict]:
+    """Pack a saved (or fresh) calibration; with --eval-data, perplexity of the fake- and real-quant models."""
+    if os.path.exists(args.output) and not args.overwrite:
+        raise FileExistsError(f"{args.output} exists; pass --overwrite or choose another --output")
+    model, tokenizer = load_model(args.model, args.dtype)
+    if args.checkpoint is not None:
+        load_quantized(model, args.checkpoint, args.device)
+    else:
+        cfg = config_from_args(args)
+        _calibrate(model, tokenizer, cfg, args, args.output + ".state")
+    pack(model, args.output, overwrite=args.overwrite, metadata={"model": args.model, "checkpoint": args.checkpoint})
+    shutil.rmtree(args.output + ".state", ignore_errors=True)
+    print(f"saved packed model to {args.output}")
+    cfg, seconds = model.flatquant.config, model.flatquant.seconds
+    records = []
+    if args.eval_data:
+        records.append(_record(args, cfg.method, cfg, _evaluate(model, tokenizer, args, cfg.method), seconds))
+        del model
+        packed = load_packed(args.output, args.device)
+        records.append(_record(args, "packed", cfg, _evaluate(packed, tokenizer, args, "packed"), seconds))
+    return records
+
+
 def cmd_eval(args) -> list[dict]:
+    if args.packed is not None:
+        if args.checkpoint is not None:
+            raise ValueError("give either --checkpoint (fake quantization) or --packed (real 4-bit), not both")
+        tokenizer = load_tokenizer(args.model)
+        model = load_packed(args.packed, args.device)
+        stored = model.flatquant_packed["flatquant_config"]
+        cfg = None if stored is None else FlatQuantConfig.from_dict(stored)
+        ppl = _evaluate(model, tokenizer, args, "packed")
+        return [_record(args, "packed", cfg, ppl, None, _zeroshot(model, tokenizer, args))]
     model, tokenizer = load_model(args.model, args.dtype)
     if args.checkpoint is None:
         ppl = _evaluate(model, tokenizer, args, "fp")
@@ -364,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return cmd_report(args)
         _check_tasks(args)
-        records = cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
+        commands = {"quantize": cmd_quantize, "pack": cmd_pack, "eval": cmd_eval}
+        records = commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, distributed.DistributedCalibrationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

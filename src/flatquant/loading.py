@@ -26,10 +26,20 @@ def resolve_model(name: str | None) -> tuple[str, str | None]:
     return name, None
 
 
-def load_tokenizer(name: str | None = None):
-    """The tokenizer of a model name, folder, hub id or .gguf file (as for :func:`load_model`)."""
+def _source(name: str | None) -> tuple[str, dict]:
     folder, gguf = resolve_model(name)
-    return AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    if gguf is not None:
+        try:
+            import gguf as _gguf  # noqa: F401
+        except ImportError as e:
+            raise ImportError("loading GGUF files needs the 'gguf' package: pip install 'gguf>=0.10'") from e
+    return folder, {"gguf_file": gguf} if gguf else {}
+
+
+def load_tokenizer(name: str | None = None):
+    """The tokenizer of a model name, path or the default, without loading the model."""
+    folder, kwargs = _source(name)
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 def load_model(name: str | None = None, dtype: str | torch.dtype | None = None):
@@ -37,13 +47,7 @@ def load_model(name: str | None = None, dtype: str | torch.dtype | None = None):
 
     dtype: e.g. "bfloat16"; default: the checkpoint's own dtype (GGUF files dequantize to float32).
     """
-    folder, gguf = resolve_model(name)
-    if gguf is not None:
-        try:
-            import gguf as _gguf  # noqa: F401
-        except ImportError as e:
-            raise ImportError("loading GGUF files needs the 'gguf' package: pip install 'gguf>=0.10'") from e
-    kwargs = {"gguf_file": gguf} if gguf else {}
+    folder, kwargs = _source(name)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     tokenizer = load_tokenizer(name)

@@ -184,6 +184,8 @@ class FlatQuantLinear(nn.Module):
         round_weight=False keeps the merged weight unrounded until :meth:`set_rounded` (GPTQ).
         """
         w, b = self._transformed_weight(torch.float64, fold_row_scale=True)
+        if self.quant.bits < 16:  # the step of every weight code, for packing into a real 4-bit layer
+            self.register_buffer("weight_scale", self.quant.scale(w).float())
         if round_weight or self.quant.bits >= 16:
             w = self.quant(w)
         else:

@@ -101,6 +101,11 @@ class WeightQuantizer(nn.Module):
             zero = torch.round(-wmin / scale)
         return scale[..., 0], zero[..., 0]
 
+    @torch.no_grad()
+    def scale(self, w: torch.Tensor) -> torch.Tensor:
+        """The quantization step of every group, (out, groups) in w's dtype (for packing real 4-bit layers)."""
+        return self.grid(w)[0]
+
     def code_range(self) -> tuple[int, int]:
         """Smallest and largest integer code."""
         if self.symmetric:

@@ -422,10 +422,13 @@ def quantize_kv(x: torch.Tensor, bits: int = 4, clip_max: float = 1.0, clip_min:
 
 
 # ------------------------------------------------------------------------------------------ decode
-def _check_decode_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens) -> tuple[int, ...]:
+def _check_decode_args(
+    q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, q_dtypes=_Q_DTYPES
+) -> tuple[int, ...]:
     """Validate shapes, dtypes and devices; return (B, Hq, Hkv, S_cap, D)."""
-    if q.dtype not in _Q_DTYPES or q.dim() != 3:
-        raise TypeError(f"q must be (B, Hq, D) bfloat16/float16, got {q.dtype=} shape={tuple(q.shape)}")
+    if q.dtype not in q_dtypes or q.dim() != 3:
+        names = "/".join(str(t).removeprefix("torch.") for t in q_dtypes)
+        raise TypeError(f"q must be (B, Hq, D) {names}, got {q.dtype=} shape={tuple(q.shape)}")
     b, hq, d = q.shape
     for name, t in (("k_packed", k_packed), ("v_packed", v_packed)):
         if t.dtype != torch.uint8 or t.dim() != 4 or t.shape[0] != b or 2 * t.shape[3] != d:
@@ -451,7 +454,9 @@ def decode_attention_reference(q, k_packed, k_scale, k_zero, v_packed, v_scale, 
 
     Positions >= seq_lens[b] are ignored (they may hold anything, NaN included); seq_len 0 gives zeros.
     """
-    b, hq, hkv, s_cap, d = _check_decode_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
+    b, hq, hkv, s_cap, d = _check_decode_args(
+        q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, _Q_DTYPES + (torch.float32,)
+    )
     lens = seq_lens.to(device="cpu", dtype=torch.int64)
     if (lens < 0).any() or (lens > s_cap).any():
         raise ValueError(f"seq_lens must lie in [0, S_cap={s_cap}], got {lens.tolist()}")
@@ -555,6 +560,6 @@ def decode_attention(
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch" (forced; RuntimeError
     saying why when the forced kernel cannot run).
     """
-    if _pick(impl, q) == "triton":
+    if _pick(impl, q) == "triton" and (impl == "triton" or q.dtype in _Q_DTYPES):  # float32 q: the reference
         return decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale)
     return decode_attention_reference(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale)

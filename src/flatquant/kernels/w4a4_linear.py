@@ -21,7 +21,7 @@ try:  # the fused transform + quantize kernel; the torch fallback below has the 
 except ImportError:
     _kron_quantize = None
 
-__all__ = ["W4A4Linear", "kron_quantize_torch", "quantize_weight_rtn"]
+__all__ = ["W4A4Linear", "kron_quantize_torch", "quantize_operand", "quantize_weight_rtn"]
 
 _EPS = 1e-8  # smallest activation scale, as in kron_quantize
 
@@ -65,6 +65,27 @@ def kron_quantize_torch(
     zero = torch.round(-xmin / scale)
     codes = (torch.round(xt / scale[:, None]) + zero[:, None]).clamp(0, qmax)
     return codes.to(torch.int8).reshape(*lead, n), scale.reshape(lead), zero.reshape(lead)
+
+
+def quantize_operand(
+    x: torch.Tensor,
+    p1: torch.Tensor | None,
+    p2: torch.Tensor | None,
+    clip_max: float,
+    clip_min: float,
+    symmetric: bool = True,
+    act_impl: str = "auto",
+) -> tuple[torch.Tensor, ...]:
+    """x (..., K) float -> 4-bit GEMM operand (codes int8 (..., K), scale fp32 (...,)[, zero fp32 (...,)]).
+
+    The fused kernel (its reference off CUDA) for bf16/fp16 with ``act_impl="auto"``, else
+    :func:`kron_quantize_torch`; several layers reading one input share the result.
+    """
+    kw = dict(clip_max=clip_max, clip_min=clip_min, bits=4, symmetric=symmetric)
+    if _kron_quantize is not None and act_impl == "auto" and x.dtype in (torch.bfloat16, torch.float16):
+        codes, scale, zero = _kron_quantize(x, p1, p2, **kw)
+        return (codes, scale) if zero is None else (codes, scale, zero)
+    return kron_quantize_torch(x, p1, p2, **kw)
 
 
 def quantize_weight_rtn(weight: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, ...]:
@@ -178,10 +199,9 @@ class W4A4Linear(nn.Module):
         """x (..., K) float -> operand tuple (codes int8 (..., K), scale fp32 (...,)[, zero fp32 (...,)])."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
-        kw = dict(clip_max=self.act_clip_max, clip_min=self.act_clip_min, bits=4, symmetric=self.act_symmetric)
-        if _kron_quantize is not None and self.act_impl == "auto" and x.dtype in (torch.bfloat16, torch.float16):
-            return tuple(_kron_quantize(x, self.p1, self.p2, **kw))  # (codes, scale, zero or None)
-        return kron_quantize_torch(x, self.p1, self.p2, **kw)
+        return quantize_operand(
+            x, self.p1, self.p2, self.act_clip_max, self.act_clip_min, self.act_symmetric, self.act_impl
+        )
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
         if isinstance(x, torch.Tensor):

@@ -1,0 +1,353 @@
+"""End-to-end speed and memory: packed W4A4KV4 model vs the BF16 Hugging Face model (SDPA), LLaMA shapes.
+
+Usage (one GPU, about 5-8 minutes on an H100):
+    PYTHONPATH=src python benchmarks/e2e.py [--out benchmarks/results/e2e.json]
+    PYTHONPATH=src python benchmarks/e2e.py --quick --out /tmp/e2e.json      # tiny model, CPU, seconds
+
+Models are built from the LLaMA-2-7B and LLaMA-3-8B configs with random weights, in the script (timings do not
+depend on the values; never read accuracy from them). The W4A4 model is the packed runtime of
+``flatquant.load_packed`` (4-bit linears with online transforms, INT4 KV cache), filled with random codes.
+
+* prefill: one forward of 2048 tokens per sequence at batch 1, 4, 16, writing the KV cache (BF16:
+  transformers' DynamicCache, what ``generate()`` uses; W4A4: ``Int4KVCache``), logits of the last token.
+* decode: single-token steps after a prompt, at batch 1, 16, 64. ``--decode-steps`` steps are timed
+  (after warm-up steps) with the cache holding about 2048 + 128 tokens, the middle of a 256-token generation
+  after a 2048-token prompt, and 256 x the mean step is reported (attention cost grows linearly with the
+  length, so the middle step is the mean). The prompt is written into the cache by a prefill (not timed).
+* memory: bytes of all weights (parameters and buffers) and of the KV cache at 2048 + 256 tokens
+  (measured per token on the filled cache), and the peak allocated memory of each decode run.
+* breakdown: a torch.profiler trace of one prefill (batch 4) and a few decode steps (batch 16) of each model,
+  device time summed by kernel name into GEMM / transform+quantize / attention / other.
+
+Eager PyTorch (no CUDA graphs), so decode at small batch includes Python launch overhead for both models.
+A configuration that runs out of memory, or would start after --budget-s seconds (default 420, so the
+whole run stays under 8 minutes), is recorded with null times and a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+from flatquant.files import atomic_write_json
+from flatquant.kvcache import Int4KVCache, cache_kwargs
+from flatquant.packed import finish_packed_model, packed_skeleton
+from flatquant.report import device_name
+from flatquant.transforms import kron_factors, random_orthogonal
+
+CONFIGS = {
+    "llama-2-7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+        num_hidden_layers=32, vocab_size=32000, max_position_embeddings=4096,
+    ),
+    "llama-3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+        num_hidden_layers=32, vocab_size=128256, max_position_embeddings=8192,
+    ),
+}  # fmt: skip
+QUICK = {
+    "tiny-llama": dict(
+        hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, vocab_size=512, max_position_embeddings=1024,
+    )
+}  # fmt: skip
+CATEGORIES = {  # substrings of kernel (CUDA) or op (CPU) names, checked in this order
+    "attention": ("attention", "attn", "flash", "fmha", "sdpa", "softmax", "decode"),
+    "transform+quantize": ("kron", "quantize", "round"),
+    "gemm": ("w4a4", "gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::bmm", "aten::addmm"),
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_ms(fn, device, reps: int) -> float:
+    """Median wall milliseconds of ``fn()`` over ``reps`` runs (synchronised)."""
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(1000 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2]
+
+
+def model_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.nbytes
+    return total
+
+
+def bf16_model(cfg: dict, device, dtype):
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype, attn_implementation="sdpa").eval()
+
+
+@torch.no_grad()
+def w4a4_model(cfg: dict, device, dtype, seed: int = 0):
+    """The packed runtime for ``cfg`` with random 4-bit codes, scales, orthogonal factors and embeddings."""
+    config = LlamaConfig(**cfg)
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    transforms = {
+        "qkv": list(kron_factors(cfg["hidden_size"])),
+        "gate_up": list(kron_factors(cfg["hidden_size"])),
+        "down": list(kron_factors(cfg["intermediate_size"])),
+        "o": [cfg["num_attention_heads"], head_dim],
+        "p_h": True,
+        "act_symmetric": True,
+    }
+    model = packed_skeleton(config, transforms, dtype).to_empty(device=device)
+    g = torch.Generator().manual_seed(seed)  # small factors on the CPU; big tensors drawn on the device
+    torch.manual_seed(seed)
+    for mod in model.modules():
+        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if t.dtype == torch.uint8:  # packed weights
+                t.random_(0, 256)
+            elif name == "w_scale":  # output variance about the input's
+                t.fill_(1.0 / (4.6 * math.sqrt(2 * mod.w_packed.shape[1])))
+            elif name in ("p1", "p2", "p_h"):
+                t.copy_(random_orthogonal(t.shape[0], g).to(t.dtype))
+            elif name == "p_h_inv":
+                t.copy_(mod.p_h.T)
+            elif "norm" in type(mod).__name__.lower():
+                t.fill_(1.0)
+            elif t.is_floating_point():
+                t.normal_(0.0, 0.02)
+    return finish_packed_model(model, device)
+
+
+def new_cache(model, kind: str, capacity: int):
+    return Int4KVCache(model, min_capacity=capacity) if kind == "w4a4" else DynamicCache()
+
+
+def kv_bytes(cache, kind: str) -> int:
+    if kind == "w4a4":
+        return cache.nbytes()
+    return sum(2 * (layer.keys.numel() + layer.values.numel()) for layer in cache.layers)  # at 2 bytes each
+
+
+@torch.no_grad()
+def prefill(model, kind, batch, seqlen, device, reps) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=device)
+
+    def run():
+        model(ids, logits_to_keep=1, **cache_kwargs(model, new_cache(model, kind, seqlen)))
+
+    run()  # warm-up (Triton autotuning for this shape)
+    return timed_ms(run, device, reps)
+
+
+@torch.no_grad()
+def decode(model, kind, batch, prompt, gen, steps, warmup, device) -> dict:
+    """ms per decode step around the middle of a ``gen``-token generation after ``prompt`` tokens."""
+    start = prompt + gen // 2 - steps // 2 - warmup
+    cache = new_cache(model, kind, prompt + gen)
+    ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
+    logits = model(ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits
+    nxt = logits[:, -1:].argmax(-1)
+
+    def step():
+        nonlocal nxt
+        nxt = model(nxt, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    per_step = 1000 * (time.perf_counter() - t0) / steps
+    length = cache.get_seq_length()
+    kv = kv_bytes(cache, kind) * (prompt + gen) // length  # per-token storage x the final length
+    return {"ms_per_step": per_step, "kv_bytes": kv, "cache_tokens_timed": [length - steps, length]}
+
+
+def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
+    """Device (or CPU) time by category for one prefill and 4 decode steps."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    out = {}
+    for phase, batch in (("prefill", batch_prefill), ("decode", batch_decode)):
+        with torch.no_grad():
+            cache = new_cache(model, kind, seqlen + 8)
+            ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=device)
+            nxt = model(ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+            _sync(device)
+            with torch.profiler.profile(activities=acts) as prof:
+                if phase == "prefill":
+                    model(ids, logits_to_keep=1, **cache_kwargs(model, new_cache(model, kind, seqlen)))
+                else:
+                    for _ in range(4):
+                        nxt = model(nxt, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+                _sync(device)
+        totals = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+        for e in prof.key_averages():
+            if device.type == "cuda":
+                if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
+                    continue
+                us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            else:
+                if not e.key.startswith("aten::"):
+                    continue
+                us = e.self_cpu_time_total
+            name = e.key.lower()
+            cat = next((c for c, keys in CATEGORIES.items() if any(k in name for k in keys)), "other")
+            totals[cat] += us / 1000
+        out[phase] = {"batch": batch, "steps": 1 if phase == "prefill" else 4, "ms": totals}
+    return out
+
+
+def measure(name, kind, cfg, args, device, dtype) -> tuple[dict, dict | None]:
+    """Timings and memory of one model (bf16 or w4a4), which is freed on return."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    model = bf16_model(cfg, device, dtype) if kind == "bf16" else w4a4_model(cfg, device, dtype)
+    res = {"weights_bytes": model_bytes(model)}
+    print(f"{name} {kind}: built in {time.perf_counter() - t0:.1f} s, {res['weights_bytes'] / 2**30:.2f} GiB")
+    for b in args.prefill_batches:
+        res[("prefill", b)] = _guard(prefill, model, kind, b, args.seqlen, device, args.reps)
+    for b in args.decode_batches:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        r = _guard(decode, model, kind, b, args.seqlen, args.gen, args.decode_steps, args.warmup_steps, device)
+        if r is not None and device.type == "cuda":
+            r["peak_bytes"] = torch.cuda.max_memory_allocated()
+        res[("decode", b)] = r
+    parts = _guard(breakdown, model, kind, device, *args.breakdown_batches, args.seqlen)
+    return res, parts
+
+
+def run_model(name, cfg, args, device, dtype) -> tuple[list[dict], dict]:
+    res, extra = {}, {}
+    for kind in ("bf16", "w4a4"):
+        res[kind], extra[kind] = measure(name, kind, cfg, args, device, dtype)
+    records = []
+    for phase, batches in (("prefill", args.prefill_batches), ("decode", args.decode_batches)):
+        for b in batches:
+            bf, w4 = res["bf16"][(phase, b)], res["w4a4"][(phase, b)]
+            rec = {"model": name, "phase": phase, "batch": b}
+            if phase == "prefill":
+                rec.update(bf16_ms=bf, w4a4_ms=w4, tokens=args.seqlen)
+            else:
+                scale = args.gen
+                rec.update(
+                    bf16_ms=None if bf is None else bf["ms_per_step"] * scale,
+                    w4a4_ms=None if w4 is None else w4["ms_per_step"] * scale,
+                    bf16_ms_per_step=None if bf is None else bf["ms_per_step"],
+                    w4a4_ms_per_step=None if w4 is None else w4["ms_per_step"],
+                    prompt=args.seqlen,
+                    new_tokens=args.gen,
+                    steps_timed=args.decode_steps,
+                    extrapolated=f"{args.gen} x mean of {args.decode_steps} steps at cache length "
+                    f"{(w4 or bf or {}).get('cache_tokens_timed')}",
+                    kv_bytes_bf16=None if bf is None else bf["kv_bytes"],
+                    kv_bytes_w4a4=None if w4 is None else w4["kv_bytes"],
+                    peak_bytes_bf16=None if bf is None else bf.get("peak_bytes"),
+                    peak_bytes_w4a4=None if w4 is None else w4.get("peak_bytes"),
+                )
+            rec.update(
+                weights_bytes_bf16=res["bf16"]["weights_bytes"],
+                weights_bytes_w4a4=res["w4a4"]["weights_bytes"],
+                speedup=None if not (rec["bf16_ms"] and rec["w4a4_ms"]) else rec["bf16_ms"] / rec["w4a4_ms"],
+                note=None if bf is not None and w4 is not None else "null: out of memory or time budget (see the log)",
+                device=device_name(device),
+            )
+            records.append(rec)
+    return records, extra
+
+
+_DEADLINE = [float("inf")]  # perf_counter time after which measurements are skipped (--budget-s)
+
+
+def _guard(fn, *args):
+    """fn(*args), or None when the device runs out of memory (its tensors freed once the exception is gone)
+    or the time budget is spent."""
+    if time.perf_counter() > _DEADLINE[0]:
+        print(f"  skipped {fn.__name__}{tuple(a for a in args if isinstance(a, (int, str)))}: time budget spent")
+        return None
+    try:
+        return fn(*args)
+    except torch.OutOfMemoryError as e:
+        print(f"  out of memory: {str(e).splitlines()[0]}")
+    gc.collect()
+    torch.cuda.empty_cache()
+    return None
+
+
+def print_table(records: list[dict]) -> None:
+    print(f"{'model':<12}{'phase':<9}{'batch':>6}{'bf16 ms':>11}{'w4a4 ms':>11}{'speed-up':>10}{'KV x':>7}{'W x':>7}")
+    for r in records:
+        f = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+        kv = r.get("kv_bytes_bf16") and r.get("kv_bytes_w4a4") and r["kv_bytes_bf16"] / r["kv_bytes_w4a4"]
+        print(
+            f"{r['model']:<12}{r['phase']:<9}{r['batch']:>6}{f(r['bf16_ms'], '11.1f')}{f(r['w4a4_ms'], '11.1f')}"
+            f"{f(r['speedup'], '9.2f')}x{f(kv or None, '6.2f') if r['phase'] == 'decode' else '':>7}"
+            f"{r['weights_bytes_bf16'] / r['weights_bytes_w4a4']:>7.2f}"
+        )
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="results JSON [default benchmarks/results/e2e.json; none if --quick]")
+    p.add_argument("--quick", action="store_true", help="tiny model on CPU (or the GPU) in seconds")
+    p.add_argument("--models", nargs="*", default=None, help=f"subset of {sorted(CONFIGS)}")
+    p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per batch size")
+    p.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps first (autotuning)")
+    p.add_argument("--reps", type=int, default=3, help="timed prefills per batch size (median)")
+    p.add_argument("--budget-s", type=float, default=420, help="skip measurements that would start after this")
+    args = p.parse_args(argv)
+    _DEADLINE[0] = time.perf_counter() + args.budget_s
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:
+        configs, dtype = QUICK, torch.bfloat16 if device.type == "cuda" else torch.float32
+        args.seqlen, args.gen, args.prefill_batches, args.decode_batches = 64, 16, [1, 2], [1, 4]
+        args.breakdown_batches = (2, 4)
+        args.decode_steps, args.warmup_steps, args.reps = min(args.decode_steps, 4), 1, min(args.reps, 2)
+    else:
+        if device.type != "cuda":
+            raise SystemExit("the full benchmark needs a CUDA GPU; use --quick on CPU")
+        configs, dtype = {k: CONFIGS[k] for k in (args.models or CONFIGS)}, torch.bfloat16
+        args.seqlen, args.gen, args.prefill_batches, args.decode_batches = 2048, 256, [1, 4, 16], [1, 16, 64]
+        args.breakdown_batches = (4, 16)
+        args.out = args.out or "benchmarks/results/e2e.json"
+    t0 = time.perf_counter()
+    records, breakdowns = [], {}
+    for name, cfg in configs.items():
+        recs, extra = run_model(name, cfg, args, device, dtype)
+        records += recs
+        breakdowns[name] = extra
+        print_table(recs)
+    print_table(records)
+    for name, kinds in breakdowns.items():
+        for kind, phases in kinds.items():
+            for phase, b in (phases or {}).items():
+                parts = ", ".join(f"{c} {ms:.1f}" for c, ms in b["ms"].items())
+                print(f"breakdown {name} {kind} {phase} (batch {b['batch']}, {b['steps']} step(s)), ms: {parts}")
+    total = time.perf_counter() - t0
+    print(f"total {total:.0f} s on {device_name(device)}; decode times are {args.gen} x the mean timed step")
+    if device.type == "cpu":
+        print("(CPU: both models run in float32 here; the 'bf16' side is the unquantized model)")
+    if args.out:
+        settings = {k: v for k, v in vars(args).items() if k != "out"}
+        out = {"device": device_name(device), "seconds": total, "settings": settings, "records": records}
+        atomic_write_json(args.out, {**out, "breakdown": breakdowns})
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""INT4 KV cache for packed models, usable by transformers' ``generate()``.
+
+Per layer it stores K (after RoPE and P_h) and V (in the P_v space, which v_proj already produces) as packed
+4-bit codes with an fp32 scale and zero point per (token, head), KV heads kept grouped (never repeated):
+
+    k_packed, v_packed  uint8 (B, Hkv, S_cap, D // 2)   two codes per byte, low nibble = even channel
+    k_scale, k_zero, v_scale, v_zero  fp32 (B, Hkv, S_cap)
+
+preallocated to a capacity that doubles when full. ``update`` quantizes the new tokens and appends them.
+For a prefill (or any step with more than one new token) it returns the whole cache dequantized, on which the
+attention function runs SDPA: the same K/V values as the fake-quant evaluation, bit for bit. For a
+single-token step it returns the new token only and flags the layer's ``KVQuant`` so that the attention
+function reads the 4-bit cache directly with ``decode_attention``.
+
+    cache = Int4KVCache(model)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .arch import spec_for
+from .kernels.kv_quant import dequantize_kv
+from .runtime import KVQuant
+
+__all__ = ["Int4KVCache", "Int4KVLayer", "cache_kwargs"]
+
+_NAMES = ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero")
+
+
+class Int4KVLayer(CacheLayerMixin):
+    """One layer's 4-bit K/V storage (see the module doc for the layout)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, kv_quant: KVQuant, min_capacity: int = 256):
+        super().__init__()
+        self.kv_quant = kv_quant
+        self.min_capacity = min_capacity
+        self.length = 0
+        self.k_packed = self.k_scale = self.k_zero = self.v_packed = self.v_scale = self.v_zero = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self._allocate(b, h, d, self.min_capacity)
+        self.is_initialized = True
+
+    def _allocate(self, b: int, h: int, d: int, capacity: int) -> None:
+        width = d // 2 if self.kv_quant.bits == 4 else d
+        old = {n: getattr(self, n) for n in _NAMES}
+        for n in _NAMES:
+            is_code = n.endswith("packed")
+            shape = (b, h, capacity, width) if is_code else (b, h, capacity)
+            t = torch.zeros(shape, dtype=torch.uint8 if is_code else torch.float32, device=self.device)
+            if old[n] is not None:
+                t[:, :, : self.length] = old[n][:, :, : self.length]
+            setattr(self, n, t)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k_packed is None else self.k_packed.shape[2]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append the new K (B, Hkv, T, D) after RoPE and V; see the module doc for what is returned."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        kvq = self.kv_quant
+        b, h, t, d = key_states.shape
+        key_states = kvq.transform_key(key_states)
+        (kc, ks, kz), (vc, vs, vz) = kvq.quantize(key_states, value_states)
+        end = self.length + t
+        if end > self.capacity:
+            cap = self.capacity
+            while cap < end:
+                cap *= 2
+            self._allocate(b, h, d, cap)
+        for n, value in zip(_NAMES, (kc, ks, kz, vc, vs, vz), strict=True):
+            getattr(self, n)[:, :, self.length : end] = value
+        self.length = end
+        if t == 1:
+            kvq.pending = ("decode", self, key_states)
+            return key_states, value_states
+        k, v = self.dequantized(value_states.dtype)
+        kvq.pending = ("prefill", self, k)
+        return k, v
+
+    def kernel_args(self) -> tuple[torch.Tensor, ...]:
+        """(k_packed, k_scale, k_zero, v_packed, v_scale, v_zero), full capacity, for ``decode_attention``."""
+        return tuple(getattr(self, n) for n in _NAMES)
+
+    def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the valid positions, (B, Hkv, S, D) in ``dtype``."""
+        s, bits = self.length, self.kv_quant.bits
+        k = dequantize_kv(self.k_packed[:, :, :s], self.k_scale[:, :, :s], self.k_zero[:, :, :s], bits, dtype)
+        v = dequantize_kv(self.v_packed[:, :, :s], self.v_scale[:, :, :s], self.v_zero[:, :, :s], bits, dtype)
+        return k, v
+
+    def nbytes(self, used: bool = True) -> int:
+        """Bytes of the stored tensors: of the valid positions (``used``) or of the whole allocation."""
+        if self.k_packed is None:
+            return 0
+        total = sum(getattr(self, n).nbytes for n in _NAMES)
+        return total * self.length // self.capacity if used else total
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # older transformers pass cache_position
+            query_length = query_length.shape[0]
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+        self.kv_quant.pending = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove=}")
+        self.length = max(0, self.length + tokens_to_remove)
+
+    def _map_batch(self, fn) -> None:
+        if self.k_packed is not None:
+            for n in _NAMES:
+                setattr(self, n, fn(getattr(self, n)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def offload(self):
+        raise NotImplementedError("Int4KVCache does not support offloading")
+
+    prefetch = offload
+
+
+class Int4KVCache(Cache):
+    """INT4 KV cache for a model returned by :func:`flatquant.load_packed`; pass as ``past_key_values``."""
+
+    def __init__(self, model: nn.Module, min_capacity: int = 256):
+        kvqs = []
+        for i, layer in enumerate(model.get_submodule(spec_for(model).layers)):
+            kvq = getattr(layer.get_submodule(spec_for(model).attn), "kv_quant", None)
+            if not isinstance(kvq, KVQuant):
+                raise ValueError(f"layer {i} has no KVQuant: Int4KVCache needs a model from flatquant.load_packed")
+            kvqs.append(kvq)
+        super().__init__(layers=[Int4KVLayer(kvq, min_capacity) for kvq in kvqs])
+
+    def nbytes(self, used: bool = True) -> int:
+        """Bytes held by all layers (see :meth:`Int4KVLayer.nbytes`)."""
+        return sum(layer.nbytes(used) for layer in self.layers)
+
+
+def cache_kwargs(model: nn.Module, cache: Cache) -> dict:
+    """``{name: cache}`` for ``model.generate``/``forward``: transformers renamed ``past_key_values`` to ``cache``."""
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return {name: cache}

@@ -1,0 +1,286 @@
+"""Packed real-quant checkpoints: ``pack`` a calibrated, merged model, ``load_packed`` it without its weights.
+
+A packed checkpoint is a folder with ``flatquant-packed.json`` (format name and version, the model's Hugging Face
+config, the architecture spec, bits and transform sizes) and ``model.safetensors`` (int4 weights two per byte,
+scales, transform factors, clipping ratios, and the unquantized embeddings, norms and lm_head). The layout is
+specified in docs/packed-format.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .arch import ArchSpec, register_architecture, set_submodule, spec_for, supported_architectures
+from .files import atomic_directory, read_format_json
+from .kernels.gemm_w4a4 import pack_int4
+from .kernels.w4a4_linear import W4A4Linear
+from .modules import FlatQuantLinear, OnlineTransform
+from .prepare import _dims
+from .runtime import KVQuant, SharedInputLinear, SharedInputQuant, use_packed_attention
+
+FORMAT = "flatquant-packed"
+FORMAT_VERSION = 1
+CONFIG_FILE, TENSORS_FILE = "flatquant-packed.json", "model.safetensors"
+_FP32_TENSORS = ("w_scale", "act_clip", "k_clip", "v_clip", "p_h", "p_h_inv")  # stay fp32 in any model dtype
+
+
+# ------------------------------------------------------------------------------------------------- packing
+def _check_packable(model: nn.Module) -> ArchSpec:
+    spec = spec_for(model)
+    layers = model.get_submodule(spec.layers)
+    q = layers[0].get_submodule(spec.attn).get_submodule(spec.q)
+    if not isinstance(q, FlatQuantLinear) or not q.merged:
+        raise ValueError("pack needs a calibrated, merged model: run flatquant.quantize or load_quantized first")
+    result = getattr(model, "flatquant", None)
+    if result is not None:
+        want = dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_group_size=None, w_symmetric=True, a_symmetric=True)
+        want.update(kv_symmetric=False, overrides={})
+        bad = {k: getattr(result.config, k) for k, v in want.items() if getattr(result.config, k) != v}
+        if bad:
+            raise ValueError(f"the packed runtime supports {want}; this model has {bad}")
+    if getattr(q, "weight_scale", None) is None:
+        raise ValueError("the merged model has no weight scales (16-bit weights, or merged by an older flatquant)")
+    return spec
+
+
+def _transform(t: OnlineTransform) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(P1, P2) of a merged online transform, P2 the identity where only P1 is learned (P_o)."""
+    p1 = getattr(t, "p1_fixed", None)
+    if p1 is None:
+        return None
+    p2 = t.p2_fixed
+    if p2 is None:
+        p2 = torch.eye(t.n // p1.shape[0], dtype=p1.dtype, device=p1.device)
+    return p1, p2
+
+
+def _input_tensors(t: OnlineTransform, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = {"act_clip": torch.tensor(t.quant.clip_ratios(), dtype=torch.float32)}
+    pair = _transform(t)
+    if pair is not None:
+        out["p1"], out["p2"] = (p.to(dtype) for p in pair)
+    return out
+
+
+def _weight_tensors(lin: FlatQuantLinear, dtype: torch.dtype, name: str) -> dict[str, torch.Tensor]:
+    """Packed codes, fp32 scale and bias of a merged layer; its weight holds codes * scale."""
+    scale = lin.weight_scale.reshape(-1).double()  # (N,)
+    ratio = lin.weight.detach().double() / scale[:, None]  # (N, K), integers up to the weight dtype's rounding
+    codes = torch.round(ratio)
+    if (ratio - codes).abs().max() > 0.1 or codes.min() < -8 or codes.max() > 7:
+        raise ValueError(f"{name}: the merged weight is not a 4-bit grid times its scale; was it merged by flatquant?")
+    out = {"w_packed": pack_int4(codes.to(torch.int8)), "w_scale": lin.weight_scale.reshape(-1).float()}
+    if lin.bias is not None:
+        out["bias"] = lin.bias.detach().to(dtype)
+    return out
+
+
+def _block_tensors(layer: nn.Module, spec: ArchSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The packed tensors of one merged block, named relative to the block."""
+    attn, mlp = layer.get_submodule(spec.attn), layer.get_submodule(spec.mlp)
+    out: dict[str, torch.Tensor] = {}
+
+    def put(prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        out.update({f"{prefix}.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+    for norm_path in (spec.input_norm, spec.post_norm):
+        put(norm_path, {"weight": layer.get_submodule(norm_path).norm.weight})
+    put(f"{spec.attn}.qkv_quant", _input_tensors(layer.get_submodule(spec.input_norm).transform, dtype))
+    put(f"{spec.mlp}.gate_up_quant", _input_tensors(layer.get_submodule(spec.post_norm).transform, dtype))
+    linears = [(attn, spec.attn, n) for n in (spec.q, spec.k, spec.v, spec.o)]
+    linears += [(mlp, spec.mlp, n) for n in (spec.gate, spec.up, spec.down)]
+    for parent, path, n in linears:
+        lin = parent.get_submodule(n)
+        put(f"{path}.{n}", _weight_tensors(lin, dtype, f"{path}.{n}"))
+        if lin.owns_input:  # o_proj (P_o ⊗ I), down_proj (P_d)
+            put(f"{path}.{n}", _input_tensors(lin.input_transform, dtype))
+    for sub_name, sub in attn.named_children():  # q/k norms and anything else left unquantized
+        if sub_name not in (spec.q, spec.k, spec.v, spec.o, "flatquant_attn"):
+            put(f"{spec.attn}.{sub_name}", sub.state_dict())
+    aq = attn.flatquant_attn
+    kv = {"k_clip": torch.tensor(aq.k_quant.clip_ratios()), "v_clip": torch.tensor(aq.v_quant.clip_ratios())}
+    if aq.p_h is not None:
+        kv["p_h"], kv["p_h_inv"] = aq.ph_fixed.float(), aq.ph_inv_fixed.float()
+    put(f"{spec.attn}.kv_quant", kv)
+    return out
+
+
+def _structure(layer: nn.Module, spec: ArchSpec) -> dict:
+    """Transform sizes (or None), P_h presence and activation symmetry, the same in every block."""
+
+    def size(t: OnlineTransform):
+        pair = _transform(t)
+        return None if pair is None else [int(p.shape[0]) for p in pair]
+
+    t_a = layer.get_submodule(spec.input_norm).transform
+    return {
+        "qkv": size(t_a),
+        "gate_up": size(layer.get_submodule(spec.post_norm).transform),
+        "o": size(layer.get_submodule(spec.attn).get_submodule(spec.o).input_transform),
+        "down": size(layer.get_submodule(spec.mlp).get_submodule(spec.down).input_transform),
+        "p_h": layer.get_submodule(spec.attn).flatquant_attn.p_h is not None,
+        "act_symmetric": t_a.quant.symmetric,
+    }
+
+
+def packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, structure) of a calibrated, merged fake-quant model, named as in the loaded runtime model."""
+    spec = _check_packable(model)
+    dtype = model.get_input_embeddings().weight.dtype
+    layers = model.get_submodule(spec.layers)
+    # embeddings, final norm, lm_head: everything outside the blocks, unquantized
+    tensors = {k: v for k, v in model.state_dict().items() if not k.startswith(spec.layers + ".")}
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors.pop(_output_weight_name(model), None)
+    for i, layer in enumerate(layers):
+        tensors.update({f"{spec.layers}.{i}.{k}": v for k, v in _block_tensors(layer, spec, dtype).items()})
+    return tensors, _structure(layers[0], spec)
+
+
+def _output_weight_name(model: nn.Module) -> str:
+    out = model.get_output_embeddings()
+    return next(n for n, m in model.named_modules() if m is out) + ".weight"
+
+
+def pack(model: nn.Module, path: str, overwrite: bool = False, metadata: dict | None = None) -> str:
+    """Write the real-quant checkpoint of a calibrated, merged model to folder ``path`` (atomically)."""
+    tensors, structure = packed_state(model)
+    spec = spec_for(model)
+    result = getattr(model, "flatquant", None)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        "bits": {"w": 4, "a": 4, "k": 4, "v": 4},
+        "transforms": structure,
+        "architecture": dataclasses.asdict(spec),
+        "hf_config": model.config.to_dict(),
+        "flatquant_config": None if result is None else result.config.to_dict(),
+        "metadata": metadata or {},
+    }
+    with atomic_directory(path, overwrite) as tmp:
+        save_file(tensors, os.path.join(tmp, TENSORS_FILE), metadata={"format": FORMAT})
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def read_packed_config(path: str) -> dict:
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg_path) or not os.path.isfile(os.path.join(path, TENSORS_FILE)):
+        raise FileNotFoundError(f"{path} is not a packed flatquant checkpoint (needs {CONFIG_FILE}, {TENSORS_FILE})")
+    meta = read_format_json(cfg_path, FORMAT, FORMAT_VERSION)
+    return meta
+
+
+def _install_runtime(model: nn.Module, spec: ArchSpec, tr: dict, dtype: torch.dtype) -> None:
+    """Swap every block's linears for real-quant modules (on the meta device; tensors come later)."""
+    head_dim = _dims(model.config)[2]
+    kw = dict(out_dtype=dtype, device="meta")
+    sizes = lambda key: None if tr[key] is None else tuple(tr[key])  # noqa: E731
+    for layer in model.get_submodule(spec.layers):
+        attn, mlp = layer.get_submodule(spec.attn), layer.get_submodule(spec.mlp)
+        for parent, shared_name, key, names, own in (
+            (attn, "qkv_quant", "qkv", (spec.q, spec.k, spec.v), (spec.o, "o")),
+            (mlp, "gate_up_quant", "gate_up", (spec.gate, spec.up), (spec.down, "down")),
+        ):
+            first = parent.get_submodule(names[0])
+            shared = SharedInputQuant(
+                first.in_features, sizes(key), len(names), tr["act_symmetric"], dtype=dtype, device="meta"
+            )
+            setattr(parent, shared_name, shared)
+            for n in names:
+                lin = parent.get_submodule(n)
+                new = SharedInputLinear(lin.in_features, lin.out_features, lin.bias is not None, shared, **kw)
+                set_submodule(parent, n, new)
+            lin = parent.get_submodule(own[0])
+            new = W4A4Linear(
+                lin.in_features, lin.out_features, lin.bias is not None, sizes(own[1]), tr["act_symmetric"], **kw
+            )
+            set_submodule(parent, own[0], new)
+        attn.kv_quant = KVQuant(head_dim, tr["p_h"], device="meta")
+
+
+def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    mod_path, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_path)
+    if attr == "act_clip":
+        mod.act_clip_max, mod.act_clip_min = (float(c) for c in t)
+    elif attr in ("k_clip", "v_clip"):
+        setattr(mod, attr, tuple(float(c) for c in t))
+    elif attr in mod._parameters or attr in mod._buffers:
+        old = mod._parameters.get(attr, mod._buffers.get(attr))
+        if old is None or old.shape != t.shape:
+            shape = None if old is None else tuple(old.shape)
+            raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, the model expects {shape}")
+        if attr in mod._parameters:
+            mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+        else:
+            mod._buffers[attr] = t
+    else:
+        raise ValueError(f"unexpected tensor {name!r} in the packed checkpoint")
+
+
+def packed_skeleton(config, transforms: dict, dtype: torch.dtype, spec: ArchSpec | None = None) -> nn.Module:
+    """The real-quant model of a Hugging Face ``config`` on the meta device (no memory), to be filled.
+
+    transforms: the ``transforms`` entry of the packed config (docs/packed-format.md). Fill it with
+    :func:`load_packed`, or with ``to_empty`` and your own tensors followed by :func:`finish_packed_model`.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    _install_runtime(model, spec or spec_for(model), transforms, dtype)
+    return model
+
+
+def finish_packed_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Tie the output embedding, compute the rotary tables on ``device``, select the packed attention."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    for mod_name, mod in list(model.named_modules()):  # rotary tables are computed from the config, not stored
+        if "inv_freq" in mod._buffers and hasattr(mod, "config"):
+            parent, _, attr = mod_name.rpartition(".")
+            with torch.device(device):
+                setattr(model.get_submodule(parent), attr, type(mod)(config=model.config))
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise ValueError(f"the packed checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    use_packed_attention(model)
+    return model.eval()
+
+
+def load_packed(path: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """Build the real-quant model of a packed checkpoint on ``device`` (default: cuda when present).
+
+    The model is created on the meta device from the stored Hugging Face config, its linears are swapped for
+    real-quant modules, and only then are the stored tensors loaded, so no full-precision copy is ever made.
+    dtype: convert the unquantized float tensors (embeddings, norms, biases, factors) to this dtype.
+    """
+    meta = read_packed_config(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hf = dict(meta["hf_config"])
+    spec = ArchSpec(**meta["architecture"])
+    if hf["model_type"] not in supported_architectures():
+        register_architecture(hf["model_type"], spec)
+    dtype = dtype or getattr(torch, meta["dtype"])
+    model = packed_skeleton(AutoConfig.for_model(**hf), meta["transforms"], dtype, spec)
+    try:
+        tensors = load_file(os.path.join(path, TENSORS_FILE), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{os.path.join(path, TENSORS_FILE)} is corrupt: {e}") from e
+    for name, t in tensors.items():
+        if t.is_floating_point() and not name.endswith(_FP32_TENSORS):
+            t = t.to(dtype)
+        _set_tensor(model, name, t)
+    finish_packed_model(model, device)
+    model.flatquant_packed = meta
+    return model

@@ -1,0 +1,145 @@
+"""Real-quant modules of a packed model: 4-bit linears with online transforms, and the KV quantizer.
+
+A packed decoder block keeps Hugging Face's own modules and forward; only these pieces are swapped in:
+
+* ``SharedInputQuant`` (``self_attn.qkv_quant``, ``mlp.gate_up_quant``): the online transform P_a (P_ug) and the
+  4-bit activation quantizer of an input read by several linears. It runs once per forward; q/k/v (gate/up)
+  consume the same operand.
+* ``SharedInputLinear`` (q/k/v, gate/up): a :class:`W4A4Linear` fed by a ``SharedInputQuant``.
+* :class:`W4A4Linear` with its own transform (o_proj: P_o ⊗ I; down_proj: P_d).
+* ``KVQuant`` (``self_attn.kv_quant``): P_h on Q and K after RoPE and the per-(token, head) 4-bit K/V quantizer,
+  used by the registered attention function ``packed_attention`` and by :class:`flatquant.kvcache.Int4KVCache`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .kernels.kv_quant import decode_attention, dequantize_kv, quantize_kv
+from .kernels.w4a4_linear import W4A4Linear, quantize_operand
+
+ATTN_IMPLEMENTATION = "flatquant_packed"
+
+
+class SharedInputQuant(nn.Module):
+    """Online Kronecker transform + per-token 4-bit quantization of an input shared by ``consumers`` linears.
+
+    Buffers ``p1`` (n1, n1), ``p2`` (n2, n2) in the model dtype, or None (no transform). The operand is computed
+    for the first consumer and handed to the others (matched by tensor identity), then released.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        transform_sizes: tuple[int, int] | None,
+        consumers: int,
+        act_symmetric: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if transform_sizes is not None and transform_sizes[0] * transform_sizes[1] != n:
+            raise ValueError(f"{transform_sizes=} must multiply to {n=}")
+        self.n, self.consumers, self.act_symmetric = n, consumers, act_symmetric
+        self.act_clip_max, self.act_clip_min = 1.0, 1.0
+        self.act_impl = "auto"
+        if transform_sizes is None:
+            self.p1 = self.p2 = None
+        else:
+            self.register_buffer("p1", torch.eye(transform_sizes[0], dtype=dtype, device=device))
+            self.register_buffer("p2", torch.eye(transform_sizes[1], dtype=dtype, device=device))
+        self._last: tuple[torch.Tensor, tuple, int] | None = None  # (input, operand, uses left)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (..., n) float -> (codes int8 (..., n), scale fp32 (...,)[, zero fp32 (...,)])."""
+        if self._last is not None and self._last[0] is x:
+            _, op, left = self._last
+        else:
+            op = quantize_operand(x, self.p1, self.p2, self.act_clip_max, self.act_clip_min, self.act_symmetric)
+            left = self.consumers
+        self._last = (x, op, left - 1) if left > 1 else None
+        return op
+
+
+class SharedInputLinear(W4A4Linear):
+    """A W4A4 linear whose input is quantized (and transformed) by a shared :class:`SharedInputQuant`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, source: SharedInputQuant, **kwargs):
+        super().__init__(in_features, out_features, bias, transform_sizes=None, **kwargs)
+        self._source = [source]  # a reference, not a submodule: the owner saves it once
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return super().forward(self._source[0](x) if isinstance(x, torch.Tensor) else x)
+
+
+class KVQuant(nn.Module):
+    """P_h on Q/K after RoPE and the asymmetric per-(token, head) K/V quantizers of one attention block.
+
+    Buffers ``p_h``, ``p_h_inv`` (D, D) fp32, or None when the model has no P_h. ``pending`` is set by the
+    INT4 cache's ``update`` for the attention call that follows it (see :func:`packed_attention`).
+    """
+
+    def __init__(self, head_dim: int, has_p_h: bool, bits: int = 4, device: torch.device | str | None = None):
+        super().__init__()
+        self.head_dim, self.bits = head_dim, bits
+        self.k_clip, self.v_clip = (1.0, 1.0), (1.0, 1.0)
+        if has_p_h:
+            self.register_buffer("p_h", torch.eye(head_dim, device=device))
+            self.register_buffer("p_h_inv", torch.eye(head_dim, device=device))
+        else:
+            self.p_h = self.p_h_inv = None
+        self.pending: tuple[str, object, torch.Tensor] | None = None  # (mode, cache layer, the key it returned)
+
+    def transform_query(self, q: torch.Tensor) -> torch.Tensor:
+        """q P_h^-T in q's dtype (B, H, T, D)."""
+        return q if self.p_h is None else q @ self.p_h_inv.transpose(0, 1).to(q.dtype)
+
+    def transform_key(self, k: torch.Tensor) -> torch.Tensor:
+        """k P_h in k's dtype (B, KVH, T, D)."""
+        return k if self.p_h is None else k @ self.p_h.to(k.dtype)
+
+    def quantize(self, k: torch.Tensor, v: torch.Tensor) -> tuple[tuple, tuple]:
+        """((codes, scale, zero) of K, same of V); K must already be transformed."""
+        return quantize_kv(k, self.bits, *self.k_clip), quantize_kv(v, self.bits, *self.v_clip)
+
+    def fake_quantize(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize-dequantize K and V in their dtype: the fake-quant evaluation's KV cache."""
+        qk, qv = self.quantize(k, v)
+        return dequantize_kv(*qk, self.bits, k.dtype), dequantize_kv(*qv, self.bits, v.dtype)
+
+
+def packed_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention of a packed block.
+
+    Without an :class:`~flatquant.kvcache.Int4KVCache` (plain forward, or another cache): K P_h and K/V are
+    quantized and dequantized here, then SDPA. After the INT4 cache's ``update``: a prefill gets the dequantized
+    cache from it (same numbers), a single-token decode step reads the 4-bit cache through ``decode_attention``.
+    """
+    kvq: KVQuant = module.kv_quant
+    pending, kvq.pending = kvq.pending, None
+    if pending is not None and pending[2] is not key:  # left over from a call that did not reach attention
+        pending = None
+    query = kvq.transform_query(query)  # (B, H, Tq, D)
+    if pending is None:
+        key, value = kvq.fake_quantize(kvq.transform_key(key), value)
+    elif pending[0] == "decode":
+        layer = pending[1]
+        if attention_mask is None and kvq.bits == 4:
+            b, h, _, d = query.shape
+            scale = kwargs.get("scaling") or d**-0.5
+            seq_lens = torch.full((b,), layer.length, dtype=torch.int32, device=query.device)
+            out = decode_attention(query[:, :, 0], *layer.kernel_args(), seq_lens, scale)  # (B, H, D)
+            return out.unsqueeze(1), None  # (B, 1, H, D), as sdpa_attention_forward returns
+        key, value = layer.dequantized(query.dtype)  # a padding mask (or other bits): SDPA over the cache
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def use_packed_attention(model: nn.Module) -> None:
+    """Register :func:`packed_attention` (with SDPA's mask function) and select it for ``model``."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, packed_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    model.config._attn_implementation = ATTN_IMPLEMENTATION

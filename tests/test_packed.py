@@ -1,0 +1,216 @@
+"""Packed checkpoints and the real-quant runtime on tiny random models of every architecture (CPU reference ops)."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from conftest import ARCHS, tiny_model
+from transformers import DynamicCache
+
+import flatquant as fq
+from flatquant import runtime
+from flatquant.kvcache import Int4KVCache, cache_kwargs
+from flatquant.packed import CONFIG_FILE, TENSORS_FILE, load_packed, pack
+
+_TOKENS = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+def _quantized(arch: str, method: str = "flatquant", **overrides):
+    model = tiny_model(arch, **overrides)
+    cfg = fq.FlatQuantConfig(method=method, nsamples=4, seqlen=32, epochs=1, autocast_dtype="float32")
+    fq.quantize(model, cfg, _TOKENS, device="cpu", progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """arch -> (fake-quant merged model, real-quant model loaded from its packed checkpoint, folder)."""
+    out = {}
+    for arch in sorted(ARCHS):
+        model = _quantized(arch)
+        path = str(tmp_path_factory.mktemp(arch) / "packed")
+        pack(model, path)
+        out[arch] = (model, load_packed(path, device="cpu"), path)
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@torch.no_grad()
+def test_real_quant_logits_match_the_fake_quant_model(packed, arch):
+    fake, real, _ = packed[arch]
+    a, b = fake(_TOKENS).logits, real(_TOKENS).logits
+    # Same codes by contract; what differs is the fp32 summation order of the online transform and the
+    # dequantization (integer GEMM in float64 vs fake-quant weights and activations in fp32), a few fp32 ulps.
+    # A code could flip where x / scale lies within such an error of a half-integer; none does here.
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert (a - tiny_model(arch)(_TOKENS).logits).abs().max() > 1e-3  # quantization really is in both
+
+
+def test_checkpoint_files_hold_packed_weights_and_a_versioned_config(packed):
+    model, real, path = packed["qwen2"]
+    assert sorted(os.listdir(path)) == sorted([CONFIG_FILE, TENSORS_FILE])
+    assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".flatquant")]  # no temp folder left
+    meta = json.load(open(os.path.join(path, CONFIG_FILE)))
+    assert (meta["format"], meta["format_version"], meta["bits"]) == ("flatquant-packed", 1, dict(w=4, a=4, k=4, v=4))
+    assert meta["transforms"]["qkv"] == [8, 8] and meta["transforms"]["o"] == [4, 16]
+    from safetensors.torch import load_file
+
+    t = load_file(os.path.join(path, TENSORS_FILE))
+    q = "model.layers.0.self_attn.q_proj"
+    assert t[f"{q}.w_packed"].dtype == torch.uint8 and t[f"{q}.w_packed"].shape == (64, 32)
+    assert f"{q}.bias" in t and f"{q}.weight" not in t  # qwen2 q/k/v biases; no full-precision weight
+    assert torch.equal(t["model.layers.0.self_attn.o_proj.p2"], torch.eye(16))  # P_o ⊗ I
+    assert not any(isinstance(m, torch.nn.Linear) for m in real.model.layers.modules())
+    with pytest.raises(FileExistsError, match="exists"):
+        pack(model, path)
+
+
+def test_load_rejects_other_formats_and_missing_tensors(packed, tmp_path):
+    _, _, path = packed["llama"]
+    with pytest.raises(FileNotFoundError, match="not a packed"):
+        load_packed(str(tmp_path), device="cpu")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    meta = json.load(open(os.path.join(path, CONFIG_FILE)))
+    (bad / CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 99}))
+    (bad / TENSORS_FILE).write_bytes(open(os.path.join(path, TENSORS_FILE), "rb").read())
+    with pytest.raises(ValueError, match="v99"):
+        load_packed(str(bad), device="cpu")
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(os.path.join(path, TENSORS_FILE))
+    del t["model.layers.1.mlp.down_proj.w_scale"]
+    (bad / CONFIG_FILE).write_text(json.dumps(meta))
+    save_file(t, str(bad / TENSORS_FILE))
+    with pytest.raises(ValueError, match="lacks 1 tensors.*down_proj.w_scale"):
+        load_packed(str(bad), device="cpu")
+
+
+def test_pack_refuses_unmerged_and_unsupported_models(tmp_path):
+    with pytest.raises(ValueError, match="calibrated, merged model"):
+        pack(tiny_model("llama"), str(tmp_path / "x"))
+    model = tiny_model("llama")
+    fq.quantize(model, fq.FlatQuantConfig(method="rtn", w_bits=8), device="cpu", progress=False)
+    with pytest.raises(ValueError, match="w_bits"):
+        pack(model, str(tmp_path / "y"))
+    assert not os.path.exists(tmp_path / "y")
+    model = tiny_model("llama")
+    cfg = fq.FlatQuantConfig(method="rtn", overrides={"down_proj": {"w_bits": 8, "a_bits": 8}})
+    fq.quantize(model, cfg, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="overrides"):  # mixed precision has no packed layout yet
+        pack(model, str(tmp_path / "z"))
+
+
+@torch.no_grad()
+def _greedy_without_cache(model, ids, steps):
+    for _ in range(steps):
+        nxt = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_greedy_generate_with_the_int4_cache_equals_a_loop_without_cache(packed, arch, monkeypatch):
+    _, real, _ = packed[arch]
+    calls, decode = [], runtime.decode_attention
+    monkeypatch.setattr(runtime, "decode_attention", lambda *a: calls.append(1) or decode(*a))
+    ids = _TOKENS[:2, :12]
+    cache = Int4KVCache(real, min_capacity=4)  # small: the storage is regrown by doubling on the way
+    out = real.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                        **cache_kwargs(real, cache))  # fmt: skip
+    assert torch.equal(out, _greedy_without_cache(real, ids, 10))
+    layers = real.config.num_hidden_layers
+    assert len(calls) == 9 * layers  # every step after the prefill read the 4-bit cache directly
+    assert cache.get_seq_length() == 21 and cache.layers[0].capacity == 32
+
+
+@torch.no_grad()
+def test_prefill_through_the_cache_gives_the_plain_forward_logits_exactly(packed):
+    _, real, _ = packed["qwen3"]
+    plain = real(_TOKENS, use_cache=False).logits
+    cached = real(_TOKENS, **cache_kwargs(real, Int4KVCache(real))).logits
+    assert torch.equal(cached, plain)  # SDPA on the dequantized cache = SDPA on fake-quantized K/V
+
+
+def test_sampling_with_the_cache_draws_what_a_cacheless_run_draws(packed):
+    _, real, _ = packed["mistral"]
+    ids = _TOKENS[:2, :8]
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=True, top_k=0, temperature=1.0)
+    torch.manual_seed(7)
+    with_cache = real.generate(ids, **kw, **cache_kwargs(real, Int4KVCache(real)))
+    torch.manual_seed(7)
+    without = real.generate(ids, **kw, use_cache=False)
+    assert torch.equal(with_cache, without) and with_cache.shape == (2, 16)
+
+
+def test_cache_bytes_are_about_four_times_smaller_than_bf16(tmp_path):
+    # head_dim 128 as in Llama: per (token, head) 64 code bytes + fp32 scale and zero against 256 bf16 bytes
+    model = _quantized("qwen3", method="rotation", head_dim=128)  # fixed transforms: no training needed
+    pack(model, str(tmp_path / "p"))
+    real = load_packed(str(tmp_path / "p"), device="cpu")
+    cache, dense = Int4KVCache(real), DynamicCache()
+    with torch.no_grad():
+        real(_TOKENS, **cache_kwargs(real, cache))
+        real(_TOKENS, **cache_kwargs(real, dense))  # the dense cache of the same tokens: its elements at 2 bytes
+    bf16 = sum(2 * (layer.keys.numel() + layer.values.numel()) for layer in dense.layers)
+    assert cache.nbytes() * 3.5 < bf16 < cache.nbytes() * 3.6  # 256 / 72 = 3.56
+    assert cache.nbytes(used=False) == cache.nbytes() * 256 // 32  # capacity 256, 32 tokens used
+
+
+def test_cli_packs_a_saved_calibration_and_evaluates_fake_and_real_quant(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from flatquant import cli
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(200)))
+    fq.save_quantized(_quantized("llama"), str(tmp_path / "calib"))
+    monkeypatch.setattr(cli, "load_model", lambda name, dtype=None: (tiny_model("llama"), tokenizer))
+    monkeypatch.setattr(cli, "load_tokenizer", lambda name: tokenizer)
+    common = ["--eval-data", str(text), "--eval-seqlen", "64", "--device", "cpu", "--quiet"]
+    results, out = tmp_path / "r.json", str(tmp_path / "packed")
+    argv = ["pack", "--checkpoint", str(tmp_path / "calib"), "--output", out, "--results-json", str(results)]
+    assert cli.main(argv + common) == 0
+    fake, real = json.loads(results.read_text())
+    assert (fake["method"], real["method"], real["w_bits"]) == ("flatquant", "packed", 4)
+    assert real["text_ppl"] == pytest.approx(fake["text_ppl"], rel=1e-5)
+    assert cli.main(["eval", "--packed", out, "--results-json", str(results)] + common) == 0
+    assert json.loads(results.read_text())[-1]["text_ppl"] == real["text_ppl"]
+    assert cli.main(argv + common) == 2  # exists: refused without --overwrite
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fused kernels)")
+@torch.no_grad()
+def test_cuda_bf16_packed_model_with_kernels_tracks_fake_quant_and_decodes_from_the_cache(packed):
+    fake, _, path = packed["llama"]
+    real = load_packed(path, device="cuda", dtype=torch.bfloat16)
+    ids = _TOKENS.cuda()
+    ref = copy.deepcopy(fake).to("cuda", torch.bfloat16)(ids).logits.float()
+    out = real(ids).logits.float()
+    assert (out - ref).norm() / ref.norm() < 0.05  # bf16: some codes flip at rounding boundaries
+    cache = Int4KVCache(real)
+    real(ids[:, :-1], **cache_kwargs(real, cache))
+    step = real(ids[:, -1:], **cache_kwargs(real, cache)).logits[:, -1].float()  # decode_attention on the cache
+    assert (step - out[:, -1]).norm() / out[:, -1].norm() < 1e-2
+
+
+def test_load_builds_on_the_meta_device_before_loading_tensors(packed, monkeypatch):
+    from flatquant import packed as packed_module
+
+    seen, build = [], packed_module.AutoModelForCausalLM.from_config
+
+    def spy(*args, **kwargs):
+        model = build(*args, **kwargs)
+        seen.append({p.device.type for p in model.parameters()})
+        return model
+
+    monkeypatch.setattr(packed_module.AutoModelForCausalLM, "from_config", spy)
+    real = load_packed(packed["qwen3"][2], device="cpu")
+    assert seen == [{"meta"}]  # the full-precision model never had memory
+    assert {t.device.type for t in list(real.parameters()) + list(real.buffers())} == {"cpu"}
