@@ -196,8 +196,6 @@ def main() -> None:
     print("\n".join(result["kernels"]))
     result["seconds"] = round(time.time() - start, 1)
     atomic_write_json(out, result)
-    if os.environ.get("OUT"):
-        atomic_write_json(os.path.join(os.environ["OUT"], name), result)
     print(f"wrote {out} ({time.time() - start:.0f} s)")
 
 

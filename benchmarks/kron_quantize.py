@@ -161,8 +161,6 @@ def main():
             atomic_write_json(out_path, result)  # after every record: a run cut short keeps what it measured
     result["seconds"] = round(time.time() - start, 1)
     atomic_write_json(out_path, result)
-    if os.environ.get("OUT"):
-        atomic_write_json(os.path.join(os.environ["OUT"], name), result)
     print(f"wrote {out_path} ({time.time() - start:.0f} s)")
 
 
