@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     # The model's own sensitivity to rounding: the fake-quant model again with the block-0 input perturbed by
     # 1e-6 relative noise (fp32 rounding level), once per seed. 4-bit activations turn such differences into
     # occasional code flips, which later blocks amplify; the real-quant path differs from the fake one at this
-    # level too (codes computed from the same inputs differ only at exact rounding ties).
+    # level too (codes computed from the same inputs differ only at rounding ties: benchmarks/packed_codes.py).
     for seed in range(args.noise_seeds):
         g = torch.Generator(device=device).manual_seed(seed)
 
