@@ -358,13 +358,7 @@ def _no_fp_fusion() -> dict:
     return {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
 
 
-def triton_unavailable_reason(x: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot run on ``x``, or None when they can."""
-    if triton is None:
-        return f"triton is not importable ({_kq._TRITON_IMPORT_ERROR}); install triton>=3.0"
-    if x.device.type != "cuda" and not _interpreting():
-        return f"x is on {x.device}, the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
-    return None
+triton_unavailable_reason = _kq.triton_unavailable_reason  # same conditions: one Triton, one interpreter mode
 
 
 def _pick(impl: str, x: torch.Tensor) -> str:
@@ -473,24 +467,12 @@ def decode_attention_reference(q, k_packed, k_scale, k_zero, v_packed, v_scale, 
     return out.reshape(b, hq, d).to(q.dtype)
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def _launch_plan(n_kv_programs, s_cap, block_n, device, progs_per_sm, splits=None) -> tuple[int, int]:
     """(splits, chunk): enough programs to fill the GPU (or the given splits), chunks a multiple of
     block_n, at most _MAX_SPLITS chunks per sequence."""
     blocks = max(1, -(-s_cap // block_n))
     if splits is None:
-        splits = -(-progs_per_sm * _sm_count(device) // max(1, n_kv_programs))
+        splits = -(-progs_per_sm * _kq._sm_count(device) // max(1, n_kv_programs))
     splits = max(1, min(_MAX_SPLITS, blocks, splits))
     chunk = -(-blocks // splits) * block_n
     return -(-max(1, s_cap) // chunk), chunk
