@@ -264,23 +264,11 @@ def cmd_quantize(args) -> list[dict]:
         for method in ("rtn", "rotation"):
             base = copy.deepcopy(original)
             bcfg = cfg.replace(method=method)
-            t0 = time.perf_counter()
-            quantize(base, bcfg, windows, device=args.device, progress=not args.quiet)
-            seconds = time.perf_counter() - t0
+            seconds = _timed_quantize(base, bcfg, windows, args)
             ppl = _evaluate(base, tokenizer, args, method)
             records.append(_record(args, method, bcfg, ppl, seconds, _zeroshot(base, tokenizer, args)))
             del base
-    t0 = time.perf_counter()
-    quantize(
-        model,
-        cfg,
-        windows,
-        device=args.device,
-        state_dir=output + ".state",
-        progress=not args.quiet,
-        **_offload_options(args),
-    )
-    seconds = time.perf_counter() - t0
+    seconds = _timed_quantize(model, cfg, windows, args, output + ".state", **_offload_options(args))
     save_quantized(model, output, overwrite=args.overwrite, metadata={"model": args.model, "calib": args.calib_data})
     shutil.rmtree(output + ".state", ignore_errors=True)  # the checkpoint now holds everything
     print(f"saved calibration to {output}")
@@ -341,11 +329,10 @@ def _quantize_scaled(args, cfg: FlatQuantConfig, output: str) -> list[dict]:
     return [record]
 
 
-def _calibrate(model, tokenizer, cfg: FlatQuantConfig, args, state_dir: str) -> float:
+def _timed_quantize(model, cfg: FlatQuantConfig, windows, args, state_dir: str | None = None, **options) -> float:
     """Quantize ``model`` in place (resumable in ``state_dir``); the seconds it took."""
-    windows = _calibration_windows(tokenizer, args, cfg)
     t0 = time.perf_counter()
-    quantize(model, cfg, windows, device=args.device, state_dir=state_dir, progress=not args.quiet)
+    quantize(model, cfg, windows, device=args.device, state_dir=state_dir, progress=not args.quiet, **options)
     return time.perf_counter() - t0
 
 
@@ -358,7 +345,7 @@ def cmd_pack(args) -> list[dict]:
         load_quantized(model, args.checkpoint, args.device)
     else:
         cfg = config_from_args(args)
-        _calibrate(model, tokenizer, cfg, args, args.output + ".state")
+        _timed_quantize(model, cfg, _calibration_windows(tokenizer, args, cfg), args, args.output + ".state")
     pack(model, args.output, overwrite=args.overwrite, metadata={"model": args.model, "checkpoint": args.checkpoint})
     shutil.rmtree(args.output + ".state", ignore_errors=True)
     print(f"saved packed model to {args.output}")
