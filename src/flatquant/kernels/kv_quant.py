@@ -358,7 +358,13 @@ def _no_fp_fusion() -> dict:
     return {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
 
 
-triton_unavailable_reason = _kq.triton_unavailable_reason  # same conditions: one Triton, one interpreter mode
+def triton_unavailable_reason(x: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot run on ``x``, or None when they can."""
+    if triton is None:
+        return f"triton is not importable ({_kq._TRITON_IMPORT_ERROR}); install triton>=3.0"
+    if x.device.type != "cuda" and not _interpreting():
+        return f"x is on {x.device}, the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
+    return None
 
 
 def _pick(impl: str, x: torch.Tensor) -> str:
