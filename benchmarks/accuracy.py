@@ -58,11 +58,25 @@ def _device_name() -> str:
 
 
 def _parse_set(items: list[str]) -> dict:
+    """``KEY=VALUE`` pairs; a VALUE that is JSON (numbers, true/false/null, lists, objects) is parsed, any
+    other VALUE stays a string (``autocast_dtype=float32``)."""
     overrides = {}
     for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set takes KEY=VALUE pairs, got {item!r}")
         key, value = item.split("=", 1)
-        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     return overrides
+
+
+def _notes(cfg, extra: dict) -> str | None:
+    """What sets a record apart from its setting's defaults: bit overrides and ``--set`` values."""
+    parts = [describe_overrides(cfg.overrides)] if cfg.overrides else []
+    parts += [f"{k}={v}" for k, v in sorted(extra.items())]
+    return "; ".join(p for p in parts if p) or None
 
 
 def main() -> None:
@@ -88,7 +102,7 @@ def main() -> None:
     p.add_argument("--state-dir", default=None, help="resumable calibration state, one subfolder per run")
     p.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. epochs=5 weight_decay=0.01")
     args = p.parse_args()
-    extra = _parse_set(args.set)
+    extra = args.extra = _parse_set(args.set)
     runs = [ALIASES.get(r, r) for r in args.runs]
 
     base, tok = load_model(args.model)
@@ -158,7 +172,7 @@ def _record(run, args, cfg, weights, model, texts, calib_seconds, round_seconds)
         "kv_bits": cfg.k_bits if cfg else 16,
         "v_bits": cfg.v_bits if cfg else 16,
         "weights": weights,
-        "notes": describe_overrides(cfg.overrides) if cfg else None,
+        "notes": _notes(cfg, args.extra) if cfg else None,
         **ppl,
         "eval_windows": {name: int(w.shape[0]) for name, w in texts.items()},
         "calib_seconds": calib_seconds,

@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="toy sizes (runs on CPU through the interpreter)")
     ap.add_argument("--paths", default="auto", help="path arguments to time, comma-separated: auto,int8,fp8")
     ap.add_argument("--budget", type=float, default=210.0, help="seconds; later shapes are skipped past it")
+    ap.add_argument("--shapes", default=None, help="K:N pairs to run, comma-separated (default: all LLaMA shapes)")
     args = ap.parse_args()
     start = time.time()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -158,6 +159,11 @@ def main() -> None:
     for p in paths:
         resolve_path(p)  # validates
     shapes, tokens = (QUICK_SHAPES, QUICK_TOKENS) if args.quick or not CUDA else (SHAPES, TOKENS)
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in pair.split(":")) for pair in args.shapes.split(",")]
+        except ValueError:
+            raise SystemExit(f"--shapes takes K:N pairs such as 4096:11008,11008:4096, got {args.shapes!r}") from None
     records = []
     hdr = f"{'K':>6} {'N':>6} {'M':>5} {'bf16us':>8} " + " ".join(f"{p + 'us':>8}" for p in paths)
     print(

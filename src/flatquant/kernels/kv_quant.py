@@ -163,6 +163,7 @@ if triton is not None:
         zero_ptr,  # fp32 (R,)
         clip_max,
         clip_min,
+        inv_qmax,  # fp32 1 / (2**BITS - 1), used when RECIP
         n_rows,
         stride_x,
         D: tl.constexpr,
@@ -170,6 +171,7 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
         BITS: tl.constexpr,
         PACK: tl.constexpr,
+        RECIP: tl.constexpr,
     ):
         rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rd = tl.arange(0, BLOCK_D)
@@ -180,7 +182,10 @@ if triton is not None:
         # the fake quantizer's fp32 operations, in its order (no fp contraction: see the launch)
         xmax = tl.maximum(_row_max(tl.where(m, x, -float("inf"))), 0.0) * clip_max
         xmin = tl.minimum(_row_min(tl.where(m, x, float("inf"))), 0.0) * clip_min
-        scale = tl.math.div_rn(tl.maximum(xmax - xmin, 1e-8), 2.0**BITS - 1)
+        if RECIP:  # PyTorch on CUDA divides by a Python scalar as a multiply by its fp32 reciprocal
+            scale = tl.maximum(xmax - xmin, 1e-8) * inv_qmax
+        else:  # on the CPU it divides
+            scale = tl.math.div_rn(tl.maximum(xmax - xmin, 1e-8), 2.0**BITS - 1)
         zero = _rint(tl.math.div_rn(-xmin, scale))
         q = _rint(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
         q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1).to(tl.int32)
@@ -396,9 +401,13 @@ def quantize_kv_triton(x: torch.Tensor, bits: int = 4, clip_max: float = 1.0, cl
         block_d = max(2, triton.next_power_of_2(d))
         block_r = max(1, min(16, 4096 // block_d))
         grid = (triton.cdiv(n_rows, block_r),)
+        # the reference's ``range / qmax`` is a true division on the CPU and a multiply by the fp32
+        # reciprocal on CUDA (PyTorch's scalar-divisor path); follow the device so the results are equal
+        inv_qmax = (torch.ones((), dtype=torch.float32) / (2**bits - 1)).item()
         _quantize_kv_kernel[grid](
-            x2, codes, scale, zero, float(clip_max), float(clip_min), n_rows, x2.stride(0),
-            D=d, BLOCK_R=block_r, BLOCK_D=block_d, BITS=bits, PACK=pack, num_warps=4, **_no_fp_fusion(),
+            x2, codes, scale, zero, float(clip_max), float(clip_min), inv_qmax, n_rows, x2.stride(0),
+            D=d, BLOCK_R=block_r, BLOCK_D=block_d, BITS=bits, PACK=pack, RECIP=x.is_cuda,
+            num_warps=4, **_no_fp_fusion(),
         )  # fmt: skip
     return codes.reshape(*lead, codes.shape[-1]), scale.reshape(lead), zero.reshape(lead)
 
@@ -492,10 +501,10 @@ def decode_attention_triton(
 
     config: optional overrides of DEFAULT_CONFIG (and ``splits``: chunks per sequence), for tests and benchmarks.
     """
-    reason = triton_unavailable_reason(q)
+    b, hq, hkv, s_cap, d = _check_decode_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
+    reason = triton_unavailable_reason(q)  # after the argument checks: bad input gets the same error anywhere
     if reason is not None:
         raise RuntimeError(f"decode_attention triton kernel cannot run: {reason}")
-    b, hq, hkv, s_cap, d = _check_decode_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
     out = torch.empty((b, hq, d), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
