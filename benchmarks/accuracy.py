@@ -76,7 +76,7 @@ def _notes(cfg, extra: dict) -> str | None:
     """What sets a record apart from its setting's defaults: bit overrides and ``--set`` values."""
     parts = [describe_overrides(cfg.overrides)] if cfg.overrides else []
     parts += [f"{k}={v}" for k, v in sorted(extra.items())]
-    return "; ".join(p for p in parts if p) or None
+    return "; ".join(parts) or None
 
 
 def main() -> None:
@@ -102,7 +102,7 @@ def main() -> None:
     p.add_argument("--state-dir", default=None, help="resumable calibration state, one subfolder per run")
     p.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. epochs=5 weight_decay=0.01")
     args = p.parse_args()
-    extra = args.extra = _parse_set(args.set)
+    extra = _parse_set(args.set)
     runs = [ALIASES.get(r, r) for r in args.runs]
 
     base, tok = load_model(args.model)
@@ -134,7 +134,7 @@ def _run(run: str, base, texts, calib_ids, extra: dict, args):
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if run == "fp":
-        yield _record(run, args, None, None, base, texts, None, None)
+        yield _record(run, args, None, None, base, texts, None, None, extra)
         return
     method, setting = run.split("-", 1)
     cfg = fq.preset(args.preset, method=method, **SETTINGS[setting], **extra)
@@ -152,7 +152,7 @@ def _run(run: str, base, texts, calib_ids, extra: dict, args):
         round_seconds = time.perf_counter() - t0
         if args.save and run == "flatquant-w4a4kv4":
             fq.save_quantized(m, f"{args.save}-{weights}", overwrite=True)
-        yield _record(run, args, m.flatquant.config, weights, m, texts, calib_seconds, round_seconds)
+        yield _record(run, args, m.flatquant.config, weights, m, texts, calib_seconds, round_seconds, extra)
         del m
 
 
@@ -160,7 +160,7 @@ def _quantizes_weights(cfg) -> bool:
     return cfg.w_bits < 16 or any(b.get("w_bits", 16) < 16 for b in cfg.overrides.values())
 
 
-def _record(run, args, cfg, weights, model, texts, calib_seconds, round_seconds) -> dict:
+def _record(run, args, cfg, weights, model, texts, calib_seconds, round_seconds, extra: dict) -> dict:
     label = f"{run} {weights or ''}".strip()
     ppl = {f"{name}_ppl": perplexity(model, w, desc=f"{label} {name}") for name, w in texts.items()}
     return {
@@ -172,7 +172,7 @@ def _record(run, args, cfg, weights, model, texts, calib_seconds, round_seconds)
         "kv_bits": cfg.k_bits if cfg else 16,
         "v_bits": cfg.v_bits if cfg else 16,
         "weights": weights,
-        "notes": _notes(cfg, args.extra) if cfg else None,
+        "notes": _notes(cfg, extra) if cfg else None,
         **ppl,
         "eval_windows": {name: int(w.shape[0]) for name, w in texts.items()},
         "calib_seconds": calib_seconds,
