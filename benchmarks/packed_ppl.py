@@ -50,6 +50,11 @@ def generations(model, tokenizer, device, max_new_tokens: int, int4_cache: bool)
     return out
 
 
+def text_name(source: str) -> str:
+    """The key a text's results are stored under: a file's name without folder and suffix, else the name."""
+    return os.path.splitext(os.path.basename(source))[0] if os.path.isfile(source) else source
+
+
 def noise_band(rows: list[dict], texts: list[str]) -> dict:
     """Per text: the spread of the fake-quant perplexity under 1e-6 input noise, and whether each packed row
     lies inside it. The band is [min, max] over the unperturbed and the perturbed fake-quant runs (relative to
@@ -86,7 +91,8 @@ def main(argv=None) -> None:
     model, tokenizer = load_model(args.model)
     fq.load_quantized(model, args.checkpoint, device)
     windows = {
-        t: eval_windows(tokenize(tokenizer, load_text(t)), args.eval_seqlen, args.eval_windows) for t in args.eval_data
+        text_name(t): eval_windows(tokenize(tokenizer, load_text(t)), args.eval_seqlen, args.eval_windows)
+        for t in args.eval_data
     }
     rows = [{"model": "fake-quant", "dtype": str(model.dtype).removeprefix("torch.")}]
     for text, w in windows.items():
@@ -144,6 +150,10 @@ def main(argv=None) -> None:
     print(f"\nreal-quant perplexity within 1% of fake-quant: {ok} ({device_name(device)})")
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k != "out"}
+        # file names, not where they lay: a results file must not depend on the machine's folders
+        for k in ("checkpoint", "model"):
+            settings[k] = os.path.basename(os.path.normpath(settings[k]))
+        settings["eval_data"] = list(windows)
         record = {"device": device_name(device), "settings": settings, "records": rows, "noise_band": band}
         atomic_write_json(args.out, record)
         print(f"wrote {args.out}")
