@@ -348,3 +348,38 @@ def test_autotuned_plumbing_in_interpreter(monkeypatch):
         _assert_same(out, kq.kron_quantize_reference(x, p1, p2, 0.9, 0.8), x, p1, p2)
         want = kq.candidate_configs(16, 16, bucket)
         assert sorted(str(sorted(c.items())) for c in pruned[-1]) == sorted(str(sorted(c.items())) for c in want)
+
+
+@needs_triton
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("block_t", [1, 2])
+@pytest.mark.parametrize("fast_div", [0, 1])
+def test_codes_exact_where_a_reciprocal_multiply_rounds_the_other_way(symmetric, block_t, fast_div):
+    """FAST_DIV=1 divides by the scale as z * (1 / scale) and redoes a tile with IEEE divisions where that
+    can round differently; tokens built so that it does for one element each must give the reference's codes
+    (as the IEEE divisions of FAST_DIV=0 do)."""
+    n1 = n2 = 16
+    qmax = 7 if symmetric else 15
+    g = torch.Generator().manual_seed(3)
+    m = (torch.rand(20000, generator=g) * 63 + 1).to(torch.bfloat16).to(DEVICE)  # each token's range
+    s = (m.float() / qmax).clamp_min(1e-8)  # the reference's scale of such a token, computed as it does
+    found = []
+    for k in range(qmax):
+        for sign in (1, -1) if symmetric else (1,):
+            z = (sign * (k + 0.5) * s).to(torch.bfloat16)  # quotients at or next to k + 1/2
+            flips = torch.round(z.float() / s) != torch.round(z.float() * (1 / s))
+            found += [(m[i], z[i]) for i in flips.nonzero().flatten()[:6].tolist()]
+    assert len(found) >= 24, "the construction should find such quotients"
+    x = torch.zeros(len(found), n1 * n2, dtype=torch.bfloat16, device=DEVICE)
+    fill = torch.rand(len(found), n1 * n2 - 16, generator=g).to(DEVICE)
+    for t, (mt, zt) in enumerate(found):
+        x[t, 0], x[t, 7] = mt, zt
+        x[t, 16:] = (fill[t] * mt.float() / 2).to(torch.bfloat16)  # in range, >= 0: min and max stay 0 and m
+    eye = torch.eye(n1, device=DEVICE)
+    kw = dict(bits=4, symmetric=symmetric)
+    out = kq.kron_quantize_triton(
+        x, eye, None, 1.0, 1.0, config=dict(BLOCK_T=block_t, PROGS_PER_SM=1, FAST_DIV=fast_div), **kw
+    )
+    ref = kq.kron_quantize_reference(x, eye, None, 1.0, 1.0, **kw)
+    assert torch.equal(out.scale, ref.scale)
+    assert torch.equal(out.codes, ref.codes)

@@ -49,6 +49,13 @@ _EPS = 1e-8
 _IMPLS = ("auto", "triton", "torch")
 _INTERMEDIATES = ("fp32", "input")
 _MAX_TILE = 128 * 128  # larger token tiles are built in column chunks, twice (max, then codes)
+# fp32 1 / qmax per (bits, symmetric): PyTorch on CUDA divides a tensor by a Python scalar as a multiply by
+# the scalar's fp32 reciprocal, so the reference's scale on CUDA is range * this value (on the CPU: a division)
+_INV_QMAX = {
+    (b, sym): (torch.ones((), dtype=torch.float32) / (2 ** (b - 1) - 1 if sym else 2**b - 1)).item()
+    for b in range(2, 9)
+    for sym in (True, False)
+}
 
 
 class KronQuantized(NamedTuple):
@@ -223,17 +230,50 @@ if triton is not None:
         return _round_to(yt, dt, INTERPRET).to(tl.float32)
 
     @triton.jit
-    def _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC: tl.constexpr, BITS: tl.constexpr):
-        """Per-token scale and zero point (0 when symmetric), fp32 scalars, rounded as the reference."""
+    def _scale_zero(
+        zmax, zmin, clip_max, clip_min, inv_qmax, SYMMETRIC: tl.constexpr, BITS: tl.constexpr, RECIP: tl.constexpr
+    ):
+        """Per-token scale and zero point (0 when symmetric), fp32 scalars, rounded as the reference.
+
+        RECIP (CUDA): the range times the fp32 reciprocal of qmax, which is what the reference's division by a
+        Python scalar computes on CUDA; otherwise an IEEE division, as on the CPU."""
         if SYMMETRIC:
-            absmax = tl.maximum(clip_max * zmax, -(clip_min * zmin))
-            scale = tl.maximum(tl.math.div_rn(absmax, 2.0 ** (BITS - 1) - 1), 1e-8)
-            zero = scale * 0.0
+            rng = tl.maximum(clip_max * zmax, -(clip_min * zmin))
+            qmax = 2.0 ** (BITS - 1) - 1
         else:
             xmin = clip_min * zmin
-            scale = tl.maximum(tl.math.div_rn(clip_max * zmax - xmin, 2.0**BITS - 1), 1e-8)
+            rng = clip_max * zmax - xmin
+            qmax = 2.0**BITS - 1
+        if RECIP:
+            scale = tl.maximum(rng * inv_qmax, 1e-8)
+        else:
+            scale = tl.maximum(tl.math.div_rn(rng, qmax), 1e-8)
+        if SYMMETRIC:
+            zero = scale * 0.0
+        else:
             zero = _rint(tl.math.div_rn(-xmin, scale))
         return scale, zero
+
+    @triton.jit
+    def _quotient(z, s, BITS: tl.constexpr, FAST_DIV: tl.constexpr):
+        """z / s rounded as IEEE division (the reference's), for the codes: what matters is rint of it.
+
+        An IEEE division per element is a multi-instruction sequence; z * (1 / s) costs one multiply and is
+        within 1.5 ulp of the exact quotient, so its rint equals rint(z / s) unless the quotient lies within
+        that distance of a half-integer. The test below flags every such element (bound (|v| + 1) * 2^-22,
+        above the error), only where a code can land in range (|v| <= 2^BITS + 1, zero point included), and
+        a tile with any flagged element is redone with IEEE divisions: a few percent of 4-bit tiles.
+        FAST_DIV = 0: IEEE divisions throughout (whether the fast path pays depends on the tile: the autotuner
+        decides; it adds a tile-wide reduction per token and registers)."""
+        if not FAST_DIV:
+            return tl.math.div_rn(z, s)
+        one = s * 0.0 + 1.0
+        v = z * tl.math.div_rn(one, s)
+        a = tl.abs(v)
+        near = (tl.abs(a - tl.floor(a) - 0.5) < (a + 1.0) * 2.384185791015625e-07) & (a < 2.0**BITS + 1.0)
+        if tl.max(near.to(tl.int32)) > 0:
+            v = tl.math.div_rn(z, s)
+        return v
 
     @triton.jit
     def _quantize_store(
@@ -250,16 +290,17 @@ if triton is not None:
         SYMMETRIC: tl.constexpr,
         BITS: tl.constexpr,
         PACK: tl.constexpr,
+        FAST_DIV: tl.constexpr,
     ):
         """Quantize z (BN1, BC) fp32, columns col0 .. col0 + BC of the token's (N1, N2) view; store codes.
 
         row0: int64 offset of the token's codes, counted in codes (the packed byte offset is row0 // 2).
         """
         if SYMMETRIC:
-            v = tl.math.div_rn(z, scale)
+            v = _quotient(z, scale, BITS, FAST_DIV)
             q = _rint(tl.minimum(tl.maximum(v, -(2.0 ** (BITS - 1))), 2.0 ** (BITS - 1) - 1))
         else:
-            q = _rint(tl.math.div_rn(z, scale)) + zero
+            q = _rint(_quotient(z, scale, BITS, FAST_DIV)) + zero
             q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1)
         qi = q.to(tl.int32)
         ra = tl.arange(0, BN1)
@@ -290,14 +331,15 @@ if triton is not None:
         SYMMETRIC: tl.constexpr,
         BITS: tl.constexpr,
         PACK: tl.constexpr,
+        FAST_DIV: tl.constexpr,
     ):
         """Quantize z (BT, BN1, BN2) fp32 (BT tokens) with per-token scale / zero (BT,); store the codes."""
         s3 = scale[:, None, None]
         if SYMMETRIC:
-            v = tl.math.div_rn(z, s3)
+            v = _quotient(z, s3, BITS, FAST_DIV)
             q = _rint(tl.minimum(tl.maximum(v, -(2.0 ** (BITS - 1))), 2.0 ** (BITS - 1) - 1))
         else:
-            q = _rint(tl.math.div_rn(z, s3)) + zero[:, None, None]
+            q = _rint(_quotient(z, s3, BITS, FAST_DIV)) + zero[:, None, None]
             q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1)
         qi = q.to(tl.int32)
         ra = tl.arange(0, BN1)
@@ -368,6 +410,7 @@ if triton is not None:
         # runtime scalars
         clip_max,
         clip_min,
+        inv_qmax,  # fp32 1 / qmax, used when RECIP
         n_tokens,
         stride_xt,
         T_BUCKET,  # token-count bucket: an autotune key, unused in the body
@@ -386,12 +429,15 @@ if triton is not None:
         BITS: tl.constexpr,
         PACK: tl.constexpr,
         INTERPRET: tl.constexpr,  # CPU interpreter workarounds
+        RECIP: tl.constexpr,  # CUDA: scale = range * fp32(1 / qmax), as the reference computes it there
         # launch config (autotuned): tokens stacked per iteration, programs per SM (read by the grid only)
         BLOCK_T: tl.constexpr,
         PROGS_PER_SM: tl.constexpr,
         # one token per iteration, fp32 intermediate, both factors: compute (P1^T X) P2, so that the split
         # fp32 intermediate is the left operand of the second product (registers, not shared memory)
         P1_FIRST: tl.constexpr,
+        # codes from z * (1 / scale) with an exact IEEE-division redo of tiles near rounding ties (_quotient)
+        FAST_DIV: tl.constexpr = 0,
     ):
         # Persistent: each program loads the factors once and loops over token blocks pid, pid + G, ...
         pid = tl.program_id(0)
@@ -441,9 +487,9 @@ if triton is not None:
                     1,
                     tl.standard._elementwise_min,
                 )
-                scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC, BITS)  # (BT,)
+                scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, inv_qmax, SYMMETRIC, BITS, RECIP)  # (BT,)
                 _quantize_store_tokens(
-                    z, scale, zero, q_ptr, t64, tmask, N1, N2, BLOCK_T, BN1, BN2, SYMMETRIC, BITS, PACK
+                    z, scale, zero, q_ptr, t64, tmask, N1, N2, BLOCK_T, BN1, BN2, SYMMETRIC, BITS, PACK, FAST_DIV
                 )
                 tl.store(scale_ptr + t64, scale, mask=tmask)
                 if not SYMMETRIC:
@@ -471,8 +517,10 @@ if triton is not None:
                         z = _left_factor(y, p1t, dt, HAS_P1, SPLIT_Y, INTERPRET)  # (BN1, BN2) fp32
                     zmax = _tile_max(tl.where(mask, z, -float("inf")))
                     zmin = _tile_min(tl.where(mask, z, float("inf")))
-                    scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC, BITS)
-                    _quantize_store(z, scale, zero, q_ptr, t64 * (N1 * N2), 0, N1, N2, BN1, BN2, SYMMETRIC, BITS, PACK)
+                    scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, inv_qmax, SYMMETRIC, BITS, RECIP)
+                    _quantize_store(
+                        z, scale, zero, q_ptr, t64 * (N1 * N2), 0, N1, N2, BN1, BN2, SYMMETRIC, BITS, PACK, FAST_DIV
+                    )
                 else:
                     zmax = tl.full((), -float("inf"), tl.float32)
                     zmin = tl.full((), float("inf"), tl.float32)
@@ -484,13 +532,13 @@ if triton is not None:
                         mj = (ra[:, None] < N1) & (rj[None, :] < N2)
                         zmax = tl.maximum(zmax, _tile_max(tl.where(mj, z, -float("inf"))))
                         zmin = tl.minimum(zmin, _tile_min(tl.where(mj, z, float("inf"))))
-                    scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, SYMMETRIC, BITS)
+                    scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, inv_qmax, SYMMETRIC, BITS, RECIP)
                     for j0 in range(0, BN2, BC):  # recompute: cheaper than a round trip through memory
                         z = _column_chunk(
                             x_ptr, p2_ptr, p1t, xrow, j0, N1, N2, BN1, BN2, BC, BC, HAS_P1, HAS_P2, SPLIT_Y, INTERPRET
                         )
                         _quantize_store(
-                            z, scale, zero, q_ptr, t64 * (N1 * N2), j0, N1, N2, BN1, BC, SYMMETRIC, BITS, PACK
+                            z, scale, zero, q_ptr, t64 * (N1 * N2), j0, N1, N2, BN1, BC, SYMMETRIC, BITS, PACK, FAST_DIV
                         )
                 tl.store(scale_ptr + t64, scale)
                 if not SYMMETRIC:
@@ -537,6 +585,7 @@ def _default_config(bn1: int, bn2: int, n_tokens: int) -> dict:
     return {
         "BLOCK_T": 1,
         "P1_FIRST": 0,
+        "FAST_DIV": 0,
         "PROGS_PER_SM": 4,
         "num_warps": 4 if tile <= 8192 else 8,
         "num_stages": 2 if tile == 8192 else 3,
@@ -549,7 +598,8 @@ def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) ->
     Latency path (bucket 0): one token per program, 4 or 8 warps, both product orders. Throughput path:
     the fixed default; (P1^T X) P2 order (``P1_FIRST``, the split fp32 intermediate stays in registers);
     token stacking (BLOCK_T tokens per iteration, up to _MAX_STACK elements); fewer pipeline stages and
-    programs per SM (less shared memory). p1_first: whether P1_FIRST changes anything for the call (fp32
+    programs per SM (less shared memory); for the throughput path also the reciprocal-multiply codes
+    (``FAST_DIV``, see ``_quotient``). p1_first: whether P1_FIRST changes anything for the call (fp32
     intermediate and both factors); when not, its configs are left out.
     """
     tile = bn1 * bn2
@@ -559,12 +609,13 @@ def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) ->
         # 4 warps spill a 128x128 fp32 tile (seen in the sm_90 build): 8 warps only from 128x128 up
         warps = (4, 8) if tile < 128 * 128 else (8,)
         return [dict(default, num_stages=1, num_warps=w, P1_FIRST=o) for o in orders for w in warps]
-    out = [default]
+    out = [default, dict(default, FAST_DIV=1)]  # IEEE divisions or the reciprocal multiply (_quotient)
     if tile > _MAX_TILE:  # column-chunked tiles: one token per iteration, product order fixed
         return out + [dict(default, num_warps=4, num_stages=2)]
     if p1_first:
         out.append(dict(default, P1_FIRST=1))
         if tile >= 128 * 128:
+            out.append(dict(default, P1_FIRST=1, FAST_DIV=1))
             out.append(dict(default, P1_FIRST=1, num_stages=2, PROGS_PER_SM=2))
     if tile >= 128 * 128:
         return out + [dict(default, num_stages=2, PROGS_PER_SM=2)]
@@ -579,7 +630,7 @@ def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) ->
 
 
 def _as_triton_config(cfg: dict):
-    meta = {"BLOCK_T": cfg["BLOCK_T"], "PROGS_PER_SM": cfg["PROGS_PER_SM"], "P1_FIRST": cfg["P1_FIRST"]}
+    meta = {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV")}
     return triton.Config(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -667,11 +718,18 @@ def kron_quantize_triton(
         bc = bn2 if bn1 * bn2 <= _MAX_TILE else 64
         sms = _sm_count(x.device)
         args = (x2, p1c, p2c, codes, scale, zero if zero is not None else scale)
-        args += (float(clip_max), float(clip_min), n_tokens, x2.stride(0), _token_bucket(n_tokens))
+        args += (
+            float(clip_max),
+            float(clip_min),
+            _INV_QMAX[(bits, symmetric)],
+            n_tokens,
+            x2.stride(0),
+            _token_bucket(n_tokens),
+        )
         # the shape and variant constexprs go positionally (N1 ... INTERPRET), so that the autotuner's key and
         # its config pruning see them among the named arguments in every Triton version
         args += (n1, n2, bn1, bn2, bc, p1 is not None, p2 is not None, intermediate == "fp32", symmetric, bits, pack)
-        args += (_interpreting(),)
+        args += (_interpreting(), x.is_cuda)
         meta = {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
 
         def grid(m):
