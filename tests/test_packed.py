@@ -224,3 +224,27 @@ def test_load_builds_on_the_meta_device_before_loading_tensors(packed, monkeypat
     real = load_packed(packed["qwen3"][2], device="cpu")
     assert seen == [{"meta"}]  # the full-precision model never had memory
     assert {t.device.type for t in list(real.parameters()) + list(real.buffers())} == {"cpu"}
+
+
+@torch.no_grad()
+def test_pack_in_bfloat16_stores_16_bit_tensors_and_loads_as_a_cast_at_load_time(packed, tmp_path):
+    fake, _, path32 = packed["llama"]
+    path16 = pack(fake, str(tmp_path / "bf16"), dtype="bfloat16")
+    meta = json.load(open(os.path.join(path16, CONFIG_FILE)))
+    assert meta["dtype"] == "bfloat16"
+    from safetensors.torch import load_file
+
+    t16, t32 = load_file(os.path.join(path16, TENSORS_FILE)), load_file(os.path.join(path32, TENSORS_FILE))
+    assert t16.keys() == t32.keys()
+    for k, v in t16.items():
+        keep32 = k.endswith(("w_scale", "act_clip", "k_clip", "v_clip", "p_h", "p_h_inv"))
+        want = t32[k].dtype if not t32[k].is_floating_point() or keep32 else torch.bfloat16
+        assert v.dtype == want, k
+    size = {p: os.path.getsize(os.path.join(p, TENSORS_FILE)) for p in (path16, path32)}
+    assert size[path16] < 0.75 * size[path32]  # tiny model: embeddings dominate
+    a = load_packed(path16, device="cpu")(_TOKENS).logits
+    b = load_packed(path32, device="cpu", dtype=torch.bfloat16)(_TOKENS).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dtype='int8' is not one of"):
+        pack(fake, str(tmp_path / "bad"), dtype="int8")
+    assert not os.path.exists(tmp_path / "bad")

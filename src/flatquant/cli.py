@@ -28,7 +28,7 @@ from .evaluate import perplexity
 from .files import atomic_write_json
 from .loading import DEFAULT_MODEL, load_model, load_tokenizer
 from .offload import PLACEMENTS
-from .packed import load_packed, pack
+from .packed import PACK_DTYPES, load_packed, pack
 from .pipeline import quantize
 from .report import device_name, library_versions, load_records, markdown_table, write_report
 from .streaming import StreamingModel
@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-data", default=DEFAULT_CALIBRATION, help="without --checkpoint: calibration text")
     p.add_argument("--output", required=True, help="packed checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--packed-dtype",
+        choices=PACK_DTYPES,
+        default=None,
+        help="dtype of the unquantized tensors (embeddings, norms, lm_head) in the checkpoint [default: the model's]",
+    )
     _add_config_options(p)
     e = sub.add_parser("eval", help="perplexity of the original model, a saved calibration or a packed model")
     _add_common(e)
@@ -346,7 +352,8 @@ def cmd_pack(args) -> list[dict]:
     else:
         cfg = config_from_args(args)
         _timed_quantize(model, cfg, _calibration_windows(tokenizer, args, cfg), args, args.output + ".state")
-    pack(model, args.output, overwrite=args.overwrite, metadata={"model": args.model, "checkpoint": args.checkpoint})
+    meta = {"model": args.model, "checkpoint": args.checkpoint}
+    pack(model, args.output, overwrite=args.overwrite, metadata=meta, dtype=args.packed_dtype)
     shutil.rmtree(args.output + ".state", ignore_errors=True)
     print(f"saved packed model to {args.output}")
     cfg, seconds = model.flatquant.config, model.flatquant.seconds

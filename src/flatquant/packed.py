@@ -150,15 +150,39 @@ def _output_weight_name(model: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is out) + ".weight"
 
 
-def pack(model: nn.Module, path: str, overwrite: bool = False, metadata: dict | None = None) -> str:
-    """Write the real-quant checkpoint of a calibrated, merged model to folder ``path`` (atomically)."""
+PACK_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def pack(
+    model: nn.Module,
+    path: str,
+    overwrite: bool = False,
+    metadata: dict | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> str:
+    """Write the real-quant checkpoint of a calibrated, merged model to folder ``path`` (atomically).
+
+    dtype: store the unquantized float tensors (embeddings, norms, lm_head, biases, transform factors) in this
+    dtype (``torch.bfloat16`` or ``"bfloat16"`` halves them against a float32 model); default: the model's.
+    Scales, clipping ratios and P_h stay float32 in any case.
+    """
+    if isinstance(dtype, str):
+        if dtype not in PACK_DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {PACK_DTYPES}")
+        dtype = getattr(torch, dtype)
+    elif dtype is not None and str(dtype).removeprefix("torch.") not in PACK_DTYPES:
+        raise ValueError(f"dtype={dtype} is not one of {PACK_DTYPES}")
     tensors, structure = packed_state(model)
+    dtype = dtype or model.get_input_embeddings().weight.dtype
+    tensors = {
+        k: v.to(dtype) if v.is_floating_point() and not k.endswith(_FP32_TENSORS) else v for k, v in tensors.items()
+    }
     spec = spec_for(model)
     result = getattr(model, "flatquant", None)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "bits": {"w": 4, "a": 4, "k": 4, "v": 4},
         "transforms": structure,
         "architecture": dataclasses.asdict(spec),
