@@ -16,6 +16,8 @@ table and the 70B projection, and writes ``benchmarks/results/scale.json``.
 
     python benchmarks/scale.py                 # on a machine with 2 GPUs, about 7 minutes
     python benchmarks/scale.py --quick         # CPU, gloo, 2 processes, toy sizes (a smoke test)
+    python benchmarks/scale.py --gpus 3 --share-gpu --models smollm2-135m --smollm-blocks 6 \
+        --out benchmarks/results/scale_shared.json   # 3 processes on one GPU (host-bound small blocks)
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def worker(spec: dict) -> None:
         records.append(
             {
                 "model": spec["model"],
-                "gpus": procs if ctx.device.type == "cuda" else 0,
+                "gpus": min(procs, torch.cuda.device_count()) if ctx.device.type == "cuda" else 0,
                 "processes": procs,
                 "calib_seconds": seconds,
                 "peak_gpu_bytes": result.peak_gpu_bytes,
@@ -222,6 +224,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CPU, gloo, toy sizes: proves the script runs")
     p.add_argument("--gpus", type=int, default=2, help="processes of the job: measures 1 and this many [2]")
+    p.add_argument("--share-gpu", action="store_true", help="allow more processes than GPUs (round-robin)")
     p.add_argument("--models", nargs="+", default=["llama-2-7b-config", "smollm2-135m"])
     p.add_argument("--smollm-blocks", type=int, default=4)
     p.add_argument("--smollm-model", default=None, help="SmolLM2 checkpoint or GGUF file [default: the built-in]")
@@ -239,8 +242,9 @@ def main() -> None:
     from flatquant.files import atomic_write_json
 
     start = time.perf_counter()
-    if not args.quick and torch.cuda.device_count() < args.gpus:
-        raise SystemExit(f"--gpus {args.gpus} needs {args.gpus} GPUs, found {torch.cuda.device_count()}")
+    gpus = torch.cuda.device_count()
+    if not args.quick and (gpus == 0 or (gpus < args.gpus and not args.share_gpu)):
+        raise SystemExit(f"--gpus {args.gpus} needs {args.gpus} GPUs (or --share-gpu and one), found {gpus}")
     tmp = tempfile.mkdtemp(prefix="flatquant-scale-")
     out = args.out or (os.path.join(tmp, "scale.json") if args.quick else os.path.join(HERE, "results", "scale.json"))
     specs = []
@@ -282,14 +286,14 @@ def main() -> None:
                 f"job {record['job_seconds']:.1f} s  [{record['device']}]"
             )
     print()
-    print("| model | GPUs | blocks | calib s | s / block / rank | speed-up | peak GPU GB | device |")
+    print("| model | GPUs / processes | blocks | calib s | s / block / rank | speed-up | peak GPU GB | device |")
     print("|---|---|---|---|---|---|---|---|")
     for r in records:
         base = [b for b in records if b["model"] == r["model"] and b["processes"] == 1]
         speedup = base[0]["calib_seconds"] / r["calib_seconds"] if base else float("nan")
         r["speedup_vs_1"] = speedup
         print(
-            f"| {r['model']} | {r['gpus'] or str(r['processes']) + ' (CPU)'} | {r['blocks']} | "
+            f"| {r['model']} | {r['gpus'] or 'CPU'} / {r['processes']} | {r['blocks']} | "
             f"{r['calib_seconds']:.1f} | {r['seconds_per_block']:.2f} | {speedup:.2f}x | "
             f"{(r['peak_gpu_bytes'] or 0) / 1e9:.2f} | {r['device']} |"
         )

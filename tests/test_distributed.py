@@ -177,3 +177,14 @@ def test_torchrun_quantize_streaming_matches_the_single_process_command(tmp_path
     for k in one[1]:
         torch.testing.assert_close(two[1][k], one[1][k], rtol=1e-5, atol=1e-6, msg=k)
     assert not os.path.exists(str(tmp_path / "two.state"))
+
+
+def test_local_ranks_share_the_gpus_round_robin():
+    from flatquant.distributed import local_device
+
+    assert [local_device(r, 1).index for r in range(3)] == [0, 0, 0]  # three processes on one GPU
+    assert [local_device(r, 2, "cuda").index for r in range(4)] == [0, 1, 0, 1]
+    assert local_device(3, 2, "cuda:1") == torch.device("cuda", 1)  # an explicit index is kept
+    assert local_device(1, 0) == torch.device("cpu") and local_device(0, 2, "cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no GPU is visible"):
+        local_device(0, 0, "cuda")

@@ -9,7 +9,11 @@ dies or hangs is noticed within ``timeout`` seconds. The calibrated tensors (kil
 are gathered on every rank as safetensors bytes; rank 0 writes the one checkpoint.
 
 Control traffic goes through a gloo group of small CPU tensors, whatever the backend of the default group
-(``cpu:gloo,cuda:nccl`` when this module creates it on a CUDA machine).
+(``cpu:gloo,cuda:nccl`` when this module creates it on a CUDA machine, plain gloo when ranks share GPUs).
+
+More processes than GPUs share them round-robin (local rank r uses GPU r mod count). For a small model
+that helps on one GPU too: a block's training step launches many small kernels and is bound by the host,
+so two or three processes keep the GPU busier than one (``torchrun --nproc-per-node 3`` on one GPU).
 """
 
 from __future__ import annotations
@@ -49,6 +53,17 @@ def assign_blocks(blocks, world: int) -> list[list[int]]:
     return [blocks[bounds[r] : bounds[r + 1]] for r in range(world)]
 
 
+def local_device(local_rank: int, gpus: int, device: torch.device | str | None = None) -> torch.device:
+    """The device of a local rank: the CPU without GPUs (or when asked), else GPU ``local_rank mod gpus``
+    (a bare ``cuda`` too), or exactly the GPU named with an index."""
+    device = torch.device(device or ("cuda" if gpus > 0 else "cpu"))
+    if device.type != "cuda":
+        return device
+    if gpus < 1:
+        raise ValueError(f"device={device} was asked for but no GPU is visible")
+    return torch.device("cuda", local_rank % gpus if device.index is None else device.index)
+
+
 def setup(device: torch.device | str | None = None, timeout: float = 1800.0) -> Context:
     """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` etc.), or run alone.
 
@@ -60,14 +75,16 @@ def setup(device: torch.device | str | None = None, timeout: float = 1800.0) -> 
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Context(0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), None)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if not dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        # NCCL refuses two ranks on one GPU; nothing here needs it then (control and gathers go through gloo)
+        backend = "cpu:gloo,cuda:nccl" if 0 < local_world <= gpus else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     rank = dist.get_rank()
     local = int(os.environ.get("LOCAL_RANK", rank))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = local_device(local, gpus, device)
     if device.type == "cuda":
-        device = torch.device("cuda", local if device.index is None else device.index)
         torch.cuda.set_device(device)
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
     return Context(rank, world, device, group)
