@@ -189,10 +189,21 @@ def test_cli_packs_a_saved_calibration_and_evaluates_fake_and_real_quant(tmp_pat
     "device",
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
 )
-@torch.no_grad()
-def test_bf16_packed_model_tracks_fake_quant_and_decodes_from_the_cache(packed, device):
+@pytest.mark.parametrize("act_symmetric", [True, False])
+def test_bf16_packed_model_tracks_fake_quant_and_decodes_from_the_cache(packed, device, act_symmetric, tmp_path):
     """On CUDA this runs the fused kernels (transform+quantize, W4A4 GEMM, INT4 decode attention)."""
-    fake, _, path = packed["llama"]
+    if act_symmetric:
+        fake, _, path = packed["llama"]
+    else:
+        fake = tiny_model("llama")
+        cfg = fq.FlatQuantConfig(nsamples=4, seqlen=32, epochs=1, autocast_dtype="float32", a_symmetric=False)
+        fq.quantize(fake, cfg, _TOKENS, device="cpu", progress=False)
+        path = pack(fake, str(tmp_path / "asym"))
+    with torch.no_grad():
+        _check_bf16_packed(fake, path, device)
+
+
+def _check_bf16_packed(fake, path, device):
     real = load_packed(path, device=device, dtype=torch.bfloat16)
     ids = _TOKENS.to(device)
     exact = copy.deepcopy(fake).to(device)(ids).logits.float()
@@ -248,3 +259,16 @@ def test_pack_in_bfloat16_stores_16_bit_tensors_and_loads_as_a_cast_at_load_time
     with pytest.raises(ValueError, match="dtype='int8' is not one of"):
         pack(fake, str(tmp_path / "bad"), dtype="int8")
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_asymmetric_activations_pack_and_match_the_fake_quant_model(tmp_path):
+    model = tiny_model("llama")
+    cfg = fq.FlatQuantConfig(nsamples=4, seqlen=32, epochs=1, autocast_dtype="float32", a_symmetric=False)
+    fq.quantize(model, cfg, _TOKENS, device="cpu", progress=False)
+    path = pack(model, str(tmp_path / "asym"))
+    assert json.load(open(os.path.join(path, CONFIG_FILE)))["transforms"]["act_symmetric"] is False
+    real = load_packed(path, device="cpu")
+    with torch.no_grad():
+        a, b = real(_TOKENS).logits, model(_TOKENS).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (b - tiny_model("llama")(_TOKENS).logits).abs().max() > 1e-3  # quantization really is in both

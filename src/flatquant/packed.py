@@ -41,7 +41,7 @@ def _check_packable(model: nn.Module) -> ArchSpec:
         raise ValueError("pack needs a calibrated, merged model: run flatquant.quantize or load_quantized first")
     result = getattr(model, "flatquant", None)
     if result is not None:
-        want = dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_group_size=None, w_symmetric=True, a_symmetric=True)
+        want = dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_group_size=None, w_symmetric=True)
         want.update(kv_symmetric=False, overrides={})
         bad = {k: getattr(result.config, k) for k, v in want.items() if getattr(result.config, k) != v}
         if bad:
