@@ -70,12 +70,11 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
     out = []
     for n1, n2 in pairs:
         bn1, bn2 = max(16, kq._next_pow2(n1)), max(16, kq._next_pow2(n2))
-        bc = bn2 if bn1 * bn2 <= kq._MAX_TILE else 64
         for bucket in (0, 1):
             for cfg in kq.candidate_configs(bn1, bn2, bucket):
-                const = dict(N1=n1, N2=n2, BN1=bn1, BN2=bn2, BC=bc, HAS_P1=True, HAS_P2=True, SPLIT_Y=True)
+                const = dict(N1=n1, N2=n2, BN1=bn1, BN2=bn2, HAS_P1=True, HAS_P2=True, SPLIT_Y=True)
                 const |= dict(SYMMETRIC=True, BITS=4, PACK=False, INTERPRET=False, RECIP=True)
-                const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV")}
+                const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")}
                 opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt"]
                 rec = {"kernel": "kron_quantize", "n1": n1, "n2": n2, "bucket": bucket, **cfg}

@@ -226,6 +226,22 @@ def test_kernel_column_chunks(monkeypatch, n1, n2, symmetric, pack):
     _assert_same(out, kq.kron_quantize_reference(x, p1, p2, **kw), x, p1, p2, symmetric, pack)
 
 
+@needs_triton
+@pytest.mark.parametrize("bc", [16, 32])
+def test_column_chunk_config_on_a_tile_that_fits(bc):
+    """BC below the padded n2 on a tile within the register budget (the 128x128 candidates do this on the GPU)
+    builds X' in chunks too, with the same codes; BC outside its range is refused with its limits."""
+    n1, n2 = (112, 128) if CUDA else (12, 60)
+    p1, p2 = _factors(n1, n2, seed=8)
+    x = _inputs(9, n1 * n2, torch.bfloat16)
+    kw = dict(clip_max=0.95, clip_min=0.9, symmetric=False, pack=True)
+    out = kq.kron_quantize_triton(x, p1, p2, config=dict(BC=bc, PROGS_PER_SM=1), **kw)
+    _assert_same(out, kq.kron_quantize_reference(x, p1, p2, **kw), x, p1, p2, False, True)
+    for bad in (8, 24, 256):
+        with pytest.raises(ValueError, match=f"BC={bad} must be a power of two from 16"):
+            kq.kron_quantize_triton(x, p1, p2, config=dict(BC=bad))
+
+
 # ----------------------------------------------------------------------------------- launch configs
 # The autotuner may pick any candidate config on the GPU, so every candidate must give the same codes.
 CONFIG_PAIRS = [(64, 64), (112, 128), (128, 148)] if CUDA else [(6, 10), (16, 16)]

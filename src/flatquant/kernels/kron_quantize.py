@@ -419,8 +419,6 @@ if triton is not None:
         N2: tl.constexpr,
         BN1: tl.constexpr,
         BN2: tl.constexpr,
-        # BC < BN2: tile too large for registers; X' is built BC columns at a time, twice (max, then codes)
-        BC: tl.constexpr,
         # variants
         HAS_P1: tl.constexpr,
         HAS_P2: tl.constexpr,
@@ -438,6 +436,9 @@ if triton is not None:
         P1_FIRST: tl.constexpr,
         # codes from z * (1 / scale) with an exact IEEE-division redo of tiles near rounding ties (_quotient)
         FAST_DIV: tl.constexpr = 0,
+        # BC < BN2: X' is built BC columns at a time, twice (max, then codes): tiles too large for registers,
+        # or a smaller footprint (more programs per SM) for 128x128 tiles
+        BC: tl.constexpr = 0,
     ):
         # Persistent: each program loads the factors once and loops over token blocks pid, pid + G, ...
         pid = tl.program_id(0)
@@ -586,6 +587,7 @@ def _default_config(bn1: int, bn2: int, n_tokens: int) -> dict:
         "BLOCK_T": 1,
         "P1_FIRST": 0,
         "FAST_DIV": 0,
+        "BC": bn2 if tile <= _MAX_TILE else 64,
         "PROGS_PER_SM": 4,
         "num_warps": 4 if tile <= 8192 else 8,
         "num_stages": 2 if tile == 8192 else 3,
@@ -618,7 +620,10 @@ def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) ->
             out.append(dict(default, P1_FIRST=1, FAST_DIV=1))
             out.append(dict(default, P1_FIRST=1, num_stages=2, PROGS_PER_SM=2))
     if tile >= 128 * 128:
-        return out + [dict(default, num_stages=2, PROGS_PER_SM=2)]
+        # column chunks of 64: a quarter of the fp32 tile in registers and less shared memory, so that two
+        # programs fit on an SM, at the price of building X' twice
+        chunked = [dict(default, BC=64, num_stages=2, PROGS_PER_SM=2, num_warps=w) for w in (4, 8)]
+        return out + [dict(default, num_stages=2, PROGS_PER_SM=2)] + chunked
     for bt in (2, 4, 8):
         if bt * tile <= _MAX_STACK:
             warps = 4 if bt * tile <= 4096 else 8
@@ -630,7 +635,7 @@ def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) ->
 
 
 def _as_triton_config(cfg: dict):
-    meta = {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV")}
+    meta = {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")}
     return triton.Config(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -715,7 +720,6 @@ def kron_quantize_triton(
     zero = None if symmetric else torch.empty(n_tokens, device=x.device, dtype=torch.float32)
     if n_tokens > 0:
         bn1, bn2 = max(16, _next_pow2(n1)), max(16, _next_pow2(n2))
-        bc = bn2 if bn1 * bn2 <= _MAX_TILE else 64
         sms = _sm_count(x.device)
         args = (x2, p1c, p2c, codes, scale, zero if zero is not None else scale)
         args += (
@@ -728,7 +732,7 @@ def kron_quantize_triton(
         )
         # the shape and variant constexprs go positionally (N1 ... INTERPRET), so that the autotuner's key and
         # its config pruning see them among the named arguments in every Triton version
-        args += (n1, n2, bn1, bn2, bc, p1 is not None, p2 is not None, intermediate == "fp32", symmetric, bits, pack)
+        args += (n1, n2, bn1, bn2, p1 is not None, p2 is not None, intermediate == "fp32", symmetric, bits, pack)
         args += (_interpreting(), x.is_cuda)
         meta = {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
 
@@ -740,6 +744,12 @@ def kron_quantize_triton(
         else:
             cfg = _default_config(bn1, bn2, n_tokens)
             cfg.update({_CONFIG_ALIASES.get(k, k): v for k, v in (config or {}).items()})
+            bc = cfg["BC"]
+            if bc not in [2**k for k in range(4, 9)] or bc > bn2 or (bc == bn2 and bn1 * bn2 > _MAX_TILE):
+                raise ValueError(
+                    f"BC={bc} must be a power of two from 16 to the padded n2 ({bn2}), and below it for tiles over "
+                    f"{_MAX_TILE} elements (a {bn1}x{bn2} tile here)"
+                )
             if cfg["BLOCK_T"] > 1 and (bc != bn2 or cfg["BLOCK_T"] * bn1 * bn2 > _MAX_STACK):
                 raise ValueError(
                     f"BLOCK_T={cfg['BLOCK_T']} stacks tokens only for tiles up to {_MAX_STACK} elements in all "
