@@ -272,3 +272,33 @@ def test_asymmetric_activations_pack_and_match_the_fake_quant_model(tmp_path):
         a, b = real(_TOKENS).logits, model(_TOKENS).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (b - tiny_model("llama")(_TOKENS).logits).abs().max() > 1e-3  # quantization really is in both
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@torch.no_grad()
+def test_fused_shared_input_gemms_equal_one_gemm_per_linear(packed, arch):
+    """load_packed runs q/k/v and gate/up as one GEMM each (column slices); the integer GEMM makes every output
+    column independent of the others, so the logits equal those of one GEMM per linear exactly."""
+    from flatquant.kernels import w4a4_linear
+
+    _, fused, path = packed[arch]
+    plain = load_packed(path, device="cpu", fuse=False)
+    layer = fused.model.layers[0]
+    assert layer.self_attn.qkv_quant.w_packed.shape[0] == sum(
+        getattr(layer.self_attn, n).out_features for n in ("q_proj", "k_proj", "v_proj")
+    )
+    storage = layer.self_attn.qkv_quant.w_packed.untyped_storage().data_ptr()
+    assert layer.self_attn.k_proj.w_packed.untyped_storage().data_ptr() == storage  # a view: no second copy
+    calls = []
+    real_gemm = w4a4_linear.w4a4_gemm
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(w4a4_linear, "w4a4_gemm", lambda *a, **k: calls.append(1) or real_gemm(*a, **k))
+        a = fused(_TOKENS).logits
+        n_fused, calls[:] = len(calls), []
+        b = plain(_TOKENS).logits
+    assert n_fused == 4 * len(fused.model.layers) and len(calls) == 7 * len(plain.model.layers)  # qkv, o, gu, down
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    cache = Int4KVCache(fused)
+    fused(_TOKENS[:, :-1], **cache_kwargs(fused, cache))
+    step = fused(_TOKENS[:, -1:], **cache_kwargs(fused, cache)).logits[:, -1]
+    torch.testing.assert_close(step, a[:, -1], rtol=1e-5, atol=1e-5)

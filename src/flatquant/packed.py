@@ -266,8 +266,9 @@ def packed_skeleton(config, transforms: dict, dtype: torch.dtype, spec: ArchSpec
     return model
 
 
-def finish_packed_model(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """Tie the output embedding, compute the rotary tables on ``device``, select the packed attention."""
+def finish_packed_model(model: nn.Module, device: torch.device | str, fuse: bool = True) -> nn.Module:
+    """Tie the output embedding, compute the rotary tables on ``device``, select the packed attention; with
+    ``fuse``, the linears of a shared input (q/k/v, gate/up) run as one GEMM (``SharedInputQuant.fuse``)."""
     if getattr(model.config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     for mod_name, mod in list(model.named_modules()):  # rotary tables are computed from the config, not stored
@@ -279,15 +280,25 @@ def finish_packed_model(model: nn.Module, device: torch.device | str) -> nn.Modu
     if missing:
         raise ValueError(f"the packed checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
     use_packed_attention(model)
+    if fuse:
+        consumers: dict[int, list[SharedInputLinear]] = {}
+        for mod in model.modules():
+            if isinstance(mod, SharedInputLinear):
+                consumers.setdefault(id(mod._source[0]), []).append(mod)
+        for linears in consumers.values():
+            linears[0]._source[0].fuse(linears)
     return model.eval()
 
 
-def load_packed(path: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+def load_packed(
+    path: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None, fuse: bool = True
+) -> nn.Module:
     """Build the real-quant model of a packed checkpoint on ``device`` (default: cuda when present).
 
     The model is created on the meta device from the stored Hugging Face config, its linears are swapped for
     real-quant modules, and only then are the stored tensors loaded, so no full-precision copy is ever made.
     dtype: convert the unquantized float tensors (embeddings, norms, biases, factors) to this dtype.
+    fuse: run q/k/v (gate/up) as one GEMM over their concatenated weights (same results, fewer launches).
     """
     meta = read_packed_config(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -305,6 +316,6 @@ def load_packed(path: str, device: torch.device | str | None = None, dtype: torc
         if t.is_floating_point() and not name.endswith(_FP32_TENSORS):
             t = t.to(dtype)
         _set_tensor(model, name, t)
-    finish_packed_model(model, device)
+    finish_packed_model(model, device, fuse)
     model.flatquant_packed = meta
     return model

@@ -5,7 +5,10 @@ A packed decoder block keeps Hugging Face's own modules and forward; only these 
 * ``SharedInputQuant`` (``self_attn.qkv_quant``, ``mlp.gate_up_quant``): the online transform P_a (P_ug) and the
   4-bit activation quantizer of an input read by several linears. It runs once per forward; q/k/v (gate/up)
   consume the same operand.
-* ``SharedInputLinear`` (q/k/v, gate/up): a :class:`W4A4Linear` fed by a ``SharedInputQuant``.
+* ``SharedInputLinear`` (q/k/v, gate/up): a :class:`W4A4Linear` fed by a ``SharedInputQuant``. After
+  :meth:`SharedInputQuant.fuse` (``load_packed`` does it) the consumers of one input run as one GEMM over their
+  concatenated weights (q/k/v: one launch instead of three; gate/up: one instead of two); each consumer's
+  output is its column slice of the result, a view.
 * :class:`W4A4Linear` with its own transform (o_proj: P_o ⊗ I; down_proj: P_d).
 * ``KVQuant`` (``self_attn.kv_quant``): P_h on Q and K after RoPE and the per-(token, head) 4-bit K/V quantizer,
   used by the registered attention function ``packed_attention`` and by :class:`flatquant.kvcache.Int4KVCache`.
@@ -20,7 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .kernels.kv_quant import decode_attention, dequantize_kv, quantize_kv
-from .kernels.w4a4_linear import W4A4Linear, quantize_operand
+from .kernels.w4a4_linear import W4A4Linear, operand_gemm, quantize_operand
 
 ATTN_IMPLEMENTATION = "flatquant_packed"
 
@@ -53,6 +56,51 @@ class SharedInputQuant(nn.Module):
             self.register_buffer("p1", torch.eye(transform_sizes[0], dtype=dtype, device=device))
             self.register_buffer("p2", torch.eye(transform_sizes[1], dtype=dtype, device=device))
         self._last: tuple[torch.Tensor, tuple, int] | None = None  # (input, operand, uses left)
+        self._fused: list[tuple[SharedInputLinear, int, int]] | None = None  # (consumer, first, last column)
+        self._last_out: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (input, fused output, uses left)
+
+    def fuse(self, linears: list[SharedInputLinear]) -> None:
+        """Run the consumers as one GEMM: concatenate their packed weights, scales and biases along N (held here
+        as non-persistent buffers; the consumers' own buffers become views of them, so no memory is added)."""
+        if len(linears) != self.consumers or any(lin._source[0] is not self for lin in linears):
+            raise ValueError(f"fuse needs the {self.consumers} consumers of this input, got {len(linears)} linears")
+        ref = linears[0]
+        if any(lin.gemm_impl != ref.gemm_impl or lin.prefill_fp8 != ref.prefill_fp8 for lin in linears):
+            raise ValueError("fused consumers must share gemm_impl and prefill_fp8")
+        self.register_buffer("w_packed", torch.cat([lin.w_packed for lin in linears]), persistent=False)
+        self.register_buffer("w_scale", torch.cat([lin.w_scale for lin in linears]), persistent=False)
+        if all(lin.bias is None for lin in linears):
+            self.register_buffer("bias", None, persistent=False)
+        else:
+            parts = [
+                lin.bias if lin.bias is not None else lin.w_scale.new_zeros(lin.out_features).to(ref.out_dtype)
+                for lin in linears
+            ]
+            self.register_buffer("bias", torch.cat(parts), persistent=False)
+        self._fused, first = [], 0
+        for lin in linears:
+            last = first + lin.out_features
+            lin._buffers["w_packed"] = self.w_packed[first:last]
+            lin._buffers["w_scale"] = self.w_scale[first:last]
+            if lin.bias is not None:
+                lin._buffers["bias"] = self.bias[first:last]
+            self._fused.append((lin, first, last))
+            first = last
+
+    def fused_output(self, x: torch.Tensor, lin: SharedInputLinear) -> torch.Tensor:
+        """``lin``'s output for input x: its columns of the one GEMM of all consumers (computed once per x)."""
+        if self._last_out is not None and self._last_out[0] is x:
+            _, out, left = self._last_out
+        else:
+            ref = self._fused[0][0]
+            op = quantize_operand(x, self.p1, self.p2, self.act_clip_max, self.act_clip_min, self.act_symmetric)
+            out = operand_gemm(
+                op, self.w_packed, self.w_scale, self.bias, ref.out_dtype, ref.gemm_impl, ref.prefill_fp8
+            )
+            left = self.consumers
+        self._last_out = (x, out, left - 1) if left > 1 else None
+        first, last = next((a, b) for m, a, b in self._fused if m is lin)
+        return out[..., first:last]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (..., n) float -> (codes int8 (..., n), scale fp32 (...,)[, zero fp32 (...,)])."""
@@ -73,7 +121,10 @@ class SharedInputLinear(W4A4Linear):
         self._source = [source]  # a reference, not a submodule: the owner saves it once
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return super().forward(self._source[0](x) if isinstance(x, torch.Tensor) else x)
+        source = self._source[0]
+        if isinstance(x, torch.Tensor) and source._fused is not None:
+            return source.fused_output(x, self)
+        return super().forward(source(x) if isinstance(x, torch.Tensor) else x)
 
 
 class KVQuant(nn.Module):

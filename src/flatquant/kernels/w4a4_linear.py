@@ -21,7 +21,7 @@ try:  # the fused transform + quantize kernel; the torch fallback below has the 
 except ImportError:
     _kron_quantize = None
 
-__all__ = ["W4A4Linear", "kron_quantize_torch", "quantize_operand", "quantize_weight_rtn"]
+__all__ = ["W4A4Linear", "kron_quantize_torch", "operand_gemm", "quantize_operand", "quantize_weight_rtn"]
 
 _EPS = 1e-8  # smallest activation scale, as in kron_quantize
 
@@ -99,6 +99,38 @@ def quantize_weight_rtn(weight: torch.Tensor, clip: torch.Tensor | float = 1.0) 
     scale = scale.to(torch.float32).to(torch.float64)  # codes against the scale that is stored
     codes = torch.round(w / scale[:, None]).clamp(-8, 7).to(torch.int8)
     return codes, scale.to(torch.float32)
+
+
+def operand_gemm(
+    op: tuple[torch.Tensor, ...],
+    w_packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    gemm_impl: str = "auto",
+    prefill_fp8: bool = False,
+) -> torch.Tensor:
+    """An operand tuple (codes (..., K), scale (...,)[, zero (...,)]) times packed weights (N, ceil(K/2)):
+    (..., N) in ``out_dtype``, scales (and bias) applied."""
+    codes, scale = op[0], op[1]
+    zero = op[2] if len(op) > 2 else None  # None for symmetric activations
+    lead = codes.shape[:-1]
+    codes = codes.reshape(-1, codes.shape[-1])  # (T, K)
+    path = "auto"  # the INT8 path
+    if prefill_fp8 and codes.is_cuda and codes.dtype == torch.int8 and codes.shape[0] > SMALL_M:
+        codes, path = codes.to(torch.float8_e4m3fn), "fp8"  # exact for 4-bit codes
+    out = w4a4_gemm(
+        codes,
+        scale.reshape(-1),
+        w_packed,
+        w_scale,
+        bias=bias,
+        x_zero=None if zero is None else zero.reshape(-1),
+        out_dtype=out_dtype,
+        impl=gemm_impl,
+        path=path,
+    )  # (T, N)
+    return out.reshape(*lead, w_packed.shape[0])
 
 
 class W4A4Linear(nn.Module):
@@ -209,25 +241,7 @@ class W4A4Linear(nn.Module):
             x = self.quantize_input(x)
         else:
             out_dtype = self.out_dtype
-        codes, scale = x[0], x[1]
-        zero = x[2] if len(x) > 2 else None  # None for symmetric activations
-        lead = codes.shape[:-1]
-        codes = codes.reshape(-1, self.in_features)  # (T, K)
-        path = "auto"  # the INT8 path
-        if self.prefill_fp8 and codes.is_cuda and codes.dtype == torch.int8 and codes.shape[0] > SMALL_M:
-            codes, path = codes.to(torch.float8_e4m3fn), "fp8"  # exact for 4-bit codes
-        out = w4a4_gemm(
-            codes,
-            scale.reshape(-1),
-            self.w_packed,
-            self.w_scale,
-            bias=self.bias,
-            x_zero=None if zero is None else zero.reshape(-1),
-            out_dtype=out_dtype,
-            impl=self.gemm_impl,
-            path=path,
-        )  # (T, N)
-        return out.reshape(*lead, self.out_features)
+        return operand_gemm(x, self.w_packed, self.w_scale, self.bias, out_dtype, self.gemm_impl, self.prefill_fp8)
 
     def get_extra_state(self) -> dict:
         return {"act_clip_max": self.act_clip_max, "act_clip_min": self.act_clip_min}
