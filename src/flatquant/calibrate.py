@@ -378,7 +378,8 @@ def calibrate(
                 x = y
             if mine:
                 bar.update()
-                bar.set_postfix(block=i, loss=f"{result.losses[i]:.3g}")
+                loss_i = result.losses[i]  # NaN: nothing trained in this block (e.g. RTN, rotation, 16 bits)
+                bar.set_postfix(block=i, loss=f"{loss_i:.3g}" if loss_i == loss_i else "-")
                 if after_block is not None:
                     after_block(i)
     finally:  # free the activations (remove their files), also after an error
