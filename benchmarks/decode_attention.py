@@ -8,7 +8,10 @@ the packed 4-bit cache; torch SDPA on the BF16 cache with grouped-query attentio
 (quantize one new token per sequence and head: fused kernel vs the PyTorch ops). Medians of
 ``triton.testing.do_bench`` (L2 flushed between runs); achieved GB/s counts the cache bytes read once
 (packed codes + fp32 scale and zero for us, BF16 K and V for SDPA), next to the device copy bandwidth
-(read + write) measured in the same run. Prints a table, writes benchmarks/results/decode_attention.json.
+(read + write) measured in the same run. On CUDA the kernel, SDPA and the append are also timed as CUDA-graph
+replays (``*_graph_us``): ``do_bench`` times back-to-back Python calls, so at small caches it measures the
+host-side cost of a call; the graph replays measure the GPU alone. Prints a table, writes
+benchmarks/results/decode_attention.json.
 
     PYTHONPATH=src python benchmarks/decode_attention.py [--sweep] [--out PATH]
     PYTHONPATH=src python benchmarks/decode_attention.py --quick     # toy sizes, runs on CPU too
@@ -50,6 +53,7 @@ COLUMNS = [
     ("fa2", "sdpa_flash_us", 8), ("effic", "sdpa_efficient_us", 8), ("cudnn", "sdpa_cudnn_us", 8),
     ("x best", "speedup_vs_best_sdpa", 6), ("expand", "sdpa_expanded_us", 8), ("fa-kvc", "flash_attn_us", 8),
     ("app.k", "append_kernel_us", 7), ("app.t", "append_torch_us", 7),
+    ("kv4 g", "kv4_graph_us", 7), ("sdpa g", "sdpa_gqa_graph_us", 7), ("app.k g", "append_kernel_graph_us", 8),
 ]  # fmt: skip
 
 
@@ -74,6 +78,18 @@ def _bench(fn, cuda: bool) -> float:
     return statistics.median(times) * 1e6
 
 
+def _bench_graph(fn) -> float | None:
+    """Median time of fn replayed from a CUDA graph in microseconds (no host-side cost per call), or None
+    when fn cannot be captured."""
+    import triton.testing
+
+    try:
+        return round(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3, 2)
+    except RuntimeError as e:  # e.g. a host sync inside fn
+        print(f"  (not capturable in a CUDA graph: {str(e).splitlines()[0][:120]})")
+        return None
+
+
 def copy_bandwidth_gbs(cuda: bool, nbytes: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda" if cuda else "cpu")
     dst = torch.empty_like(src)
@@ -96,6 +112,12 @@ def measure(model, hq, hkv, d, b, s, cuda, config=None) -> dict:
     sm = d**-0.5
     rec = {"model": model, "hq": hq, "hkv": hkv, "head_dim": d, "batch": b, "context": s}
     ours = _bench(lambda: kv.decode_attention_triton(q, *packed, lens, sm, config=config), cuda)
+    if cuda:  # the same calls replayed from CUDA graphs (how decode runs when the host cost matters)
+        rec["kv4_graph_us"] = _bench_graph(lambda: kv.decode_attention_triton(q, *packed, lens, sm, config=config))
+        q4g = q[:, :, None]
+        rec["sdpa_gqa_graph_us"] = _bench_graph(
+            lambda: F.scaled_dot_product_attention(q4g, k, v, scale=sm, enable_gqa=g > 1)
+        )
     if cuda:  # the inline-PTX unpacking variant (config "asm")
         asm_cfg = {**(config or {}), "asm": True}
         rec["kv4_asm_us"] = round(
@@ -138,6 +160,8 @@ def measure(model, hq, hkv, d, b, s, cuda, config=None) -> dict:
     new = torch.randn(b, hkv, 1, d, device=device, dtype=torch.bfloat16)  # one decode step's K for one layer
     if cuda or kv._interpreting():
         rec["append_kernel_us"] = round(_bench(lambda: kv.quantize_kv_triton(new), cuda), 2)
+        if cuda:
+            rec["append_kernel_graph_us"] = _bench_graph(lambda: kv.quantize_kv_triton(new))
     rec["append_torch_us"] = round(_bench(lambda: kv.quantize_kv_reference(new), cuda), 2)
     return rec
 
