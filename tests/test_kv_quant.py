@@ -327,3 +327,29 @@ def test_unpack_ptx_bit_logic(dtype):
         else:
             vals = [struct.unpack("<e", struct.pack("<H", h))[0] for h in halves]
         assert vals == [16.0 + (x & 15) for x in b] + [16.0 + (x >> 4) for x in b]
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("bits", [4, 3])
+def test_quantize_into_a_cache_slice_writes_what_quantize_returns(impl, bits):
+    """out=: the append path writes codes, scales and zero points straight into the cache at the append
+    position (strided views); the rest of the cache is untouched."""
+    b, h, cap, t, d, pos = 2, 3, 16, 5, 32, 7
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(b, h, t, d, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    width = d // 2 if bits == 4 else d
+    codes = torch.full((b, h, cap, width), 0xAB, dtype=torch.uint8, device=DEVICE)
+    scale = torch.full((b, h, cap), -1.0, device=DEVICE)
+    zero = torch.full((b, h, cap), -2.0, device=DEVICE)
+    views = (codes[:, :, pos : pos + t], scale[:, :, pos : pos + t], zero[:, :, pos : pos + t])
+    got = kv.quantize_kv(x, bits, 0.9, 0.8, impl=impl, out=views)
+    assert all(a is v for a, v in zip(got, views, strict=True))
+    want = kv.quantize_kv_reference(x, bits, 0.9, 0.8)
+    for dst, ref in zip(views, want, strict=True):
+        assert torch.equal(dst, ref)
+    outside = torch.ones(cap, dtype=torch.bool)
+    outside[pos : pos + t] = False
+    assert (codes[:, :, outside] == 0xAB).all() and (scale[:, :, outside] == -1).all()
+    assert (zero[:, :, outside] == -2).all()
+    with pytest.raises(ValueError, match="out scale must be"):
+        kv.quantize_kv(x, bits, impl=impl, out=(views[0], scale[:, :, :t].double(), views[2]))

@@ -6,7 +6,8 @@ Per layer it stores K (after RoPE and P_h) and V (in the P_v space, which v_proj
     k_packed, v_packed  uint8 (B, Hkv, S_cap, D // 2)   two codes per byte, low nibble = even channel
     k_scale, k_zero, v_scale, v_zero  fp32 (B, Hkv, S_cap)
 
-preallocated to a capacity that doubles when full. ``update`` quantizes the new tokens and appends them.
+preallocated to a capacity that doubles when full. ``update`` quantizes the new tokens straight into the cache
+at the append position (``quantize_kv(..., out=)``: one launch each for K and V on CUDA, no copies).
 For a prefill (or any step with more than one new token) it returns the whole cache dequantized, on which the
 attention function runs SDPA: the same K/V values as the fake-quant evaluation, bit for bit. For a
 single-token step it returns the new token only and flags the layer's ``KVQuant`` so that the attention
@@ -75,15 +76,14 @@ class Int4KVLayer(CacheLayerMixin):
         kvq = self.kv_quant
         b, h, t, d = key_states.shape
         key_states = kvq.transform_key(key_states)
-        (kc, ks, kz), (vc, vs, vz) = kvq.quantize(key_states, value_states)
         end = self.length + t
         if end > self.capacity:
             cap = self.capacity
             while cap < end:
                 cap *= 2
             self._allocate(b, h, d, cap)
-        for n, value in zip(_NAMES, (kc, ks, kz, vc, vs, vz), strict=True):
-            getattr(self, n)[:, :, self.length : end] = value
+        # quantized straight into the cache at the append position (one launch each for K and V on CUDA)
+        kvq.quantize(key_states, value_states, out=[getattr(self, n)[:, :, self.length : end] for n in _NAMES])
         self.length = end
         if t == 1:
             kvq.pending = ("decode", self, key_states)

@@ -153,9 +153,11 @@ class KVQuant(nn.Module):
         """k P_h in k's dtype (B, KVH, T, D)."""
         return k if self.p_h is None else k @ self.p_h.to(k.dtype)
 
-    def quantize(self, k: torch.Tensor, v: torch.Tensor) -> tuple[tuple, tuple]:
-        """((codes, scale, zero) of K, same of V); K must already be transformed."""
-        return quantize_kv(k, self.bits, *self.k_clip), quantize_kv(v, self.bits, *self.v_clip)
+    def quantize(self, k: torch.Tensor, v: torch.Tensor, out: tuple | None = None) -> tuple[tuple, tuple]:
+        """((codes, scale, zero) of K, same of V); K must already be transformed. out: six tensors (K's codes,
+        scale, zero, then V's) to write into, e.g. the cache slice at the append position."""
+        ko, vo = (None, None) if out is None else (tuple(out[:3]), tuple(out[3:]))
+        return quantize_kv(k, self.bits, *self.k_clip, out=ko), quantize_kv(v, self.bits, *self.v_clip, out=vo)
 
     def fake_quantize(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize-dequantize K and V in their dtype: the fake-quant evaluation's KV cache."""

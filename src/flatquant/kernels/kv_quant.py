@@ -159,15 +159,23 @@ if triton is not None:
 
     @triton.jit
     def _quantize_kv_kernel(
-        x_ptr,  # (R, D) rows with stride stride_x
-        code_ptr,  # uint8 (R, D // 2) packed when PACK, else (R, D)
-        scale_ptr,  # fp32 (R,)
-        zero_ptr,  # fp32 (R,)
+        x_ptr,  # (R, D) rows with stride stride_x; row r is (b, h, t) = (r // (H*T), r // T % H, r % T)
+        code_ptr,  # uint8 (B, H, T, D // 2) packed when PACK, else (..., D); strides csb, csh, cst, 1
+        scale_ptr,  # fp32 (B, H, T), strides ssb, ssh, sst; zero_ptr alike
+        zero_ptr,
         clip_max,
         clip_min,
         inv_qmax,  # fp32 1 / (2**BITS - 1), used when RECIP
         n_rows,
         stride_x,
+        H,
+        T,
+        csb,
+        csh,
+        cst,
+        ssb,
+        ssh,
+        sst,
         D: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -181,6 +189,9 @@ if triton is not None:
         m = mr[:, None] & (rd[None, :] < D)
         r64 = rr.to(tl.int64)
         x = tl.load(x_ptr + r64[:, None] * stride_x + rd[None, :], mask=m, other=0.0).to(tl.float32)
+        rb, rh_, rt = r64 // (H * T), (r64 // T) % H, r64 % T
+        c_row = rb * csb + rh_ * csh + rt * cst  # where the row's codes and scale go (e.g. a cache slice)
+        s_row = rb * ssb + rh_ * ssh + rt * sst
         # the fake quantizer's fp32 operations, in its order (no fp contraction: see the launch)
         xmax = tl.maximum(_row_max(tl.where(m, x, -float("inf"))), 0.0) * clip_max
         xmin = tl.minimum(_row_min(tl.where(m, x, float("inf"))), 0.0) * clip_min
@@ -195,11 +206,11 @@ if triton is not None:
             lo, hi = tl.split(tl.reshape(q, (BLOCK_R, BLOCK_D // 2, 2)))  # even / odd channels
             rh = tl.arange(0, BLOCK_D // 2)
             mh = mr[:, None] & (rh[None, :] < D // 2)
-            tl.store(code_ptr + r64[:, None] * (D // 2) + rh[None, :], (lo | (hi << 4)).to(tl.uint8), mask=mh)
+            tl.store(code_ptr + c_row[:, None] + rh[None, :], (lo | (hi << 4)).to(tl.uint8), mask=mh)
         else:
-            tl.store(code_ptr + r64[:, None] * D + rd[None, :], q.to(tl.uint8), mask=m)
-        tl.store(scale_ptr + rr, scale, mask=mr)
-        tl.store(zero_ptr + rr, zero, mask=mr)
+            tl.store(code_ptr + c_row[:, None] + rd[None, :], q.to(tl.uint8), mask=m)
+        tl.store(scale_ptr + s_row, scale, mask=mr)
+        tl.store(zero_ptr + s_row, zero, mask=mr)
 
     @triton.jit
     def _decode_chunk_kernel(
@@ -383,22 +394,60 @@ def _pick(impl: str, x: torch.Tensor) -> str:
 
 
 # --------------------------------------------------------------------------------------- quantize
-def quantize_kv_triton(x: torch.Tensor, bits: int = 4, clip_max: float = 1.0, clip_min: float = 1.0):
-    """One Triton launch for :func:`quantize_kv` (the cache's append path); same results, bit for bit."""
+def _check_out(out, x: torch.Tensor, bits: int) -> None:
+    """``out`` = (codes, scale, zero) to write into: shapes of x's result, uint8 / fp32, x's device."""
+    if len(out) != 3:
+        raise ValueError(f"out must be (codes, scale, zero), got {len(out)} tensors")
+    width = x.shape[-1] // 2 if bits == 4 else x.shape[-1]
+    want = ((*x.shape[:-1], width), tuple(x.shape[:-1]), tuple(x.shape[:-1]))
+    dtypes = (torch.uint8, torch.float32, torch.float32)
+    for name, t, shape, dtype in zip(("codes", "scale", "zero"), out, want, dtypes, strict=True):
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device != x.device:
+            raise ValueError(
+                f"out {name} must be {dtype} {shape} on {x.device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+            )
+    if out[0].stride(-1) != 1:
+        raise ValueError("out codes must have unit stride over the code bytes")
+
+
+def quantize_kv_triton(
+    x: torch.Tensor, bits: int = 4, clip_max: float = 1.0, clip_min: float = 1.0, *, out: tuple | None = None
+):
+    """One Triton launch for :func:`quantize_kv` (the cache's append path); same results, bit for bit.
+
+    out: (codes, scale, zero) tensors to write into instead of new ones, e.g. the slice of a cache at the
+    append position (any strides over x's leading dimensions, at most three of them); returned as given."""
     reason = triton_unavailable_reason(x)
     if reason is not None:
         raise RuntimeError(f"quantize_kv triton kernel cannot run: {reason}")
     d = x.shape[-1]
     _check_bits(bits, d)
     lead = x.shape[:-1]
+    if out is not None:
+        _check_out(out, x, bits)
+        if len(lead) > 3:
+            raise ValueError(f"out= takes x with at most three leading dimensions, got {tuple(x.shape)}")
     x2 = x.reshape(-1, d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     n_rows = x2.shape[0]
     pack = bits == 4
-    codes = torch.empty((n_rows, d // 2 if pack else d), device=x.device, dtype=torch.uint8)
-    scale = torch.empty(n_rows, device=x.device, dtype=torch.float32)
-    zero = torch.empty_like(scale)
+    if out is None:  # new tensors, rows flat
+        codes = torch.empty((n_rows, d // 2 if pack else d), device=x.device, dtype=torch.uint8)
+        scale = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+        zero = torch.empty_like(scale)
+        dims = (n_rows,)
+    else:
+        codes, scale, zero = out
+        dims = tuple(lead)
+    if zero.stride() != scale.stride():
+        zero_w = torch.empty_like(scale)  # the kernel writes scale and zero with one set of strides
+    else:
+        zero_w = zero
+    # rows as (b, h, t) over the output's leading dimensions, padded to three at the front
+    shape3 = (1,) * (3 - len(dims)) + dims
+    cs = (0,) * (3 - len(dims)) + tuple(codes.stride()[:-1])
+    ss = (0,) * (3 - len(dims)) + tuple(scale.stride())
     if n_rows:
         block_d = max(2, triton.next_power_of_2(d))
         block_r = max(1, min(16, 4096 // block_d))
@@ -406,14 +455,27 @@ def quantize_kv_triton(x: torch.Tensor, bits: int = 4, clip_max: float = 1.0, cl
         # the reference's ``range / qmax`` is a true division on the CPU and a multiply by the fp32
         # reciprocal on CUDA (PyTorch's scalar-divisor path); follow the device so the results are equal
         _quantize_kv_kernel[grid](
-            x2, codes, scale, zero, float(clip_max), float(clip_min), _INV_QMAX[bits], n_rows, x2.stride(0),
+            x2, codes, scale, zero_w, float(clip_max), float(clip_min), _INV_QMAX[bits], n_rows, x2.stride(0),
+            shape3[1], shape3[2], *cs, *ss,
             D=d, BLOCK_R=block_r, BLOCK_D=block_d, BITS=bits, PACK=pack, RECIP=x.is_cuda,
             num_warps=4, **_no_fp_fusion(),
         )  # fmt: skip
+        if zero_w is not zero:
+            zero.copy_(zero_w)
+    if out is not None:
+        return codes, scale, zero
     return codes.reshape(*lead, codes.shape[-1]), scale.reshape(lead), zero.reshape(lead)
 
 
-def quantize_kv(x: torch.Tensor, bits: int = 4, clip_max: float = 1.0, clip_min: float = 1.0, *, impl: str = "auto"):
+def quantize_kv(
+    x: torch.Tensor,
+    bits: int = 4,
+    clip_max: float = 1.0,
+    clip_min: float = 1.0,
+    *,
+    impl: str = "auto",
+    out: tuple | None = None,
+):
     """Asymmetric per-row quantization of K or V, exactly the fake quantizer (``symmetric=False``).
 
     x: (..., D) float, one (token, head) per row (K after RoPE and P_h, or V in P_v space).
@@ -425,10 +487,17 @@ def quantize_kv(x: torch.Tensor, bits: int = 4, clip_max: float = 1.0, clip_min:
     (byte j: code 2j low nibble, code 2j + 1 high nibble), else uint8 (..., D).
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch" (forced; RuntimeError when
     the forced kernel cannot run).
+    out: (codes, scale, zero) to write the results into (e.g. a cache slice; one launch on CUDA, no copies).
     """
     if _pick(impl, x) == "triton":
-        return quantize_kv_triton(x, bits, clip_max, clip_min)
-    return quantize_kv_reference(x, bits, clip_max, clip_min)
+        return quantize_kv_triton(x, bits, clip_max, clip_min, out=out)
+    result = quantize_kv_reference(x, bits, clip_max, clip_min)
+    if out is None:
+        return result
+    _check_out(out, x, bits)
+    for dst, src in zip(out, result, strict=True):
+        dst.copy_(src)
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------------------------ decode
