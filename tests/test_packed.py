@@ -302,3 +302,55 @@ def test_fused_shared_input_gemms_equal_one_gemm_per_linear(packed, arch):
     fused(_TOKENS[:, :-1], **cache_kwargs(fused, cache))
     step = fused(_TOKENS[:, -1:], **cache_kwargs(fused, cache)).logits[:, -1]
     torch.testing.assert_close(step, a[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_static_cache_decoder_steps_equal_the_regular_cache(packed):
+    """The static path (device-side lengths and append positions: what a CUDA graph replays) gives the regular
+    INT4 cache's decode logits; on a GPU the same steps also run from a captured graph."""
+    from flatquant.kvcache import GraphedDecoder
+
+    _, real, _ = packed["llama"]
+    prompt, steps = _TOKENS[:, :20], 6
+    ref_cache, cache = Int4KVCache(real), Int4KVCache(real)
+    ref_logits = real(prompt, **cache_kwargs(real, ref_cache)).logits[:, -1]
+    logits = real(prompt, **cache_kwargs(real, cache)).logits[:, -1]
+    with pytest.raises(ValueError, match="below the 20 tokens"):
+        cache.make_static(10)
+    cache.make_static(prompt.shape[1] + steps)
+    dec = GraphedDecoder(real, cache, use_graph=False)
+    for _ in range(steps):
+        nxt = ref_logits.argmax(-1, keepdim=True)
+        ref_logits = real(nxt, **cache_kwargs(real, ref_cache)).logits[:, -1]
+        logits = dec.step(nxt)
+        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    assert cache.get_seq_length() == ref_cache.get_seq_length() == prompt.shape[1] + steps
+    assert (cache.layers[0].lens == prompt.shape[1] + steps).all()
+    with pytest.raises(RuntimeError, match="static INT4 cache is full"):
+        dec.step(nxt)
+    with pytest.raises(RuntimeError, match="needs a static cache"):
+        GraphedDecoder(real, Int4KVCache(real))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
+@torch.no_grad()
+def test_graphed_decoder_replays_equal_eager_static_steps(packed):
+    from flatquant.kvcache import GraphedDecoder
+
+    _, _, path = packed["llama"]
+    real = load_packed(path, device="cuda", dtype=torch.bfloat16)
+    prompt, steps = _TOKENS[:, :20].cuda(), 6
+    outs = []
+    for use_graph in (False, True):
+        cache = Int4KVCache(real)
+        logits = real(prompt, **cache_kwargs(real, cache)).logits[:, -1]
+        cache.make_static(prompt.shape[1] + steps)
+        dec = GraphedDecoder(real, cache, use_graph=use_graph)
+        seq = []
+        for _ in range(steps):
+            logits = dec.step(logits.argmax(-1, keepdim=True)).clone()
+            seq.append(logits)
+        outs.append(torch.stack(seq))
+        assert (cache.layers[0].lens == prompt.shape[1] + steps).all()
+    assert dec.graph is not None
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)

@@ -29,7 +29,7 @@ from .arch import spec_for
 from .kernels.kv_quant import dequantize_kv
 from .runtime import KVQuant
 
-__all__ = ["Int4KVCache", "Int4KVLayer", "cache_kwargs"]
+__all__ = ["GraphedDecoder", "Int4KVCache", "Int4KVLayer", "cache_kwargs"]
 
 _NAMES = ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero")
 
@@ -47,6 +47,8 @@ class Int4KVLayer(CacheLayerMixin):
         self.min_capacity = min_capacity
         self.length = 0
         self.k_packed = self.k_scale = self.k_zero = self.v_packed = self.v_scale = self.v_zero = None
+        # static decode (see Int4KVCache.make_static): lengths on the device, appends at device positions
+        self.lens: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -76,6 +78,8 @@ class Int4KVLayer(CacheLayerMixin):
         kvq = self.kv_quant
         b, h, t, d = key_states.shape
         key_states = kvq.transform_key(key_states)
+        if self.lens is not None and t == 1:
+            return self._static_decode_update(key_states, value_states)
         end = self.length + t
         if end > self.capacity:
             cap = self.capacity
@@ -91,6 +95,22 @@ class Int4KVLayer(CacheLayerMixin):
         k, v = self.dequantized(value_states.dtype)
         kvq.pending = ("prefill", self, k)
         return k, v
+
+    def _static_decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """One token per sequence written at the device-side positions ``lens`` (B,), which then advance:
+        no host value in the step, so it can be captured in a CUDA graph and replayed."""
+        b = key_states.shape[0]
+        if self.length + 1 > self.capacity:
+            raise RuntimeError(f"static INT4 cache is full ({self.capacity} tokens); make_static a larger capacity")
+        kvq = self.kv_quant
+        new = [t[:, :, 0] for tt in kvq.quantize(key_states, value_states) for t in tt]  # (B, H, ...) each
+        rows, pos = torch.arange(b, device=self.lens.device), self.lens.long()
+        for n, value in zip(_NAMES, new, strict=True):
+            getattr(self, n)[rows, :, pos] = value
+        self.lens += 1
+        self.length += 1  # host bookkeeping (a graph replay does not run this line: see GraphedDecoder)
+        kvq.pending = ("decode", self, key_states)
+        return key_states, value_states
 
     def kernel_args(self) -> tuple[torch.Tensor, ...]:
         """(k_packed, k_scale, k_zero, v_packed, v_scale, v_zero), full capacity, for ``decode_attention``."""
@@ -123,6 +143,8 @@ class Int4KVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = 0
+        if self.lens is not None:
+            self.lens.zero_()
         self.kv_quant.pending = None
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -166,8 +188,90 @@ class Int4KVCache(Cache):
         """Bytes held by all layers (see :meth:`Int4KVLayer.nbytes`)."""
         return sum(layer.nbytes(used) for layer in self.layers)
 
+    def make_static(self, capacity: int) -> None:
+        """Decode from now on at device-side positions, in buffers of exactly ``capacity`` tokens (reallocated
+        now if they differ).
+
+        Call it after the prefill (which sets the batch size): single-token steps then run no host-dependent
+        operation, so :class:`GraphedDecoder` can capture one step in a CUDA graph and replay it. Steps of
+        more than one token still take the regular path."""
+        for layer in self.layers:
+            if not layer.is_initialized:
+                raise RuntimeError("make_static needs the cache filled by a prefill first")
+            if capacity < layer.length:
+                raise ValueError(f"capacity={capacity} is below the {layer.length} tokens already cached")
+            if capacity != layer.capacity:  # exactly the asked size: memory known up front
+                b, h, _, w = layer.k_packed.shape
+                d = 2 * w if layer.kv_quant.bits == 4 else w
+                layer._allocate(b, h, d, capacity)
+            b = layer.k_packed.shape[0]
+            layer.lens = torch.full((b,), layer.length, dtype=torch.int32, device=layer.k_packed.device)
+
 
 def cache_kwargs(model: nn.Module, cache: Cache) -> dict:
     """``{name: cache}`` for ``model.generate``/``forward``: transformers renamed ``past_key_values`` to ``cache``."""
     name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     return {name: cache}
+
+
+class GraphedDecoder:
+    """Single-token decode steps of a packed model, replayed from a CUDA graph after two eager steps.
+
+    Eager decode of a 4-bit model is bound by the host: every step launches a few hundred small kernels from
+    Python. A graph replays the whole step at once. The cache must be static (device-side lengths, fixed
+    buffers: :meth:`Int4KVCache.make_static` after the prefill)::
+
+        cache = fq.Int4KVCache(model)
+        logits = model(prompt, **cache_kwargs(model, cache)).logits[:, -1]  # prefill, eager
+        cache.make_static(prompt.shape[1] + max_new_tokens)
+        dec = GraphedDecoder(model, cache)
+        for _ in range(max_new_tokens):
+            logits = dec.step(logits.argmax(-1, keepdim=True))  # greedy: (B, 1) tokens in, (B, vocab) out
+
+    step(ids) takes the (B, 1) next tokens and returns the (B, vocab) logits of the step; positions come from
+    the cache's device-side lengths. The returned tensor is overwritten by the next replay (clone to keep it).
+    use_graph: default on CUDA; off (or on the CPU) every step runs eagerly through the same static path.
+    """
+
+    def __init__(self, model: nn.Module, cache: Int4KVCache, use_graph: bool | None = None, warmup_steps: int = 2):
+        self.model, self.cache = model, cache
+        lens = cache.layers[0].lens
+        if lens is None:
+            raise RuntimeError(
+                "GraphedDecoder needs a static cache: call cache.make_static(capacity) after the prefill"
+            )
+        self.use_graph = lens.is_cuda if use_graph is None else use_graph
+        if self.use_graph and not lens.is_cuda:
+            raise RuntimeError("CUDA graphs need the model and cache on a CUDA device")
+        self.ids = torch.zeros((lens.shape[0], 1), dtype=torch.long, device=lens.device)
+        self.pos = torch.zeros_like(self.ids)
+        self.warmup_steps, self.steps = warmup_steps, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+
+    def _forward(self) -> torch.Tensor:
+        self.pos.copy_(self.cache.layers[0].lens.view(-1, 1))  # position of the new token = tokens cached
+        kw = cache_kwargs(self.model, self.cache)
+        return self.model(input_ids=self.ids, position_ids=self.pos, use_cache=True, **kw).logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape != self.ids.shape:
+            raise ValueError(f"ids must be {tuple(self.ids.shape)} (one token per sequence), got {tuple(ids.shape)}")
+        self.ids.copy_(ids)
+        self.steps += 1
+        if not self.use_graph or self.steps <= self.warmup_steps:  # eager (compiles, autotuning happen here)
+            return self._forward()
+        layers = self.cache.layers
+        if self.graph is None:
+            lengths = [layer.length for layer in layers]
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._forward()
+            for layer, n in zip(layers, lengths, strict=True):  # capture ran the host side without executing
+                layer.length = n
+        self.graph.replay()
+        for layer in layers:
+            layer.length += 1
+        return self.out

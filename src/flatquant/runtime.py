@@ -184,7 +184,10 @@ def packed_attention(module, query, key, value, attention_mask, **kwargs):
         if attention_mask is None and kvq.bits == 4:
             b, h, _, d = query.shape
             scale = kwargs.get("scaling") or d**-0.5
-            seq_lens = torch.full((b,), layer.length, dtype=torch.int32, device=query.device)
+            if layer.lens is not None:  # static decode: the device-side lengths (no host value in the step)
+                seq_lens = layer.lens
+            else:
+                seq_lens = torch.full((b,), layer.length, dtype=torch.int32, device=query.device)
             out = decode_attention(query[:, :, 0], *layer.kernel_args(), seq_lens, scale)  # (B, H, D)
             return out.unsqueeze(1), None  # (B, 1, H, D), as sdpa_attention_forward returns
         key, value = layer.dequantized(query.dtype)  # a padding mask (or other bits): SDPA over the cache
