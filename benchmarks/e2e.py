@@ -19,7 +19,9 @@ depend on the values; never read accuracy from them). The W4A4 model is the pack
 * breakdown: a torch.profiler trace of one prefill (batch 4) and a few decode steps (batch 16) of each model,
   device time summed by kernel name into GEMM / transform+quantize / attention / other.
 
-Eager PyTorch (no CUDA graphs), so decode at small batch includes Python launch overhead for both models.
+Eager PyTorch for both models (what ``generate()`` runs), so decode at small batch includes Python launch
+overhead; the W4A4 decode is also timed replayed from a CUDA graph (``flatquant.kvcache.GraphedDecoder`` over
+a static INT4 cache: ``w4a4_graphed_ms``, ``speedup_graphed`` against the eager BF16 model).
 A configuration that runs out of memory, or would start after --budget-s seconds (default 420, so the
 whole run stays under 8 minutes), is recorded with null times and a note.
 """
@@ -35,7 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from flatquant.files import atomic_write_json
-from flatquant.kvcache import Int4KVCache, cache_kwargs
+from flatquant.kvcache import GraphedDecoder, Int4KVCache, cache_kwargs
 from flatquant.packed import finish_packed_model, packed_skeleton
 from flatquant.report import device_name
 from flatquant.transforms import kron_factors, random_orthogonal
@@ -174,6 +176,30 @@ def decode(model, kind, batch, prompt, gen, steps, warmup, device) -> dict:
     return {"ms_per_step": per_step, "kv_bytes": kv, "cache_tokens_timed": [length - steps, length]}
 
 
+@torch.no_grad()
+def decode_graphed(model, batch, prompt, gen, steps, warmup, device) -> dict | None:
+    """The W4A4 model's decode steps replayed from a CUDA graph (static INT4 cache), as ``decode``;
+    eager through the same static path off CUDA. None (with the reason printed) if capture fails."""
+    start = prompt + gen // 2 - steps // 2 - warmup
+    cache = new_cache(model, "w4a4", prompt + gen)
+    ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
+    nxt = model(ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+    cache.make_static(prompt + gen)
+    dec = GraphedDecoder(model, cache, use_graph=device.type == "cuda")
+    try:
+        for _ in range(max(warmup, dec.warmup_steps + 1)):  # eager warm-up, then the capture and one replay
+            nxt = dec.step(nxt).argmax(-1, keepdim=True)
+    except RuntimeError as e:
+        print(f"  graphed decode unavailable: {str(e).splitlines()[0][:160]}")
+        return None
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        nxt = dec.step(nxt).argmax(-1, keepdim=True)
+    _sync(device)
+    return {"ms_per_step": 1000 * (time.perf_counter() - t0) / steps, "graph": dec.graph is not None}
+
+
 def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
     """Device (or CPU) time by category for one prefill and 4 decode steps."""
     acts = [torch.profiler.ProfilerActivity.CPU]
@@ -228,6 +254,10 @@ def measure(name, kind, cfg, args, device, dtype) -> tuple[dict, dict | None]:
         if r is not None and device.type == "cuda":
             r["peak_bytes"] = torch.cuda.max_memory_allocated()
         res[("decode", b)] = r
+        if kind == "w4a4":
+            res[("decode_graphed", b)] = _guard(
+                decode_graphed, model, b, args.seqlen, args.gen, args.decode_steps, args.warmup_steps, device
+            )
     parts = _guard(breakdown, model, kind, device, *args.breakdown_batches, args.seqlen)
     return res, parts
 
@@ -260,6 +290,13 @@ def run_model(name, cfg, args, device, dtype) -> tuple[list[dict], dict]:
                     peak_bytes_bf16=None if bf is None else bf.get("peak_bytes"),
                     peak_bytes_w4a4=None if w4 is None else w4.get("peak_bytes"),
                 )
+                gr = res["w4a4"].get(("decode_graphed", b))
+                rec["w4a4_graphed_ms_per_step"] = None if gr is None else gr["ms_per_step"]
+                rec["w4a4_graphed_ms"] = None if gr is None else gr["ms_per_step"] * scale
+                rec["graphed_is_graph"] = None if gr is None else gr["graph"]
+                rec["speedup_graphed"] = (
+                    None if not (rec["bf16_ms"] and rec["w4a4_graphed_ms"]) else rec["bf16_ms"] / rec["w4a4_graphed_ms"]
+                )
             rec.update(
                 weights_bytes_bf16=res["bf16"]["weights_bytes"],
                 weights_bytes_w4a4=res["w4a4"]["weights_bytes"],
@@ -290,7 +327,8 @@ def _guard(fn, *args):
 
 
 def print_table(records: list[dict]) -> None:
-    print(f"{'model':<12}{'phase':<9}{'batch':>6}{'bf16 ms':>11}{'w4a4 ms':>11}{'speed-up':>10}{'KV x':>7}{'W x':>7}")
+    head = f"{'model':<12}{'phase':<9}{'batch':>6}{'bf16 ms':>11}{'w4a4 ms':>11}{'speed-up':>10}{'KV x':>7}{'W x':>7}"
+    print(head + f"{'graphed ms':>12}{'speed-up':>10}")
     for r in records:
         f = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
         kv = r.get("kv_bytes_bf16") and r.get("kv_bytes_w4a4") and r["kv_bytes_bf16"] / r["kv_bytes_w4a4"]
@@ -298,6 +336,11 @@ def print_table(records: list[dict]) -> None:
             f"{r['model']:<12}{r['phase']:<9}{r['batch']:>6}{f(r['bf16_ms'], '11.1f')}{f(r['w4a4_ms'], '11.1f')}"
             f"{f(r['speedup'], '9.2f')}x{f(kv or None, '6.2f') if r['phase'] == 'decode' else '':>7}"
             f"{r['weights_bytes_bf16'] / r['weights_bytes_w4a4']:>7.2f}"
+            + (
+                f"{f(r.get('w4a4_graphed_ms'), '12.1f')}{f(r.get('speedup_graphed'), '9.2f')}x"
+                if r["phase"] == "decode"
+                else ""
+            )
         )
 
 
