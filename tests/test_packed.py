@@ -354,3 +354,26 @@ def test_graphed_decoder_replays_equal_eager_static_steps(packed):
         assert (cache.layers[0].lens == prompt.shape[1] + steps).all()
     assert dec.graph is not None
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
+def test_generate_with_graph_decoding_equals_transformers_generate(packed):
+    """fq.generate (static INT4 cache, decode steps through GraphedDecoder: eager here, graphs on CUDA) picks the
+    same greedy tokens as transformers' generate with the regular INT4 cache; eos ends and pads sequences."""
+    _, real, _ = packed["mistral"]
+    ids = _TOKENS[:3, :9]
+    want = real.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                         **cache_kwargs(real, Int4KVCache(real)))  # fmt: skip
+    got = fq.generate(real, ids, 8)
+    assert torch.equal(got, want)
+    eos = int(want[0, 11])  # the third new token of the first sequence
+    short = fq.generate(real, ids, 8, eos_token_id=eos)
+    first = [int(torch.nonzero(row[9:] == eos)[0]) if (row[9:] == eos).any() else None for row in want]
+    for row, f, full in zip(short, first, want, strict=True):
+        n = 8 if f is None else f + 1
+        assert torch.equal(row[: 9 + n], full[: 9 + n])  # identical up to and including the first eos
+        assert (row[9 + n :] == eos).all()  # then eos only
+    sampled = [fq.generate(real, ids, 5, do_sample=True, top_k=5, generator=torch.Generator().manual_seed(3))
+               for _ in range(2)]  # fmt: skip
+    assert torch.equal(sampled[0], sampled[1]) and sampled[0].shape == (3, 14)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        fq.generate(real, ids, 0)

@@ -5,7 +5,7 @@ from .calibrate import CalibrationResult
 from .checkpoint import apply_calibration, load_quantized, save_quantized, write_calibration
 from .config import FlatQuantConfig, preset
 from .distributed import DistributedCalibrationError, calibrate_distributed, is_main_process
-from .kvcache import Int4KVCache
+from .kvcache import GraphedDecoder, Int4KVCache, generate
 from .packed import load_packed, pack
 from .pipeline import merge_model, quantize, round_weights
 from .streaming import StreamingModel
@@ -17,6 +17,8 @@ __all__ = [
     "CalibrationResult",
     "DistributedCalibrationError",
     "FlatQuantConfig",
+    "generate",
+    "GraphedDecoder",
     "is_main_process",
     "Int4KVCache",
     "load_packed",

@@ -29,7 +29,7 @@ from .arch import spec_for
 from .kernels.kv_quant import dequantize_kv
 from .runtime import KVQuant
 
-__all__ = ["GraphedDecoder", "Int4KVCache", "Int4KVLayer", "cache_kwargs"]
+__all__ = ["GraphedDecoder", "Int4KVCache", "Int4KVLayer", "cache_kwargs", "generate"]
 
 _NAMES = ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero")
 
@@ -275,3 +275,59 @@ class GraphedDecoder:
         for layer in layers:
             layer.length += 1
         return self.out
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_graph: bool | None = None,
+) -> torch.Tensor:
+    """Greedy or sampled generation with the INT4 cache, decode steps replayed from a CUDA graph.
+
+    input_ids: (B, T) prompts of one length (no padding). Returns (B, T + new) token ids; with
+    ``eos_token_id`` a finished sequence continues with that token and generation stops when all have finished
+    (checking costs one host sync per step). Sampling: softmax(logits / temperature), optionally over the
+    ``top_k`` most likely tokens. For padding, beam search or other strategies use ``model.generate`` with an
+    :class:`Int4KVCache` (eager decode).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be (batch, length >= 1), got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and (temperature <= 0 or (top_k is not None and top_k < 1)):
+        raise ValueError(f"sampling needs temperature > 0 and top_k >= 1 or None, got {temperature=}, {top_k=}")
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B, 1)
+        if not do_sample:
+            return logits.argmax(-1, keepdim=True)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+
+    cache = Int4KVCache(model)
+    logits = model(input_ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1]
+    out = [input_ids]
+    nxt = pick(logits)
+    finished = None if eos_token_id is None else torch.zeros_like(nxt, dtype=torch.bool)
+    if max_new_tokens > 1:
+        cache.make_static(input_ids.shape[1] + max_new_tokens - 1)
+        dec = GraphedDecoder(model, cache, use_graph=use_graph)
+    for step in range(max_new_tokens):
+        if finished is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+            finished |= nxt == eos_token_id
+        out.append(nxt)
+        if step == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
+            break
+        nxt = pick(dec.step(nxt))
+    return torch.cat(out, dim=1)
