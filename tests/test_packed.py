@@ -159,7 +159,7 @@ def test_cache_bytes_are_about_four_times_smaller_than_bf16(tmp_path):
     assert cache.nbytes(used=False) == cache.nbytes() * 256 // 32  # capacity 256, 32 tokens used
 
 
-def test_cli_packs_a_saved_calibration_and_evaluates_fake_and_real_quant(tmp_path, monkeypatch):
+def test_cli_packs_a_saved_calibration_and_evaluates_fake_and_real_quant(tmp_path, monkeypatch, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -183,6 +183,12 @@ def test_cli_packs_a_saved_calibration_and_evaluates_fake_and_real_quant(tmp_pat
     assert cli.main(["eval", "--packed", out, "--results-json", str(results)] + common) == 0
     assert json.loads(results.read_text())[-1]["text_ppl"] == real["text_ppl"]
     assert cli.main(argv + common) == 2  # exists: refused without --overwrite
+    gen = ["generate", "--packed", out, "--prompt", "w1 w2 w3", "--prompt", "w5", "--max-new-tokens", "4"]
+    assert cli.main(gen + ["--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("tokens/s") == 2 and "w1 w2 w3" in printed
+    assert cli.main(gen + ["--device", "cpu", "--max-new-tokens", "0"]) == 2  # a clear error, no traceback
+    assert cli.main(["generate", "--packed", str(tmp_path / "nothing"), "--prompt", "w1"]) == 2
 
 
 @pytest.mark.parametrize(

@@ -156,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     e.add_argument("--checkpoint", default=None, help="a folder written by 'flatquant quantize'")
     e.add_argument("--packed", default=None, help="a folder written by 'flatquant pack' (real 4-bit inference)")
+    g = sub.add_parser("generate", help="generate text with a packed model (INT4 cache, graph-replayed decode on CUDA)")
+    g.add_argument("--packed", required=True, help="a folder written by 'flatquant pack'")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"where the tokenizer comes from [default {DEFAULT_MODEL}]")
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu [default: cuda when present]")
+    g.add_argument("--dtype", default=None, help="dtype of the unquantized tensors, e.g. bfloat16")
+    g.add_argument("--no-graph", action="store_true", help="decode eagerly (no CUDA graph)")
     r = sub.add_parser("report", help="render result files of several runs side by side")
     r.add_argument("results", nargs="+", help="--results-json files or report.json files")
     r.add_argument("--out", default=None, help="also write report.json, report.md (and a plot) here")
@@ -386,6 +398,29 @@ def cmd_eval(args) -> list[dict]:
     return [_record(args, cfg.method, cfg, ppl, model.flatquant.seconds, _zeroshot(model, tokenizer, args))]
 
 
+def cmd_generate(args) -> int:
+    """Print each prompt's continuation and the decode speed."""
+    from .kvcache import generate
+
+    tokenizer = load_tokenizer(args.model)
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    model = load_packed(args.packed, args.device, dtype)
+    device = model.get_input_embeddings().weight.device
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    for prompt in args.prompt:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        t0 = time.perf_counter()
+        out = generate(
+            model, ids, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+            eos_token_id=tokenizer.eos_token_id, generator=generator, use_graph=False if args.no_graph else None,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        new = out.shape[1] - ids.shape[1]
+        print(f"{prompt}{tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)}")
+        print(f"  [{new} tokens in {seconds:.2f} s, {new / seconds:.1f} tokens/s incl. prefill, {device_name(device)}]")
+    return 0
+
+
 def cmd_report(args) -> int:
     records = load_records(args.results)
     print(markdown_table(records), end="")
@@ -408,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "generate":
+            return cmd_generate(args)
         _check_tasks(args)
         commands = {"quantize": cmd_quantize, "pack": cmd_pack, "eval": cmd_eval}
         records = commands[args.command](args)
