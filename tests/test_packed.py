@@ -323,7 +323,7 @@ def test_static_cache_decoder_steps_equal_the_regular_cache(packed):
     logits = real(prompt, **cache_kwargs(real, cache)).logits[:, -1]
     with pytest.raises(ValueError, match="below the 20 tokens"):
         cache.make_static(10)
-    cache.make_static(prompt.shape[1] + steps)
+    cache.make_static(prompt.shape[1] + steps + 3)
     dec = GraphedDecoder(real, cache, use_graph=False)
     for _ in range(steps):
         nxt = ref_logits.argmax(-1, keepdim=True)
@@ -332,6 +332,13 @@ def test_static_cache_decoder_steps_equal_the_regular_cache(packed):
         torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
     assert cache.get_seq_length() == ref_cache.get_seq_length() == prompt.shape[1] + steps
     assert (cache.layers[0].lens == prompt.shape[1] + steps).all()
+    chunk = _TOKENS[:, 20:22]  # two tokens at once take the regular path; the device lengths follow
+    torch.testing.assert_close(
+        real(chunk, **cache_kwargs(real, cache)).logits, real(chunk, **cache_kwargs(real, ref_cache)).logits
+    )
+    nxt = _TOKENS[:, 22:23]
+    torch.testing.assert_close(dec.step(nxt), real(nxt, **cache_kwargs(real, ref_cache)).logits[:, -1])
+    assert (cache.layers[-1].lens == prompt.shape[1] + steps + 3).all()
     with pytest.raises(RuntimeError, match="static INT4 cache is full"):
         dec.step(nxt)
     with pytest.raises(RuntimeError, match="needs a static cache"):

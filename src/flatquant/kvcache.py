@@ -89,6 +89,8 @@ class Int4KVLayer(CacheLayerMixin):
         # quantized straight into the cache at the append position (one launch each for K and V on CUDA)
         kvq.quantize(key_states, value_states, out=[getattr(self, n)[:, :, self.length : end] for n in _NAMES])
         self.length = end
+        if self.lens is not None:  # a static cache fed several tokens at once (e.g. a second prompt chunk)
+            self.lens.fill_(end)
         if t == 1:
             kvq.pending = ("decode", self, key_states)
             return key_states, value_states
@@ -151,11 +153,15 @@ class Int4KVLayer(CacheLayerMixin):
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove=}")
         self.length = max(0, self.length + tokens_to_remove)
+        if self.lens is not None:
+            self.lens.fill_(self.length)
 
     def _map_batch(self, fn) -> None:
         if self.k_packed is not None:
             for n in _NAMES:
                 setattr(self, n, fn(getattr(self, n)))
+        if self.lens is not None:
+            self.lens = fn(self.lens)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
