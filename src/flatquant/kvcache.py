@@ -105,10 +105,12 @@ class Int4KVLayer(CacheLayerMixin):
         if self.length + 1 > self.capacity:
             raise RuntimeError(f"static INT4 cache is full ({self.capacity} tokens); make_static a larger capacity")
         kvq = self.kv_quant
-        new = [t[:, :, 0] for tt in kvq.quantize(key_states, value_states) for t in tt]  # (B, H, ...) each
-        rows, pos = torch.arange(b, device=self.lens.device), self.lens.long()
+        new = [t for tt in kvq.quantize(key_states, value_states) for t in tt]  # (B, H, 1[, W]) each
+        pos = self.lens.long().view(b, 1, 1)
         for n, value in zip(_NAMES, new, strict=True):
-            getattr(self, n)[rows, :, pos] = value
+            buf = getattr(self, n)
+            index = pos.expand(value.shape[:3]) if value.dim() == 3 else pos[..., None].expand(value.shape)
+            buf.scatter_(2, index, value)  # row lens[b] of every head of sequence b
         self.lens += 1
         self.length += 1  # host bookkeeping (a graph replay does not run this line: see GraphedDecoder)
         kvq.pending = ("decode", self, key_states)
