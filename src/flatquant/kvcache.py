@@ -20,6 +20,7 @@ function reads the 4-bit cache directly with ``decode_attention``.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from torch import nn
@@ -274,11 +275,20 @@ class GraphedDecoder:
         if self.graph is None:
             lengths = [layer.length for layer in layers]
             torch.cuda.synchronize()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self._forward()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.out = self._forward()
+            except RuntimeError as e:  # something in the step cannot be captured: keep decoding, eagerly
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {str(e).splitlines()[0]}", stacklevel=2)
+                for layer, n in zip(layers, lengths, strict=True):
+                    layer.length = n
+                self.use_graph = False
+                torch.cuda.synchronize()
+                return self._forward()
             for layer, n in zip(layers, lengths, strict=True):  # capture ran the host side without executing
                 layer.length = n
+            self.graph = graph
         self.graph.replay()
         for layer in layers:
             layer.length += 1
