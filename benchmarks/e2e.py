@@ -20,8 +20,9 @@ depend on the values; never read accuracy from them). The W4A4 model is the pack
   device time summed by kernel name into GEMM / transform+quantize / attention / other.
 
 Eager PyTorch for both models (what ``generate()`` runs), so decode at small batch includes Python launch
-overhead; the W4A4 decode is also timed replayed from a CUDA graph (``flatquant.kvcache.GraphedDecoder`` over
-a static INT4 cache: ``w4a4_graphed_ms``, ``speedup_graphed`` against the eager BF16 model).
+overhead. Decode is also timed replayed from CUDA graphs, for both models: W4A4 through
+``flatquant.kvcache.GraphedDecoder`` over a static INT4 cache, BF16 over transformers' ``StaticCache``
+(``bf16_graphed_ms``, ``w4a4_graphed_ms``, ``speedup_graphed``).
 A configuration that runs out of memory, or would start after --budget-s seconds (default 420, so the
 whole run stays under 8 minutes), is recorded with null times and a note.
 """
@@ -200,6 +201,57 @@ def decode_graphed(model, batch, prompt, gen, steps, warmup, device) -> dict | N
     return {"ms_per_step": 1000 * (time.perf_counter() - t0) / steps, "graph": dec.graph is not None}
 
 
+@torch.no_grad()
+def decode_graphed_bf16(model, batch, prompt, gen, steps, warmup, device) -> dict | None:
+    """The BF16 model's decode steps replayed from a CUDA graph over transformers' StaticCache (what its
+    ``torch.compile`` "reduce-overhead" mode relies on), as ``decode``; eager through the same path off CUDA.
+    The cache position lives in a device tensor advanced between replays, so the mask and the cache writes
+    follow it inside the graph. None (with the reason printed) if the capture fails."""
+    from transformers import StaticCache
+
+    start = prompt + gen // 2 - steps // 2 - warmup
+    cache = StaticCache(config=model.config, max_cache_len=prompt + gen)
+    kw = cache_kwargs(model, cache)
+    ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
+    logits = model(ids, cache_position=torch.arange(start, device=device), logits_to_keep=1, **kw).logits
+    static_ids, position = logits[:, -1:].argmax(-1), torch.tensor([start], device=device)
+
+    def forward():
+        return model(static_ids, cache_position=position, logits_to_keep=1, **kw).logits[:, -1]
+
+    def advance(out):
+        static_ids.copy_(out.argmax(-1, keepdim=True))
+        position.add_(1)
+
+    graph = None
+    try:
+        for _ in range(max(1, warmup - 1)):  # eager warm-up steps
+            advance(forward())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = forward()
+    except RuntimeError as e:
+        print(f"  graphed BF16 decode unavailable: {str(e).splitlines()[0][:160]}")
+        return None
+
+    def step():
+        if graph is None:
+            advance(forward())
+        else:
+            graph.replay()
+            advance(out)
+
+    step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return {"ms_per_step": 1000 * (time.perf_counter() - t0) / steps, "graph": graph is not None}
+
+
 def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
     """Device (or CPU) time by category for one prefill and 4 decode steps."""
     acts = [torch.profiler.ProfilerActivity.CPU]
@@ -254,10 +306,10 @@ def measure(name, kind, cfg, args, device, dtype) -> tuple[dict, dict | None]:
         if r is not None and device.type == "cuda":
             r["peak_bytes"] = torch.cuda.max_memory_allocated()
         res[("decode", b)] = r
-        if kind == "w4a4":
-            res[("decode_graphed", b)] = _guard(
-                decode_graphed, model, b, args.seqlen, args.gen, args.decode_steps, args.warmup_steps, device
-            )
+        graphed = decode_graphed if kind == "w4a4" else decode_graphed_bf16
+        res[("decode_graphed", b)] = _guard(
+            graphed, model, b, args.seqlen, args.gen, args.decode_steps, args.warmup_steps, device
+        )
     parts = _guard(breakdown, model, kind, device, *args.breakdown_batches, args.seqlen)
     return res, parts
 
@@ -290,12 +342,15 @@ def run_model(name, cfg, args, device, dtype) -> tuple[list[dict], dict]:
                     peak_bytes_bf16=None if bf is None else bf.get("peak_bytes"),
                     peak_bytes_w4a4=None if w4 is None else w4.get("peak_bytes"),
                 )
-                gr = res["w4a4"].get(("decode_graphed", b))
-                rec["w4a4_graphed_ms_per_step"] = None if gr is None else gr["ms_per_step"]
-                rec["w4a4_graphed_ms"] = None if gr is None else gr["ms_per_step"] * scale
-                rec["graphed_is_graph"] = None if gr is None else gr["graph"]
-                rec["speedup_graphed"] = (
-                    None if not (rec["bf16_ms"] and rec["w4a4_graphed_ms"]) else rec["bf16_ms"] / rec["w4a4_graphed_ms"]
+                for kind in ("bf16", "w4a4"):
+                    gr = res[kind].get(("decode_graphed", b))
+                    rec[f"{kind}_graphed_ms_per_step"] = None if gr is None else gr["ms_per_step"]
+                    rec[f"{kind}_graphed_ms"] = None if gr is None else gr["ms_per_step"] * scale
+                    rec[f"{kind}_graphed_is_graph"] = None if gr is None else gr["graph"]
+                rec["speedup_graphed"] = (  # both replayed from graphs
+                    None
+                    if not (rec["bf16_graphed_ms"] and rec["w4a4_graphed_ms"])
+                    else rec["bf16_graphed_ms"] / rec["w4a4_graphed_ms"]
                 )
             rec.update(
                 weights_bytes_bf16=res["bf16"]["weights_bytes"],
@@ -328,7 +383,7 @@ def _guard(fn, *args):
 
 def print_table(records: list[dict]) -> None:
     head = f"{'model':<12}{'phase':<9}{'batch':>6}{'bf16 ms':>11}{'w4a4 ms':>11}{'speed-up':>10}{'KV x':>7}{'W x':>7}"
-    print(head + f"{'graphed ms':>12}{'speed-up':>10}")
+    print(head + f"{'bf16 graph':>12}{'w4a4 graph':>12}{'speed-up':>10}")
     for r in records:
         f = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
         kv = r.get("kv_bytes_bf16") and r.get("kv_bytes_w4a4") and r["kv_bytes_bf16"] / r["kv_bytes_w4a4"]
@@ -337,7 +392,8 @@ def print_table(records: list[dict]) -> None:
             f"{f(r['speedup'], '9.2f')}x{f(kv or None, '6.2f') if r['phase'] == 'decode' else '':>7}"
             f"{r['weights_bytes_bf16'] / r['weights_bytes_w4a4']:>7.2f}"
             + (
-                f"{f(r.get('w4a4_graphed_ms'), '12.1f')}{f(r.get('speedup_graphed'), '9.2f')}x"
+                f"{f(r.get('bf16_graphed_ms'), '12.1f')}{f(r.get('w4a4_graphed_ms'), '12.1f')}"
+                f"{f(r.get('speedup_graphed'), '9.2f')}x"
                 if r["phase"] == "decode"
                 else ""
             )
