@@ -151,6 +151,16 @@ def prefill(model, kind, batch, seqlen, device, reps) -> float:
     return timed_ms(run, device, reps)
 
 
+def _ms_per_step(step, steps: int, device) -> float:
+    """Mean wall time of ``steps`` calls of ``step`` in ms, the device synchronised before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return 1000 * (time.perf_counter() - t0) / steps
+
+
 @torch.no_grad()
 def decode(model, kind, batch, prompt, gen, steps, warmup, device) -> dict:
     """ms per decode step around the middle of a ``gen``-token generation after ``prompt`` tokens."""
@@ -166,12 +176,7 @@ def decode(model, kind, batch, prompt, gen, steps, warmup, device) -> dict:
 
     for _ in range(warmup):
         step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    per_step = 1000 * (time.perf_counter() - t0) / steps
+    per_step = _ms_per_step(step, steps, device)
     length = cache.get_seq_length()
     kv = kv_bytes(cache, kind) * (prompt + gen) // length  # per-token storage x the final length
     return {"ms_per_step": per_step, "kv_bytes": kv, "cache_tokens_timed": [length - steps, length]}
@@ -193,12 +198,12 @@ def decode_graphed(model, batch, prompt, gen, steps, warmup, device) -> dict | N
     except RuntimeError as e:
         print(f"  graphed decode unavailable: {str(e).splitlines()[0][:160]}")
         return None
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
+
+    def step():
+        nonlocal nxt
         nxt = dec.step(nxt).argmax(-1, keepdim=True)
-    _sync(device)
-    return {"ms_per_step": 1000 * (time.perf_counter() - t0) / steps, "graph": dec.graph is not None}
+
+    return {"ms_per_step": _ms_per_step(step, steps, device), "graph": dec.graph is not None}
 
 
 @torch.no_grad()
@@ -244,12 +249,7 @@ def decode_graphed_bf16(model, batch, prompt, gen, steps, warmup, device) -> dic
             advance(out)
 
     step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return {"ms_per_step": 1000 * (time.perf_counter() - t0) / steps, "graph": graph is not None}
+    return {"ms_per_step": _ms_per_step(step, steps, device), "graph": graph is not None}
 
 
 def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
