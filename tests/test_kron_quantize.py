@@ -289,6 +289,8 @@ def test_candidate_configs_respect_limits():
                     assert c["BLOCK_T"] == 1 or (bucket == 1 and bn1 * bn2 <= kq._MAX_TILE)
                     assert c["num_warps"] in (4, 8) and c["PROGS_PER_SM"] >= 1
     assert kq._token_bucket(1) == kq._token_bucket(kq.SMALL_TOKENS) == 0 and kq._token_bucket(65) == 1
+    assert (kq._token_bucket(2048), kq._token_bucket(8192)) == (2, 3)
+    assert kq.candidate_configs(128, 128, 3) == kq.candidate_configs(128, 128, 1)
 
 
 @needs_triton

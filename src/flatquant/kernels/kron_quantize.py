@@ -574,8 +574,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _token_bucket(n_tokens: int) -> int:
-    """Autotune key for the token count: 0 = latency path (<= SMALL_TOKENS), 1 = throughput path."""
-    return 0 if n_tokens <= SMALL_TOKENS else 1
+    """Autotune key for the token count: 0 = latency path (<= SMALL_TOKENS); 1, 2, 3 = throughput path up to
+    512, up to 4096 and above (the same candidates, tuned apart: a config that wins at 8192 tokens, with
+    ~60 tokens per program, need not win at 2048)."""
+    if n_tokens <= SMALL_TOKENS:
+        return 0
+    return 1 if n_tokens <= 512 else 2 if n_tokens <= 4096 else 3
 
 
 def _default_config(bn1: int, bn2: int, n_tokens: int) -> dict:
@@ -607,7 +611,7 @@ def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) ->
     tile = bn1 * bn2
     default = _default_config(bn1, bn2, 0)
     orders = (0, 1) if p1_first else (0,)
-    if bucket == 0:
+    if bucket == 0:  # buckets 1-3 (throughput) share one candidate list
         # 4 warps spill a 128x128 fp32 tile (seen in the sm_90 build): 8 warps only from 128x128 up
         warps = (4, 8) if tile < 128 * 128 else (8,)
         return [dict(default, num_stages=1, num_warps=w, P1_FIRST=o) for o in orders for w in warps]
