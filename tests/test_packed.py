@@ -390,3 +390,20 @@ def test_generate_with_graph_decoding_equals_transformers_generate(packed):
     assert torch.equal(sampled[0], sampled[1]) and sampled[0].shape == (3, 14)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         fq.generate(real, ids, 0)
+
+
+@torch.no_grad()
+def test_moving_a_fused_model_keeps_the_consumer_weights_views(packed, tmp_path):
+    """A device or dtype move converts the concatenated q/k/v and gate/up weights once; the consumers' buffers
+    stay views of them (no second copy), and the model computes the same."""
+    _, _, path = packed["qwen2"]
+    model = load_packed(path, device="cpu")
+    before = model(_TOKENS).logits
+    model._apply(lambda t: t.clone())  # what .to(other_device) does to every tensor
+    attn = model.model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):
+        lin = getattr(attn, name)
+        for buf in ("w_packed", "w_scale", "bias"):
+            shared = getattr(attn.qkv_quant, buf)
+            assert getattr(lin, buf).untyped_storage().data_ptr() == shared.untyped_storage().data_ptr()
+    torch.testing.assert_close(model(_TOKENS).logits, before, rtol=0, atol=0)

@@ -80,12 +80,24 @@ class SharedInputQuant(nn.Module):
         self._fused, first = [], 0
         for lin in linears:
             last = first + lin.out_features
-            lin._buffers["w_packed"] = self.w_packed[first:last]
-            lin._buffers["w_scale"] = self.w_scale[first:last]
-            if lin.bias is not None:
-                lin._buffers["bias"] = self.bias[first:last]
             self._fused.append((lin, first, last))
             first = last
+        self._repoint()
+
+    def _repoint(self) -> None:
+        """Make the fused consumers' weight buffers views of the concatenated ones again."""
+        for lin, first, last in self._fused or ():
+            lin._buffers["w_packed"] = self.w_packed[first:last]
+            lin._buffers["w_scale"] = self.w_scale[first:last]
+            if lin._buffers.get("bias") is not None:
+                lin._buffers["bias"] = self.bias[first:last]
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() convert the concatenated buffers here; the consumers skip theirs (views of
+        # these) and are pointed at the converted ones, so a move does not turn the views into copies
+        super()._apply(fn, recurse)
+        self._repoint()
+        return self
 
     def fused_output(self, x: torch.Tensor, lin: SharedInputLinear) -> torch.Tensor:
         """``lin``'s output for input x: its columns of the one GEMM of all consumers (computed once per x)."""
@@ -119,6 +131,20 @@ class SharedInputLinear(W4A4Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool, source: SharedInputQuant, **kwargs):
         super().__init__(in_features, out_features, bias, transform_sizes=None, **kwargs)
         self._source = [source]  # a reference, not a submodule: the owner saves it once
+
+    def _apply(self, fn, recurse=True):
+        source = self._source[0]
+        if source._fused is None:
+            return super()._apply(fn, recurse)
+        hidden = {n: self._buffers[n] for n in ("w_packed", "w_scale", "bias") if self._buffers.get(n) is not None}
+        for n in hidden:  # views of the source's buffers: converted there (see SharedInputQuant._apply)
+            self._buffers[n] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(hidden)
+        source._repoint()
+        return self
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
         source = self._source[0]
