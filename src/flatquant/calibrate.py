@@ -379,7 +379,7 @@ def calibrate(
             if mine:
                 bar.update()
                 loss_i = result.losses[i]  # NaN: nothing trained in this block (e.g. RTN, rotation, 16 bits)
-                bar.set_postfix(block=i, loss=f"{loss_i:.3g}" if loss_i == loss_i else "-")
+                bar.set_postfix(block=i, loss="-" if math.isnan(loss_i) else f"{loss_i:.3g}")
                 if after_block is not None:
                     after_block(i)
     finally:  # free the activations (remove their files), also after an error

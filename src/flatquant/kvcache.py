@@ -281,13 +281,13 @@ class GraphedDecoder:
                     self.out = self._forward()
             except RuntimeError as e:  # something in the step cannot be captured: keep decoding, eagerly
                 warnings.warn(f"CUDA graph capture failed, decoding eagerly: {str(e).splitlines()[0]}", stacklevel=2)
+                self.use_graph = False
+            finally:  # the capture ran the host side of the step without executing it
                 for layer, n in zip(layers, lengths, strict=True):
                     layer.length = n
-                self.use_graph = False
+            if not self.use_graph:
                 torch.cuda.synchronize()
                 return self._forward()
-            for layer, n in zip(layers, lengths, strict=True):  # capture ran the host side without executing
-                layer.length = n
             self.graph = graph
         self.graph.replay()
         for layer in layers:

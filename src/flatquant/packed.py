@@ -32,6 +32,11 @@ CONFIG_FILE, TENSORS_FILE = "flatquant-packed.json", "model.safetensors"
 _FP32_TENSORS = ("w_scale", "act_clip", "k_clip", "v_clip", "p_h", "p_h_inv")  # stay fp32 in any model dtype
 
 
+def _as_stored(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A packed tensor in ``dtype`` if it is one of the unquantized float tensors (not codes, not fp32 ones)."""
+    return t.to(dtype) if t.is_floating_point() and not name.endswith(_FP32_TENSORS) else t
+
+
 # ------------------------------------------------------------------------------------------------- packing
 def _check_packable(model: nn.Module) -> ArchSpec:
     spec = spec_for(model)
@@ -166,17 +171,14 @@ def pack(
     dtype (``torch.bfloat16`` or ``"bfloat16"`` halves them against a float32 model); default: the model's.
     Scales, clipping ratios and P_h stay float32 in any case.
     """
-    if isinstance(dtype, str):
-        if dtype not in PACK_DTYPES:
+    if dtype is not None:
+        name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+        if name not in PACK_DTYPES:
             raise ValueError(f"dtype={dtype!r} is not one of {PACK_DTYPES}")
-        dtype = getattr(torch, dtype)
-    elif dtype is not None and str(dtype).removeprefix("torch.") not in PACK_DTYPES:
-        raise ValueError(f"dtype={dtype} is not one of {PACK_DTYPES}")
+        dtype = getattr(torch, name)
     tensors, structure = packed_state(model)
     dtype = dtype or model.get_input_embeddings().weight.dtype
-    tensors = {
-        k: v.to(dtype) if v.is_floating_point() and not k.endswith(_FP32_TENSORS) else v for k, v in tensors.items()
-    }
+    tensors = {k: _as_stored(k, v, dtype) for k, v in tensors.items()}
     spec = spec_for(model)
     result = getattr(model, "flatquant", None)
     meta = {
@@ -313,9 +315,7 @@ def load_packed(
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{os.path.join(path, TENSORS_FILE)} is corrupt: {e}") from e
     for name, t in tensors.items():
-        if t.is_floating_point() and not name.endswith(_FP32_TENSORS):
-            t = t.to(dtype)
-        _set_tensor(model, name, t)
+        _set_tensor(model, name, _as_stored(name, t, dtype))
     finish_packed_model(model, device, fuse)
     model.flatquant_packed = meta
     return model

@@ -105,7 +105,7 @@ class SharedInputQuant(nn.Module):
             _, out, left = self._last_out
         else:
             ref = self._fused[0][0]
-            op = quantize_operand(x, self.p1, self.p2, self.act_clip_max, self.act_clip_min, self.act_symmetric)
+            op = self._operand(x)
             out = operand_gemm(
                 op, self.w_packed, self.w_scale, self.bias, ref.out_dtype, ref.gemm_impl, ref.prefill_fp8
             )
@@ -114,12 +114,15 @@ class SharedInputQuant(nn.Module):
         first, last = next((a, b) for m, a, b in self._fused if m is lin)
         return out[..., first:last]
 
+    def _operand(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return quantize_operand(x, self.p1, self.p2, self.act_clip_max, self.act_clip_min, self.act_symmetric)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (..., n) float -> (codes int8 (..., n), scale fp32 (...,)[, zero fp32 (...,)])."""
         if self._last is not None and self._last[0] is x:
             _, op, left = self._last
         else:
-            op = quantize_operand(x, self.p1, self.p2, self.act_clip_max, self.act_clip_min, self.act_symmetric)
+            op = self._operand(x)
             left = self.consumers
         self._last = (x, op, left - 1) if left > 1 else None
         return op

@@ -38,8 +38,6 @@ _IMPLS = ("auto", "triton", "torch")
 _Q_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_SPLITS = 64  # chunks per sequence; the merge kernel holds (splits, D) fp32 in registers
 _LOG2E = math.log2(math.e)
-# fp32 1 / (2**bits - 1): PyTorch on CUDA divides by a Python scalar as a multiply by this reciprocal
-_INV_QMAX = {b: (torch.ones((), dtype=torch.float32) / (2**b - 1)).item() for b in range(2, 9)}
 # decode kernel launch: tokens per step, warps, pipeline stages, target programs per SM, inline-PTX unpacking
 DEFAULT_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4, "asm": False}
 
@@ -455,8 +453,8 @@ def quantize_kv_triton(
         # the reference's ``range / qmax`` is a true division on the CPU and a multiply by the fp32
         # reciprocal on CUDA (PyTorch's scalar-divisor path); follow the device so the results are equal
         _quantize_kv_kernel[grid](
-            x2, codes, scale, zero_w, float(clip_max), float(clip_min), _INV_QMAX[bits], n_rows, x2.stride(0),
-            shape3[1], shape3[2], *cs, *ss,
+            x2, codes, scale, zero_w, float(clip_max), float(clip_min), _kq._INV_QMAX[(bits, False)],
+            n_rows, x2.stride(0), shape3[1], shape3[2], *cs, *ss,
             D=d, BLOCK_R=block_r, BLOCK_D=block_d, BITS=bits, PACK=pack, RECIP=x.is_cuda,
             num_warps=4, **_no_fp_fusion(),
         )  # fmt: skip
