@@ -407,3 +407,30 @@ def test_moving_a_fused_model_keeps_the_consumer_weights_views(packed, tmp_path)
             shared = getattr(attn.qkv_quant, buf)
             assert getattr(lin, buf).untyped_storage().data_ptr() == shared.untyped_storage().data_ptr()
     torch.testing.assert_close(model(_TOKENS).logits, before, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_static_decode_reads_device_lengths_only(packed, monkeypatch):
+    """What a graph replay sees, on the CPU: the host lengths stay at their capture-time value and transformers
+    materialises the causal mask (it cannot skip it while a CUDA stream is capturing). Static steps must still
+    equal the regular cache's, reading positions and lengths from the device only."""
+    import transformers.masking_utils as masking_utils
+
+    from flatquant.kvcache import GraphedDecoder
+
+    _, real, _ = packed["llama"]
+    prompt, steps = _TOKENS[:, :20], 4
+    ref_cache, cache = Int4KVCache(real), Int4KVCache(real)
+    refs = [real(prompt, **cache_kwargs(real, ref_cache)).logits[:, -1]]
+    for _ in range(steps):  # the regular cache's steps, masks skipped as usual
+        refs.append(real(refs[-1].argmax(-1, keepdim=True), **cache_kwargs(real, ref_cache)).logits[:, -1])
+    real(prompt, **cache_kwargs(real, cache))
+    cache.make_static(prompt.shape[1] + steps)
+    dec = GraphedDecoder(real, cache, use_graph=False)
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", lambda *a, **k: False)  # as while capturing
+    for i in range(steps):
+        logits = dec.step(refs[i].argmax(-1, keepdim=True))
+        for layer in cache.layers:  # a replay runs no host code: the host length stays at the prompt's
+            layer.length = prompt.shape[1]
+        torch.testing.assert_close(logits, refs[i + 1], rtol=0, atol=0)
+    assert (cache.layers[0].lens == prompt.shape[1] + steps).all()

@@ -252,6 +252,10 @@ class GraphedDecoder:
         self.use_graph = lens.is_cuda if use_graph is None else use_graph
         if self.use_graph and not lens.is_cuda:
             raise RuntimeError("CUDA graphs need the model and cache on a CUDA device")
+        bits = sorted({layer.kv_quant.bits for layer in cache.layers} - {4})
+        if self.use_graph and bits:  # only the 4-bit decode kernel reads the device-side lengths
+            warnings.warn(f"a {bits[0]}-bit KV cache decodes eagerly (CUDA graphs need the 4-bit cache)", stacklevel=2)
+            self.use_graph = False
         self.ids = torch.zeros((lens.shape[0], 1), dtype=torch.long, device=lens.device)
         self.pos = torch.zeros_like(self.ids)
         self.warmup_steps, self.steps = warmup_steps, 0

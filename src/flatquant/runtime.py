@@ -210,10 +210,15 @@ def packed_attention(module, query, key, value, attention_mask, **kwargs):
         key, value = kvq.fake_quantize(kvq.transform_key(key), value)
     elif pending[0] == "decode":
         layer = pending[1]
-        if attention_mask is None and kvq.bits == 4:
+        # A static cache decodes from its device-side lengths only (no host value in the step): transformers
+        # materialises the causal mask while a CUDA graph is being captured (it cannot skip it then), from the
+        # host length of that moment, which replays would keep; one query token sees every cached one anyway
+        # (static decode takes no padding), so that mask is not used.
+        static = layer.lens is not None
+        if (attention_mask is None or static) and kvq.bits == 4:
             b, h, _, d = query.shape
             scale = kwargs.get("scaling") or d**-0.5
-            if layer.lens is not None:  # static decode: the device-side lengths (no host value in the step)
+            if static:
                 seq_lens = layer.lens
             else:
                 seq_lens = torch.full((b,), layer.length, dtype=torch.int32, device=query.device)
