@@ -387,7 +387,7 @@ def test_codes_exact_where_a_reciprocal_multiply_rounds_the_other_way(symmetric,
             z = (sign * (k + 0.5) * s).to(torch.bfloat16)  # quotients at or next to k + 1/2
             flips = torch.round(z.float() / s) != torch.round(z.float() * (1 / s))
             found += [(m[i], z[i]) for i in flips.nonzero().flatten()[:6].tolist()]
-    assert len(found) >= 24, "the construction should find such quotients"
+    assert len(found) >= 12, "the construction should find such quotients"  # 18-48: bf16 ranges are few
     x = torch.zeros(len(found), n1 * n2, dtype=torch.bfloat16, device=DEVICE)
     fill = torch.rand(len(found), n1 * n2 - 16, generator=g).to(DEVICE)
     for t, (mt, zt) in enumerate(found):
