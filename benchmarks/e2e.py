@@ -372,8 +372,13 @@ def _guard(fn, *args):
     if time.perf_counter() > _DEADLINE[0]:
         print(f"  skipped {fn.__name__}{tuple(a for a in args if isinstance(a, (int, str)))}: time budget spent")
         return None
+    label = f"{fn.__name__}{tuple(a for a in args if isinstance(a, (int, str)))}"
+    print(f"  {label} ...", flush=True)  # so that a crash (not an exception: a faulting kernel) names its step
     try:
-        return fn(*args)
+        out = fn(*args)
+        summary = {k: v for k, v in out.items() if isinstance(v, float)} if isinstance(out, dict) else out
+        print(f"  {label}: {summary if isinstance(summary, (dict, float)) else 'done'}", flush=True)
+        return out
     except torch.OutOfMemoryError as e:
         print(f"  out of memory: {str(e).splitlines()[0]}")
     gc.collect()
@@ -409,7 +414,10 @@ def main(argv=None) -> None:
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps first (autotuning)")
     p.add_argument("--reps", type=int, default=3, help="timed prefills per batch size (median)")
     p.add_argument("--budget-s", type=float, default=420, help="skip measurements that would start after this")
+    p.add_argument("--prefill-batches", type=int, nargs="*", default=None, help="instead of 1 4 16 (quick: 1 2)")
+    p.add_argument("--decode-batches", type=int, nargs="*", default=None, help="instead of 1 16 64 (quick: 1 4)")
     args = p.parse_args(argv)
+    chosen = args.prefill_batches, args.decode_batches
     _DEADLINE[0] = time.perf_counter() + args.budget_s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
@@ -424,6 +432,8 @@ def main(argv=None) -> None:
         args.seqlen, args.gen, args.prefill_batches, args.decode_batches = 2048, 256, [1, 4, 16], [1, 16, 64]
         args.breakdown_batches = (4, 16)
         args.out = args.out or "benchmarks/results/e2e.json"
+    args.prefill_batches = args.prefill_batches if chosen[0] is None else chosen[0]
+    args.decode_batches = args.decode_batches if chosen[1] is None else chosen[1]
     t0 = time.perf_counter()
     records, breakdowns = [], {}
     for name, cfg in configs.items():
