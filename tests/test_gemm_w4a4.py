@@ -202,12 +202,8 @@ print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_war
 """
 
 
-def test_fp8_wgmma_sums_each_k_tile_from_zero():
-    # The GPU run failed test_gpu_full_shapes_exact[14336-4096-256-fp8]: Hopper's FP8 MMA accumulates with ~14
-    # significant bits, and Triton's sm_90 default (max_num_imprecise_acc = 2^30) fed the running sum into
-    # every wgmma. Compile for sm_90 on the CPU and check that each K tile's dot starts from zero and is added
-    # to the running sum in fp32 outside the tensor core.
-    import re
+def _sm90_ttgir() -> str:
+    """The fp8 kernel's TTGIR compiled for sm_90 on this machine (no GPU needed), in a fresh interpreter."""
     import subprocess
 
     pytest.importorskip("triton.backends.nvidia.compiler")
@@ -215,7 +211,28 @@ def test_fp8_wgmma_sums_each_k_tile_from_zero():
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     res = subprocess.run([sys.executable, "-c", _SM90_PROBE, src_dir], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
-    ttgir = res.stdout
+    return res.stdout
+
+
+def test_row_offsets_are_64_bit_in_the_compiled_kernel():
+    """Prefill sizes pass 2^31 elements (64 x 2165 tokens x the fused gate/up's 22016 outputs): with int32
+    row offsets the H100 run hit an illegal memory access. The sm_90 build must form the activation, weight and
+    output row offsets in int64 (the CUDA test test_outputs_past_two_to_the_31_elements checks the values)."""
+    import re
+
+    ttgir = _sm90_ttgir()
+    for name in ("x_ptrs", "w_ptrs", "out_ptrs"):
+        assert re.search(rf"%{name}\S* = tt.addptr .*tensor<\d+x1xi64", ttgir), f"{name}: 32-bit row offsets"
+
+
+def test_fp8_wgmma_sums_each_k_tile_from_zero():
+    # The GPU run failed test_gpu_full_shapes_exact[14336-4096-256-fp8]: Hopper's FP8 MMA accumulates with ~14
+    # significant bits, and Triton's sm_90 default (max_num_imprecise_acc = 2^30) fed the running sum into
+    # every wgmma. Compile for sm_90 on the CPU and check that each K tile's dot starts from zero and is added
+    # to the running sum in fp32 outside the tensor core.
+    import re
+
+    ttgir = _sm90_ttgir()
     dots = re.findall(r"(%\S+) = ttng.warp_group_dot (%\S+), (%\S+), (%\S+)[ ,]", ttgir)
     assert dots, "no wgmma in the fp8 kernel"
     for _, _, _, acc_in in dots:
@@ -452,3 +469,21 @@ def test_autotuned_plumbing_in_interpreter(monkeypatch):
         out = g.w4a4_gemm(x, ones_m, pack_int4(w), ones_n, out_dtype=torch.float32, impl="triton")
         assert torch.equal(out.double(), x.double() @ w.double().T)
         assert g.last_config(m) is not None
+
+
+@needs_cuda
+@torch.no_grad()
+def test_outputs_past_two_to_the_31_elements():
+    """M x N > 2^31 (a prefill of 64 x 2165 tokens into the fused gate/up of LLaMA-2-7B is 3e9): the row
+    offsets must not wrap in int32 (they did: an illegal memory access). The last rows equal the reference."""
+    k, n = 64, 22016
+    m = 2**31 // n + 64
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randint(-8, 8, (m, k), device=DEV, dtype=torch.int8, generator=g)
+    w = torch.randint(-8, 8, (n, k), device=DEV, dtype=torch.int8, generator=g)
+    xs, ws = torch.rand(m, device=DEV, generator=g), torch.rand(n, device=DEV, generator=g) / 64
+    out = w4a4_gemm(x, xs, pack_int4(w), ws)
+    torch.cuda.synchronize()
+    tail = slice(m - 80, m)
+    want = w4a4_gemm_reference(x[tail], xs[tail], pack_int4(w), ws)
+    torch.testing.assert_close(out[tail].float(), want.float(), rtol=1e-2, atol=1e-2)

@@ -316,8 +316,9 @@ if _HAS_TRITON:
             k_per = ((K + BLOCK_K * SPLIT_K - 1) // (BLOCK_K * SPLIT_K)) * BLOCK_K
             k_lo = tl.program_id(1) * k_per
             k_hi = min(K, k_lo + k_per)
-        x_ptrs = x_ptr + rows_x[:, None] * stride_xm + k_lo + offs_k[None, :]  # (BM, BK)
-        w_ptrs = w_ptr + rows_w[:, None] * stride_wn + k_lo // 2 + offs_kh[None, :]  # (BN, BK/2)
+        # row offsets in int64: M x K or M x N passes 2^31 at prefill sizes (64 x 2165 tokens x 22016 outputs)
+        x_ptrs = x_ptr + rows_x.to(tl.int64)[:, None] * stride_xm + k_lo + offs_k[None, :]  # (BM, BK)
+        w_ptrs = w_ptr + rows_w.to(tl.int64)[:, None] * stride_wn + k_lo // 2 + offs_kh[None, :]  # (BN, BK/2)
 
         if USE_FP8:
             acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
@@ -400,7 +401,7 @@ if _HAS_TRITON:
         if HAS_BIAS:
             b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             res = res + b[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     _kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_w4a4_gemm_kernel)
