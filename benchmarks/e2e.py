@@ -288,14 +288,15 @@ def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
     return out
 
 
-def measure(name, kind, cfg, args, device, dtype) -> tuple[dict, dict | None]:
-    """Timings and memory of one model (bf16 or w4a4), which is freed on return."""
+def measure(name, kind, cfg, args, device, dtype, res: dict) -> dict | None:
+    """Timings and memory of one model (bf16 or w4a4) into ``res`` as they come (kept if a later one fails);
+    returns the breakdown. The model is freed on return."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
     model = bf16_model(cfg, device, dtype) if kind == "bf16" else w4a4_model(cfg, device, dtype)
-    res = {"weights_bytes": model_bytes(model)}
+    res["weights_bytes"] = model_bytes(model)
     print(f"{name} {kind}: built in {time.perf_counter() - t0:.1f} s, {res['weights_bytes'] / 2**30:.2f} GiB")
     for b in args.prefill_batches:
         res[("prefill", b)] = _guard(prefill, model, kind, b, args.seqlen, device, args.reps)
@@ -310,18 +311,23 @@ def measure(name, kind, cfg, args, device, dtype) -> tuple[dict, dict | None]:
         res[("decode_graphed", b)] = _guard(
             graphed, model, b, args.seqlen, args.gen, args.decode_steps, args.warmup_steps, device
         )
-    parts = _guard(breakdown, model, kind, device, *args.breakdown_batches, args.seqlen)
-    return res, parts
+    return _guard(breakdown, model, kind, device, *args.breakdown_batches, args.seqlen)
 
 
 def run_model(name, cfg, args, device, dtype) -> tuple[list[dict], dict]:
-    res, extra = {}, {}
+    """Records of both models; a failure (e.g. a faulting kernel, after which the device is unusable) keeps
+    what was measured before it and is returned as text, for the caller to save the records and stop."""
+    res, extra, error = {"bf16": {}, "w4a4": {}}, {}, None
     for kind in ("bf16", "w4a4"):
-        res[kind], extra[kind] = measure(name, kind, cfg, args, device, dtype)
+        try:
+            extra[kind] = measure(name, kind, cfg, args, device, dtype, res[kind])
+        except Exception as e:  # noqa: BLE001 - reported with the records, then raised by main
+            error = f"{name} {kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            break
     records = []
     for phase, batches in (("prefill", args.prefill_batches), ("decode", args.decode_batches)):
         for b in batches:
-            bf, w4 = res["bf16"][(phase, b)], res["w4a4"][(phase, b)]
+            bf, w4 = res["bf16"].get((phase, b)), res["w4a4"].get((phase, b))
             rec = {"model": name, "phase": phase, "batch": b}
             if phase == "prefill":
                 rec.update(bf16_ms=bf, w4a4_ms=w4, tokens=args.seqlen)
@@ -353,14 +359,18 @@ def run_model(name, cfg, args, device, dtype) -> tuple[list[dict], dict]:
                     else rec["bf16_graphed_ms"] / rec["w4a4_graphed_ms"]
                 )
             rec.update(
-                weights_bytes_bf16=res["bf16"]["weights_bytes"],
-                weights_bytes_w4a4=res["w4a4"]["weights_bytes"],
+                weights_bytes_bf16=res["bf16"].get("weights_bytes"),
+                weights_bytes_w4a4=res["w4a4"].get("weights_bytes"),
                 speedup=None if not (rec["bf16_ms"] and rec["w4a4_ms"]) else rec["bf16_ms"] / rec["w4a4_ms"],
-                note=None if bf is not None and w4 is not None else "null: out of memory or time budget (see the log)",
+                note=None
+                if bf is not None and w4 is not None
+                else f"null: {error}"
+                if error
+                else "null: out of memory or time budget (see the log)",
                 device=device_name(device),
             )
             records.append(rec)
-    return records, extra
+    return records, extra, error
 
 
 _DEADLINE = [float("inf")]  # perf_counter time after which measurements are skipped (--budget-s)
@@ -395,7 +405,7 @@ def print_table(records: list[dict]) -> None:
         print(
             f"{r['model']:<12}{r['phase']:<9}{r['batch']:>6}{f(r['bf16_ms'], '11.1f')}{f(r['w4a4_ms'], '11.1f')}"
             f"{f(r['speedup'], '9.2f')}x{f(kv or None, '6.2f') if r['phase'] == 'decode' else '':>7}"
-            f"{r['weights_bytes_bf16'] / r['weights_bytes_w4a4']:>7.2f}"
+            f"{f(r['weights_bytes_w4a4'] and r['weights_bytes_bf16'] / r['weights_bytes_w4a4'], '7.2f'):>7}"
             + (
                 f"{f(r.get('bf16_graphed_ms'), '12.1f')}{f(r.get('w4a4_graphed_ms'), '12.1f')}"
                 f"{f(r.get('speedup_graphed'), '9.2f')}x"
@@ -435,12 +445,15 @@ def main(argv=None) -> None:
     args.prefill_batches = args.prefill_batches if chosen[0] is None else chosen[0]
     args.decode_batches = args.decode_batches if chosen[1] is None else chosen[1]
     t0 = time.perf_counter()
-    records, breakdowns = [], {}
+    records, breakdowns, error = [], {}, None
     for name, cfg in configs.items():
-        recs, extra = run_model(name, cfg, args, device, dtype)
+        recs, extra, error = run_model(name, cfg, args, device, dtype)
         records += recs
         breakdowns[name] = extra
         print_table(recs)
+        if error:  # the device may be unusable: save what was measured (below), then stop
+            print(f"stopped: {error}")
+            break
     print_table(records)
     for name, kinds in breakdowns.items():
         for kind, phases in kinds.items():
@@ -454,8 +467,10 @@ def main(argv=None) -> None:
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k != "out"}
         out = {"device": device_name(device), "seconds": total, "settings": settings, "records": records}
-        atomic_write_json(args.out, {**out, "breakdown": breakdowns})
+        atomic_write_json(args.out, {**out, "breakdown": breakdowns, **({"stopped": error} if error else {})})
         print(f"wrote {args.out}")
+    if error:
+        raise SystemExit(f"stopped early: {error}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Smoke tests of benchmark scripts in their --quick mode (tiny models on the CPU): they run and write records."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,3 +26,28 @@ def test_e2e_quick_writes_prefill_and_decode_records_with_graphed_decode(tmp_pat
         if r["phase"] == "decode":  # the static-cache paths ran (eagerly: no CUDA graphs on the CPU)
             assert r["bf16_graphed_ms"] > 0 and r["w4a4_graphed_ms"] > 0
             assert r["kv_bytes_bf16"] > 3 * r["kv_bytes_w4a4"]
+
+
+def test_e2e_saves_what_it_measured_when_a_model_fails(tmp_path, monkeypatch):
+    """A failure that is not out-of-memory (on a GPU, a faulting kernel leaves the device unusable) stops the run,
+    but the records measured before it are written, with the failure named, and the exit says so."""
+    spec = importlib.util.spec_from_file_location("e2e_bench", os.path.join(ROOT, "benchmarks", "e2e.py"))
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    real_decode = e2e.decode
+
+    def decode(model, kind, *args):
+        if kind == "w4a4":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_decode(model, kind, *args)
+
+    monkeypatch.setattr(e2e, "decode", decode)
+    out = tmp_path / "e2e.json"
+    with pytest.raises(SystemExit, match="illegal memory access"):
+        e2e.main(["--quick", "--out", str(out), "--prefill-batches", "1", "--decode-batches", "1"])
+    data = json.loads(out.read_text())
+    assert "illegal memory access" in data["stopped"]
+    by_phase = {r["phase"]: r for r in data["records"]}
+    assert by_phase["prefill"]["bf16_ms"] > 0 and by_phase["prefill"]["w4a4_ms"] > 0  # measured before the failure
+    assert by_phase["decode"]["bf16_ms"] > 0 and by_phase["decode"]["w4a4_ms"] is None
+    assert "illegal memory access" in by_phase["decode"]["note"]
