@@ -51,3 +51,17 @@ def test_e2e_saves_what_it_measured_when_a_model_fails(tmp_path, monkeypatch):
     assert by_phase["prefill"]["bf16_ms"] > 0 and by_phase["prefill"]["w4a4_ms"] > 0  # measured before the failure
     assert by_phase["decode"]["bf16_ms"] > 0 and by_phase["decode"]["w4a4_ms"] is None
     assert "illegal memory access" in by_phase["decode"]["note"]
+
+
+def test_kron_quantize_quick_writes_records_naming_their_timing(tmp_path):
+    out = tmp_path / "kq.json"
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "kron_quantize.py"), "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    records = data["records"] if isinstance(data, dict) else data
+    assert {r["tokens"] for r in records} == {1, 16, 67}
+    for r in records:
+        assert r["kernel_us"] > 0 and r["gemm_bf16_us"] > 0 and r["input_copies"] >= 1
+        assert r["timing"].startswith("wall clock") and "do_bench" not in r["timing"]
