@@ -11,14 +11,19 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_e2e_quick_writes_prefill_and_decode_records_with_graphed_decode(tmp_path):
-    out = tmp_path / "e2e.json"
+def _quick_records(script: str, tmp_path) -> list[dict]:
+    """Run ``benchmarks/<script> --quick`` in a fresh interpreter; the records it wrote."""
+    out = tmp_path / "out.json"
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "e2e.py"), "--quick", "--out", str(out)]
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    records = data["records"] if isinstance(data, dict) else data
+    return data["records"] if isinstance(data, dict) else data
+
+
+def test_e2e_quick_writes_prefill_and_decode_records_with_graphed_decode(tmp_path):
+    records = _quick_records("e2e.py", tmp_path)
     phases = {r["phase"] for r in records}
     assert phases == {"prefill", "decode"}
     for r in records:
@@ -54,13 +59,7 @@ def test_e2e_saves_what_it_measured_when_a_model_fails(tmp_path, monkeypatch):
 
 
 def test_kron_quantize_quick_writes_records_naming_their_timing(tmp_path):
-    out = tmp_path / "kq.json"
-    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "kron_quantize.py"), "--quick", "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(out.read_text())
-    records = data["records"] if isinstance(data, dict) else data
+    records = _quick_records("kron_quantize.py", tmp_path)
     assert {r["tokens"] for r in records} == {1, 16, 67}
     for r in records:
         assert r["kernel_us"] > 0 and r["gemm_bf16_us"] > 0 and r["input_copies"] >= 1
