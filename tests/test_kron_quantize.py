@@ -401,3 +401,16 @@ def test_codes_exact_where_a_reciprocal_multiply_rounds_the_other_way(symmetric,
     ref = kq.kron_quantize_reference(x, eye, None, 1.0, 1.0, **kw)
     assert torch.equal(out.scale, ref.scale)
     assert torch.equal(out.codes, ref.codes)
+
+
+@needs_triton
+def test_autotuner_times_candidates_as_graph_replays(monkeypatch):
+    """The autotuner's candidates are timed from CUDA-graph replays, not events around host launches (which
+    measured the host for decode-size kernels)."""
+    import triton.testing
+
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: calls.append((fn, kw)) or [2.0])
+    fn = object()
+    assert kq._kron_quantize_tuned.do_bench(fn, quantiles=(0.5, 0.2, 0.8)) == [2.0]
+    assert calls and calls[0][0] is fn and calls[0][1]["quantiles"] == (0.5, 0.2, 0.8)
