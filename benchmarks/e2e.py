@@ -379,10 +379,10 @@ _DEADLINE = [float("inf")]  # perf_counter time after which measurements are ski
 def _guard(fn, *args):
     """fn(*args), or None when the device runs out of memory (its tensors freed once the exception is gone)
     or the time budget is spent."""
-    if time.perf_counter() > _DEADLINE[0]:
-        print(f"  skipped {fn.__name__}{tuple(a for a in args if isinstance(a, (int, str)))}: time budget spent")
-        return None
     label = f"{fn.__name__}{tuple(a for a in args if isinstance(a, (int, str)))}"
+    if time.perf_counter() > _DEADLINE[0]:
+        print(f"  skipped {label}: time budget spent")
+        return None
     print(f"  {label} ...", flush=True)  # so that a crash (not an exception: a faulting kernel) names its step
     try:
         out = fn(*args)

@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
+from gemm import n_copies  # noqa: E402  (the sibling benchmark: copies that defeat the L2 cache)
 
 from flatquant.files import atomic_write_json  # noqa: E402
 from flatquant.kernels import kron_quantize as kq  # noqa: E402
@@ -40,7 +41,7 @@ SHAPES = {
 TOKENS = (1, 16, 2048, 8192)
 QUICK_SHAPES = {256: (16, 16, 64, "toy"), 480: (20, 24, 64, "toy, padded tiles")}
 QUICK_TOKENS = (1, 16, 67)
-GRAPH_TOKENS = 16  # at or below: time CUDA-graph replays
+GRAPH_TOKENS = 16  # at or below (decode sizes): one input, no copies to defeat the L2 cache
 
 
 FALLBACKS: list[str] = []  # paths timed with do_bench because their capture failed (named in the records)
@@ -75,10 +76,7 @@ def _bench(fn, tokens: int, inputs: list | None = None, name: str = "") -> float
 
 def _copies(x: torch.Tensor) -> list[torch.Tensor]:
     """x and clones of it: together over three times the L2 cache (one for at most GRAPH_TOKENS tokens)."""
-    if not torch.cuda.is_available() or x.shape[0] <= GRAPH_TOKENS:
-        return [x]
-    l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 50 * 2**20)
-    n = max(1, min(16, -(-3 * l2 // (x.numel() * x.element_size()))))
+    n = 1 if x.shape[0] <= GRAPH_TOKENS else n_copies(x.numel() * x.element_size())
     return [x] + [x.clone() for _ in range(n - 1)]
 
 
