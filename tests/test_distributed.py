@@ -188,3 +188,10 @@ def test_local_ranks_share_the_gpus_round_robin():
     assert local_device(1, 0) == torch.device("cpu") and local_device(0, 2, "cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="no GPU is visible"):
         local_device(0, 0, "cuda")
+
+
+def test_quantized_calibration_inputs_are_not_shared_out(tokens, monkeypatch):
+    ctx = distributed.Context(rank=0, world=2, device=torch.device("cpu"), group=None)
+    monkeypatch.setattr(distributed, "setup", lambda *a, **k: ctx)
+    with pytest.raises(ValueError, match="calib_inputs='quantized' cannot be shared out over 2 processes"):
+        distributed.calibrate_distributed(_model(), _cfg(calib_inputs="quantized"), tokens, progress=False)

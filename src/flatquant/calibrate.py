@@ -6,6 +6,10 @@ trained to match those targets. One block sits on the accelerator at a time. Aft
 calibrated parameters are written (atomically) to ``state_dir``, so an interrupted run continues from the
 last finished block.
 
+With ``calib_inputs="quantized"`` (an option, not the method's default) each block instead trains on the
+outputs of the already calibrated, fake-quantized blocks before it, against the same full-precision targets,
+so it can also make up for the error that reaches it; the blocks are then no longer independent.
+
 Given their full-precision inputs the blocks are independent: ``blocks=`` calibrates a subset (the
 multi-process driver in :mod:`flatquant.distributed` gives each rank a contiguous range), and the model can
 be a :class:`flatquant.streaming.StreamingModel` that materialises one block at a time from safetensors
@@ -240,6 +244,19 @@ def _fp_forward(layer, spec, x, kwargs, batch_size, collect_stats: bool, out: Ac
     return (out.data if raw else out), stats
 
 
+@torch.no_grad()
+def _quant_forward(layer, x, kwargs, cfg: FlatQuantConfig, out: Activations) -> None:
+    """Outputs of a calibrated (fake-quantized) block for all rows of ``x``, in the training precision."""
+    amp_dtype = getattr(torch, cfg.autocast_dtype)
+    device_type = x.device.type
+    with factor_cache():
+        with torch.autocast(device_type, enabled=False):
+            precompute_factors(layer)
+        for s in range(0, len(x), cfg.batch_size):
+            with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+                out.write(s, _block_out(layer(x.read(s, s + cfg.batch_size), **kwargs)))
+
+
 def _lr_lambda(total_steps: int):
     def f(step: int) -> float:  # cosine from 1 to 1e-3 of the base rate
         return 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
@@ -330,6 +347,12 @@ def calibrate(
     if needs_data and windows is None:
         raise ValueError("method='flatquant' needs calibration windows (N, T) of token ids")
     choose_placement(0, device, offload, memory_budget)  # validates the options
+    quantized_inputs = needs_data and cfg.trains and cfg.calib_inputs == "quantized"
+    if quantized_inputs and todo != list(range(n)):
+        raise ValueError(
+            f"calib_inputs='quantized' needs every block calibrated in one process (got blocks={todo} of {n}): "
+            "each block's inputs come from the calibrated blocks before it; use calib_inputs='fp' to split the work"
+        )
     resume = _ResumeState(state_dir, fingerprint(cfg, source, windows if needs_data else None))
     saved = {i: resume.load(i) for i in todo}
     train = [i for i in todo if saved[i] is None]
@@ -340,12 +363,17 @@ def calibrate(
     start = time.perf_counter()
 
     def make_store(shape, dtype):
-        nbytes = 2 * dtype.itemsize * math.prod(shape)  # inputs and targets
+        # inputs and targets, and the quantized model's inputs and outputs with calib_inputs="quantized"
+        nbytes = (4 if quantized_inputs else 2) * dtype.itemsize * math.prod(shape)
         return Activations(shape, dtype, device, choose_placement(nbytes, device, offload, memory_budget), offload_dir)
 
-    x = y = kwargs = None
+    x = y = xq = kwargs = None
     if last >= 0:
         x, kwargs = source.capture(windows, device, make_store)
+        if quantized_inputs:  # block 0's inputs: the embeddings, which are not quantized
+            xq = make_store(x.shape, x.dtype)
+            for s in range(0, len(x), cfg.batch_size):
+                xq.write(s, x.read(s, s + cfg.batch_size))
     bar = tqdm(total=len(todo), desc="calibrating blocks", disable=not progress)
     try:
         for i in range(n):
@@ -365,7 +393,15 @@ def calibrate(
                 out = make_store(x.shape, x.dtype)
                 y, stats = _fp_forward(layer, spec, x, kwargs, cfg.batch_size, mine and saved[i] is None, out)
             if mine:
-                loss = _calibrate_block(layer, i, spec, source.config, cfg, stats, saved[i], x, y, kwargs, bar, device)
+                inputs = xq if quantized_inputs and full_precision else x
+                loss = _calibrate_block(
+                    layer, i, spec, source.config, cfg, stats, saved[i], inputs, y, kwargs, bar, device
+                )
+                if quantized_inputs and full_precision and i < last:  # the next block's quantized inputs
+                    xq_next = make_store(x.shape, x.dtype)
+                    _quant_forward(layer, xq, kwargs, cfg, xq_next)
+                    xq.close()
+                    xq = xq_next
                 state = calibration_state(layer)
                 if saved[i] is None:
                     resume.save(i, state, loss, time.perf_counter() - block_start)
@@ -383,7 +419,7 @@ def calibrate(
                 if after_block is not None:
                     after_block(i)
     finally:  # free the activations (remove their files), also after an error
-        for store in (x, y):
+        for store in (x, y, xq):
             if store is not None:
                 store.close()
         bar.close()

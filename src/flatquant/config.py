@@ -15,6 +15,7 @@ BIT_KEYS = ("w_bits", "a_bits", "k_bits", "v_bits")
 # Options that act only after calibration (weight rounding): a calibration is shared across their values.
 ROUNDING_FIELDS = {"weight_method": "rtn", "gptq_damping": 0.01, "gptq_act_order": False}
 LOSSES = ("mse", "log-mse")
+CALIB_INPUTS = ("fp", "quantized")
 
 
 @dataclass
@@ -63,6 +64,13 @@ class FlatQuantConfig:
         default="mse",
         metadata={"help": f"block objective {LOSSES}; log-mse divides each step's MSE by its detached value"},
     )
+    calib_inputs: str = field(
+        default="fp",
+        metadata={
+            "help": f"block inputs during training {CALIB_INPUTS}: fp = the full-precision model's (method.md), "
+            "quantized = the outputs of the blocks calibrated before it (targets stay full precision)"
+        },
+    )
     autocast_dtype: str = field(default="bfloat16", metadata={"help": f"training precision {AUTOCAST_DTYPES}"})
     seed: int = field(default=0, metadata={"help": "seed of windows and transform inits"})
 
@@ -78,6 +86,7 @@ class FlatQuantConfig:
             "transform_init": INITS,
             "autocast_dtype": AUTOCAST_DTYPES,
             "loss": LOSSES,
+            "calib_inputs": CALIB_INPUTS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -119,6 +128,8 @@ class FlatQuantConfig:
             del d[name]
         if not d["overrides"]:
             del d["overrides"]
+        if d["calib_inputs"] == "fp":  # the default leaves the fingerprints of earlier states unchanged
+            del d["calib_inputs"]
         return d
 
     def to_json(self) -> str:
