@@ -353,3 +353,35 @@ def test_quantize_into_a_cache_slice_writes_what_quantize_returns(impl, bits):
     assert (zero[:, :, outside] == -2).all()
     with pytest.raises(ValueError, match="out scale must be"):
         kv.quantize_kv(x, bits, impl=impl, out=(views[0], scale[:, :, :t].double(), views[2]))
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_dequantize_equals_dequantizing_the_codes(impl, bits, dtype):
+    """The prefill's fused path: the values equal dequantize_kv of the codes it wrote, bit for bit, in the
+    requested dtype (one launch on CUDA, with a rounding of its own), and the codes equal quantize_kv's."""
+    d = 128 if CUDA else 24
+    x = _kv_like((2, 3, 7, d), seed=5 + bits, dtype=dtype)
+    for out_dtype in (dtype, torch.float32):
+        codes, values = kv.quantize_dequantize_kv(x, bits, 0.9, 0.7, out_dtype, impl=impl)
+        want = kv.quantize_kv_reference(x, bits, 0.9, 0.7)
+        for a, b in zip(codes, want, strict=True):
+            assert torch.equal(a, b)
+        expected = kv.dequantize_kv(*want, bits, out_dtype)
+        assert values.dtype == out_dtype and values.shape == x.shape
+        assert torch.equal(values, expected)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_quantize_dequantize_into_a_cache_slice(impl):
+    b, h, cap, t, d, pos = 2, 3, 16, 5, 32, 4
+    x = _kv_like((b, h, t, d), seed=3, dtype=torch.bfloat16)
+    codes = torch.zeros((b, h, cap, d // 2), dtype=torch.uint8, device=DEVICE)
+    scale = torch.zeros((b, h, cap), device=DEVICE)
+    zero = torch.zeros((b, h, cap), device=DEVICE)
+    views = (codes[:, :, pos : pos + t], scale[:, :, pos : pos + t], zero[:, :, pos : pos + t])
+    got, values = kv.quantize_dequantize_kv(x, 4, impl=impl, out=views)
+    assert all(a is v for a, v in zip(got, views, strict=True))
+    assert torch.equal(values, kv.dequantize_kv(*views, 4, torch.bfloat16))
+    assert torch.equal(values, kv.dequantize_kv(*kv.quantize_kv_reference(x, 4), 4, torch.bfloat16))

@@ -88,14 +88,20 @@ class Int4KVLayer(CacheLayerMixin):
                 cap *= 2
             self._allocate(b, h, d, cap)
         # quantized straight into the cache at the append position (one launch each for K and V on CUDA)
-        kvq.quantize(key_states, value_states, out=[getattr(self, n)[:, :, self.length : end] for n in _NAMES])
+        out = [getattr(self, n)[:, :, self.length : end] for n in _NAMES]
+        fresh = self.length == 0 and t > 1  # a prompt into an empty cache: the new tokens are the whole cache
+        if fresh:  # the dequantized values come from the same launches, not from a pass over the cache
+            k, v = kvq.quantize_dequantize(key_states, value_states, value_states.dtype, out=out)
+        else:
+            kvq.quantize(key_states, value_states, out=out)
         self.length = end
         if self.lens is not None:  # a static cache fed several tokens at once (e.g. a second prompt chunk)
             self.lens.fill_(end)
         if t == 1:
             kvq.pending = ("decode", self, key_states)
             return key_states, value_states
-        k, v = self.dequantized(value_states.dtype)
+        if not fresh:
+            k, v = self.dequantized(value_states.dtype)
         kvq.pending = ("prefill", self, k)
         return k, v
 

@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .kernels.kv_quant import decode_attention, dequantize_kv, quantize_kv
+from .kernels.kv_quant import decode_attention, dequantize_kv, quantize_dequantize_kv, quantize_kv
 from .kernels.w4a4_linear import W4A4Linear, operand_gemm, quantize_operand
 
 ATTN_IMPLEMENTATION = "flatquant_packed"
@@ -188,8 +188,21 @@ class KVQuant(nn.Module):
         ko, vo = (None, None) if out is None else (tuple(out[:3]), tuple(out[3:]))
         return quantize_kv(k, self.bits, *self.k_clip, out=ko), quantize_kv(v, self.bits, *self.v_clip, out=vo)
 
+    def quantize_dequantize(
+        self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, out: tuple | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize K (already transformed) and V, writing the codes to ``out`` if given (as :meth:`quantize`),
+        and return their dequantized values in ``dtype``: what the fake-quant evaluation attends over. On
+        CUDA one launch each for K and V (x read once), equal bit for bit to dequantizing the codes."""
+        ko, vo = (None, None) if out is None else (tuple(out[:3]), tuple(out[3:]))
+        _, k_deq = quantize_dequantize_kv(k, self.bits, *self.k_clip, dtype, out=ko)
+        _, v_deq = quantize_dequantize_kv(v, self.bits, *self.v_clip, dtype, out=vo)
+        return k_deq, v_deq
+
     def fake_quantize(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize-dequantize K and V in their dtype: the fake-quant evaluation's KV cache."""
+        if k.dtype == v.dtype:
+            return self.quantize_dequantize(k, v, k.dtype)
         qk, qv = self.quantize(k, v)
         return dequantize_kv(*qk, self.bits, k.dtype), dequantize_kv(*qv, self.bits, v.dtype)
 

@@ -161,6 +161,7 @@ if triton is not None:
         code_ptr,  # uint8 (B, H, T, D // 2) packed when PACK, else (..., D); strides csb, csh, cst, 1
         scale_ptr,  # fp32 (B, H, T), strides ssb, ssh, sst; zero_ptr alike
         zero_ptr,
+        deq_ptr,  # (R, D) contiguous, the dequantized values in its dtype when DEQ (else unused)
         clip_max,
         clip_min,
         inv_qmax,  # fp32 1 / (2**BITS - 1), used when RECIP
@@ -180,6 +181,8 @@ if triton is not None:
         BITS: tl.constexpr,
         PACK: tl.constexpr,
         RECIP: tl.constexpr,
+        DEQ: tl.constexpr,
+        INTERPRET: tl.constexpr,
     ):
         rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rd = tl.arange(0, BLOCK_D)
@@ -199,7 +202,12 @@ if triton is not None:
             scale = tl.math.div_rn(tl.maximum(xmax - xmin, 1e-8), 2.0**BITS - 1)
         zero = _rint(tl.math.div_rn(-xmin, scale))
         q = _rint(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
-        q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1).to(tl.int32)
+        q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1)
+        if DEQ:  # dequantize_kv's (code - zero) * scale in fp32, one rounding to the output dtype
+            deq = (q - zero[:, None]) * scale[:, None]
+            deq_rows = deq_ptr + r64[:, None] * D + rd[None, :]
+            tl.store(deq_rows, _round_to(deq, deq_ptr.dtype.element_ty, INTERPRET), mask=m)
+        q = q.to(tl.int32)
         if PACK:
             lo, hi = tl.split(tl.reshape(q, (BLOCK_R, BLOCK_D // 2, 2)))  # even / odd channels
             rh = tl.arange(0, BLOCK_D // 2)
@@ -409,12 +417,20 @@ def _check_out(out, x: torch.Tensor, bits: int) -> None:
 
 
 def quantize_kv_triton(
-    x: torch.Tensor, bits: int = 4, clip_max: float = 1.0, clip_min: float = 1.0, *, out: tuple | None = None
+    x: torch.Tensor,
+    bits: int = 4,
+    clip_max: float = 1.0,
+    clip_min: float = 1.0,
+    *,
+    out: tuple | None = None,
+    dequantized: torch.dtype | None = None,
 ):
     """One Triton launch for :func:`quantize_kv` (the cache's append path); same results, bit for bit.
 
     out: (codes, scale, zero) tensors to write into instead of new ones, e.g. the slice of a cache at the
-    append position (any strides over x's leading dimensions, at most three of them); returned as given."""
+    append position (any strides over x's leading dimensions, at most three of them); returned as given.
+    dequantized: also return ``dequantize_kv`` of the result in this dtype, computed in the same launch
+    (a fourth return value, shaped like x)."""
     reason = triton_unavailable_reason(x)
     if reason is not None:
         raise RuntimeError(f"quantize_kv triton kernel cannot run: {reason}")
@@ -438,6 +454,7 @@ def quantize_kv_triton(
     else:
         codes, scale, zero = out
         dims = tuple(lead)
+    deq = None if dequantized is None else torch.empty((n_rows, d), device=x.device, dtype=dequantized)
     if zero.stride() != scale.stride():
         zero_w = torch.empty_like(scale)  # the kernel writes scale and zero with one set of strides
     else:
@@ -453,16 +470,17 @@ def quantize_kv_triton(
         # the reference's ``range / qmax`` is a true division on the CPU and a multiply by the fp32
         # reciprocal on CUDA (PyTorch's scalar-divisor path); follow the device so the results are equal
         _quantize_kv_kernel[grid](
-            x2, codes, scale, zero_w, float(clip_max), float(clip_min), _kq._INV_QMAX[(bits, False)],
-            n_rows, x2.stride(0), shape3[1], shape3[2], *cs, *ss,
+            x2, codes, scale, zero_w, x2 if deq is None else deq, float(clip_max), float(clip_min),
+            _kq._INV_QMAX[(bits, False)], n_rows, x2.stride(0), shape3[1], shape3[2], *cs, *ss,
             D=d, BLOCK_R=block_r, BLOCK_D=block_d, BITS=bits, PACK=pack, RECIP=x.is_cuda,
-            num_warps=4, **_no_fp_fusion(),
+            DEQ=deq is not None, INTERPRET=_interpreting(), num_warps=4, **_no_fp_fusion(),
         )  # fmt: skip
         if zero_w is not zero:
             zero.copy_(zero_w)
+    extra = () if deq is None else (deq.reshape(x.shape),)
     if out is not None:
-        return codes, scale, zero
-    return codes.reshape(*lead, codes.shape[-1]), scale.reshape(lead), zero.reshape(lead)
+        return codes, scale, zero, *extra
+    return codes.reshape(*lead, codes.shape[-1]), scale.reshape(lead), zero.reshape(lead), *extra
 
 
 def quantize_kv(
@@ -496,6 +514,30 @@ def quantize_kv(
     for dst, src in zip(out, result, strict=True):
         dst.copy_(src)
     return tuple(out)
+
+
+def quantize_dequantize_kv(
+    x: torch.Tensor,
+    bits: int = 4,
+    clip_max: float = 1.0,
+    clip_min: float = 1.0,
+    dtype: torch.dtype | None = None,
+    *,
+    impl: str = "auto",
+    out: tuple | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """:func:`quantize_kv` and the :func:`dequantize_kv` of its result, ``((codes, scale, zero), values)``.
+
+    values are in ``dtype`` (default x's), equal bit for bit to ``dequantize_kv(codes, scale, zero, bits,
+    dtype)``; on CUDA both come from one launch that reads x once (the prefill through the INT4 cache, the
+    fake-quant KV of a cacheless forward), elsewhere from the two reference functions. impl, out: as for
+    :func:`quantize_kv`."""
+    dtype = dtype or x.dtype
+    if _pick(impl, x) == "triton":
+        *codes, values = quantize_kv_triton(x, bits, clip_max, clip_min, out=out, dequantized=dtype)
+        return tuple(codes), values
+    codes = quantize_kv(x, bits, clip_max, clip_min, impl="torch", out=out)
+    return tuple(codes), dequantize_kv(*codes, bits, dtype)
 
 
 # ------------------------------------------------------------------------------------------ decode
