@@ -436,3 +436,19 @@ def test_static_decode_reads_device_lengths_only(packed, monkeypatch):
             layer.length = prompt.shape[1]
         torch.testing.assert_close(logits, refs[i + 1], rtol=0, atol=0)
     assert (cache.layers[0].lens == prompt.shape[1] + steps).all()
+
+
+def test_p_h_is_cast_once_and_recast_when_the_buffer_changes():
+    kvq = runtime.KVQuant(head_dim=8, has_p_h=True)
+    with torch.no_grad():
+        kvq.p_h.copy_(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+    k = torch.randn(1, 2, 3, 8, dtype=torch.bfloat16)
+    first = kvq._in_dtype("p_h", torch.bfloat16)
+    assert kvq._in_dtype("p_h", torch.bfloat16) is first  # reused: no cast kernel per call
+    assert torch.equal(kvq.transform_key(k), k @ kvq.p_h.to(torch.bfloat16))
+    with torch.no_grad():
+        kvq.p_h.mul_(2)  # rewritten in place (e.g. load_state_dict): the cast follows
+    assert torch.equal(kvq.transform_key(k), k @ kvq.p_h.to(torch.bfloat16))
+    kvq.double()  # moved / converted: a new buffer object
+    assert torch.equal(kvq.transform_key(k), k @ kvq.p_h.to(torch.bfloat16))
+    assert kvq._in_dtype("p_h", torch.float64) is kvq.p_h

@@ -173,14 +173,27 @@ class KVQuant(nn.Module):
         else:
             self.p_h = self.p_h_inv = None
         self.pending: tuple[str, object, torch.Tensor] | None = None  # (mode, cache layer, the key it returned)
+        self._casts: dict[tuple[str, torch.dtype], tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def _in_dtype(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Buffer ``name`` (fp32) in ``dtype``, cast once and reused while the buffer is unchanged: a decode
+        step then launches no cast kernels (two per layer otherwise). A moved or rewritten buffer is recast."""
+        t = getattr(self, name)
+        if t.dtype == dtype:
+            return t
+        hit = self._casts.get((name, dtype))
+        if hit is None or hit[0] is not t or hit[1] != t._version:
+            hit = (t, t._version, t.to(dtype))
+            self._casts[(name, dtype)] = hit
+        return hit[2]
 
     def transform_query(self, q: torch.Tensor) -> torch.Tensor:
         """q P_h^-T in q's dtype (B, H, T, D)."""
-        return q if self.p_h is None else q @ self.p_h_inv.transpose(0, 1).to(q.dtype)
+        return q if self.p_h is None else q @ self._in_dtype("p_h_inv", q.dtype).transpose(0, 1)
 
     def transform_key(self, k: torch.Tensor) -> torch.Tensor:
         """k P_h in k's dtype (B, KVH, T, D)."""
-        return k if self.p_h is None else k @ self.p_h.to(k.dtype)
+        return k if self.p_h is None else k @ self._in_dtype("p_h", k.dtype)
 
     def quantize(self, k: torch.Tensor, v: torch.Tensor, out: tuple | None = None) -> tuple[tuple, tuple]:
         """((codes, scale, zero) of K, same of V); K must already be transformed. out: six tensors (K's codes,
