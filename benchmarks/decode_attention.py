@@ -114,6 +114,10 @@ def measure(model, hq, hkv, d, b, s, cuda, config=None) -> dict:
     ours = _bench(lambda: kv.decode_attention_triton(q, *packed, lens, sm, config=config), cuda)
     if cuda:  # the same calls replayed from CUDA graphs (how decode runs when the host cost matters)
         rec["kv4_graph_us"] = _bench_graph(lambda: kv.decode_attention_triton(q, *packed, lens, sm, config=config))
+        rec["config"] = config or kv.last_config(q, packed[0])  # the tuned choice (None: untuned)
+        rec["kv4_default_graph_us"] = _bench_graph(
+            lambda: kv.decode_attention_triton(q, *packed, lens, sm, config=kv.DEFAULT_CONFIG)
+        )
         q4g = q[:, :, None]
         rec["sdpa_gqa_graph_us"] = _bench_graph(
             lambda: F.scaled_dot_product_attention(q4g, k, v, scale=sm, enable_gqa=g > 1)

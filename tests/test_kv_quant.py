@@ -385,3 +385,51 @@ def test_quantize_dequantize_into_a_cache_slice(impl):
     assert all(a is v for a, v in zip(got, views, strict=True))
     assert torch.equal(values, kv.dequantize_kv(*views, 4, torch.bfloat16))
     assert torch.equal(values, kv.dequantize_kv(*kv.quantize_kv_reference(x, 4), 4, torch.bfloat16))
+
+
+@needs_triton
+def test_every_decode_candidate_config_matches_the_reference():
+    """Tuning may choose any candidate on the GPU, so each one must be as close to the float64 result as
+    the default (half an ulp of the output dtype plus a little fp32 error)."""
+    b, hkv, g, d, s_cap = (4, 8, 4, 128, 1000) if CUDA else (2, 2, 2, 32, 40)
+    lens = [s_cap - 3, 12, s_cap, 1][:b]
+    cache = _cache(b, hkv, s_cap, d, lens)
+    q = _kv_like((b, hkv * g, d), seed=9, dtype=torch.bfloat16)
+    dense = _dense_float64(q, *cache, d**-0.5)
+    configs = kv.CANDIDATE_CONFIGS if CUDA else [c for c in kv.CANDIDATE_CONFIGS if not c["asm"]]
+    assert kv.DEFAULT_CONFIG in configs and len(configs) >= 18
+    for cfg in configs:
+        _assert_close_to_dense(kv.decode_attention_triton(q, *cache, d**-0.5, config=cfg), dense, torch.bfloat16)
+
+
+def test_decode_tuning_picks_the_fastest_candidate_once_per_shape(monkeypatch):
+    monkeypatch.setattr(kv, "_TUNED", {})
+    cands = [dict(kv.DEFAULT_CONFIG, block_n=bn) for bn in (64, 32, 128, 16)]
+    monkeypatch.setattr(kv, "CANDIDATE_CONFIGS", cands)
+    times = {64: 3.0, 32: 1.5, 128: 2.0}
+    ran = []
+
+    def run(cfg):
+        ran.append(cfg["block_n"])
+        if cfg["block_n"] == 16:
+            raise RuntimeError("out of resources")  # a candidate that cannot launch is skipped
+
+    monkeypatch.setattr(kv, "_graph_time", lambda fn: (fn(), times[ran[-1]])[1])
+    q = torch.zeros(2, 8, 64, dtype=torch.bfloat16)
+    k = torch.zeros(2, 2, 300, 32, dtype=torch.uint8)
+    assert kv.last_config(q, k) is None
+    assert kv._tuned_config(q, (k,), run)["block_n"] == 32
+    assert ran == [64, 32, 128, 16]
+    assert kv._tuned_config(q, (k,), run)["block_n"] == 32 and len(ran) == 4  # remembered: not timed again
+    assert kv.last_config(q, torch.zeros(2, 2, 500, 32, dtype=torch.uint8))["block_n"] == 32  # same bucket
+    assert kv.last_config(q, torch.zeros(2, 2, 600, 32, dtype=torch.uint8)) is None  # next power of two
+
+
+@pytest.mark.skipif(not CUDA, reason="tuning times CUDA-graph replays")
+def test_decode_attention_is_tuned_on_cuda():
+    b, hkv, g, d, s_cap = 2, 8, 4, 128, 512
+    cache = _cache(b, hkv, s_cap, d, [500, 37])
+    q = _kv_like((b, hkv * g, d), seed=4, dtype=torch.bfloat16)
+    out = kv.decode_attention(q, *cache, d**-0.5)
+    assert kv.last_config(q, cache[0]) in kv.CANDIDATE_CONFIGS
+    _assert_close_to_dense(out, _dense_float64(q, *cache, d**-0.5), torch.bfloat16)

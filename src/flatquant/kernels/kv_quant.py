@@ -15,7 +15,9 @@ with an online softmax, and a second small kernel merges the chunks.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 
 import torch
 
@@ -28,6 +30,7 @@ __all__ = [
     "decode_attention_reference",
     "decode_attention_triton",
     "dequantize_kv",
+    "quantize_dequantize_kv",
     "quantize_kv",
     "quantize_kv_reference",
     "quantize_kv_triton",
@@ -40,6 +43,15 @@ _MAX_SPLITS = 64  # chunks per sequence; the merge kernel holds (splits, D) fp32
 _LOG2E = math.log2(math.e)
 # decode kernel launch: tokens per step, warps, pipeline stages, target programs per SM, inline-PTX unpacking
 DEFAULT_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4, "asm": False}
+# On CUDA the launch config is chosen per shape among CANDIDATE_CONFIGS by timing CUDA-graph replays (set
+# False, or FLATQUANT_AUTOTUNE=0, for DEFAULT_CONFIG)
+AUTOTUNE = os.environ.get("FLATQUANT_AUTOTUNE", "1") != "0"
+CANDIDATE_CONFIGS = [DEFAULT_CONFIG] + [
+    {"block_n": bn, "num_warps": w, "num_stages": st, "progs_per_sm": pps, "asm": asm}
+    for bn, w, st, pps, asm in itertools.product((32, 64, 128), (4, 8), (2,), (2, 4, 8), (False, True))
+    if (bn, w, st, pps, asm) != (64, 4, 2, 4, False)
+]
+_TUNED: dict[tuple, dict] = {}  # shape key -> the fastest candidate (see _tuned_config)
 
 
 # ------------------------------------------------------------------------------------ quantize (torch)
@@ -603,13 +615,52 @@ def _launch_plan(n_kv_programs, s_cap, block_n, device, progs_per_sm, splits=Non
     return -(-max(1, s_cap) // chunk), chunk
 
 
+def _tuning_key(q, k_packed) -> tuple:
+    b, hq, _ = q.shape
+    hkv, s_cap = k_packed.shape[1], k_packed.shape[2]
+    return (q.device, q.dtype, b * hkv, hq // hkv, q.shape[2], 1 << max(s_cap - 1, 0).bit_length())
+
+
+def _graph_time(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=10)
+
+
+def _tuned_config(q, args, run) -> dict:
+    """The fastest of CANDIDATE_CONFIGS for this shape (batch x KV heads, group size, head dim, dtype, cache
+    capacity rounded up to a power of two), timed once as CUDA-graph replays of ``run(config)`` and remembered.
+    While a stream is being captured (no timing possible) an untuned shape runs DEFAULT_CONFIG; warm-up steps
+    before a capture (GraphedDecoder's) tune it. Candidates that fail to launch are skipped."""
+    key = _tuning_key(q, args[0])
+    best = _TUNED.get(key)
+    if best is not None:
+        return best
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return DEFAULT_CONFIG
+    timed = []
+    for cfg in CANDIDATE_CONFIGS:
+        try:
+            timed.append((_graph_time(lambda c=cfg: run(c)), len(timed), cfg))
+        except Exception:  # e.g. out of shared memory for a large token block
+            continue
+    _TUNED[key] = best = min(timed)[2] if timed else DEFAULT_CONFIG
+    return best
+
+
+def last_config(q, k_packed) -> dict | None:
+    """The config tuning chose for this shape (None before the first call or without tuning)."""
+    return _TUNED.get(_tuning_key(q, k_packed))
+
+
 def decode_attention_triton(
     q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale, *, config: dict | None = None
 ):
     """The flash-decoding Triton kernels; same contract as :func:`decode_attention_reference`, except that
     seq_lens are clamped to [0, S_cap] on the device instead of checked (no host synchronisation).
 
-    config: optional overrides of DEFAULT_CONFIG (and ``splits``: chunks per sequence), for tests and benchmarks.
+    config: overrides of DEFAULT_CONFIG (and ``splits``: chunks per sequence), for tests and benchmarks. Without
+    it, on CUDA (``AUTOTUNE``), the config is tuned per shape among CANDIDATE_CONFIGS (``_tuned_config``).
     """
     b, hq, hkv, s_cap, d = _check_decode_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
     reason = triton_unavailable_reason(q)  # after the argument checks: bad input gets the same error anywhere
@@ -618,6 +669,13 @@ def decode_attention_triton(
     out = torch.empty((b, hq, d), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
+    if config is None and AUTOTUNE and not _interpreting():
+        args = (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
+
+        def run(c):
+            return decode_attention_triton(q, *args, sm_scale, config=c)
+
+        config = _tuned_config(q, args, run)
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {cfg['block_n']}")
