@@ -249,7 +249,7 @@ def _quant_forward(layer, x, kwargs, cfg: FlatQuantConfig, out: Activations) -> 
     """Outputs of a calibrated (fake-quantized) block for all rows of ``x``, in the training precision."""
     amp_dtype = getattr(torch, cfg.autocast_dtype)
     device_type = x.device.type
-    with factor_cache():
+    with fused_calibration(x.device), factor_cache():  # the compiled fake-quant functions, as in training
         with torch.autocast(device_type, enabled=False):
             precompute_factors(layer)
         for s in range(0, len(x), cfg.batch_size):
