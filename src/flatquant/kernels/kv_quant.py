@@ -168,6 +168,18 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
+    def _load_rows(x_ptr, n_rows, stride_x, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's BLOCK_R rows of x (rows of D elements, row stride stride_x) in fp32, zero-padded to
+        BLOCK_D; also the int64 row indices, the column indices, the row mask and the element mask."""
+        rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rd = tl.arange(0, BLOCK_D)
+        mr = rr < n_rows
+        m = mr[:, None] & (rd[None, :] < D)
+        r64 = rr.to(tl.int64)
+        x = tl.load(x_ptr + r64[:, None] * stride_x + rd[None, :], mask=m, other=0.0).to(tl.float32)
+        return x, r64, rd, mr, m
+
+    @triton.jit
     def _quantize_kv_kernel(
         x_ptr,  # (R, D) rows with stride stride_x; row r is (b, h, t) = (r // (H*T), r // T % H, r % T)
         code_ptr,  # uint8 (B, H, T, D // 2) packed when PACK, else (..., D); strides csb, csh, cst, 1
@@ -196,12 +208,7 @@ if triton is not None:
         DEQ: tl.constexpr,
         INTERPRET: tl.constexpr,
     ):
-        rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rd = tl.arange(0, BLOCK_D)
-        mr = rr < n_rows
-        m = mr[:, None] & (rd[None, :] < D)
-        r64 = rr.to(tl.int64)
-        x = tl.load(x_ptr + r64[:, None] * stride_x + rd[None, :], mask=m, other=0.0).to(tl.float32)
+        x, r64, rd, mr, m = _load_rows(x_ptr, n_rows, stride_x, D, BLOCK_R, BLOCK_D)
         rb, rh_, rt = r64 // (H * T), (r64 // T) % H, r64 % T
         c_row = rb * csb + rh_ * csh + rt * cst  # where the row's codes and scale go (e.g. a cache slice)
         s_row = rb * ssb + rh_ * ssh + rt * sst

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import kron_quantize as _kq
+from . import kv_quant as _kv
 
 triton, tl = _kq.triton, _kq.tl
 
@@ -38,12 +39,7 @@ if triton is not None:
         x_ptr, w_ptr, out_ptr, n_rows, stride_x, stride_o, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr,
     ):  # fmt: skip
-        rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rd = tl.arange(0, BLOCK_D)
-        mr = rr < n_rows
-        m = mr[:, None] & (rd[None, :] < D)
-        r64 = rr.to(tl.int64)
-        x = tl.load(x_ptr + r64[:, None] * stride_x + rd[None, :], mask=m, other=0.0).to(tl.float32)
+        x, r64, rd, _, m = _kv._load_rows(x_ptr, n_rows, stride_x, D, BLOCK_R, BLOCK_D)
         var = tl.sum(x * x, 1) / D
         h = x * (1.0 / tl.sqrt_rn(var + eps))[:, None]
         h = _kq._round_to(h, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)  # .to(dt) of the module
