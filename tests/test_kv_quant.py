@@ -433,3 +433,30 @@ def test_decode_attention_is_tuned_on_cuda():
     out = kv.decode_attention(q, *cache, d**-0.5)
     assert kv.last_config(q, cache[0]) in kv.CANDIDATE_CONFIGS
     _assert_close_to_dense(out, _dense_float64(q, *cache, d**-0.5), torch.bfloat16)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("bits,t", [(4, 1), (3, 1), (4, 2)])
+def test_quantize_at_device_positions_writes_only_those_rows(impl, bits, t):
+    """A static cache's decode append: row (b, h, i) of x lands at position positions[b] + i of every head of
+    sequence b, equal to quantize_kv of x; every other position keeps its content."""
+    b, h, cap, d = 3, 2, 12, 32
+    x = _kv_like((b, h, t, d), seed=17 + bits, dtype=torch.bfloat16)
+    width = d // 2 if bits == 4 else d
+    codes = torch.full((b, h, cap, width), 0x5A, dtype=torch.uint8, device=DEVICE)
+    scale = torch.full((b, h, cap), -1.0, device=DEVICE)
+    zero = torch.full((b, h, cap), -2.0, device=DEVICE)
+    positions = torch.tensor([0, 7, cap - t], dtype=torch.int32, device=DEVICE)
+    kv.quantize_kv_at(x, bits, 0.9, 0.8, (codes, scale, zero), positions, impl=impl)
+    want = kv.quantize_kv_reference(x, bits, 0.9, 0.8)
+    written = torch.zeros(b, cap, dtype=torch.bool)
+    for i, p in enumerate(positions.tolist()):
+        written[i, p : p + t] = True
+        for buf, ref in zip((codes, scale, zero), want, strict=True):
+            assert torch.equal(buf[i, :, p : p + t], ref[i])
+    assert (codes.cpu()[~written[:, None, :].expand(b, h, cap)] == 0x5A).all()
+    assert (scale.cpu()[~written[:, None, :].expand(b, h, cap)] == -1).all()
+    with pytest.raises(ValueError, match="positions must be int32"):
+        kv.quantize_kv_at(x, bits, 1.0, 1.0, (codes, scale, zero), positions.long(), impl=impl)
+    with pytest.raises(ValueError, match="cache must be uint8 codes"):
+        kv.quantize_kv_at(x, bits, 1.0, 1.0, (codes, scale.double(), zero), positions, impl=impl)

@@ -108,16 +108,11 @@ class Int4KVLayer(CacheLayerMixin):
     def _static_decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """One token per sequence written at the device-side positions ``lens`` (B,), which then advance:
         no host value in the step, so it can be captured in a CUDA graph and replayed."""
-        b = key_states.shape[0]
         if self.length + 1 > self.capacity:
             raise RuntimeError(f"static INT4 cache is full ({self.capacity} tokens); make_static a larger capacity")
         kvq = self.kv_quant
-        new = [t for tt in kvq.quantize(key_states, value_states) for t in tt]  # (B, H, 1[, W]) each
-        pos = self.lens.long().view(b, 1, 1)
-        for n, value in zip(_NAMES, new, strict=True):
-            buf = getattr(self, n)
-            index = pos.expand(value.shape[:3]) if value.dim() == 3 else pos[..., None].expand(value.shape)
-            buf.scatter_(2, index, value)  # row lens[b] of every head of sequence b
+        # written at rows lens[b] of every head of sequence b: one launch each for K and V on CUDA
+        kvq.quantize_at(key_states, value_states, [getattr(self, n) for n in _NAMES], self.lens)
         self.lens += 1
         self.length += 1  # host bookkeeping (a graph replay does not run this line: see GraphedDecoder)
         kvq.pending = ("decode", self, key_states)

@@ -22,7 +22,13 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .kernels.kv_quant import decode_attention, dequantize_kv, quantize_dequantize_kv, quantize_kv
+from .kernels.kv_quant import (
+    decode_attention,
+    dequantize_kv,
+    quantize_dequantize_kv,
+    quantize_kv,
+    quantize_kv_at,
+)
 from .kernels.w4a4_linear import W4A4Linear, operand_gemm, quantize_operand
 
 ATTN_IMPLEMENTATION = "flatquant_packed"
@@ -200,6 +206,12 @@ class KVQuant(nn.Module):
         scale, zero, then V's) to write into, e.g. the cache slice at the append position."""
         ko, vo = (None, None) if out is None else (tuple(out[:3]), tuple(out[3:]))
         return quantize_kv(k, self.bits, *self.k_clip, out=ko), quantize_kv(v, self.bits, *self.v_clip, out=vo)
+
+    def quantize_at(self, k: torch.Tensor, v: torch.Tensor, cache: list, positions: torch.Tensor) -> None:
+        """Quantize K (already transformed) and V into the whole cache (K's codes, scale, zero, then V's) at
+        the device-side positions (B,): one launch each on CUDA (:func:`quantize_kv_at`)."""
+        quantize_kv_at(k, self.bits, *self.k_clip, tuple(cache[:3]), positions)
+        quantize_kv_at(v, self.bits, *self.v_clip, tuple(cache[3:]), positions)
 
     def quantize_dequantize(
         self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, out: tuple | None = None

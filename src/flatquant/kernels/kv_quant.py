@@ -32,6 +32,7 @@ __all__ = [
     "dequantize_kv",
     "quantize_dequantize_kv",
     "quantize_kv",
+    "quantize_kv_at",
     "quantize_kv_reference",
     "quantize_kv_triton",
 ]
@@ -186,6 +187,7 @@ if triton is not None:
         scale_ptr,  # fp32 (B, H, T), strides ssb, ssh, sst; zero_ptr alike
         zero_ptr,
         deq_ptr,  # (R, D) contiguous, the dequantized values in its dtype when DEQ (else unused)
+        pos_ptr,  # int32 (B,) when POS: row (b, h, t) goes to position pos[b] + t of the outputs (else unused)
         clip_max,
         clip_min,
         inv_qmax,  # fp32 1 / (2**BITS - 1), used when RECIP
@@ -206,10 +208,13 @@ if triton is not None:
         PACK: tl.constexpr,
         RECIP: tl.constexpr,
         DEQ: tl.constexpr,
+        POS: tl.constexpr,
         INTERPRET: tl.constexpr,
     ):
         x, r64, rd, mr, m = _load_rows(x_ptr, n_rows, stride_x, D, BLOCK_R, BLOCK_D)
         rb, rh_, rt = r64 // (H * T), (r64 // T) % H, r64 % T
+        if POS:  # device-side append positions (a static cache's decode step: no host value)
+            rt += tl.load(pos_ptr + rb, mask=mr, other=0).to(tl.int64)
         c_row = rb * csb + rh_ * csh + rt * cst  # where the row's codes and scale go (e.g. a cache slice)
         s_row = rb * ssb + rh_ * ssh + rt * sst
         # the fake quantizer's fp32 operations, in its order (no fp contraction: see the launch)
@@ -443,13 +448,15 @@ def quantize_kv_triton(
     *,
     out: tuple | None = None,
     dequantized: torch.dtype | None = None,
+    positions: torch.Tensor | None = None,
 ):
     """One Triton launch for :func:`quantize_kv` (the cache's append path); same results, bit for bit.
 
     out: (codes, scale, zero) tensors to write into instead of new ones, e.g. the slice of a cache at the
     append position (any strides over x's leading dimensions, at most three of them); returned as given.
     dequantized: also return ``dequantize_kv`` of the result in this dtype, computed in the same launch
-    (a fourth return value, shaped like x)."""
+    (a fourth return value, shaped like x). positions: see :func:`quantize_kv_at` (``out`` is then the whole
+    cache, checked there)."""
     reason = triton_unavailable_reason(x)
     if reason is not None:
         raise RuntimeError(f"quantize_kv triton kernel cannot run: {reason}")
@@ -457,7 +464,8 @@ def quantize_kv_triton(
     _check_bits(bits, d)
     lead = x.shape[:-1]
     if out is not None:
-        _check_out(out, x, bits)
+        if positions is None:
+            _check_out(out, x, bits)
         if len(lead) > 3:
             raise ValueError(f"out= takes x with at most three leading dimensions, got {tuple(x.shape)}")
     x2 = x.reshape(-1, d)
@@ -489,10 +497,11 @@ def quantize_kv_triton(
         # the reference's ``range / qmax`` is a true division on the CPU and a multiply by the fp32
         # reciprocal on CUDA (PyTorch's scalar-divisor path); follow the device so the results are equal
         _quantize_kv_kernel[grid](
-            x2, codes, scale, zero_w, x2 if deq is None else deq, float(clip_max), float(clip_min),
-            _kq._INV_QMAX[(bits, False)], n_rows, x2.stride(0), shape3[1], shape3[2], *cs, *ss,
-            D=d, BLOCK_R=block_r, BLOCK_D=block_d, BITS=bits, PACK=pack, RECIP=x.is_cuda,
-            DEQ=deq is not None, INTERPRET=_interpreting(), num_warps=4, **_no_fp_fusion(),
+            x2, codes, scale, zero_w, x2 if deq is None else deq, x2 if positions is None else positions,
+            float(clip_max), float(clip_min), _kq._INV_QMAX[(bits, False)], n_rows, x2.stride(0), shape3[1],
+            shape3[2], *cs, *ss, D=d, BLOCK_R=block_r, BLOCK_D=block_d, BITS=bits, PACK=pack, RECIP=x.is_cuda,
+            DEQ=deq is not None, POS=positions is not None, INTERPRET=_interpreting(), num_warps=4,
+            **_no_fp_fusion(),
         )  # fmt: skip
         if zero_w is not zero:
             zero.copy_(zero_w)
@@ -533,6 +542,48 @@ def quantize_kv(
     for dst, src in zip(out, result, strict=True):
         dst.copy_(src)
     return tuple(out)
+
+
+def quantize_kv_at(
+    x: torch.Tensor,
+    bits: int,
+    clip_max: float,
+    clip_min: float,
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    positions: torch.Tensor,
+    *,
+    impl: str = "auto",
+) -> None:
+    """Quantize x (B, H, T, D) as :func:`quantize_kv` into ``cache`` = (codes (B, H, S_cap, W), scale, zero
+    (B, H, S_cap)) at positions ``positions[b] + t`` (int32 (B,) on x's device): a static cache's decode step
+    appends at device-side lengths, so that it can be captured in a CUDA graph. One launch on CUDA; the
+    reference and a scatter elsewhere. Positions past S_cap are not checked (the caller keeps them in range)."""
+    b, h, t, d = x.shape
+    codes, scale, zero = cache
+    width = d // 2 if bits == 4 else d
+    if (
+        codes.dtype != torch.uint8
+        or codes.shape[:2] != (b, h)
+        or codes.shape[3] != width
+        or codes.stride(-1) != 1
+        or any(u.dtype != torch.float32 or u.shape != codes.shape[:3] for u in (scale, zero))
+        or scale.stride() != zero.stride()
+    ):
+        raise ValueError(
+            f"cache must be uint8 codes ({b}, {h}, S_cap, {width}) with unit stride and float32 scale / zero "
+            f"({b}, {h}, S_cap) of equal strides, got {[(u.dtype, tuple(u.shape)) for u in cache]}"
+        )
+    if positions.shape != (b,) or positions.dtype != torch.int32 or positions.device != x.device:
+        raise ValueError(
+            f"positions must be int32 ({b},) on {x.device}, got {positions.dtype} {tuple(positions.shape)}"
+        )
+    if _pick(impl, x) == "triton":
+        quantize_kv_triton(x, bits, clip_max, clip_min, out=cache, positions=positions)
+        return
+    pos = positions.long().view(b, 1, 1) + torch.arange(t, device=x.device).view(1, 1, t)  # (B, 1, T)
+    for buf, value in zip(cache, quantize_kv_reference(x, bits, clip_max, clip_min), strict=True):
+        index = pos.expand(value.shape[:3]) if value.dim() == 3 else pos[..., None].expand(value.shape)
+        buf.scatter_(2, index, value)
 
 
 def quantize_dequantize_kv(
