@@ -1,6 +1,7 @@
 """Where a calibration step's time goes: one block of a model config, random weights, torch.profiler.
 
 python benchmarks/calibration_profile.py --steps 30   # on a GPU; prints ms/step and the top ops
+python benchmarks/calibration_profile.py --steps 30 --graph 1 --out /tmp/graph.json   # steps replayed from a CUDA graph
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--compile", type=int, default=1)
+    p.add_argument("--graph", type=int, default=0, help="1: replay the steps from a CUDA graph (FLATQUANT_CALIB_GRAPH)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "calibration_profile.json"))
     args = p.parse_args()
     dev = torch.device("cuda")
@@ -55,6 +57,7 @@ def main() -> None:
             for q in m.parameters():
                 q.requires_grad_(True)
     os.environ["FLATQUANT_COMPILE"] = str(args.compile)
+    calib.CALIB_GRAPH = bool(args.graph)
     timings = {}
     with fused_calibration(dev):
         for label, profile in (("warm-up", False), ("timed", False), ("profiled", True)):
@@ -80,6 +83,7 @@ def main() -> None:
         "ms_per_step": timings["timed"],
         "gpu_busy_ms_per_step": gpu_total,
         "compile": bool(args.compile),
+        "graph": bool(args.graph),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
     }

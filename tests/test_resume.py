@@ -85,3 +85,37 @@ def test_log_mse_objective_reweights_steps(tokens):
     assert any(not torch.equal(states["mse"][k], states["log-mse"][k]) for k in states["mse"])
     with pytest.raises(ValueError, match="loss='l1' is not one of"):
         _cfg(loss="l1")
+
+
+def test_learning_rates_follow_the_cosine_schedule_per_step(tokens, monkeypatch):
+    """Step k trains at base * f(k), f cosine from 1 to 1e-3 over all steps (as LambdaLR stepped per batch),
+    transforms at lr and clipping logits at clip_lr."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def recording(self, *a, **k):
+        seen.append([float(g["lr"]) for g in self.param_groups])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    cfg = _cfg(epochs=3, lr=0.02, clip_lr=0.3)
+    fq.quantize(tiny_model("llama", num_hidden_layers=1), cfg, tokens, device="cpu", progress=False)
+    total = cfg.epochs * (cfg.nsamples // cfg.batch_size)
+    assert len(seen) == total
+    f = calib_mod._lr_lambda(total)
+    for k, (lr, clip_lr) in enumerate(seen):
+        assert lr == pytest.approx(0.02 * f(k), rel=1e-12) and clip_lr == pytest.approx(0.3 * f(k), rel=1e-12)
+    assert seen[0][0] == pytest.approx(0.02) and seen[-1][0] < 0.02 * 0.1  # decayed (1e-3 one step later)
+
+
+def test_step_graphs_are_opt_in_and_need_device_activations(monkeypatch):
+    from flatquant.offload import Activations
+
+    x = Activations.wrap(torch.zeros(8, 4, 2))
+    assert not calib_mod._graphable(x, x, 8, 4)  # off by default (and on the CPU)
+    monkeypatch.setattr(calib_mod, "CALIB_GRAPH", True)
+    assert not calib_mod._graphable(x, x, 8, 4)  # CPU tensors
+    x.device = torch.device("cuda")  # as if device-resident on a GPU
+    assert calib_mod._graphable(x, x, 32, 4)
+    assert not calib_mod._graphable(x, x, 30, 4)  # a partial last batch: one captured shape only
+    assert not calib_mod._graphable(x, x, 12, 4)  # too few steps after the warm-up

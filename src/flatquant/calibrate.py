@@ -264,47 +264,118 @@ def _lr_lambda(total_steps: int):
     return f
 
 
+# Opt-in (FLATQUANT_CALIB_GRAPH=1, CUDA): replay each training step from a CUDA graph. A SmolLM2 step is ~8 ms of
+# GPU work inside ~37 ms of host time (docs/pipeline.md); a replay removes the host side. Experimental: not yet run
+# on a GPU, so off by default.
+CALIB_GRAPH = os.environ.get("FLATQUANT_CALIB_GRAPH", "0") == "1"
+_GRAPH_WARMUP_STEPS = 3  # eager steps (compilation, optimiser state) before the capture
+
+
+def _graphable(x, y, n: int, batch_size: int) -> bool:
+    """Whether the training steps can be captured: CUDA, activations on the device (rows are gathered by a
+    device-side index, no host copy), and full batches only (one captured shape)."""
+    return (
+        CALIB_GRAPH
+        and x.device.type == "cuda"
+        and x.where == "device"
+        and y.where == "device"
+        and n % batch_size == 0
+        and n // batch_size > _GRAPH_WARMUP_STEPS
+    )
+
+
 def _train_block(layer, x, y, kwargs, cfg: FlatQuantConfig, lr_scale: float, bar) -> float:
     x, y = as_activations(x), as_activations(y)
     params = [p for p in layer.parameters() if p.requires_grad]
     clip = [p for n, p in layer.named_parameters() if p.requires_grad and "clip_" in n]
     clip_ids = {id(p) for p in clip}
     rest = [p for p in params if id(p) not in clip_ids]
-    opt = torch.optim.AdamW(
-        [{"params": rest, "lr": cfg.lr * lr_scale}, {"params": clip, "lr": cfg.clip_lr * lr_scale}],
-        weight_decay=cfg.weight_decay,
-        fused=x.device.type == "cuda",  # one kernel for all the small tensors: the steps are launch-bound
-    )
     n = len(x)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.epochs * steps_per_epoch))
+    graphed = _graphable(x, y, n, cfg.batch_size)
+    base = (cfg.lr * lr_scale, cfg.clip_lr * lr_scale)
+    # a captured step reads its learning rates from device tensors, set in place before each replay
+    lrs = [torch.tensor(b, device=x.device) for b in base] if graphed else list(base)
+    opt = torch.optim.AdamW(
+        [{"params": rest, "lr": lrs[0]}, {"params": clip, "lr": lrs[1]}],
+        weight_decay=cfg.weight_decay,
+        fused=x.device.type == "cuda",  # one kernel for all the small tensors: the steps are launch-bound
+        capturable=graphed,
+    )
+    lr_factor = _lr_lambda(cfg.epochs * steps_per_epoch)  # cosine to 1e-3 of the rate, stepped per batch
     amp_dtype = getattr(torch, cfg.autocast_dtype)
     device_type = x.device.type
     g = torch.Generator().manual_seed(cfg.seed)
+    total = torch.zeros((), device=x.device)
+    idx_buf = torch.zeros(cfg.batch_size, dtype=torch.long, device=x.index_device)
+
+    def step(idx: torch.Tensor) -> None:
+        """One optimiser step on rows ``idx``; adds its loss to ``total`` (no host synchronisation)."""
+        with factor_cache():
+            with torch.autocast(device_type, enabled=False):
+                precompute_factors(layer)
+            with torch.autocast(
+                device_type, dtype=amp_dtype, enabled=amp_dtype != torch.float32, cache_enabled=not graphed
+            ):
+                out = _block_out(layer(x.rows(idx), **kwargs))
+        loss = torch.nn.functional.mse_loss(out.float(), y.rows(idx).float())
+        objective = loss / loss.detach() if cfg.loss == "log-mse" else loss  # log-mse: gradient of log(MSE)
+        opt.zero_grad(set_to_none=not graphed)  # a captured step keeps its gradient tensors
+        objective.backward()
+        opt.step()
+        total.add_(loss.detach())
+
+    graph, k = None, 0
     loss_value = float("nan")
     for epoch in range(cfg.epochs):
-        total = torch.zeros((), device=x.device)
+        total.zero_()
         perm = torch.randperm(n, generator=g).to(x.index_device)  # one host-to-device copy per epoch, not per step
         for s in range(0, n, cfg.batch_size):
-            idx = perm[s : s + cfg.batch_size]
-            with factor_cache():
-                with torch.autocast(device_type, enabled=False):
-                    precompute_factors(layer)
-                with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                    out = _block_out(layer(x.rows(idx), **kwargs))
-            loss = torch.nn.functional.mse_loss(out.float(), y.rows(idx).float())
-            objective = loss / loss.detach() if cfg.loss == "log-mse" else loss  # log-mse: gradient of log(MSE)
-            opt.zero_grad(set_to_none=True)
-            objective.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach()
+            for group, b in zip(opt.param_groups, base, strict=True):
+                if graphed:
+                    group["lr"].fill_(b * lr_factor(k))
+                else:
+                    group["lr"] = b * lr_factor(k)
+            if not graphed:
+                step(perm[s : s + cfg.batch_size])
+            else:
+                idx_buf.copy_(perm[s : s + cfg.batch_size])
+                if graph is None and k >= _GRAPH_WARMUP_STEPS:
+                    graph = _capture(step, idx_buf)
+                    if graph is False:  # the step cannot be captured: the rest runs eagerly
+                        graphed = False
+                if graph:
+                    graph.replay()
+                else:
+                    _side_stream_step(step, idx_buf)
+            k += 1
         loss_value = float(total) / steps_per_epoch  # one sync per epoch
         if not math.isfinite(loss_value):
             return loss_value
         if bar is not None:
             bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss_value:.3g}")
     return loss_value
+
+
+def _side_stream_step(step, idx: torch.Tensor) -> None:
+    """An eager step on a side stream, as CUDA-graph warm-up wants (lazy initialisations off the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(idx)
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _capture(step, idx: torch.Tensor):
+    """A CUDA graph of ``step(idx)`` (nothing executed yet), or False with a warning if it cannot be captured."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step(idx)
+    except Exception as err:  # e.g. a host synchronisation inside the step
+        tqdm.write(f"calibration step not capturable ({type(err).__name__}: {str(err)[:120]}); running eagerly")
+        return False
+    return graph
 
 
 def calibrate(
