@@ -51,3 +51,13 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Modu
 def tokens() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 128, (8, 32), generator=g)
+
+
+@pytest.fixture(autouse=True)
+def _decode_attention_untuned(monkeypatch, request):
+    """On the GPU, tests run decode attention with its default config (tuning every test's shape would take
+    minutes); the candidates are checked one by one, the tuning in the tests named ``*tuned*``/``*tuning*``."""
+    if torch.cuda.is_available() and "tun" not in request.node.name:
+        import flatquant.kernels.kv_quant as kv_quant
+
+        monkeypatch.setattr(kv_quant, "AUTOTUNE", False)
