@@ -16,6 +16,8 @@ A packed decoder block keeps Hugging Face's own modules and forward; only these 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -179,7 +181,7 @@ class KVQuant(nn.Module):
         else:
             self.p_h = self.p_h_inv = None
         self.pending: tuple[str, object, torch.Tensor] | None = None  # (mode, cache layer, the key it returned)
-        self._casts: dict[tuple[str, torch.dtype], tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._casts: dict[tuple[str, torch.dtype], tuple[weakref.ref, int, torch.Tensor]] = {}
 
     def _in_dtype(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """Buffer ``name`` (fp32) in ``dtype``, cast once and reused while the buffer is unchanged: a decode
@@ -188,8 +190,8 @@ class KVQuant(nn.Module):
         if t.dtype == dtype:
             return t
         hit = self._casts.get((name, dtype))
-        if hit is None or hit[0] is not t or hit[1] != t._version:
-            hit = (t, t._version, t.to(dtype))
+        if hit is None or hit[0]() is not t or hit[1] != t._version:  # weak: a replaced buffer is freed
+            hit = (weakref.ref(t), t._version, t.to(dtype))
             self._casts[(name, dtype)] = hit
         return hit[2]
 
