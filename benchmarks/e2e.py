@@ -32,16 +32,19 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import time
 
-import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+os.environ.setdefault("FLATQUANT_AUTOTUNE_CACHE", "0")  # tune afresh: no results from earlier processes
 
-from flatquant.files import atomic_write_json
-from flatquant.kvcache import GraphedDecoder, Int4KVCache, cache_kwargs
-from flatquant.packed import finish_packed_model, packed_skeleton
-from flatquant.report import device_name
-from flatquant.transforms import kron_factors, random_orthogonal
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig  # noqa: E402
+
+from flatquant.files import atomic_write_json  # noqa: E402
+from flatquant.kvcache import GraphedDecoder, Int4KVCache, cache_kwargs  # noqa: E402
+from flatquant.packed import finish_packed_model, packed_skeleton  # noqa: E402
+from flatquant.report import device_name  # noqa: E402
+from flatquant.transforms import kron_factors, random_orthogonal  # noqa: E402
 
 CONFIGS = {
     "llama-2-7b": dict(

@@ -24,6 +24,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the CPU run goes through Triton's interpreter
+os.environ.setdefault("FLATQUANT_AUTOTUNE_CACHE", "0")  # tune afresh: no results from earlier processes
 
 import triton  # noqa: E402
 from torch import nn  # noqa: E402

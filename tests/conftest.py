@@ -61,3 +61,9 @@ def _decode_attention_untuned(monkeypatch, request):
         import flatquant.kernels.kv_quant as kv_quant
 
         monkeypatch.setattr(kv_quant, "AUTOTUNE", False)
+
+
+@pytest.fixture(autouse=True)
+def _private_tuning_cache(monkeypatch, tmp_path):
+    """Tuning results a test writes stay in its own folder (never in the user's cache)."""
+    monkeypatch.setenv("FLATQUANT_CACHE_DIR", str(tmp_path / "flatquant-cache"))

@@ -460,3 +460,31 @@ def test_quantize_at_device_positions_writes_only_those_rows(impl, bits, t):
         kv.quantize_kv_at(x, bits, 1.0, 1.0, (codes, scale, zero), positions.long(), impl=impl)
     with pytest.raises(ValueError, match="cache must be uint8 codes"):
         kv.quantize_kv_at(x, bits, 1.0, 1.0, (codes, scale.double(), zero), positions, impl=impl)
+
+
+def test_decode_tuning_persists_across_processes(monkeypatch, tmp_path):
+    """A tuned shape is written to FLATQUANT_CACHE_DIR and a later process (fresh memory) reuses it untimed."""
+    monkeypatch.setenv("FLATQUANT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kq, "AUTOTUNE_CACHE", True)
+    monkeypatch.setattr(kv._kq, "AUTOTUNE_CACHE", True)
+    cands = [dict(kv.DEFAULT_CONFIG, block_n=bn) for bn in (64, 128)]
+    monkeypatch.setattr(kv, "CANDIDATE_CONFIGS", cands)
+    timed = []
+
+    def fake_time(fn):
+        timed.append(1)
+        return 2.0 if len(timed) == 1 else 1.0  # the second candidate (block_n 128) wins
+
+    monkeypatch.setattr(kv, "_graph_time", fake_time)
+    q = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
+    k = torch.zeros(1, 4, 100, 32, dtype=torch.uint8)
+    monkeypatch.setattr(kv, "_TUNED", {})
+    assert kv._tuned_config(q, (k,), lambda c: None)["block_n"] == 128 and len(timed) == 2
+    assert (tmp_path / "decode_attention_tuning.json").exists()
+    monkeypatch.setattr(kv, "_TUNED", {})  # a new process
+    assert kv._tuned_config(q, (k,), lambda c: None)["block_n"] == 128 and len(timed) == 2  # from the file
+    monkeypatch.setattr(kq, "AUTOTUNE_CACHE", False)
+    monkeypatch.setattr(kv._kq, "AUTOTUNE_CACHE", False)
+    monkeypatch.setattr(kv, "_TUNED", {})
+    kv._tuned_config(q, (k,), lambda c: None)
+    assert len(timed) == 4  # FLATQUANT_AUTOTUNE_CACHE=0: timed afresh

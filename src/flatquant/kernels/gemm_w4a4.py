@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from .kron_quantize import autotune as _autotune  # triton.autotune, results cached on disk
+
 try:
     import triton
     import triton.language as tl
@@ -450,7 +452,7 @@ if _HAS_TRITON:
         _cfg(16, 64, 128, 4, 4, 1),
     ]
     _KEY = ["M_KEY", "N", "K", "HAS_ZERO", "HAS_BIAS", "USE_FP8", "X_FP8"]
-    _large = triton.autotune(LARGE_CONFIGS, key=_KEY)(_kernel)
+    _large = _autotune(LARGE_CONFIGS, key=_KEY)(_kernel)
     # FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K (exact tile sums); SWAP_AB is an INT8-path option; at most 128x128
     # output tiles (the per-tile fp32 sum doubles the accumulator registers: 128x256 spilled in the sm_90 build)
     LARGE_CONFIGS_FP8 = [
@@ -460,10 +462,10 @@ if _HAS_TRITON:
         and not c.kwargs["SWAP_AB"]
         and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128
     ] + [_cfg(128, 64, 128, 4, 4)]
-    _large_fp8 = triton.autotune(LARGE_CONFIGS_FP8, key=_KEY)(_kernel)
+    _large_fp8 = _autotune(LARGE_CONFIGS_FP8, key=_KEY)(_kernel)
     # decode kernels take a few microseconds: time the candidates under CUDA graphs, not launch overhead
-    _small = triton.autotune(SMALL_CONFIGS, key=_KEY, use_cuda_graph=True)(_kernel)
-    _small_fp8 = triton.autotune(SMALL_CONFIGS_FP8, key=_KEY, use_cuda_graph=True)(_kernel)
+    _small = _autotune(SMALL_CONFIGS, key=_KEY, use_cuda_graph=True)(_kernel)
+    _small_fp8 = _autotune(SMALL_CONFIGS_FP8, key=_KEY, use_cuda_graph=True)(_kernel)
 
 MAX_SPLIT_K = 4  # the largest SPLIT_K of any config; the partial-sum workspace is sized for it
 _COUNTERS: dict[torch.device, torch.Tensor] = {}

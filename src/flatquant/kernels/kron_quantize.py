@@ -620,6 +620,19 @@ SMALL_TOKENS = 64  # at or below: the latency path (one token per program, no to
 _MAX_STACK = 128 * 128
 # Autotuning on CUDA (set False, or FLATQUANT_AUTOTUNE=0, for the fixed heuristic config)
 AUTOTUNE = os.environ.get("FLATQUANT_AUTOTUNE", "1") != "0"
+# Tuning results kept on disk across processes (Triton's cache directory for the autotuned kernels); the
+# benchmarks set FLATQUANT_AUTOTUNE_CACHE=0 to tune afresh
+AUTOTUNE_CACHE = os.environ.get("FLATQUANT_AUTOTUNE_CACHE", "1") != "0"
+
+
+def autotune(configs, key, **kwargs):
+    """``triton.autotune`` with its results cached on disk (``AUTOTUNE_CACHE``) where this Triton can."""
+    if AUTOTUNE_CACHE:
+        try:
+            return triton.autotune(configs, key, cache_results=True, **kwargs)
+        except TypeError:  # a Triton before cache_results
+            pass
+    return triton.autotune(configs, key, **kwargs)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -741,9 +754,9 @@ if triton is not None:
         prune_configs_by={"early_config_prune": _prune},
     )
     try:
-        _kron_quantize_tuned = triton.autotune(**_TUNE, do_bench=graph_bench)(_kron_quantize_kernel)
+        _kron_quantize_tuned = autotune(**_TUNE, do_bench=graph_bench)(_kron_quantize_kernel)
     except TypeError:  # a triton before the do_bench argument: its own CUDA-graph timing
-        _kron_quantize_tuned = triton.autotune(**_TUNE, use_cuda_graph=True)(_kron_quantize_kernel)
+        _kron_quantize_tuned = autotune(**_TUNE, use_cuda_graph=True)(_kron_quantize_kernel)
 
 
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}

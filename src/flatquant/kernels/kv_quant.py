@@ -15,12 +15,15 @@ with an online softmax, and a second small kernel merges the chunks.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import os
 
 import torch
 
+from ..files import atomic_write_json
 from . import kron_quantize as _kq
 
 triton, tl = _kq.triton, _kq.tl
@@ -53,6 +56,30 @@ CANDIDATE_CONFIGS = [DEFAULT_CONFIG] + [
     if (bn, w, st, pps, asm) != (64, 4, 2, 4, False)
 ]
 _TUNED: dict[tuple, dict] = {}  # shape key -> the fastest candidate (see _tuned_config)
+
+
+def _tuning_file() -> str:
+    """Where tuning results persist across processes (FLATQUANT_CACHE_DIR, default ~/.cache/flatquant)."""
+    root = os.environ.get("FLATQUANT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flatquant")
+    return os.path.join(root, "decode_attention_tuning.json")
+
+
+def _disk_key(key: tuple) -> str:
+    """The persistent form of a tuning key: also the GPU, the software and the kernel and candidates' source."""
+    device, dtype, *shape = key
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    kernel = getattr(_decode_chunk_kernel, "cache_key", "") if triton is not None else ""
+    stamp = hashlib.sha256(f"{kernel}{CANDIDATE_CONFIGS}".encode()).hexdigest()[:16]
+    return f"{name}|torch {torch.__version__}|triton {getattr(triton, '__version__', '-')}|{stamp}|{dtype}|{shape}"
+
+
+def _read_tuning_file() -> dict:
+    try:
+        with open(_tuning_file()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):  # missing or unreadable: tune afresh
+        return {}
 
 
 # ------------------------------------------------------------------------------------ quantize (torch)
@@ -694,6 +721,12 @@ def _tuned_config(q, args, run) -> dict:
     best = _TUNED.get(key)
     if best is not None:
         return best
+    disk_key = _disk_key(key) if _kq.AUTOTUNE_CACHE else None
+    if disk_key is not None:
+        cached = _read_tuning_file().get(disk_key)
+        if cached in CANDIDATE_CONFIGS:  # tuned by an earlier process on this GPU and software
+            _TUNED[key] = cached
+            return cached
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return DEFAULT_CONFIG
     timed = []
@@ -703,6 +736,11 @@ def _tuned_config(q, args, run) -> dict:
         except Exception:  # e.g. out of shared memory for a large token block
             continue
     _TUNED[key] = best = min(timed)[2] if timed else DEFAULT_CONFIG
+    if disk_key is not None and timed:
+        try:
+            atomic_write_json(_tuning_file(), {**_read_tuning_file(), disk_key: best})
+        except OSError:  # a read-only home: keep the result for this process only
+            pass
     return best
 
 
