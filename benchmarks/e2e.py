@@ -275,6 +275,7 @@ def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
                         nxt = model(nxt, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
                 _sync(device)
         totals = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+        launches = dict.fromkeys([*CATEGORIES, "other"], 0)  # kernels (CUDA) or aten ops (CPU) per category
         for e in prof.key_averages():
             if device.type == "cuda":
                 if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
@@ -287,7 +288,10 @@ def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
             name = e.key.lower()
             cat = next((c for c, keys in CATEGORIES.items() if any(k in name for k in keys)), "other")
             totals[cat] += us / 1000
-        out[phase] = {"batch": batch, "steps": 1 if phase == "prefill" else 4, "ms": totals}
+            launches[cat] += e.count
+        steps = 1 if phase == "prefill" else 4
+        per_layer = {c: v / (steps * model.config.num_hidden_layers) for c, v in launches.items()}
+        out[phase] = {"batch": batch, "steps": steps, "ms": totals, "launches_per_layer_step": per_layer}
     return out
 
 
@@ -463,6 +467,8 @@ def main(argv=None) -> None:
             for phase, b in (phases or {}).items():
                 parts = ", ".join(f"{c} {ms:.1f}" for c, ms in b["ms"].items())
                 print(f"breakdown {name} {kind} {phase} (batch {b['batch']}, {b['steps']} step(s)), ms: {parts}")
+                counts = ", ".join(f"{c} {n:.1f}" for c, n in b["launches_per_layer_step"].items())
+                print(f"  launches per layer and step: {counts}")
     total = time.perf_counter() - t0
     print(f"total {total:.0f} s on {device_name(device)}; decode times are {args.gen} x the mean timed step")
     if device.type == "cpu":
