@@ -243,7 +243,7 @@ def test_fp8_wgmma_sums_each_k_tile_from_zero():
 
 # ------------------------------------------------------------------------------- configs and split-K
 @needs_triton
-@pytest.mark.parametrize("split_k", [2, 3, 4])
+@pytest.mark.parametrize("split_k", [2, 3, 4, 8])
 @pytest.mark.parametrize("m,n,k", [(1, 40, 70), (5, 37, 1029), (16, 96, 256)])
 def test_split_k_decode_exact(m, n, k, split_k):
     """Decode split-K: K slices in separate programs, int32 partials summed by the last one (odd K and N,
