@@ -488,3 +488,50 @@ def test_decode_tuning_persists_across_processes(monkeypatch, tmp_path):
     monkeypatch.setattr(kv, "_TUNED", {})
     kv._tuned_config(q, (k,), lambda c: None)
     assert len(timed) == 4  # FLATQUANT_AUTOTUNE_CACHE=0: timed afresh
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantize_with_a_fused_transform(impl, dtype):
+    """transform=T quantizes x @ T (K P_h of the runtime): the reference through a 16-bit matmul, the kernel in
+    the same launch; both equal quantizing the float64 product rounded to the dtype, but for rows where the two
+    roundings of the product differ (rare)."""
+    d = 128 if CUDA else 32
+    x = _kv_like((2, 3, 9, d), seed=31, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    t = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0].to(DEVICE, dtype)
+    codes, scale, zero = kv.quantize_kv(x, 4, 0.9, 0.8, impl=impl, transform=t)
+    y = (x.double() @ t.double()).to(dtype)
+    want = kv.quantize_kv_reference(y, 4, 0.9, 0.8)
+    rows_equal = (codes == want[0]).all(-1) & (scale == want[1]) & (zero == want[2])
+    assert rows_equal.float().mean() > 0.9
+    torch.testing.assert_close(scale, want[1], rtol=2**-6, atol=0)
+    ref = kv.quantize_kv(x @ t, 4, 0.9, 0.8, impl="torch")  # the runtime's separate matmul
+    if impl == "torch":
+        assert all(torch.equal(a, b) for a, b in zip((codes, scale, zero), ref, strict=True))
+    else:
+        with pytest.raises(ValueError, match=rf"transform must be \({d}, {d}\)"):
+            kv.quantize_kv_triton(x, transform=t[:-1])
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_decode_with_a_fused_query_transform(impl, groups):
+    """q_transform=T attends with q @ T (the runtime's P_h^-T): as the reference on the transformed queries."""
+    d = 128 if CUDA else 32
+    lens = [37, 1, 50]
+    cache = _cache(len(lens), 2, max(lens) + 3, d, lens, seed=groups)
+    q = _kv_like((len(lens), 2 * groups, d), seed=60, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(6)
+    t = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0].to(DEVICE, torch.bfloat16)
+    cfg = {"config": {"block_n": BLOCK_N}} if impl == "triton" and BLOCK_N else {}
+    if impl == "triton":
+        out = kv.decode_attention_triton(q, *cache, d**-0.5, q_transform=t, **cfg)
+    else:
+        out = kv.decode_attention(q, *cache, d**-0.5, impl="torch", q_transform=t)
+    ref = kv.decode_attention_reference(q @ t, *cache, d**-0.5)
+    if impl == "torch":
+        assert torch.equal(out, ref)
+    else:  # the kernel's q @ T may round differently where a product lies at a bf16 rounding boundary
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2**-6, atol=1e-3 * ref.float().abs().max().item())
+        assert not torch.allclose(out.float(), kv.decode_attention_reference(q, *cache, d**-0.5).float(), atol=1e-2)

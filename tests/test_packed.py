@@ -115,7 +115,7 @@ def _greedy_without_cache(model, ids, steps):
 def test_greedy_generate_with_the_int4_cache_equals_a_loop_without_cache(packed, arch, monkeypatch):
     _, real, _ = packed[arch]
     calls, decode = [], runtime.decode_attention
-    monkeypatch.setattr(runtime, "decode_attention", lambda *a: calls.append(1) or decode(*a))
+    monkeypatch.setattr(runtime, "decode_attention", lambda *a, **k: calls.append(1) or decode(*a, **k))
     ids = _TOKENS[:2, :12]
     cache = Int4KVCache(real, min_capacity=4)  # small: the storage is regrown by doubling on the way
     out = real.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,

@@ -78,8 +78,9 @@ class Int4KVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         kvq = self.kv_quant
         b, h, t, d = key_states.shape
-        key_states = kvq.transform_key(key_states)
-        if self.lens is not None and t == 1:
+        if t > 1:  # a decode step's K is transformed by its quantizing launch (P_h fused), a prompt's here
+            key_states = kvq.transform_key(key_states)
+        elif self.lens is not None:
             return self._static_decode_update(key_states, value_states)
         end = self.length + t
         if end > self.capacity:
@@ -93,7 +94,7 @@ class Int4KVLayer(CacheLayerMixin):
         if fresh:  # the dequantized values come from the same launches, not from a pass over the cache
             k, v = kvq.quantize_dequantize(key_states, value_states, value_states.dtype, out=out)
         else:
-            kvq.quantize(key_states, value_states, out=out)
+            kvq.quantize(key_states, value_states, out=out, transform_k=t == 1)
         self.length = end
         if self.lens is not None:  # a static cache fed several tokens at once (e.g. a second prompt chunk)
             self.lens.fill_(end)

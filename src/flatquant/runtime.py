@@ -181,19 +181,29 @@ class KVQuant(nn.Module):
         else:
             self.p_h = self.p_h_inv = None
         self.pending: tuple[str, object, torch.Tensor] | None = None  # (mode, cache layer, the key it returned)
-        self._casts: dict[tuple[str, torch.dtype], tuple[weakref.ref, int, torch.Tensor]] = {}
+        self._casts: dict[tuple[str, torch.dtype, bool], tuple[weakref.ref, int, torch.Tensor]] = {}
 
-    def _in_dtype(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Buffer ``name`` (fp32) in ``dtype``, cast once and reused while the buffer is unchanged: a decode
-        step then launches no cast kernels (two per layer otherwise). A moved or rewritten buffer is recast."""
+    def _in_dtype(self, name: str, dtype: torch.dtype, transposed: bool = False) -> torch.Tensor:
+        """Buffer ``name`` (fp32) in ``dtype`` (``transposed``: its transpose, contiguous), made once and reused
+        while the buffer is unchanged: a decode step then launches no cast kernels. A moved or rewritten buffer
+        is made again."""
         t = getattr(self, name)
-        if t.dtype == dtype:
+        if t.dtype == dtype and not transposed:
             return t
-        hit = self._casts.get((name, dtype))
+        hit = self._casts.get((name, dtype, transposed))
         if hit is None or hit[0]() is not t or hit[1] != t._version:  # weak: a replaced buffer is freed
-            hit = (weakref.ref(t), t._version, t.to(dtype))
-            self._casts[(name, dtype)] = hit
+            made = (t.transpose(0, 1).contiguous() if transposed else t).to(dtype)
+            hit = (weakref.ref(t), t._version, made)
+            self._casts[(name, dtype, transposed)] = hit
         return hit[2]
+
+    def key_transform(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """P_h in ``dtype`` for the K append kernel (None without P_h)."""
+        return None if self.p_h is None else self._in_dtype("p_h", dtype)
+
+    def query_transform(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """P_h^-T in ``dtype``, contiguous, for the decode attention kernel (None without P_h)."""
+        return None if self.p_h is None else self._in_dtype("p_h_inv", dtype, transposed=True)
 
     def transform_query(self, q: torch.Tensor) -> torch.Tensor:
         """q P_h^-T in q's dtype (B, H, T, D)."""
@@ -203,16 +213,22 @@ class KVQuant(nn.Module):
         """k P_h in k's dtype (B, KVH, T, D)."""
         return k if self.p_h is None else k @ self._in_dtype("p_h", k.dtype)
 
-    def quantize(self, k: torch.Tensor, v: torch.Tensor, out: tuple | None = None) -> tuple[tuple, tuple]:
-        """((codes, scale, zero) of K, same of V); K must already be transformed. out: six tensors (K's codes,
-        scale, zero, then V's) to write into, e.g. the cache slice at the append position."""
+    def quantize(
+        self, k: torch.Tensor, v: torch.Tensor, out: tuple | None = None, transform_k: bool = False
+    ) -> tuple[tuple, tuple]:
+        """((codes, scale, zero) of K, same of V). K already transformed, or ``transform_k``: P_h is applied by
+        the quantizing launch. out: six tensors (K's codes, scale, zero, then V's) to write into, e.g. the
+        cache slice at the append position."""
         ko, vo = (None, None) if out is None else (tuple(out[:3]), tuple(out[3:]))
-        return quantize_kv(k, self.bits, *self.k_clip, out=ko), quantize_kv(v, self.bits, *self.v_clip, out=vo)
+        kt = self.key_transform(k.dtype) if transform_k else None
+        qk = quantize_kv(k, self.bits, *self.k_clip, out=ko, transform=kt)
+        return qk, quantize_kv(v, self.bits, *self.v_clip, out=vo)
 
     def quantize_at(self, k: torch.Tensor, v: torch.Tensor, cache: list, positions: torch.Tensor) -> None:
-        """Quantize K (already transformed) and V into the whole cache (K's codes, scale, zero, then V's) at
-        the device-side positions (B,): one launch each on CUDA (:func:`quantize_kv_at`)."""
-        quantize_kv_at(k, self.bits, *self.k_clip, tuple(cache[:3]), positions)
+        """Quantize K (untransformed: P_h is applied by the launch) and V into the whole cache (K's codes, scale,
+        zero, then V's) at the device-side positions (B,): one launch each on CUDA (:func:`quantize_kv_at`)."""
+        kt = self.key_transform(k.dtype)
+        quantize_kv_at(k, self.bits, *self.k_clip, tuple(cache[:3]), positions, transform=kt)
         quantize_kv_at(v, self.bits, *self.v_clip, tuple(cache[3:]), positions)
 
     def quantize_dequantize(
@@ -245,7 +261,6 @@ def packed_attention(module, query, key, value, attention_mask, **kwargs):
     pending, kvq.pending = kvq.pending, None
     if pending is not None and pending[2] is not key:  # left over from a call that did not reach attention
         pending = None
-    query = kvq.transform_query(query)  # (B, H, Tq, D)
     if pending is None:
         key, value = kvq.fake_quantize(kvq.transform_key(key), value)
     elif pending[0] == "decode":
@@ -262,9 +277,11 @@ def packed_attention(module, query, key, value, attention_mask, **kwargs):
                 seq_lens = layer.lens
             else:
                 seq_lens = torch.full((b,), layer.length, dtype=torch.int32, device=query.device)
-            out = decode_attention(query[:, :, 0], *layer.kernel_args(), seq_lens, scale)  # (B, H, D)
+            qt = kvq.query_transform(query.dtype)  # P_h^-T applied in the kernel's query load
+            out = decode_attention(query[:, :, 0], *layer.kernel_args(), seq_lens, scale, q_transform=qt)  # (B, H, D)
             return out.unsqueeze(1), None  # (B, 1, H, D), as sdpa_attention_forward returns
         key, value = layer.dequantized(query.dtype)  # a padding mask (or other bits): SDPA over the cache
+    query = kvq.transform_query(query)  # (B, H, Tq, D)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

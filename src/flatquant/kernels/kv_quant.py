@@ -196,16 +196,19 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
-    def _load_rows(x_ptr, n_rows, stride_x, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """This program's BLOCK_R rows of x (rows of D elements, row stride stride_x) in fp32, zero-padded to
-        BLOCK_D; also the int64 row indices, the column indices, the row mask and the element mask."""
+    def _load_rows(
+        x_ptr, n_rows, stride_x, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, RAW: tl.constexpr = 0
+    ):
+        """This program's BLOCK_R rows of x (rows of D elements, row stride stride_x) in fp32 (in x's dtype when
+        RAW), zero-padded to BLOCK_D; also the int64 row indices, the column indices, the row mask and the
+        element mask."""
         rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rd = tl.arange(0, BLOCK_D)
         mr = rr < n_rows
         m = mr[:, None] & (rd[None, :] < D)
         r64 = rr.to(tl.int64)
-        x = tl.load(x_ptr + r64[:, None] * stride_x + rd[None, :], mask=m, other=0.0).to(tl.float32)
-        return x, r64, rd, mr, m
+        x = tl.load(x_ptr + r64[:, None] * stride_x + rd[None, :], mask=m, other=0.0)
+        return (x if RAW else x.to(tl.float32)), r64, rd, mr, m
 
     @triton.jit
     def _quantize_kv_kernel(
@@ -215,6 +218,7 @@ if triton is not None:
         zero_ptr,
         deq_ptr,  # (R, D) contiguous, the dequantized values in its dtype when DEQ (else unused)
         pos_ptr,  # int32 (B,) when POS: row (b, h, t) goes to position pos[b] + t of the outputs (else unused)
+        t_ptr,  # (D, D) in x's dtype when TRANSFORM: rows are quantized as x @ T rounded to x's dtype (else unused)
         clip_max,
         clip_min,
         inv_qmax,  # fp32 1 / (2**BITS - 1), used when RECIP
@@ -236,9 +240,17 @@ if triton is not None:
         RECIP: tl.constexpr,
         DEQ: tl.constexpr,
         POS: tl.constexpr,
+        TRANSFORM: tl.constexpr,
         INTERPRET: tl.constexpr,
     ):
-        x, r64, rd, mr, m = _load_rows(x_ptr, n_rows, stride_x, D, BLOCK_R, BLOCK_D)
+        if TRANSFORM:  # K P_h of the runtime, fused: the 16-bit product rounded as the matmul's output
+            xr, r64, rd, mr, m = _load_rows(x_ptr, n_rows, stride_x, D, BLOCK_R, BLOCK_D, 1)
+            mt = (rd[:, None] < D) & (rd[None, :] < D)
+            t = tl.load(t_ptr + rd[:, None] * D + rd[None, :], mask=mt, other=0.0)  # (BLOCK_D, BLOCK_D)
+            y = _dot(xr, t, tl.full((BLOCK_R, BLOCK_D), 0.0, tl.float32), INTERPRET)
+            x = _round_to(y, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
+        else:
+            x, r64, rd, mr, m = _load_rows(x_ptr, n_rows, stride_x, D, BLOCK_R, BLOCK_D)
         rb, rh_, rt = r64 // (H * T), (r64 // T) % H, r64 % T
         if POS:  # device-side append positions (a static cache's decode step: no host value)
             rt += tl.load(pos_ptr + rb, mask=mr, other=0).to(tl.int64)
@@ -280,6 +292,7 @@ if triton is not None:
         vs_ptr,
         vz_ptr,
         lens_ptr,  # int32 (B,)
+        qt_ptr,  # (D, D) in q's dtype when QT: the queries are q @ QT rounded to q's dtype (else unused)
         # outputs: the final (B, Hq, D) when SINGLE, else per-chunk acc (B * Hq, splits, D), m and l
         out_ptr,
         acc_ptr,
@@ -309,6 +322,7 @@ if triton is not None:
         SINGLE: tl.constexpr,
         ASM: tl.constexpr,  # unpack codes with inline PTX
         INTERPRET: tl.constexpr,
+        QT: tl.constexpr = 0,  # transform the queries in the kernel (P_h^-T of the runtime)
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -325,9 +339,20 @@ if triton is not None:
         mj = rj < HALF_D
         mq = (rg[:, None] < G) & mj[None, :]
         # even and odd channels apart: q . k = q_even . k_low_nibbles + q_odd . k_high_nibbles
-        q_rows = q_ptr + b.to(tl.int64) * stride_qb + (kvh * G + rg)[:, None] * stride_qh + 2 * rj[None, :]
-        q_e = tl.load(q_rows, mask=mq, other=0.0)  # (BLOCK_G, BLOCK_HD)
-        q_o = tl.load(q_rows + 1, mask=mq, other=0.0)
+        q_heads = q_ptr + b.to(tl.int64) * stride_qb + (kvh * G + rg)[:, None] * stride_qh  # (BLOCK_G, 1)
+        q_rows = q_heads + 2 * rj[None, :]
+        if QT:  # (q @ T) even / odd channels: q times T's even / odd columns, rounded as a 16-bit matmul's output
+            rf = tl.arange(0, 2 * BLOCK_HD)
+            mf = rf < 2 * HALF_D
+            q_full = tl.load(q_heads + rf[None, :], mask=(rg[:, None] < G) & mf[None, :], other=0.0)
+            t_cols = qt_ptr + rf[:, None] * (2 * HALF_D) + 2 * rj[None, :]  # (2 * BLOCK_HD, BLOCK_HD)
+            m_qt = mf[:, None] & mj[None, :]
+            zero_q = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
+            q_e = _round_to(_dot(q_full, tl.load(t_cols, mask=m_qt, other=0.0), zero_q, INTERPRET), dt, INTERPRET)
+            q_o = _round_to(_dot(q_full, tl.load(t_cols + 1, mask=m_qt, other=0.0), zero_q, INTERPRET), dt, INTERPRET)
+        else:
+            q_e = tl.load(q_rows, mask=mq, other=0.0)  # (BLOCK_G, BLOCK_HD)
+            q_o = tl.load(q_rows + 1, mask=mq, other=0.0)
         q_sum = _row_sum(q_e.to(tl.float32) + q_o.to(tl.float32))  # q.(c - z) = q.(16 + c) - (16 + z) sum(q)
 
         kv_base = b.to(tl.int64) * stride_kb + kvh * stride_kh
@@ -476,8 +501,10 @@ def quantize_kv_triton(
     out: tuple | None = None,
     dequantized: torch.dtype | None = None,
     positions: torch.Tensor | None = None,
+    transform: torch.Tensor | None = None,
 ):
-    """One Triton launch for :func:`quantize_kv` (the cache's append path); same results, bit for bit.
+    """One Triton launch for :func:`quantize_kv` (the cache's append path); same results, bit for bit
+    (with ``transform``: up to the summation order of the product, see :func:`quantize_kv`).
 
     out: (codes, scale, zero) tensors to write into instead of new ones, e.g. the slice of a cache at the
     append position (any strides over x's leading dimensions, at most three of them); returned as given.
@@ -517,18 +544,22 @@ def quantize_kv_triton(
     shape3 = (1,) * (3 - len(dims)) + dims
     cs = (0,) * (3 - len(dims)) + tuple(codes.stride()[:-1])
     ss = (0,) * (3 - len(dims)) + tuple(scale.stride())
+    if transform is not None:
+        if transform.shape != (d, d):
+            raise ValueError(f"transform must be ({d}, {d}), got {tuple(transform.shape)}")
+        transform = transform.to(device=x.device, dtype=x.dtype).contiguous()
     if n_rows:
-        block_d = max(2, triton.next_power_of_2(d))
-        block_r = max(1, min(16, 4096 // block_d))
+        block_d = max(2 if transform is None else 16, triton.next_power_of_2(d))  # tl.dot: dims >= 16
+        block_r = max(1 if transform is None else 16, min(16, 4096 // block_d))
         grid = (triton.cdiv(n_rows, block_r),)
         # the reference's ``range / qmax`` is a true division on the CPU and a multiply by the fp32
         # reciprocal on CUDA (PyTorch's scalar-divisor path); follow the device so the results are equal
         _quantize_kv_kernel[grid](
             x2, codes, scale, zero_w, x2 if deq is None else deq, x2 if positions is None else positions,
-            float(clip_max), float(clip_min), _kq._INV_QMAX[(bits, False)], n_rows, x2.stride(0), shape3[1],
-            shape3[2], *cs, *ss, D=d, BLOCK_R=block_r, BLOCK_D=block_d, BITS=bits, PACK=pack, RECIP=x.is_cuda,
-            DEQ=deq is not None, POS=positions is not None, INTERPRET=_interpreting(), num_warps=4,
-            **_no_fp_fusion(),
+            x2 if transform is None else transform, float(clip_max), float(clip_min), _kq._INV_QMAX[(bits, False)],
+            n_rows, x2.stride(0), shape3[1], shape3[2], *cs, *ss, D=d, BLOCK_R=block_r, BLOCK_D=block_d,
+            BITS=bits, PACK=pack, RECIP=x.is_cuda, DEQ=deq is not None, POS=positions is not None,
+            TRANSFORM=transform is not None, INTERPRET=_interpreting(), num_warps=4, **_no_fp_fusion(),
         )  # fmt: skip
         if zero_w is not zero:
             zero.copy_(zero_w)
@@ -546,6 +577,7 @@ def quantize_kv(
     *,
     impl: str = "auto",
     out: tuple | None = None,
+    transform: torch.Tensor | None = None,
 ):
     """Asymmetric per-row quantization of K or V, exactly the fake quantizer (``symmetric=False``).
 
@@ -559,9 +591,14 @@ def quantize_kv(
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch" (forced; RuntimeError when
     the forced kernel cannot run).
     out: (codes, scale, zero) to write the results into (e.g. a cache slice; one launch on CUDA, no copies).
+    transform: (D, D); quantize ``x @ transform`` (in x's dtype, as a 16-bit matmul returns it: K P_h of the
+    runtime) instead of x. The kernel forms the product in the same launch (fp32 sums of the exact 16-bit
+    products, one rounding), so its rows can differ from a separate matmul's at a rounding boundary.
     """
     if _pick(impl, x) == "triton":
-        return quantize_kv_triton(x, bits, clip_max, clip_min, out=out)
+        return quantize_kv_triton(x, bits, clip_max, clip_min, out=out, transform=transform)
+    if transform is not None:
+        x = x @ transform.to(x.dtype)
     result = quantize_kv_reference(x, bits, clip_max, clip_min)
     if out is None:
         return result
@@ -580,11 +617,13 @@ def quantize_kv_at(
     positions: torch.Tensor,
     *,
     impl: str = "auto",
+    transform: torch.Tensor | None = None,
 ) -> None:
     """Quantize x (B, H, T, D) as :func:`quantize_kv` into ``cache`` = (codes (B, H, S_cap, W), scale, zero
     (B, H, S_cap)) at positions ``positions[b] + t`` (int32 (B,) on x's device): a static cache's decode step
     appends at device-side lengths, so that it can be captured in a CUDA graph. One launch on CUDA; the
-    reference and a scatter elsewhere. Positions past S_cap are not checked (the caller keeps them in range)."""
+    reference and a scatter elsewhere. Positions past S_cap are not checked (the caller keeps them in range).
+    transform: as for :func:`quantize_kv`."""
     b, h, t, d = x.shape
     codes, scale, zero = cache
     width = d // 2 if bits == 4 else d
@@ -605,8 +644,10 @@ def quantize_kv_at(
             f"positions must be int32 ({b},) on {x.device}, got {positions.dtype} {tuple(positions.shape)}"
         )
     if _pick(impl, x) == "triton":
-        quantize_kv_triton(x, bits, clip_max, clip_min, out=cache, positions=positions)
+        quantize_kv_triton(x, bits, clip_max, clip_min, out=cache, positions=positions, transform=transform)
         return
+    if transform is not None:
+        x = x @ transform.to(x.dtype)
     pos = positions.long().view(b, 1, 1) + torch.arange(t, device=x.device).view(1, 1, t)  # (B, 1, T)
     for buf, value in zip(cache, quantize_kv_reference(x, bits, clip_max, clip_min), strict=True):
         index = pos.expand(value.shape[:3]) if value.dim() == 3 else pos[..., None].expand(value.shape)
@@ -665,11 +706,16 @@ def _check_decode_args(
     return b, hq, hkv, s_cap, d
 
 
-def decode_attention_reference(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale):
+def decode_attention_reference(
+    q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale, q_transform=None
+):
     """Plain PyTorch :func:`decode_attention`: dequantize, then scores, softmax and P @ V in fp32.
 
     Positions >= seq_lens[b] are ignored (they may hold anything, NaN included); seq_len 0 gives zeros.
+    q_transform: (D, D); the queries are ``q @ q_transform`` in q's dtype (a 16-bit matmul).
     """
+    if q_transform is not None:
+        q = q @ q_transform.to(q.dtype)
     b, hq, hkv, s_cap, d = _check_decode_args(
         q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, _Q_DTYPES + (torch.float32,)
     )
@@ -750,13 +796,15 @@ def last_config(q, k_packed) -> dict | None:
 
 
 def decode_attention_triton(
-    q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale, *, config: dict | None = None
-):
+    q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale, *, config: dict | None = None,
+    q_transform: torch.Tensor | None = None,
+):  # fmt: skip
     """The flash-decoding Triton kernels; same contract as :func:`decode_attention_reference`, except that
     seq_lens are clamped to [0, S_cap] on the device instead of checked (no host synchronisation).
 
     config: overrides of DEFAULT_CONFIG (and ``splits``: chunks per sequence), for tests and benchmarks. Without
     it, on CUDA (``AUTOTUNE``), the config is tuned per shape among CANDIDATE_CONFIGS (``_tuned_config``).
+    q_transform: (D, D), applied to the queries in the kernel (see :func:`decode_attention`).
     """
     b, hq, hkv, s_cap, d = _check_decode_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
     reason = triton_unavailable_reason(q)  # after the argument checks: bad input gets the same error anywhere
@@ -769,7 +817,7 @@ def decode_attention_triton(
         args = (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
 
         def run(c):
-            return decode_attention_triton(q, *args, sm_scale, config=c)
+            return decode_attention_triton(q, *args, sm_scale, config=c, q_transform=q_transform)
 
         config = _tuned_config(q, args, run)
     cfg = {**DEFAULT_CONFIG, **(config or {})}
@@ -781,6 +829,10 @@ def decode_attention_triton(
     if k_scale.stride(-1) != 1 or any(t.stride() != k_scale.stride() for t in scales):
         k_scale, k_zero, v_scale, v_zero = (t.contiguous() for t in scales)
     lens = seq_lens.to(torch.int32).contiguous()
+    if q_transform is not None:
+        if q_transform.shape != (d, d):
+            raise ValueError(f"q_transform must be ({d}, {d}), got {tuple(q_transform.shape)}")
+        q_transform = q_transform.to(device=q.device, dtype=q.dtype).contiguous()
     g, bn = hq // hkv, cfg["block_n"]
     splits, chunk = _launch_plan(b * hkv, s_cap, bn, q.device, cfg["progs_per_sm"], cfg.get("splits"))
     single = splits == 1
@@ -790,13 +842,13 @@ def decode_attention_triton(
     l = out if single else torch.empty((b * hq, splits), **f32)
     interpret = _interpreting()
     _decode_chunk_kernel[(b * hkv, splits)](
-        q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, lens, out, acc, m, l,
-        float(sm_scale) * _LOG2E, s_cap, chunk, splits,
+        q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, lens, q if q_transform is None else q_transform,
+        out, acc, m, l, float(sm_scale) * _LOG2E, s_cap, chunk, splits,
         q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
         k_scale.stride(0), k_scale.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, G=g, HALF_D=d // 2, BLOCK_G=max(16, triton.next_power_of_2(g)),
         BLOCK_HD=max(16, triton.next_power_of_2(d // 2)), BLOCK_N=bn, SINGLE=single, ASM=cfg["asm"],
-        INTERPRET=interpret,
+        INTERPRET=interpret, QT=q_transform is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if not single:
@@ -809,8 +861,9 @@ def decode_attention_triton(
 
 
 def decode_attention(
-    q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale, *, impl: str = "auto"
-) -> torch.Tensor:
+    q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale, *, impl: str = "auto",
+    q_transform: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """One new query token per sequence against a 4-bit cache (layout in the module doc).
 
     q: (B, Hq, D) bf16/fp16, Hq = Hkv * G; query head h reads KV head h // G (KV heads never duplicated).
@@ -820,7 +873,10 @@ def decode_attention(
     Returns (B, Hq, D) in q.dtype: softmax(q K^T * sm_scale) V with K, V dequantized, fp32 math.
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch" (forced; RuntimeError
     saying why when the forced kernel cannot run).
+    q_transform: (D, D); attend with ``q @ q_transform`` (the runtime's P_h^-T), formed in the kernel's query load
+    instead of by a separate matmul (the same products; the rounding to q's dtype can differ at a boundary).
     """
+    cache = (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
     if _pick(impl, q) == "triton" and (impl == "triton" or q.dtype in _Q_DTYPES):  # float32 q: the reference
-        return decode_attention_triton(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale)
-    return decode_attention_reference(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, sm_scale)
+        return decode_attention_triton(q, *cache, sm_scale, q_transform=q_transform)
+    return decode_attention_reference(q, *cache, sm_scale, q_transform)
