@@ -418,9 +418,9 @@ def test_decode_tuning_picks_the_fastest_candidate_once_per_shape(monkeypatch):
     q = torch.zeros(2, 8, 64, dtype=torch.bfloat16)
     k = torch.zeros(2, 2, 300, 32, dtype=torch.uint8)
     assert kv.last_config(q, k) is None
-    assert kv._tuned_config(q, (k,), run)["block_n"] == 32
+    assert kv._tuned_config(q, k, run)["block_n"] == 32
     assert ran == [64, 32, 128, 16]
-    assert kv._tuned_config(q, (k,), run)["block_n"] == 32 and len(ran) == 4  # remembered: not timed again
+    assert kv._tuned_config(q, k, run)["block_n"] == 32 and len(ran) == 4  # remembered: not timed again
     assert kv.last_config(q, torch.zeros(2, 2, 500, 32, dtype=torch.uint8))["block_n"] == 32  # same bucket
     assert kv.last_config(q, torch.zeros(2, 2, 600, 32, dtype=torch.uint8)) is None  # next power of two
 
@@ -479,14 +479,14 @@ def test_decode_tuning_persists_across_processes(monkeypatch, tmp_path):
     q = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
     k = torch.zeros(1, 4, 100, 32, dtype=torch.uint8)
     monkeypatch.setattr(kv, "_TUNED", {})
-    assert kv._tuned_config(q, (k,), lambda c: None)["block_n"] == 128 and len(timed) == 2
+    assert kv._tuned_config(q, k, lambda c: None)["block_n"] == 128 and len(timed) == 2
     assert (tmp_path / "decode_attention_tuning.json").exists()
     monkeypatch.setattr(kv, "_TUNED", {})  # a new process
-    assert kv._tuned_config(q, (k,), lambda c: None)["block_n"] == 128 and len(timed) == 2  # from the file
+    assert kv._tuned_config(q, k, lambda c: None)["block_n"] == 128 and len(timed) == 2  # from the file
     monkeypatch.setattr(kq, "AUTOTUNE_CACHE", False)
     monkeypatch.setattr(kv._kq, "AUTOTUNE_CACHE", False)
     monkeypatch.setattr(kv, "_TUNED", {})
-    kv._tuned_config(q, (k,), lambda c: None)
+    kv._tuned_config(q, k, lambda c: None)
     assert len(timed) == 4  # FLATQUANT_AUTOTUNE_CACHE=0: timed afresh
 
 

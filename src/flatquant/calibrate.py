@@ -342,9 +342,8 @@ def _train_block(layer, x, y, kwargs, cfg: FlatQuantConfig, lr_scale: float, bar
                 idx_buf.copy_(perm[s : s + cfg.batch_size])
                 if graph is None and k >= _GRAPH_WARMUP_STEPS:
                     graph = _capture(step, idx_buf)
-                    if graph is False:  # the step cannot be captured: the rest runs eagerly
-                        graphed = False
-                if graph:
+                    graphed = graph is not None  # not capturable: this step and the rest run eagerly
+                if graph is not None:
                     graph.replay()
                 else:
                     _side_stream_step(step, idx_buf)
@@ -367,14 +366,14 @@ def _side_stream_step(step, idx: torch.Tensor) -> None:
 
 
 def _capture(step, idx: torch.Tensor):
-    """A CUDA graph of ``step(idx)`` (nothing executed yet), or False with a warning if it cannot be captured."""
+    """A CUDA graph of ``step(idx)`` (nothing executed yet), or None with a warning if it cannot be captured."""
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
             step(idx)
     except Exception as err:  # e.g. a host synchronisation inside the step
         tqdm.write(f"calibration step not capturable ({type(err).__name__}: {str(err)[:120]}); running eagerly")
-        return False
+        return None
     return graph
 
 

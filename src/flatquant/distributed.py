@@ -164,7 +164,7 @@ def calibrate_distributed(
     ctx = setup(device, timeout)
     if ctx.world == 1:
         return calibrate(model, cfg, windows, ctx.device, state_dir, progress, blocks=blocks, **options)
-    if getattr(cfg, "calib_inputs", "fp") == "quantized":
+    if cfg.calib_inputs == "quantized":
         raise ValueError(
             f"calib_inputs='quantized' cannot be shared out over {ctx.world} processes: each block's inputs come "
             "from the calibrated blocks before it; run it in one process or use calib_inputs='fp'"

@@ -207,11 +207,11 @@ class KVQuant(nn.Module):
 
     def transform_query(self, q: torch.Tensor) -> torch.Tensor:
         """q P_h^-T in q's dtype (B, H, T, D)."""
-        return q if self.p_h is None else q @ self._in_dtype("p_h_inv", q.dtype).transpose(0, 1)
+        return q if self.p_h is None else q @ self.query_transform(q.dtype)
 
     def transform_key(self, k: torch.Tensor) -> torch.Tensor:
         """k P_h in k's dtype (B, KVH, T, D)."""
-        return k if self.p_h is None else k @ self._in_dtype("p_h", k.dtype)
+        return k if self.p_h is None else k @ self.key_transform(k.dtype)
 
     def quantize(
         self, k: torch.Tensor, v: torch.Tensor, out: tuple | None = None, transform_k: bool = False

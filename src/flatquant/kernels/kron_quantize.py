@@ -772,13 +772,6 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def _split_candidates(bn1: int, bn2: int, config: dict | None) -> list[dict]:
-    """The configs a launch may run: the fixed one (with defaults), or the latency-path candidates."""
-    if config is not None or not _use_autotuner(config):
-        return [{**_default_config(bn1, bn2, 0), **(config or {})}]
-    return candidate_configs(bn1, bn2, 0)
-
-
 def _split_scratch(device: torch.device, n_tokens: int, bn1: int, bn2: int) -> tuple[torch.Tensor, ...]:
     """X' scratch (T, BN1, BN2) fp32, per-program extrema (T, 16 * 2) fp32 (SPLIT <= 16), counters."""
     z = torch.empty((n_tokens, bn1, bn2), device=device, dtype=torch.float32)
@@ -817,8 +810,7 @@ def kron_quantize_triton(
 
     config: a fixed launch config instead of the autotuner (keys BLOCK_T, PROGS_PER_SM, P1_FIRST, FAST_DIV, BC,
     SPLIT, num_warps, num_stages; missing keys from the default; see ``candidate_configs``), for tests and
-    benchmarks. On
-    CUDA without it the launch is autotuned among ``candidate_configs`` (``AUTOTUNE``).
+    benchmarks. On CUDA without it the launch is autotuned among ``candidate_configs`` (``AUTOTUNE``).
     """
     reason = triton_unavailable_reason(x)
     if reason is not None:
@@ -841,11 +833,11 @@ def kron_quantize_triton(
         bn1, bn2 = max(16, _next_pow2(n1)), max(16, _next_pow2(n2))
         sms = _sm_count(x.device)
         bucket = _token_bucket(n_tokens)
-        wants_split = (config or {}).get("SPLIT", 1) > 1 or (_use_autotuner(config) and bucket == 0)
-        if wants_split and any(c["SPLIT"] > 1 for c in _split_candidates(bn1, bn2, config)):
-            scratch = _split_scratch(x.device, n_tokens, bn1, bn2)
+        if _use_autotuner(config):  # SPLIT candidates exist only in the latency bucket, from 64x128 tiles up
+            may_split = bucket == 0 and any(c["SPLIT"] > 1 for c in candidate_configs(bn1, bn2, 0))
         else:
-            scratch = (scale, scale, _split_counters(x.device, 1) if x.is_cuda else scale)  # unused
+            may_split = (config or {}).get("SPLIT", 1) > 1
+        scratch = _split_scratch(x.device, n_tokens, bn1, bn2) if may_split else (scale, scale, scale)  # unused
         args = (x2, p1c, p2c, codes, scale, zero if zero is not None else scale, *scratch)
         args += (
             float(clip_max),

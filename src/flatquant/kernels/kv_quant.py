@@ -646,10 +646,10 @@ def quantize_kv_at(
     if _pick(impl, x) == "triton":
         quantize_kv_triton(x, bits, clip_max, clip_min, out=cache, positions=positions, transform=transform)
         return
-    if transform is not None:
-        x = x @ transform.to(x.dtype)
     pos = positions.long().view(b, 1, 1) + torch.arange(t, device=x.device).view(1, 1, t)  # (B, 1, T)
-    for buf, value in zip(cache, quantize_kv_reference(x, bits, clip_max, clip_min), strict=True):
+    for buf, value in zip(
+        cache, quantize_kv(x, bits, clip_max, clip_min, impl="torch", transform=transform), strict=True
+    ):
         index = pos.expand(value.shape[:3]) if value.dim() == 3 else pos[..., None].expand(value.shape)
         buf.scatter_(2, index, value)
 
@@ -749,7 +749,7 @@ def _launch_plan(n_kv_programs, s_cap, block_n, device, progs_per_sm, splits=Non
 def _tuning_key(q, k_packed) -> tuple:
     b, hq, _ = q.shape
     hkv, s_cap = k_packed.shape[1], k_packed.shape[2]
-    return (q.device, q.dtype, b * hkv, hq // hkv, q.shape[2], 1 << max(s_cap - 1, 0).bit_length())
+    return (q.device, q.dtype, b * hkv, hq // hkv, q.shape[2], _kq._next_pow2(s_cap))
 
 
 def _graph_time(fn) -> float:
@@ -758,12 +758,12 @@ def _graph_time(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=10)
 
 
-def _tuned_config(q, args, run) -> dict:
+def _tuned_config(q, k_packed, run) -> dict:
     """The fastest of CANDIDATE_CONFIGS for this shape (batch x KV heads, group size, head dim, dtype, cache
     capacity rounded up to a power of two), timed once as CUDA-graph replays of ``run(config)`` and remembered.
     While a stream is being captured (no timing possible) an untuned shape runs DEFAULT_CONFIG; warm-up steps
     before a capture (GraphedDecoder's) tune it. Candidates that fail to launch are skipped."""
-    key = _tuning_key(q, args[0])
+    key = _tuning_key(q, k_packed)
     best = _TUNED.get(key)
     if best is not None:
         return best
@@ -819,7 +819,7 @@ def decode_attention_triton(
         def run(c):
             return decode_attention_triton(q, *args, sm_scale, config=c, q_transform=q_transform)
 
-        config = _tuned_config(q, args, run)
+        config = _tuned_config(q, k_packed, run)
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {cfg['block_n']}")

@@ -54,11 +54,8 @@ def _interpreting() -> bool:
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """One Triton launch for :func:`rms_norm_reference` (x bf16/fp16/fp32, weight (D,) of any float dtype)."""
-    if triton is None:
-        reason = f"triton is not importable ({_kq._TRITON_IMPORT_ERROR})"
-        raise RuntimeError(f"rms_norm triton kernel cannot run: {reason}")
-    if x.device.type != "cuda" and not _interpreting():
-        reason = f"x is on {x.device}, it needs CUDA (or TRITON_INTERPRET=1)"
+    reason = _kv.triton_unavailable_reason(x)
+    if reason is not None:
         raise RuntimeError(f"rms_norm triton kernel cannot run: {reason}")
     d = x.shape[-1]
     if weight.shape != (d,):
