@@ -63,7 +63,7 @@ def resources(kernel) -> dict:
 
 def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
     sig = dict.fromkeys(["x_ptr", "p1_ptr", "p2_ptr"], "*bf16") | {"q_ptr": "*i8"}
-    sig |= dict.fromkeys(["scale_ptr", "zero_ptr", "z_ptr", "part_ptr"], "*fp32") | {"cnt_ptr": "*i32"}
+    sig |= dict.fromkeys(["scale_ptr", "zero_ptr"], "*fp32")
     sig |= dict.fromkeys(["clip_max", "clip_min", "inv_qmax"], "fp32")
     sig |= dict.fromkeys(["n_tokens", "stride_xt", "T_BUCKET"], "i32")
     out = []
@@ -73,7 +73,7 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
             for cfg in kq.candidate_configs(bn1, bn2, bucket):
                 const = dict(N1=n1, N2=n2, BN1=bn1, BN2=bn2, HAS_P1=True, HAS_P2=True, SPLIT_Y=True)
                 const |= dict(SYMMETRIC=True, BITS=4, PACK=False, INTERPRET=False, RECIP=True)
-                const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC", "SPLIT")}
+                const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")}
                 opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt"]
                 rec = {"kernel": "kron_quantize", "n1": n1, "n2": n2, "bucket": bucket, **cfg}

@@ -414,35 +414,3 @@ def test_autotuner_times_candidates_as_graph_replays(monkeypatch):
     fn = object()
     assert kq._kron_quantize_tuned.do_bench(fn, quantiles=(0.5, 0.2, 0.8)) == [2.0]
     assert calls and calls[0][0] is fn and calls[0][1]["quantiles"] == (0.5, 0.2, 0.8)
-
-
-@needs_triton
-@pytest.mark.parametrize("symmetric,pack", [(True, False), (False, True)])
-@pytest.mark.parametrize("split", [2, 4])
-@pytest.mark.parametrize("which", ["both", "p2_identity"])
-def test_split_token_path(symmetric, pack, split, which):
-    """SPLIT programs per token (the latency path of large tiles): each builds a column chunk, the last to
-    arrive quantizes the token; same codes as the reference, counters back at zero after the launch."""
-    n1, n2 = (112, 128) if CUDA else (6, 60)
-    bn2 = max(16, kq._next_pow2(n2))
-    p1, p2 = _factors(n1, n2, seed=21)
-    if which == "p2_identity":
-        p2 = None
-    kw = dict(clip_max=0.9, clip_min=0.8, symmetric=symmetric, pack=pack)
-    for tokens in (1, 5, 16):
-        x = _inputs(tokens, n1 * n2, torch.bfloat16, seed=tokens)
-        x[tokens // 2] = 0 if tokens > 1 else x[0]  # a zero token among the others
-        cfg = dict(SPLIT=split, BC=bn2 // split, num_stages=1)
-        out = kq.kron_quantize_triton(x, p1, p2, config=cfg, **kw)
-        _assert_same(out, kq.kron_quantize_reference(x, p1, p2, **kw), x, p1, p2, symmetric, pack)
-        assert not kq._split_counters(x.device, tokens)[:tokens].any()
-    with pytest.raises(ValueError, match=r"SPLIT=4 needs BC = padded n2 / SPLIT"):
-        kq.kron_quantize_triton(x, p1, p2, config=dict(SPLIT=4, BC=bn2), **kw)
-
-
-def test_split_candidates_only_for_large_tiles_in_the_latency_path():
-    for bn1, bn2 in ((64, 64), (64, 128), (128, 128), (128, 256)):
-        splits = [c for c in kq.candidate_configs(bn1, bn2, 0) if c["SPLIT"] > 1]
-        assert bool(splits) == (bn1 * bn2 >= 8192)
-        assert all(c["SPLIT"] * c["BC"] == bn2 and c["BLOCK_T"] == 1 for c in splits)
-        assert not any(c["SPLIT"] > 1 for c in kq.candidate_configs(bn1, bn2, 1))

@@ -119,3 +119,21 @@ def test_step_graphs_are_opt_in_and_need_device_activations(monkeypatch):
     assert calib_mod._graphable(x, x, 32, 4)
     assert not calib_mod._graphable(x, x, 30, 4)  # a partial last batch: one captured shape only
     assert not calib_mod._graphable(x, x, 12, 4)  # too few steps after the warm-up
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_and_says_where(monkeypatch, capsys):
+    """A failed capture returns None (the caller runs the steps eagerly) and the warning names the innermost
+    frames, so that a host copy inside the step can be found from one GPU run."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+
+    def copy_from_the_host(idx):
+        raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture\nsecond line")
+
+    assert calib_mod._capture(copy_from_the_host, torch.zeros(2)) is None
+    captured = capsys.readouterr()
+    msg = captured.out + captured.err
+    assert "not capturable (RuntimeError: Cannot copy between CPU and CUDA" in msg
+    assert "copy_from_the_host" in msg and "second line" not in msg and "running eagerly" in msg

@@ -123,3 +123,31 @@ def test_batched_factor_precompute_matches_each_factor():
     loss = sum(bp.sum() for bp, _ in batched)
     loss.backward()  # gradients reach every factor through the padded batch
     assert all(m.skew_u.grad is not None and m.skew_u.grad.abs().sum() > 0 for m in mats)
+
+
+def test_batched_factor_precompute_reads_no_host_tensor():
+    """Every operand of the precompute is on the factors' device: a host tensor copied in each training step
+    stalls the host on the GPU and breaks CUDA-graph capture of the step. Checked on the meta device, where a
+    CPU operand is visible to a dispatch mode."""
+    from torch import nn
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from flatquant.transforms import factor_cache, precompute_factors
+
+    class HostOperands(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            leaves = tree_leaves((args, kwargs or {}))
+            if any(torch.is_tensor(t) and t.device.type == "cpu" for t in leaves):
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    mats = nn.ModuleList([LearnableMatrix(n, "svd", "random", g) for n in (3, 9, 6)]).to("meta")
+    with factor_cache(), HostOperands() as mode:
+        precompute_factors(mats)
+    assert mode.seen == []

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -265,8 +266,9 @@ def _lr_lambda(total_steps: int):
 
 
 # Opt-in (FLATQUANT_CALIB_GRAPH=1, CUDA): replay each training step from a CUDA graph. A SmolLM2 step is ~8 ms of
-# GPU work inside ~37 ms of host time (docs/pipeline.md); a replay removes the host side. Experimental: not yet run
-# on a GPU, so off by default.
+# GPU work inside ~37 ms of host time (docs/pipeline.md); a replay removes the host side. Experimental, off by
+# default: on the GPU the capture has failed so far (a host-to-device copy inside the step) and the steps ran
+# eagerly; the warning names the innermost frames of the failure.
 CALIB_GRAPH = os.environ.get("FLATQUANT_CALIB_GRAPH", "0") == "1"
 _GRAPH_WARMUP_STEPS = 3  # eager steps (compilation, optimiser state) before the capture
 
@@ -372,7 +374,10 @@ def _capture(step, idx: torch.Tensor):
         with torch.cuda.graph(graph):
             step(idx)
     except Exception as err:  # e.g. a host synchronisation inside the step
-        tqdm.write(f"calibration step not capturable ({type(err).__name__}: {str(err)[:120]}); running eagerly")
+        frames = traceback.extract_tb(err.__traceback__)[-4:]  # where in the step: the innermost frames
+        where = "; ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames)
+        first = str(err).splitlines()[0][:200] if str(err) else ""
+        tqdm.write(f"calibration step not capturable ({type(err).__name__}: {first}; at {where}); running eagerly")
         return None
     return graph
 

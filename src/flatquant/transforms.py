@@ -113,9 +113,11 @@ def precompute_factors(module: nn.Module, dtype: torch.dtype = torch.float32) ->
         if t.dim() == 1:  # sigma: padded with ones
             return torch.nn.functional.pad(t - 1, (0, size - n)) + 1
         padded = torch.nn.functional.pad(t, (0, size - n, 0, size - n))
-        return (
-            padded + torch.diag(torch.cat([torch.zeros(n), torch.ones(size - n)]).to(eye)) if fill_identity else padded
-        )
+        if not fill_identity:
+            return padded
+        # diag(0_n, I) made on the device: a host tensor copied here would stall the host on the GPU every
+        # step (a pageable copy waits for the stream) and cannot be captured in a CUDA graph
+        return padded + torch.diag((torch.arange(size, device=eye.device) >= n).to(dtype))
 
     q0 = torch.stack([pad(m.q0.to(dtype), m.n, True) for m in mats])  # (B, N, N)
     su = torch.stack([pad(m.skew_u.to(dtype), m.n, False) for m in mats])

@@ -397,49 +397,6 @@ if triton is not None:
             ).to(tl.float32)
         return _left_factor(y, p1t, dt, HAS_P1, SPLIT_Y, INTERPRET)
 
-    @triton.jit
-    def _split_token_program(
-        x_ptr, p1_ptr, p2_ptr, q_ptr, scale_ptr, zero_ptr, z_ptr, part_ptr, cnt_ptr, clip_max, clip_min, inv_qmax,
-        stride_xt, N1, N2, BN1: tl.constexpr, BN2: tl.constexpr, BC: tl.constexpr, SPLIT: tl.constexpr,
-        HAS_P1, HAS_P2: tl.constexpr, SPLIT_Y, SYMMETRIC: tl.constexpr, BITS: tl.constexpr, PACK: tl.constexpr,
-        INTERPRET, RECIP: tl.constexpr, FAST_DIV: tl.constexpr,
-    ):  # fmt: skip
-        """Program (token t, column chunk j) of the SPLIT path: X'[:, j*BC : (j+1)*BC] into the scratch, its
-        max / min next to it; the token's last program to arrive (acq_rel counter, as the GEMM's split-K)
-        reduces the SPLIT extrema, quantizes the whole token from the scratch, and resets the counter."""
-        pid = tl.program_id(0)
-        t64 = (pid // SPLIT).to(tl.int64)
-        j = pid % SPLIT
-        ra = tl.arange(0, BN1)
-        m1 = (ra[:, None] < N1) & (ra[None, :] < N1)
-        p1t = tl.load(p1_ptr + ra[None, :] * N1 + ra[:, None], mask=m1 & HAS_P1, other=0.0)  # (BN1, BN1)
-        j0 = j * BC
-        z = _column_chunk(x_ptr, p2_ptr, p1t, t64 * stride_xt, j0, N1, N2, BN1, BN2, BC, BC, HAS_P1, HAS_P2,
-                          SPLIT_Y, INTERPRET)  # fmt: skip
-        rj = j0 + tl.arange(0, BC)
-        mj = (ra[:, None] < N1) & (rj[None, :] < N2)
-        z_row = z_ptr + t64 * (BN1 * BN2) + ra[:, None] * BN2
-        tl.store(z_row + rj[None, :], z)
-        part = part_ptr + (t64 * SPLIT + j) * 2
-        tl.store(part, _tile_max(tl.where(mj, z, -float("inf"))))
-        tl.store(part + 1, _tile_min(tl.where(mj, z, float("inf"))))
-        tl.debug_barrier()  # every thread's stores issued before the release below
-        arrived = tl.atomic_add(cnt_ptr + t64, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:
-            rs = tl.arange(0, SPLIT)
-            parts = part_ptr + (t64 * SPLIT + rs) * 2
-            zmax = tl.reduce(tl.load(parts, cache_modifier=".cg"), 0, tl.standard._elementwise_max)
-            zmin = tl.reduce(tl.load(parts + 1, cache_modifier=".cg"), 0, tl.standard._elementwise_min)
-            scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, inv_qmax, SYMMETRIC, BITS, RECIP)
-            for c0 in tl.static_range(0, BN2, BC):
-                zc = tl.load(z_row + c0 + tl.arange(0, BC)[None, :], cache_modifier=".cg")  # L2: the others' X'
-                _quantize_store(zc, scale, zero, q_ptr, t64 * (N1 * N2), c0, N1, N2, BN1, BC, SYMMETRIC, BITS,
-                                PACK, FAST_DIV)  # fmt: skip
-            tl.store(scale_ptr + t64, scale)
-            if not SYMMETRIC:
-                tl.store(zero_ptr + t64, zero)
-            tl.atomic_xchg(cnt_ptr + t64, 0)  # ready for the next launch
-
     # one binary for every token count (no specialisation on 1 or on divisibility by 16: fewer compiles)
     @triton.jit(do_not_specialize=["n_tokens", "T_BUCKET"])
     def _kron_quantize_kernel(
@@ -450,11 +407,6 @@ if triton is not None:
         q_ptr,
         scale_ptr,
         zero_ptr,
-        # SPLIT > 1 only: X' scratch (T, BN1, BN2) fp32, per-program max / min (T, SPLIT, 2) fp32, arrival
-        # counters (T,) int32 (zero before the launch, left at zero after it); else unused
-        z_ptr,
-        part_ptr,
-        cnt_ptr,
         # runtime scalars
         clip_max,
         clip_min,
@@ -487,17 +439,7 @@ if triton is not None:
         # BC < BN2: X' is built BC columns at a time, twice (max, then codes): tiles too large for registers,
         # or a smaller footprint (more programs per SM) for 128x128 tiles
         BC: tl.constexpr = 0,
-        # SPLIT > 1 (few tokens, large tiles): SPLIT programs per token, each builds BC = BN2 / SPLIT columns
-        # of X' (more SMs on one token); the last of a token's programs to finish quantizes the whole token
-        SPLIT: tl.constexpr = 1,
     ):
-        if SPLIT > 1:
-            _split_token_program(
-                x_ptr, p1_ptr, p2_ptr, q_ptr, scale_ptr, zero_ptr, z_ptr, part_ptr, cnt_ptr, clip_max, clip_min,
-                inv_qmax, stride_xt, N1, N2, BN1, BN2, BC, SPLIT, HAS_P1, HAS_P2, SPLIT_Y, SYMMETRIC, BITS, PACK,
-                INTERPRET, RECIP, FAST_DIV,
-            )  # fmt: skip
-            return
         # Persistent: each program loads the factors once and loops over token blocks pid, pid + G, ...
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -663,7 +605,6 @@ def _default_config(bn1: int, bn2: int, n_tokens: int) -> dict:
         "P1_FIRST": 0,
         "FAST_DIV": 0,
         "BC": bn2 if tile <= _MAX_TILE else 64,
-        "SPLIT": 1,
         "PROGS_PER_SM": 4,
         "num_warps": 4 if tile <= 8192 else 8,
         "num_stages": 2 if tile == 8192 else 3,
@@ -686,10 +627,7 @@ def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) ->
     if bucket == 0:  # buckets 1-3 (throughput) share one candidate list
         # 4 warps spill a 128x128 fp32 tile (seen in the sm_90 build): 8 warps only from 128x128 up
         warps = (4, 8) if tile < 128 * 128 else (8,)
-        out = [dict(default, num_stages=1, num_warps=w, P1_FIRST=o) for o in orders for w in warps]
-        # from 64x128 tiles up: the token spread over SPLIT programs (column chunks of at least 16)
-        splits = [sp for sp in (4, 8) if tile >= 8192 and bn2 // sp >= 16]
-        return out + [dict(default, num_stages=1, num_warps=4, BC=bn2 // sp, SPLIT=sp) for sp in splits]
+        return [dict(default, num_stages=1, num_warps=w, P1_FIRST=o) for o in orders for w in warps]
     out = [default, dict(default, FAST_DIV=1)]  # IEEE divisions or the reciprocal multiply (_quotient)
     if tile > _MAX_TILE:  # column-chunked tiles: one token per iteration, product order fixed
         return out + [dict(default, num_warps=4, num_stages=2)]
@@ -714,7 +652,7 @@ def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) ->
 
 
 def _as_triton_config(cfg: dict):
-    meta = {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC", "SPLIT")}
+    meta = {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")}
     return triton.Config(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -759,26 +697,6 @@ if triton is not None:
         _kron_quantize_tuned = autotune(**_TUNE, use_cuda_graph=True)(_kron_quantize_kernel)
 
 
-_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters of the SPLIT path, one per token, reused across launches (each launch
-    leaves them at zero). SPLIT launches on one device must not run concurrently on two streams."""
-    buf = _SPLIT_COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4 * SMALL_TOKENS), dtype=torch.int32, device=device)
-        _SPLIT_COUNTERS[device] = buf
-    return buf
-
-
-def _split_scratch(device: torch.device, n_tokens: int, bn1: int, bn2: int) -> tuple[torch.Tensor, ...]:
-    """X' scratch (T, BN1, BN2) fp32, per-program extrema (T, 16 * 2) fp32 (SPLIT <= 16), counters."""
-    z = torch.empty((n_tokens, bn1, bn2), device=device, dtype=torch.float32)
-    part = torch.empty((n_tokens, 32), device=device, dtype=torch.float32)
-    return z, part, _split_counters(device, n_tokens)
-
-
 def _use_autotuner(config: dict | None) -> bool:
     """Whether a launch goes through the autotuner (CUDA, no fixed config, AUTOTUNE on)."""
     return config is None and AUTOTUNE and not _interpreting()
@@ -809,7 +727,7 @@ def kron_quantize_triton(
     """The fused Triton kernel (one launch); same contract as :func:`kron_quantize_reference`.
 
     config: a fixed launch config instead of the autotuner (keys BLOCK_T, PROGS_PER_SM, P1_FIRST, FAST_DIV, BC,
-    SPLIT, num_warps, num_stages; missing keys from the default; see ``candidate_configs``), for tests and
+    num_warps, num_stages; missing keys from the default; see ``candidate_configs``), for tests and
     benchmarks. On CUDA without it the launch is autotuned among ``candidate_configs`` (``AUTOTUNE``).
     """
     reason = triton_unavailable_reason(x)
@@ -833,12 +751,7 @@ def kron_quantize_triton(
         bn1, bn2 = max(16, _next_pow2(n1)), max(16, _next_pow2(n2))
         sms = _sm_count(x.device)
         bucket = _token_bucket(n_tokens)
-        if _use_autotuner(config):  # SPLIT candidates exist only in the latency bucket, from 64x128 tiles up
-            may_split = bucket == 0 and any(c["SPLIT"] > 1 for c in candidate_configs(bn1, bn2, 0))
-        else:
-            may_split = (config or {}).get("SPLIT", 1) > 1
-        scratch = _split_scratch(x.device, n_tokens, bn1, bn2) if may_split else (scale, scale, scale)  # unused
-        args = (x2, p1c, p2c, codes, scale, zero if zero is not None else scale, *scratch)
+        args = (x2, p1c, p2c, codes, scale, zero if zero is not None else scale)
         args += (
             float(clip_max),
             float(clip_min),
@@ -854,8 +767,6 @@ def kron_quantize_triton(
         meta = {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
 
         def grid(m):
-            if m.get("SPLIT", 1) > 1:  # one program per (token, column chunk), not persistent
-                return (n_tokens * m["SPLIT"],)
             return (max(1, min(triton.cdiv(n_tokens, m["BLOCK_T"]), sms * m["PROGS_PER_SM"])),)
 
         if _use_autotuner(config):
@@ -868,11 +779,6 @@ def kron_quantize_triton(
                 raise ValueError(
                     f"BC={bc} must be a power of two from 16 to the padded n2 ({bn2}), and below it for tiles over "
                     f"{_MAX_TILE} elements (a {bn1}x{bn2} tile here)"
-                )
-            if cfg["SPLIT"] > 1 and (cfg["SPLIT"] * bc != bn2 or cfg["BLOCK_T"] != 1):
-                raise ValueError(
-                    f"SPLIT={cfg['SPLIT']} needs BC = padded n2 / SPLIT ({bn2} / {cfg['SPLIT']}) and BLOCK_T=1, "
-                    f"got BC={bc}, BLOCK_T={cfg['BLOCK_T']}"
                 )
             if cfg["BLOCK_T"] > 1 and (bc != bn2 or cfg["BLOCK_T"] * bn1 * bn2 > _MAX_STACK):
                 raise ValueError(
