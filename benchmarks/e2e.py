@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig  # noqa: E402
 
 from flatquant.files import atomic_write_json  # noqa: E402
+from flatquant.kernels.rope import unfuse_rotary  # noqa: E402
 from flatquant.kvcache import GraphedDecoder, Int4KVCache, cache_kwargs  # noqa: E402
 from flatquant.packed import finish_packed_model, packed_skeleton  # noqa: E402
 from flatquant.report import device_name  # noqa: E402
@@ -96,6 +97,7 @@ def model_bytes(model) -> int:
 
 
 def bf16_model(cfg: dict, device, dtype):
+    unfuse_rotary()  # the baseline runs transformers' own RoPE (a packed model built earlier fused it)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype, attn_implementation="sdpa").eval()
 

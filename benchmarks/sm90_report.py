@@ -5,7 +5,8 @@ No GPU needed: Triton compiles to a cubin with its bundled ptxas, and cuobjdump 
 comes from the compiler's metadata. Use it to drop candidates that spill or exceed shared memory before a
 GPU run. Takes a few seconds per kernel.
 
-    PYTHONPATH=src python benchmarks/sm90_report.py [--kron 112x128,64x64] [--gemm small,large] [--json PATH]
+    PYTHONPATH=src python benchmarks/sm90_report.py [--kron 112x128,64x64] [--gemm small,large] [--rope 64,128]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from flatquant.files import atomic_write_json  # noqa: E402
 from flatquant.kernels import gemm_w4a4 as gw  # noqa: E402
 from flatquant.kernels import kron_quantize as kq  # noqa: E402
+from flatquant.kernels import rope as rp  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on H100 (227 KB)
@@ -104,6 +106,21 @@ def gemm_reports(sets: list[str]) -> list[dict]:
     return out
 
 
+def rope_reports(head_dims: list[int]) -> list[dict]:
+    ptrs = ["q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "ko_ptr"]
+    ints = ["T", "HQ", "HK", "NQB", "sqb", "sqh", "sqt", "skb", "skh", "skt", "scb", "sct"]
+    ints += ["soqb", "soqh", "soqt", "sokb", "sokh", "sokt"]
+    sig = dict.fromkeys(ptrs, "*bf16") | dict.fromkeys(ints, "i32")
+    out = []
+    for d in head_dims:
+        block_h = 4 if d > 128 else 8
+        const = dict(HALF=d // 2, BLOCK_H=block_h, BLOCK_D=max(2, triton.next_power_of_2(d // 2)), INTERPRET=False)
+        opts = dict(num_warps=4, enable_fp_fusion=False)
+        rec = {"kernel": "rope", "head_dim": d, "BLOCK_H": block_h}
+        out.append(_report(rec, lambda c=const, o=opts: compile_sm90(rp._rope_kernel, sig, c, ptrs, o)))
+    return out
+
+
 def _report(rec: dict, build) -> dict:
     try:
         rec.update(resources(build()))
@@ -126,10 +143,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kron", default="24x24,64x64,64x128,86x128,112x128,128x148", help="n1xn2 factor pairs")
     ap.add_argument("--gemm", default="large,small,large_fp8,small_fp8", help="GEMM config sets")
+    ap.add_argument("--rope", default="64,128", help="head dims of the RoPE kernel")
     ap.add_argument("--json", default=None, help="also write the records here")
     args = ap.parse_args()
     pairs = [tuple(int(v) for v in p.split("x")) for p in args.kron.split(",") if p]
     records = kron_reports(pairs) + gemm_reports([s for s in args.gemm.split(",") if s])
+    records += rope_reports([int(d) for d in args.rope.split(",") if d])
     bad = [r for r in records if not r["ok"]]
     print(f"{len(records)} kernels, {len(bad)} with spills, too much shared memory or compile errors")
     if args.json:

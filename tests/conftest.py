@@ -1,5 +1,6 @@
 """Tiny randomly initialised models of every supported architecture, built from configs."""
 
+import importlib
 import os
 
 import pytest
@@ -17,6 +18,15 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+
+def for_the_interpreter(*modules):
+    """Kernel modules as the tests need them: off CUDA, each rebuilt for the Triton interpreter if it was
+    imported before TRITON_INTERPRET was set (its kernels would be compiled ones). Pass them in import order."""
+    if torch.cuda.is_available():
+        return modules
+    return tuple(importlib.reload(m) if m.triton is not None and not m._interpreting() else m for m in modules)
+
 
 _SMALL = dict(
     hidden_size=64,  # 8 x 8

@@ -1,25 +1,15 @@
 """The one-launch RMSNorm against the norm modules' arithmetic, and its swap into packed models."""
 
-import importlib
-import os
-
+import pytest
 import torch
+from conftest import ARCHS, for_the_interpreter, tiny_model
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import flatquant.kernels.kron_quantize as kq
+import flatquant.kernels.kv_quant as kv
+import flatquant.kernels.rmsnorm as rn
 
-import pytest  # noqa: E402
-from conftest import ARCHS, tiny_model  # noqa: E402
-
-import flatquant.kernels.kron_quantize as kq  # noqa: E402
-import flatquant.kernels.kv_quant as kv  # noqa: E402
-import flatquant.kernels.rmsnorm as rn  # noqa: E402
-
+kq, kv, rn = for_the_interpreter(kq, kv, rn)
 CUDA = torch.cuda.is_available()
-if not CUDA and rn.triton is not None and not rn._interpreting():
-    kq = importlib.reload(kq)  # imported before TRITON_INTERPRET was set: rebuild for the interpreter
-    kv = importlib.reload(kv)
-    rn = importlib.reload(rn)
 DEVICE = "cuda" if CUDA else "cpu"
 needs_triton = pytest.mark.skipif(rn.triton is None or not (CUDA or rn._interpreting()), reason="no triton")
 

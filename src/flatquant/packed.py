@@ -22,6 +22,7 @@ from .arch import ArchSpec, register_architecture, set_submodule, spec_for, supp
 from .files import atomic_directory, read_format_json
 from .kernels.gemm_w4a4 import pack_int4
 from .kernels.rmsnorm import fuse_rms_norms
+from .kernels.rope import fuse_rotary
 from .kernels.w4a4_linear import W4A4Linear
 from .modules import FlatQuantLinear, OnlineTransform
 from .prepare import _dims
@@ -271,7 +272,8 @@ def packed_skeleton(config, transforms: dict, dtype: torch.dtype, spec: ArchSpec
 
 def finish_packed_model(model: nn.Module, device: torch.device | str, fuse: bool = True) -> nn.Module:
     """Tie the output embedding, compute the rotary tables on ``device``, select the packed attention, swap the
-    RMSNorm modules for :class:`~flatquant.kernels.rmsnorm.FusedRMSNorm`; with
+    RMSNorm modules for :class:`~flatquant.kernels.rmsnorm.FusedRMSNorm`, rotate q and k in one launch
+    (:func:`~flatquant.kernels.rope.fuse_rotary`); with
     ``fuse``, the linears of a shared input (q/k/v, gate/up) run as one GEMM (``SharedInputQuant.fuse``)."""
     if getattr(model.config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
@@ -285,6 +287,7 @@ def finish_packed_model(model: nn.Module, device: torch.device | str, fuse: bool
         raise ValueError(f"the packed checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
     use_packed_attention(model)
     fuse_rms_norms(model)  # one launch per norm on CUDA (same arithmetic; the reference elsewhere)
+    fuse_rotary(model)  # one launch for RoPE of q and k on CUDA (same bits; transformers' function elsewhere)
     if fuse:
         consumers: dict[int, list[SharedInputLinear]] = {}
         for mod in model.modules():
