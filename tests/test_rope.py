@@ -94,9 +94,13 @@ def test_fused_rotary_falls_back_to_the_original_where_it_does_not_apply():
     assert fused(q, k, cos, sin, unsqueeze_dim=2) == "original"
     assert fused(q, k, cos, sin, None, 1) == "original"  # an older signature (position_ids first)
     assert fused(q.float(), k.float(), cos.float(), sin.float()) == "original"
+    q_train = q.detach().requires_grad_()  # a model being calibrated: the kernel has no backward
+    assert fused(q_train, k, cos, sin) == "original"
+    with torch.no_grad():
+        assert fused(q_train, k, cos, sin)[0].shape == q.shape
     fused.impl = "auto"  # the kernel on CUDA only
     assert (fused(q, k, cos, sin) == "original") != CUDA
-    assert len(calls) == (3 if CUDA else 4)
+    assert len(calls) == (4 if CUDA else 5)
 
 
 @needs_triton

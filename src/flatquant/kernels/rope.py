@@ -163,7 +163,8 @@ def rope(q, k, cos, sin, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor
 class FusedRotary:
     """Stands in for a modeling module's ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``: the
     one-launch kernel where it applies (CUDA, or ``impl="triton"`` for tests; 16-bit q, k, cos, sin of the
-    usual shapes, ``unsqueeze_dim=1``), the ``original`` function for every other call."""
+    usual shapes, ``unsqueeze_dim=1``, nothing that needs a gradient), the ``original`` function for every
+    other call."""
 
     def __init__(self, original):
         self.original = original
@@ -173,7 +174,9 @@ class FusedRotary:
         unsqueeze_dim = kwargs.get("unsqueeze_dim", args[0] if len(args) == 1 else 1)
         plain = len(args) + len(kwargs) <= 1 and set(kwargs) <= {"unsqueeze_dim"} and unsqueeze_dim == 1
         usable = self.impl == "triton" or (self.impl == "auto" and q.is_cuda and triton is not None)
-        if plain and usable and unsupported_reason(q, k, cos, sin) is None:
+        # the kernel has no backward: a model being trained in this process (a calibration) keeps the original
+        grads = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, cos, sin))
+        if plain and usable and not grads and unsupported_reason(q, k, cos, sin) is None:
             return rope_triton(q, k, cos, sin)
         return self.original(q, k, cos, sin, *args, **kwargs)
 
