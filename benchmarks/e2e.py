@@ -278,6 +278,7 @@ def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
                 _sync(device)
         totals = dict.fromkeys([*CATEGORIES, "other"], 0.0)
         launches = dict.fromkeys([*CATEGORIES, "other"], 0)  # kernels (CUDA) or aten ops (CPU) per category
+        kernels = {c: [] for c in totals}  # (ms, launches, name) of each kernel, to show what a category holds
         for e in prof.key_averages():
             if device.type == "cuda":
                 if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
@@ -291,9 +292,11 @@ def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
             cat = next((c for c, keys in CATEGORIES.items() if any(k in name for k in keys)), "other")
             totals[cat] += us / 1000
             launches[cat] += e.count
+            kernels[cat].append((us / 1000, e.count, e.key[:100]))
         steps = 1 if phase == "prefill" else 4
         per_layer = {c: v / (steps * model.config.num_hidden_layers) for c, v in launches.items()}
-        out[phase] = {"batch": batch, "steps": steps, "ms": totals, "launches_per_layer_step": per_layer}
+        top = {c: [[round(ms, 3), n, key] for ms, n, key in sorted(ks, reverse=True)[:8]] for c, ks in kernels.items()}
+        out[phase] = {"batch": batch, "steps": steps, "ms": totals, "launches_per_layer_step": per_layer, "top": top}
     return out
 
 
@@ -471,6 +474,8 @@ def main(argv=None) -> None:
                 print(f"breakdown {name} {kind} {phase} (batch {b['batch']}, {b['steps']} step(s)), ms: {parts}")
                 counts = ", ".join(f"{c} {n:.1f}" for c, n in b["launches_per_layer_step"].items())
                 print(f"  launches per layer and step: {counts}")
+                for ms, n, key in b.get("top", {}).get("other", [])[:5]:
+                    print(f"    other: {ms:8.2f} ms {n:6d}x {key}")
     total = time.perf_counter() - t0
     print(f"total {total:.0f} s on {device_name(device)}; decode times are {args.gen} x the mean timed step")
     if device.type == "cpu":
