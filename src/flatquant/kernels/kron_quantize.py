@@ -614,7 +614,8 @@ def _default_config(bn1: int, bn2: int, n_tokens: int) -> dict:
 def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) -> list[dict]:
     """The launch configs the autotuner chooses among for a (BN1, BN2) tile and token bucket.
 
-    Latency path (bucket 0): one token per program, 4 or 8 warps, both product orders. Throughput path:
+    Latency path (bucket 0): one token per program, 4 or 8 warps, both product orders, IEEE divisions or the
+    reciprocal multiply (``FAST_DIV``). Throughput path:
     the fixed default; (P1^T X) P2 order (``P1_FIRST``, the split fp32 intermediate stays in registers);
     token stacking (BLOCK_T tokens per iteration, up to _MAX_STACK elements); fewer pipeline stages and
     programs per SM (less shared memory); for the throughput path also the reciprocal-multiply codes
@@ -627,7 +628,13 @@ def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) ->
     if bucket == 0:  # buckets 1-3 (throughput) share one candidate list
         # 4 warps spill a 128x128 fp32 tile (seen in the sm_90 build): 8 warps only from 128x128 up
         warps = (4, 8) if tile < 128 * 128 else (8,)
-        return [dict(default, num_stages=1, num_warps=w, P1_FIRST=o) for o in orders for w in warps]
+        # FAST_DIV too: one program per token quantizes the whole tile, its IEEE divisions serialised on one SM
+        return [
+            dict(default, num_stages=1, num_warps=w, P1_FIRST=o, FAST_DIV=f)
+            for f in (0, 1)
+            for o in orders
+            for w in warps
+        ]
     out = [default, dict(default, FAST_DIV=1)]  # IEEE divisions or the reciprocal multiply (_quotient)
     if tile > _MAX_TILE:  # column-chunked tiles: one token per iteration, product order fixed
         return out + [dict(default, num_warps=4, num_stages=2)]
