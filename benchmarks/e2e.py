@@ -268,13 +268,24 @@ def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
             cache = new_cache(model, kind, seqlen + 8)
             ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=device)
             nxt = model(ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
-            _sync(device)
-            with torch.profiler.profile(activities=acts) as prof:
+
+            def run(phase=phase, ids=ids, cache=cache):  # this iteration's (called within it)
+                nonlocal nxt
                 if phase == "prefill":
                     model(ids, logits_to_keep=1, **cache_kwargs(model, new_cache(model, kind, seqlen)))
                 else:
                     for _ in range(4):
                         nxt = model(nxt, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+
+            # host time to enqueue the work against the wall time: equal when the host is the bottleneck
+            _sync(device)
+            t0 = time.perf_counter()
+            run()
+            t1 = time.perf_counter()
+            _sync(device)
+            host_wall = [1000 * (t1 - t0), 1000 * (time.perf_counter() - t0)]
+            with torch.profiler.profile(activities=acts) as prof:
+                run()
                 _sync(device)
         totals = dict.fromkeys([*CATEGORIES, "other"], 0.0)
         launches = dict.fromkeys([*CATEGORIES, "other"], 0)  # kernels (CUDA) or aten ops (CPU) per category
@@ -297,6 +308,7 @@ def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
         per_layer = {c: v / (steps * model.config.num_hidden_layers) for c, v in launches.items()}
         top = {c: [[round(ms, 3), n, key] for ms, n, key in sorted(ks, reverse=True)[:8]] for c, ks in kernels.items()}
         out[phase] = {"batch": batch, "steps": steps, "ms": totals, "launches_per_layer_step": per_layer, "top": top}
+        out[phase]["host_ms"], out[phase]["wall_ms"] = host_wall
     return out
 
 
@@ -474,6 +486,8 @@ def main(argv=None) -> None:
                 print(f"breakdown {name} {kind} {phase} (batch {b['batch']}, {b['steps']} step(s)), ms: {parts}")
                 counts = ", ".join(f"{c} {n:.1f}" for c, n in b["launches_per_layer_step"].items())
                 print(f"  launches per layer and step: {counts}")
+                if "host_ms" in b:
+                    print(f"  host enqueue {b['host_ms']:.1f} ms of {b['wall_ms']:.1f} ms wall (unprofiled run)")
                 for ms, n, key in b.get("top", {}).get("other", [])[:5]:
                     print(f"    other: {ms:8.2f} ms {n:6d}x {key}")
     total = time.perf_counter() - t0
