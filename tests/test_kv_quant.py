@@ -391,15 +391,21 @@ def test_quantize_dequantize_into_a_cache_slice(impl):
 def test_every_decode_candidate_config_matches_the_reference():
     """Tuning may choose any candidate on the GPU, so each one must be as close to the float64 result as
     the default (half an ulp of the output dtype plus a little fp32 error)."""
-    b, hkv, g, d, s_cap = (4, 8, 4, 128, 1000) if CUDA else (2, 2, 2, 32, 40)
-    lens = [s_cap - 3, 12, s_cap, 1][:b]
-    cache = _cache(b, hkv, s_cap, d, lens)
-    q = _kv_like((b, hkv * g, d), seed=9, dtype=torch.bfloat16)
-    dense = _dense_float64(q, *cache, d**-0.5)
     configs = kv.CANDIDATE_CONFIGS if CUDA else [c for c in kv.CANDIDATE_CONFIGS if not c["asm"]]
-    assert kv.DEFAULT_CONFIG in configs and len(configs) >= 18
-    for cfg in configs:
-        _assert_close_to_dense(kv.decode_attention_triton(q, *cache, d**-0.5, config=cfg), dense, torch.bfloat16)
+    assert kv.DEFAULT_CONFIG in configs and len(configs) >= 18 and any(not c["mma"] for c in configs)
+    shapes = [(4, 8, 4, 128, 1000), (3, 4, 1, 128, 700)] if CUDA else [(2, 2, 2, 32, 40), (3, 2, 1, 16, 33)]
+    for b, hkv, g, d, s_cap in shapes:  # grouped heads, and one query head per KV head (MHA)
+        lens = [s_cap - 3, 12, s_cap, 1][:b]
+        cache = _cache(b, hkv, s_cap, d, lens)
+        q = _kv_like((b, hkv * g, d), seed=9 + g, dtype=torch.bfloat16)
+        dense = _dense_float64(q, *cache, d**-0.5)
+        for cfg in configs:
+            if not cfg["mma"] and g > kv.MAX_G_CUDA_CORES:
+                with pytest.raises(ValueError, match="mma=False takes at most"):
+                    kv.decode_attention_triton(q, *cache, d**-0.5, config=cfg)
+                continue
+            out = kv.decode_attention_triton(q, *cache, d**-0.5, config=cfg)
+            _assert_close_to_dense(out, dense, torch.bfloat16)
 
 
 def test_decode_tuning_picks_the_fastest_candidate_once_per_shape(monkeypatch):
@@ -423,6 +429,10 @@ def test_decode_tuning_picks_the_fastest_candidate_once_per_shape(monkeypatch):
     assert kv._tuned_config(q, k, run)["block_n"] == 32 and len(ran) == 4  # remembered: not timed again
     assert kv.last_config(q, torch.zeros(2, 2, 500, 32, dtype=torch.uint8))["block_n"] == 32  # same bucket
     assert kv.last_config(q, torch.zeros(2, 2, 600, 32, dtype=torch.uint8)) is None  # next power of two
+    # CUDA-core candidates are tried only for one or two query heads per KV head (here 4: skipped)
+    monkeypatch.setattr(kv, "CANDIDATE_CONFIGS", [dict(kv.DEFAULT_CONFIG, mma=False, block_n=32)] + cands[:1])
+    ran.clear()
+    assert kv._tuned_config(q, torch.zeros(2, 2, 2000, 32, dtype=torch.uint8), run)["mma"] and ran == [64]
 
 
 @pytest.mark.skipif(not CUDA, reason="tuning times CUDA-graph replays")
@@ -535,3 +545,8 @@ def test_decode_with_a_fused_query_transform(impl, groups):
     else:  # the kernel's q @ T may round differently where a product lies at a bf16 rounding boundary
         torch.testing.assert_close(out.float(), ref.float(), rtol=2**-6, atol=1e-3 * ref.float().abs().max().item())
         assert not torch.allclose(out.float(), kv.decode_attention_reference(q, *cache, d**-0.5).float(), atol=1e-2)
+        if groups <= kv.MAX_G_CUDA_CORES:  # the CUDA-core variant forms q @ T without tensor cores
+            cfg_cc = {**cfg.get("config", {}), "mma": False}
+            out_cc = kv.decode_attention_triton(q, *cache, d**-0.5, q_transform=t, config=cfg_cc)
+            tol = 1e-3 * ref.float().abs().max().item()
+            torch.testing.assert_close(out_cc.float(), ref.float(), rtol=2**-6, atol=tol)

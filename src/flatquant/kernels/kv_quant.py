@@ -46,14 +46,21 @@ _Q_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_SPLITS = 64  # chunks per sequence; the merge kernel holds (splits, D) fp32 in registers
 _LOG2E = math.log2(math.e)
 # decode kernel launch: tokens per step, warps, pipeline stages, target programs per SM, inline-PTX unpacking
-DEFAULT_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4, "asm": False}
+DEFAULT_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4, "asm": False, "mma": True}
 # On CUDA the launch config is chosen per shape among CANDIDATE_CONFIGS by timing CUDA-graph replays (set
 # False, or FLATQUANT_AUTOTUNE=0, for DEFAULT_CONFIG)
 AUTOTUNE = os.environ.get("FLATQUANT_AUTOTUNE", "1") != "0"
 CANDIDATE_CONFIGS = [DEFAULT_CONFIG] + [
-    {"block_n": bn, "num_warps": w, "num_stages": st, "progs_per_sm": pps, "asm": asm}
+    {"block_n": bn, "num_warps": w, "num_stages": st, "progs_per_sm": pps, "asm": asm, "mma": True}
     for bn, w, st, pps, asm in itertools.product((32, 64, 128), (4, 8), (2,), (2, 4, 8), (False, True))
-    if (bn, w, st, pps, asm) != (64, 4, 2, 4, False)
+    if (bn, w, st, pps, asm) != (64, 4, 2, 4, False) and (bn, w) != (128, 4)  # 128 x 4 warps spills (sm_90)
+]
+# CUDA-core products for one or two query heads per KV head (MHA models: a tensor-core tile of 16 query rows
+# would be 15/16 padding); tuned only for such shapes
+MAX_G_CUDA_CORES = 2
+CANDIDATE_CONFIGS += [
+    {"block_n": bn, "num_warps": w, "num_stages": 2, "progs_per_sm": pps, "asm": False, "mma": False}
+    for bn, w, pps in itertools.product((32, 64), (4, 8), (4, 8))
 ]
 _TUNED: dict[tuple, dict] = {}  # shape key -> the fastest candidate (see _tuned_config)
 
@@ -161,6 +168,14 @@ if triton is not None:
     @triton.jit
     def _row_sum(v):
         return tl.reduce(v, 1, tl.standard._sum_combine)
+
+    @triton.jit
+    def _mm(a, b, MMA: tl.constexpr, INTERPRET: tl.constexpr):
+        """a (M, K) @ b (K, N) in fp32: tensor cores (M >= 16) when MMA, else CUDA-core products and sums
+        (for one or two query rows, where a tensor-core tile would be mostly padding)."""
+        if MMA:
+            return _dot(a, b, tl.full((a.shape[0], b.shape[1]), 0.0, tl.float32), INTERPRET)
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
 
     @triton.jit
     def _unpack_ptx_call(p, dt: tl.constexpr):
@@ -323,6 +338,7 @@ if triton is not None:
         ASM: tl.constexpr,  # unpack codes with inline PTX
         INTERPRET: tl.constexpr,
         QT: tl.constexpr = 0,  # transform the queries in the kernel (P_h^-T of the runtime)
+        MMA: tl.constexpr = 1,  # tensor-core products (BLOCK_G >= 16); 0: CUDA cores, BLOCK_G = G padded (G <= 2)
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -347,9 +363,8 @@ if triton is not None:
             q_full = tl.load(q_heads + rf[None, :], mask=(rg[:, None] < G) & mf[None, :], other=0.0)
             t_cols = qt_ptr + rf[:, None] * (2 * HALF_D) + 2 * rj[None, :]  # (2 * BLOCK_HD, BLOCK_HD)
             m_qt = mf[:, None] & mj[None, :]
-            zero_q = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
-            q_e = _round_to(_dot(q_full, tl.load(t_cols, mask=m_qt, other=0.0), zero_q, INTERPRET), dt, INTERPRET)
-            q_o = _round_to(_dot(q_full, tl.load(t_cols + 1, mask=m_qt, other=0.0), zero_q, INTERPRET), dt, INTERPRET)
+            q_e = _round_to(_mm(q_full, tl.load(t_cols, mask=m_qt, other=0.0), MMA, INTERPRET), dt, INTERPRET)
+            q_o = _round_to(_mm(q_full, tl.load(t_cols + 1, mask=m_qt, other=0.0), MMA, INTERPRET), dt, INTERPRET)
         else:
             q_e = tl.load(q_rows, mask=mq, other=0.0)  # (BLOCK_G, BLOCK_HD)
             q_o = tl.load(q_rows + 1, mask=mq, other=0.0)
@@ -371,9 +386,7 @@ if triton is not None:
             kz = tl.load(kz_ptr + sc_base + t, mask=mt, other=0.0)
             k_lo, k_hi = _unpack_biased(kb, dt, INTERPRET, ASM)
             # biased codes 16 + c are exact in 16 bits; products exact, fp32 accumulation
-            qc = tl.full((BLOCK_G, BLOCK_N), 0.0, tl.float32)
-            qc = _dot(q_e, tl.trans(k_lo), qc, INTERPRET)
-            qc = _dot(q_o, tl.trans(k_hi), qc, INTERPRET)
+            qc = _mm(q_e, tl.trans(k_lo), MMA, INTERPRET) + _mm(q_o, tl.trans(k_hi), MMA, INTERPRET)
             s = (qc - q_sum[:, None] * (kz + 16.0)[None, :]) * (ks * qk_scale)[None, :]  # (BLOCK_G, BLOCK_N), base 2
             s = tl.where(mt[None, :], s, -float("inf"))
             m_new = tl.maximum(m_i, _row_max(s))  # finite: every step has a valid token
@@ -389,12 +402,16 @@ if triton is not None:
             vs_max = tl.reduce(vs, 0, tl.standard._elementwise_max)  # > 0: every step has a valid token
             pv = p * (vs / vs_max)[None, :]
             pz = _row_sum(p * (vs * (vz + 16.0))[None, :])
-            p_hi = pv.to(tl.float16)
-            p_lo = (pv - p_hi.to(tl.float32)).to(tl.float16)
             v_lo, v_hi = _unpack_biased(vb, tl.float16, INTERPRET, ASM)
-            zero_acc = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
-            pv_e = _dot(p_lo, v_lo, _dot(p_hi, v_lo, zero_acc, INTERPRET), INTERPRET)
-            pv_o = _dot(p_lo, v_hi, _dot(p_hi, v_hi, zero_acc, INTERPRET), INTERPRET)
+            if MMA:
+                p_hi = pv.to(tl.float16)
+                p_lo = (pv - p_hi.to(tl.float32)).to(tl.float16)
+                zero_acc = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
+                pv_e = _dot(p_lo, v_lo, _dot(p_hi, v_lo, zero_acc, INTERPRET), INTERPRET)
+                pv_o = _dot(p_lo, v_hi, _dot(p_hi, v_hi, zero_acc, INTERPRET), INTERPRET)
+            else:  # fp32 throughout: p needs no split
+                pv_e = _mm(pv, v_lo, 0, INTERPRET)
+                pv_o = _mm(pv, v_hi, 0, INTERPRET)
             acc_e = acc_e * alpha[:, None] + vs_max * pv_e - pz[:, None]
             acc_o = acc_o * alpha[:, None] + vs_max * pv_o - pz[:, None]
             m_i = m_new
@@ -776,7 +793,10 @@ def _tuned_config(q, k_packed, run) -> dict:
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return DEFAULT_CONFIG
     timed = []
+    group = q.shape[1] // k_packed.shape[1]
     for cfg in CANDIDATE_CONFIGS:
+        if not cfg["mma"] and group > MAX_G_CUDA_CORES:
+            continue
         try:
             timed.append((_graph_time(lambda c=cfg: run(c)), len(timed), cfg))
         except Exception:  # e.g. out of shared memory for a large token block
@@ -823,6 +843,8 @@ def decode_attention_triton(
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {cfg['block_n']}")
+    if not cfg["mma"] and hq // hkv > MAX_G_CUDA_CORES:
+        raise ValueError(f"mma=False takes at most {MAX_G_CUDA_CORES} query heads per KV head, got {hq // hkv}")
     if k_packed.stride(-1) != 1 or v_packed.stride() != k_packed.stride():
         k_packed, v_packed = k_packed.contiguous(), v_packed.contiguous()
     scales = (k_scale, k_zero, v_scale, v_zero)
@@ -846,9 +868,9 @@ def decode_attention_triton(
         out, acc, m, l, float(sm_scale) * _LOG2E, s_cap, chunk, splits,
         q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
         k_scale.stride(0), k_scale.stride(1), out.stride(0), out.stride(1),
-        HKV=hkv, G=g, HALF_D=d // 2, BLOCK_G=max(16, triton.next_power_of_2(g)),
+        HKV=hkv, G=g, HALF_D=d // 2, BLOCK_G=max(16 if cfg["mma"] else 1, triton.next_power_of_2(g)),
         BLOCK_HD=max(16, triton.next_power_of_2(d // 2)), BLOCK_N=bn, SINGLE=single, ASM=cfg["asm"],
-        INTERPRET=interpret, QT=q_transform is not None,
+        INTERPRET=interpret, QT=q_transform is not None, MMA=cfg["mma"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if not single:
