@@ -6,7 +6,7 @@ comes from the compiler's metadata. Use it to drop candidates that spill or exce
 GPU run. Takes a few seconds per kernel.
 
     PYTHONPATH=src python benchmarks/sm90_report.py [--kron 112x128,64x64] [--gemm small,large] [--rope 64,128]
-        [--json PATH]
+        [--decode 1,4] [--json PATH]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from flatquant.files import atomic_write_json  # noqa: E402
 from flatquant.kernels import gemm_w4a4 as gw  # noqa: E402
 from flatquant.kernels import kron_quantize as kq  # noqa: E402
+from flatquant.kernels import kv_quant as kv  # noqa: E402
 from flatquant.kernels import rope as rp  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -121,6 +122,30 @@ def rope_reports(head_dims: list[int]) -> list[dict]:
     return out
 
 
+def decode_reports(groups: list[int], head_dim: int = 128) -> list[dict]:
+    """The decode attention kernel, every tuning candidate that applies to each group size (query heads per KV
+    head), with the query transform fused (as the runtime's decode steps launch it), multi-chunk."""
+    fn = kv._decode_chunk_kernel
+    while not hasattr(fn, "arg_names"):
+        fn = fn.fn
+    types = dict.fromkeys(["q_ptr", "qt_ptr", "out_ptr"], "*bf16") | {"k_ptr": "*u8", "v_ptr": "*u8"}
+    types["lens_ptr"] = "*i32"
+    sig = {n: types.get(n, "*fp32") if n.endswith("_ptr") else "i32" for n in fn.arg_names} | {"qk_scale": "fp32"}
+    out = []
+    for g in groups:
+        for cfg in kv.CANDIDATE_CONFIGS:
+            if not cfg["mma"] and g > kv.MAX_G_CUDA_CORES:
+                continue
+            half = head_dim // 2
+            const = dict(HKV=32 // g, G=g, HALF_D=half, BLOCK_G=max(16 if cfg["mma"] else 1, triton.next_power_of_2(g)))
+            const |= dict(BLOCK_HD=max(16, triton.next_power_of_2(half)), BLOCK_N=cfg["block_n"], SINGLE=False)
+            const |= dict(ASM=cfg["asm"], INTERPRET=False, QT=True, MMA=cfg["mma"])
+            opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
+            rec = {"kernel": "decode_attention", "G": g, "head_dim": head_dim, **cfg}
+            out.append(_report(rec, lambda c=const, o=opts: compile_sm90(fn, sig, c, ["q_ptr", "k_ptr", "v_ptr"], o)))
+    return out
+
+
 def _report(rec: dict, build) -> dict:
     try:
         rec.update(resources(build()))
@@ -144,11 +169,13 @@ def main() -> None:
     ap.add_argument("--kron", default="24x24,64x64,64x128,86x128,112x128,128x148", help="n1xn2 factor pairs")
     ap.add_argument("--gemm", default="large,small,large_fp8,small_fp8", help="GEMM config sets")
     ap.add_argument("--rope", default="64,128", help="head dims of the RoPE kernel")
+    ap.add_argument("--decode", default="1,4", help="query heads per KV head of the decode attention kernel (D=128)")
     ap.add_argument("--json", default=None, help="also write the records here")
     args = ap.parse_args()
     pairs = [tuple(int(v) for v in p.split("x")) for p in args.kron.split(",") if p]
     records = kron_reports(pairs) + gemm_reports([s for s in args.gemm.split(",") if s])
     records += rope_reports([int(d) for d in args.rope.split(",") if d])
+    records += decode_reports([int(g) for g in args.decode.split(",") if g])
     bad = [r for r in records if not r["ok"]]
     print(f"{len(records)} kernels, {len(bad)} with spills, too much shared memory or compile errors")
     if args.json:
