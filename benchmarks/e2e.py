@@ -287,9 +287,7 @@ def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
             with torch.profiler.profile(activities=acts) as prof:
                 run()
                 _sync(device)
-        totals = dict.fromkeys([*CATEGORIES, "other"], 0.0)
-        launches = dict.fromkeys([*CATEGORIES, "other"], 0)  # kernels (CUDA) or aten ops (CPU) per category
-        kernels = {c: [] for c in totals}  # (ms, launches, name) of each kernel, to show what a category holds
+        kernels = {c: [] for c in [*CATEGORIES, "other"]}  # (ms, launches, name): kernels (CUDA) or aten ops (CPU)
         for e in prof.key_averages():
             if device.type == "cuda":
                 if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
@@ -301,11 +299,11 @@ def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
                 us = e.self_cpu_time_total
             name = e.key.lower()
             cat = next((c for c, keys in CATEGORIES.items() if any(k in name for k in keys)), "other")
-            totals[cat] += us / 1000
-            launches[cat] += e.count
             kernels[cat].append((us / 1000, e.count, e.key[:100]))
         steps = 1 if phase == "prefill" else 4
-        per_layer = {c: v / (steps * model.config.num_hidden_layers) for c, v in launches.items()}
+        totals = {c: sum(ms for ms, _, _ in ks) for c, ks in kernels.items()}
+        layer_steps = steps * model.config.num_hidden_layers
+        per_layer = {c: sum(n for _, n, _ in ks) / layer_steps for c, ks in kernels.items()}
         top = {c: [[round(ms, 3), n, key] for ms, n, key in sorted(ks, reverse=True)[:8]] for c, ks in kernels.items()}
         out[phase] = {"batch": batch, "steps": steps, "ms": totals, "launches_per_layer_step": per_layer, "top": top}
         out[phase]["host_ms"], out[phase]["wall_ms"] = host_wall

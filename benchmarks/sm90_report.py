@@ -34,11 +34,17 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on H100 (227 KB)
 
 
+def _jit(fn):
+    """The @triton.jit function under autotuners / heuristics."""
+    while not hasattr(fn, "arg_names"):
+        fn = fn.fn
+    return fn
+
+
 def compile_sm90(fn, sig: dict, const: dict, div16: list[str], options: dict):
     """Compile a @triton.jit function for sm_90: sig maps argument name -> type, const the constexprs;
     div16 names the arguments to assume 16-divisible (as Triton does for aligned pointers and strides)."""
-    while not hasattr(fn, "arg_names"):
-        fn = fn.fn  # unwrap autotuners / heuristics
+    fn = _jit(fn)
     names = fn.arg_names
     full = {n: "constexpr" if n in const else sig[n] for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
@@ -114,10 +120,9 @@ def rope_reports(head_dims: list[int]) -> list[dict]:
     sig = dict.fromkeys(ptrs, "*bf16") | dict.fromkeys(ints, "i32")
     out = []
     for d in head_dims:
-        block_h = 4 if d > 128 else 8
-        const = dict(HALF=d // 2, BLOCK_H=block_h, BLOCK_D=max(2, triton.next_power_of_2(d // 2)), INTERPRET=False)
+        const = rp.kernel_meta(d) | {"INTERPRET": False}
         opts = dict(num_warps=4, enable_fp_fusion=False)
-        rec = {"kernel": "rope", "head_dim": d, "BLOCK_H": block_h}
+        rec = {"kernel": "rope", "head_dim": d, "BLOCK_H": const["BLOCK_H"]}
         out.append(_report(rec, lambda c=const, o=opts: compile_sm90(rp._rope_kernel, sig, c, ptrs, o)))
     return out
 
@@ -125,20 +130,14 @@ def rope_reports(head_dims: list[int]) -> list[dict]:
 def decode_reports(groups: list[int], head_dim: int = 128) -> list[dict]:
     """The decode attention kernel, every tuning candidate that applies to each group size (query heads per KV
     head), with the query transform fused (as the runtime's decode steps launch it), multi-chunk."""
-    fn = kv._decode_chunk_kernel
-    while not hasattr(fn, "arg_names"):
-        fn = fn.fn
+    fn = _jit(kv._decode_chunk_kernel)
     types = dict.fromkeys(["q_ptr", "qt_ptr", "out_ptr"], "*bf16") | {"k_ptr": "*u8", "v_ptr": "*u8"}
     types["lens_ptr"] = "*i32"
     sig = {n: types.get(n, "*fp32") if n.endswith("_ptr") else "i32" for n in fn.arg_names} | {"qk_scale": "fp32"}
     out = []
     for g in groups:
-        for cfg in kv.CANDIDATE_CONFIGS:
-            if not cfg["mma"] and g > kv.MAX_G_CUDA_CORES:
-                continue
-            half = head_dim // 2
-            const = dict(HKV=32 // g, G=g, HALF_D=half, BLOCK_G=max(16 if cfg["mma"] else 1, triton.next_power_of_2(g)))
-            const |= dict(BLOCK_HD=max(16, triton.next_power_of_2(half)), BLOCK_N=cfg["block_n"], SINGLE=False)
+        for cfg in (c for c in kv.CANDIDATE_CONFIGS if kv.applies(c, g)):
+            const = dict(HKV=32 // g, **kv.shape_meta(g, head_dim, cfg["mma"]), BLOCK_N=cfg["block_n"], SINGLE=False)
             const |= dict(ASM=cfg["asm"], INTERPRET=False, QT=True, MMA=cfg["mma"])
             opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
             rec = {"kernel": "decode_attention", "G": g, "head_dim": head_dim, **cfg}

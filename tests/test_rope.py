@@ -119,8 +119,8 @@ def test_fused_rotary_gives_the_same_logits(arch, monkeypatch):
         fused = attn_module.apply_rotary_pos_emb
         assert isinstance(fused, rp.FusedRotary) and fused.original is original
         fused.impl = "triton"  # the kernel (the interpreter off CUDA)
-        calls, kernel = [], rp.rope_triton
-        monkeypatch.setattr(rp, "rope_triton", lambda *a: calls.append(1) or kernel(*a))
+        calls, kernel = [], rp._launch
+        monkeypatch.setattr(rp, "_launch", lambda *a: calls.append(1) or kernel(*a))
         got = model(tokens).logits
     assert calls and torch.equal(got, want)
     assert attn_module.__name__ in rp.unfuse_rotary() and attn_module.apply_rotary_pos_emb is original

@@ -65,6 +65,20 @@ CANDIDATE_CONFIGS += [
 _TUNED: dict[tuple, dict] = {}  # shape key -> the fastest candidate (see _tuned_config)
 
 
+def applies(config: dict, group: int) -> bool:
+    """Whether a decode launch config can run ``group`` query heads per KV head (CUDA-core configs take at
+    most MAX_G_CUDA_CORES)."""
+    return config.get("mma", True) or group <= MAX_G_CUDA_CORES
+
+
+def shape_meta(group: int, head_dim: int, mma: bool) -> dict:
+    """The decode kernel's shape constexprs: query rows padded to a power of two (to 16, the tensor-core
+    minimum, when ``mma``) and half the head dimension padded to a power of two >= 16."""
+    half = head_dim // 2
+    block_g = max(16 if mma else 1, triton.next_power_of_2(group))
+    return dict(G=group, HALF_D=half, BLOCK_G=block_g, BLOCK_HD=max(16, triton.next_power_of_2(half)))
+
+
 def _tuning_file() -> str:
     """Where tuning results persist across processes (FLATQUANT_CACHE_DIR, default ~/.cache/flatquant)."""
     root = os.environ.get("FLATQUANT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flatquant")
@@ -794,9 +808,7 @@ def _tuned_config(q, k_packed, run) -> dict:
         return DEFAULT_CONFIG
     timed = []
     group = q.shape[1] // k_packed.shape[1]
-    for cfg in CANDIDATE_CONFIGS:
-        if not cfg["mma"] and group > MAX_G_CUDA_CORES:
-            continue
+    for cfg in (c for c in CANDIDATE_CONFIGS if applies(c, group)):
         try:
             timed.append((_graph_time(lambda c=cfg: run(c)), len(timed), cfg))
         except Exception:  # e.g. out of shared memory for a large token block
@@ -843,7 +855,7 @@ def decode_attention_triton(
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {cfg['block_n']}")
-    if not cfg["mma"] and hq // hkv > MAX_G_CUDA_CORES:
+    if not applies(cfg, hq // hkv):
         raise ValueError(f"mma=False takes at most {MAX_G_CUDA_CORES} query heads per KV head, got {hq // hkv}")
     if k_packed.stride(-1) != 1 or v_packed.stride() != k_packed.stride():
         k_packed, v_packed = k_packed.contiguous(), v_packed.contiguous()
@@ -868,8 +880,7 @@ def decode_attention_triton(
         out, acc, m, l, float(sm_scale) * _LOG2E, s_cap, chunk, splits,
         q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
         k_scale.stride(0), k_scale.stride(1), out.stride(0), out.stride(1),
-        HKV=hkv, G=g, HALF_D=d // 2, BLOCK_G=max(16 if cfg["mma"] else 1, triton.next_power_of_2(g)),
-        BLOCK_HD=max(16, triton.next_power_of_2(d // 2)), BLOCK_N=bn, SINGLE=single, ASM=cfg["asm"],
+        HKV=hkv, **shape_meta(g, d, cfg["mma"]), BLOCK_N=bn, SINGLE=single, ASM=cfg["asm"],
         INTERPRET=interpret, QT=q_transform is not None, MMA=cfg["mma"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip

@@ -78,11 +78,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "auto") -> torch.Tensor:
     """RMSNorm of the rows of x (see the module doc). impl: "auto" (Triton on CUDA for 16-bit x, else the
     reference), "triton" or "torch" (forced; RuntimeError when the forced kernel cannot run)."""
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"impl must be one of ('auto', 'triton', 'torch'), got {impl=}")
-    if impl == "triton" or (
-        impl == "auto" and x.is_cuda and triton is not None and x.dtype in (torch.bfloat16, torch.float16)
-    ):
+    if _kv._pick(impl, x) == "triton" and (impl == "triton" or x.dtype in _kv._Q_DTYPES):
         return rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 

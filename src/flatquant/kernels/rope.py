@@ -30,7 +30,6 @@ from . import kv_quant as _kv
 triton, tl = _kq.triton, _kq.tl
 
 __all__ = ["FusedRotary", "fuse_rotary", "rope", "rope_reference", "rope_triton", "unfuse_rotary"]
-_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def rope_reference(q, k, cos, sin):
@@ -110,7 +109,7 @@ def unsupported_reason(q, k, cos, sin) -> str | None:
     (b, _, t, d), (bk, _, tk, dk) = q.shape, k.shape
     if (bk, tk, dk) != (b, t, d) or cos.shape[1:] != (t, d) or cos.shape[0] not in (1, b) or d % 2:
         return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)} do not match (even D)"
-    if q.dtype not in _DTYPES or any(x.dtype != q.dtype for x in (k, cos, sin)):
+    if q.dtype not in _kv._Q_DTYPES or any(x.dtype != q.dtype for x in (k, cos, sin)):
         return f"needs one 16-bit dtype for q, k, cos, sin; got {q.dtype}, {k.dtype}, {cos.dtype}, {sin.dtype}"
     if any(x.stride(-1) != 1 for x in (q, k, cos, sin)) or cos.stride() != sin.stride():
         return "needs unit-stride rows and cos, sin of equal strides"
@@ -126,23 +125,36 @@ def _like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty((b, h, t, d), device=x.device, dtype=x.dtype)
 
 
+def kernel_meta(head_dim: int) -> dict:
+    """The kernel's constexprs for a head dimension: half of it, padded to a power of two, and heads per program."""
+    half = head_dim // 2
+    return dict(HALF=half, BLOCK_H=4 if head_dim > 128 else 8, BLOCK_D=max(2, triton.next_power_of_2(half)))
+
+
 def rope_triton(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch for :func:`rope_reference` (same bits); see :func:`unsupported_reason` for what it takes."""
-    reason = _kv.triton_unavailable_reason(q) or unsupported_reason(q, k, cos, sin)
+    reason = unsupported_reason(q, k, cos, sin)
+    if reason is not None:
+        raise RuntimeError(f"rope triton kernel cannot run: {reason}")
+    return _launch(q, k, cos, sin)
+
+
+def _launch(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launch of :func:`rope_triton` for arguments already checked with :func:`unsupported_reason`."""
+    reason = _kv.triton_unavailable_reason(q)
     if reason is not None:
         raise RuntimeError(f"rope triton kernel cannot run: {reason}")
     b, hq, t, d = q.shape
     hk = k.shape[1]
     qo, ko = _like(q), _like(k)
     if q.numel() and k.numel():
-        block_h = 4 if d > 128 else 8
-        nqb = triton.cdiv(hq, block_h)
+        meta = kernel_meta(d)
+        nqb = triton.cdiv(hq, meta["BLOCK_H"])
         sc = cos.stride()
-        _rope_kernel[(b * t, nqb + triton.cdiv(hk, block_h))](
+        _rope_kernel[(b * t, nqb + triton.cdiv(hk, meta["BLOCK_H"]))](
             q, k, cos, sin, qo, ko, t, hq, hk, nqb, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             k.stride(2), 0 if cos.shape[0] == 1 else sc[0], sc[1], qo.stride(0), qo.stride(1), qo.stride(2),
-            ko.stride(0), ko.stride(1), ko.stride(2), HALF=d // 2, BLOCK_H=block_h,
-            BLOCK_D=max(2, triton.next_power_of_2(d // 2)), INTERPRET=_interpreting(), num_warps=4,
+            ko.stride(0), ko.stride(1), ko.stride(2), **meta, INTERPRET=_interpreting(), num_warps=4,
             **_kv._no_fp_fusion(),
         )  # fmt: skip
     return qo, ko
@@ -151,12 +163,11 @@ def rope_triton(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
 def rope(q, k, cos, sin, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k (see the module doc). impl: "auto" (Triton for CUDA 16-bit inputs it takes, else the
     reference), "triton" or "torch" (forced; RuntimeError when the forced kernel cannot run)."""
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"impl must be one of ('auto', 'triton', 'torch'), got {impl=}")
-    if impl == "triton" or (
-        impl == "auto" and q.is_cuda and triton is not None and unsupported_reason(q, k, cos, sin) is None
-    ):
-        return rope_triton(q, k, cos, sin)
+    if _kv._pick(impl, q) == "triton":
+        if impl == "triton":
+            return rope_triton(q, k, cos, sin)
+        if unsupported_reason(q, k, cos, sin) is None:
+            return _launch(q, k, cos, sin)
     return rope_reference(q, k, cos, sin)
 
 
@@ -173,11 +184,10 @@ class FusedRotary:
     def __call__(self, q, k, cos, sin, *args, **kwargs):
         unsqueeze_dim = kwargs.get("unsqueeze_dim", args[0] if len(args) == 1 else 1)
         plain = len(args) + len(kwargs) <= 1 and set(kwargs) <= {"unsqueeze_dim"} and unsqueeze_dim == 1
-        usable = self.impl == "triton" or (self.impl == "auto" and q.is_cuda and triton is not None)
         # the kernel has no backward: a model being trained in this process (a calibration) keeps the original
         grads = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, cos, sin))
-        if plain and usable and not grads and unsupported_reason(q, k, cos, sin) is None:
-            return rope_triton(q, k, cos, sin)
+        if plain and not grads and _kv._pick(self.impl, q) == "triton" and unsupported_reason(q, k, cos, sin) is None:
+            return _launch(q, k, cos, sin)  # checked just above: no second check on this per-layer path
         return self.original(q, k, cos, sin, *args, **kwargs)
 
 
