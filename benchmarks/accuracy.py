@@ -26,6 +26,7 @@ import time
 import torch
 
 import flatquant as fq
+from flatquant import calibrate
 from flatquant.config import describe_overrides
 from flatquant.data import calibration_windows, eval_windows, load_text, tokenize
 from flatquant.evaluate import perplexity
@@ -162,6 +163,7 @@ def _quantizes_weights(cfg) -> bool:
 
 def _record(run, args, cfg, weights, model, texts, calib_seconds, round_seconds, extra: dict) -> dict:
     label = f"{run} {weights or ''}".strip()
+    trains = cfg is not None and cfg.method == "flatquant"
     ppl = {f"{name}_ppl": perplexity(model, w, desc=f"{label} {name}") for name, w in texts.items()}
     return {
         "model": args.label or args.model,
@@ -178,6 +180,8 @@ def _record(run, args, cfg, weights, model, texts, calib_seconds, round_seconds,
         "calib_seconds": calib_seconds,
         "round_seconds": round_seconds,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        # steps replayed from CUDA graphs (where they could be captured; the log says otherwise)
+        "calib_graph": (calibrate.CALIB_GRAPH and torch.cuda.is_available()) if trains else None,
         "device": _device_name(),
         "preset": args.preset if cfg and cfg.method == "flatquant" else None,
         "config": cfg.to_dict() if cfg else None,

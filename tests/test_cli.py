@@ -35,6 +35,13 @@ def test_bad_options_give_clear_errors(argv, message):
         cli.config_from_args(_args(*argv))
 
 
+def test_the_accurate_preset_changes_only_rate_epochs_and_activation_symmetry():
+    paper, accurate = preset("paper").to_dict(), preset("accurate").to_dict()
+    changed = {k: (paper[k], v) for k, v in accurate.items() if paper[k] != v}
+    assert changed == {"lr": (0.005, 0.01), "a_symmetric": (True, False), "epochs": (15, 30)}
+    assert cli.config_from_args(_args("--preset", "accurate", "--epochs", "20")).epochs == 20  # flags still win
+
+
 def test_unknown_preset_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["quantize", "--preset", "fast"])

@@ -130,3 +130,17 @@ def test_compiled_quantizers_train_like_eager(monkeypatch):
         grads.append([t.grad for t in (xs, ws, aq.clip_max, aq.clip_min, wq.clip_max, wq.clip_min)])
     for eager, comp in zip(*grads, strict=True):
         torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_calibration_solves_on_cusolver_on_cuda_only(monkeypatch):
+    """MAGMA (PyTorch's pick for batches of small matrices) syncs with the host and breaks step capture."""
+    from flatquant.fusion import linalg_backend
+
+    monkeypatch.delenv("FLATQUANT_LINALG", raising=False)
+    assert linalg_backend(torch.device("cuda")) == "cusolver"
+    assert linalg_backend(torch.device("cpu")) is None  # left alone (a CPU build cannot even set it)
+    monkeypatch.setenv("FLATQUANT_LINALG", "default")
+    assert linalg_backend(torch.device("cuda")) == "default"
+    monkeypatch.setenv("FLATQUANT_LINALG", "lapack")
+    with pytest.raises(ValueError, match="FLATQUANT_LINALG='lapack'"):
+        linalg_backend(torch.device("cuda"))

@@ -108,15 +108,17 @@ def test_learning_rates_follow_the_cosine_schedule_per_step(tokens, monkeypatch)
     assert seen[0][0] == pytest.approx(0.02) and seen[-1][0] < 0.02 * 0.1  # decayed (1e-3 one step later)
 
 
-def test_step_graphs_are_opt_in_and_need_device_activations(monkeypatch):
+def test_step_graphs_need_cuda_device_activations_and_can_be_turned_off(monkeypatch):
     from flatquant.offload import Activations
 
     x = Activations.wrap(torch.zeros(8, 4, 2))
-    assert not calib_mod._graphable(x, x, 8, 4)  # off by default (and on the CPU)
     monkeypatch.setattr(calib_mod, "CALIB_GRAPH", True)
-    assert not calib_mod._graphable(x, x, 8, 4)  # CPU tensors
+    assert not calib_mod._graphable(x, x, 32, 4)  # CPU tensors
     x.device = torch.device("cuda")  # as if device-resident on a GPU
     assert calib_mod._graphable(x, x, 32, 4)
+    monkeypatch.setattr(calib_mod, "CALIB_GRAPH", False)  # FLATQUANT_CALIB_GRAPH=0
+    assert not calib_mod._graphable(x, x, 32, 4)
+    monkeypatch.setattr(calib_mod, "CALIB_GRAPH", True)
     assert not calib_mod._graphable(x, x, 30, 4)  # a partial last batch: one captured shape only
     assert not calib_mod._graphable(x, x, 12, 4)  # too few steps after the warm-up
 

@@ -265,11 +265,12 @@ def _lr_lambda(total_steps: int):
     return f
 
 
-# Opt-in (FLATQUANT_CALIB_GRAPH=1, CUDA): replay each training step from a CUDA graph. A SmolLM2 step is ~8 ms of
-# GPU work inside ~37 ms of host time (docs/pipeline.md); a replay removes the host side. Experimental, off by
-# default: on the GPU the capture has failed so far (a host-to-device copy inside the step) and the steps ran
-# eagerly; the warning names the innermost frames of the failure.
-CALIB_GRAPH = os.environ.get("FLATQUANT_CALIB_GRAPH", "0") == "1"
+# On CUDA each training step is replayed from a CUDA graph (FLATQUANT_CALIB_GRAPH=0 turns it off). A SmolLM2 step
+# is ~7 ms of GPU work; run eagerly it took 28 ms of host time (docs/pipeline.md), replayed 11 ms. The batched
+# factor solve runs on cuSOLVER inside the calibration (fusion.fused_calibration): MAGMA, PyTorch's default for
+# batches of small matrices, synchronises with the host and cannot be captured. A step that still cannot be
+# captured runs eagerly, and the warning names the innermost frames of the failure.
+CALIB_GRAPH = os.environ.get("FLATQUANT_CALIB_GRAPH", "1") == "1"
 _GRAPH_WARMUP_STEPS = 3  # eager steps (compilation, optimiser state) before the capture
 
 

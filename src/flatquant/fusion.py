@@ -36,9 +36,28 @@ def fusable(fn):
     return wrapper
 
 
+_LINALG_BACKENDS = ("cusolver", "magma", "default")
+
+
+def linalg_backend(device: torch.device) -> str | None:
+    """The linear-algebra backend a calibration on ``device`` uses (None: not a CUDA device, left alone)."""
+    if device.type != "cuda":
+        return None
+    backend = os.environ.get("FLATQUANT_LINALG", "cusolver")
+    if backend not in _LINALG_BACKENDS:
+        raise ValueError(f"FLATQUANT_LINALG={backend!r} is not one of {_LINALG_BACKENDS}")
+    return backend
+
+
 @contextlib.contextmanager
 def fused_calibration(device: torch.device):
-    """Enable compiled fake-quant functions for a calibration on ``device`` (CUDA only)."""
+    """Enable compiled fake-quant functions for a calibration on ``device`` (CUDA only).
+
+    On CUDA the batched solve of the transform factors is also routed to cuSOLVER/cuBLAS: PyTorch's default
+    heuristic sends a batch of small matrices to MAGMA, which synchronises the host with the GPU inside the
+    call (a stall per solve, forward and backward) and cannot be captured in a CUDA graph.
+    ``FLATQUANT_LINALG=default`` (or ``magma``) keeps PyTorch's choice.
+    """
     global _ENABLED
     wanted = device.type in _DEVICE_TYPES and os.environ.get("FLATQUANT_COMPILE", "1") != "0"
     if wanted:
@@ -49,7 +68,13 @@ def fused_calibration(device: torch.device):
                     warnings.simplefilter("ignore")
                     setattr(dynamo, name, max(getattr(dynamo, name), 256))
     outer, _ENABLED = _ENABLED, wanted
+    backend = linalg_backend(device)
+    previous = torch.backends.cuda.preferred_linalg_library() if backend is not None else None
+    if backend is not None:
+        torch.backends.cuda.preferred_linalg_library(backend)
     try:
         yield
     finally:
         _ENABLED = outer
+        if previous is not None:
+            torch.backends.cuda.preferred_linalg_library(previous)
