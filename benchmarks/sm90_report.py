@@ -6,7 +6,7 @@ comes from the compiler's metadata. Use it to drop candidates that spill or exce
 GPU run. Takes a few seconds per kernel.
 
     PYTHONPATH=src python benchmarks/sm90_report.py [--kron 112x128,64x64] [--gemm small,large] [--rope 64,128]
-        [--decode 1,4] [--json PATH]
+        [--decode 1,4] [--silu 11008] [--json PATH]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from flatquant.kernels import gemm_w4a4 as gw  # noqa: E402
 from flatquant.kernels import kron_quantize as kq  # noqa: E402
 from flatquant.kernels import kv_quant as kv  # noqa: E402
 from flatquant.kernels import rope as rp  # noqa: E402
+from flatquant.kernels import silu_mul as sm  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on H100 (227 KB)
@@ -127,6 +128,21 @@ def rope_reports(head_dims: list[int]) -> list[dict]:
     return out
 
 
+def silu_mul_reports(widths: list[int]) -> list[dict]:
+    """The SiLU(gate) * up kernel at the launch config of each row width (intermediate size)."""
+    ptrs = ["g_ptr", "u_ptr", "out_ptr"]
+    sig = dict.fromkeys(ptrs, "*bf16") | dict.fromkeys(["n_rows", "n_cols", "stride_g", "stride_u", "stride_o"], "i32")
+    out = []
+    for n in widths:
+        block_r, block_c = sm.launch_meta(n)
+        const = {"BLOCK_R": block_r, "BLOCK_C": block_c, "INTERPRET": False}
+        rec = {"kernel": "silu_mul", "n": n, "BLOCK_R": block_r, "BLOCK_C": block_c}
+        opts = dict(num_warps=4)
+        div16 = ptrs + ["stride_g", "stride_u", "stride_o"]
+        out.append(_report(rec, lambda c=const, o=opts, d=div16: compile_sm90(sm._silu_mul_kernel, sig, c, d, o)))
+    return out
+
+
 def decode_reports(groups: list[int], head_dim: int = 128) -> list[dict]:
     """The decode attention kernel, every tuning candidate that applies to each group size (query heads per KV
     head), with the query transform fused (as the runtime's decode steps launch it), multi-chunk."""
@@ -169,12 +185,14 @@ def main() -> None:
     ap.add_argument("--gemm", default="large,small,large_fp8,small_fp8", help="GEMM config sets")
     ap.add_argument("--rope", default="64,128", help="head dims of the RoPE kernel")
     ap.add_argument("--decode", default="1,4", help="query heads per KV head of the decode attention kernel (D=128)")
+    ap.add_argument("--silu", default="11008", help="row widths (intermediate sizes) of the SiLU * up kernel")
     ap.add_argument("--json", default=None, help="also write the records here")
     args = ap.parse_args()
     pairs = [tuple(int(v) for v in p.split("x")) for p in args.kron.split(",") if p]
     records = kron_reports(pairs) + gemm_reports([s for s in args.gemm.split(",") if s])
     records += rope_reports([int(d) for d in args.rope.split(",") if d])
     records += decode_reports([int(g) for g in args.decode.split(",") if g])
+    records += silu_mul_reports([int(n) for n in args.silu.split(",") if n])
     bad = [r for r in records if not r["ok"]]
     print(f"{len(records)} kernels, {len(bad)} with spills, too much shared memory or compile errors")
     if args.json:

@@ -57,6 +57,19 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Modu
     return model
 
 
+@torch.no_grad()
+def swap_keeps_logits(arch: str, swap) -> torch.nn.Module:
+    """A tiny model of ``arch`` after ``swap(model)`` (a module swap), checked to keep its parameter names
+    (checkpoints load unchanged) and, on the CPU's reference arithmetic, its logits exactly."""
+    model = tiny_model(arch)
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    want, names = model(tokens).logits, dict(model.named_parameters()).keys()
+    swap(model)
+    assert dict(model.named_parameters()).keys() == names
+    assert torch.equal(model(tokens).logits, want)
+    return model
+
+
 @pytest.fixture
 def tokens() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 import flatquant as fq
 from flatquant import runtime
+from flatquant.kernels.silu_mul import FusedGatedMLP
 from flatquant.kvcache import Int4KVCache, cache_kwargs
 from flatquant.packed import CONFIG_FILE, TENSORS_FILE, load_packed, pack
 
@@ -46,6 +47,7 @@ def test_real_quant_logits_match_the_fake_quant_model(packed, arch):
     # A code could flip where x / scale lies within such an error of a half-integer; none does here.
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert (a - tiny_model(arch)(_TOKENS).logits).abs().max() > 1e-3  # quantization really is in both
+    assert all(isinstance(layer.mlp, FusedGatedMLP) for layer in real.model.layers)  # SiLU * up: one launch
 
 
 def test_checkpoint_files_hold_packed_weights_and_a_versioned_config(packed):

@@ -23,6 +23,7 @@ from .files import atomic_directory, read_format_json
 from .kernels.gemm_w4a4 import pack_int4
 from .kernels.rmsnorm import fuse_rms_norms
 from .kernels.rope import fuse_rotary
+from .kernels.silu_mul import fuse_silu_mul
 from .kernels.w4a4_linear import W4A4Linear
 from .modules import FlatQuantLinear, OnlineTransform
 from .prepare import _dims
@@ -273,7 +274,8 @@ def packed_skeleton(config, transforms: dict, dtype: torch.dtype, spec: ArchSpec
 def finish_packed_model(model: nn.Module, device: torch.device | str, fuse: bool = True) -> nn.Module:
     """Tie the output embedding, compute the rotary tables on ``device``, select the packed attention, swap the
     RMSNorm modules for :class:`~flatquant.kernels.rmsnorm.FusedRMSNorm`, rotate q and k in one launch
-    (:func:`~flatquant.kernels.rope.fuse_rotary`); with
+    (:func:`~flatquant.kernels.rope.fuse_rotary`), run the MLP's SiLU and product in one
+    (:func:`~flatquant.kernels.silu_mul.fuse_silu_mul`); with
     ``fuse``, the linears of a shared input (q/k/v, gate/up) run as one GEMM (``SharedInputQuant.fuse``)."""
     if getattr(model.config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
@@ -288,6 +290,7 @@ def finish_packed_model(model: nn.Module, device: torch.device | str, fuse: bool
     use_packed_attention(model)
     fuse_rms_norms(model)  # one launch per norm on CUDA (same arithmetic; the reference elsewhere)
     fuse_rotary(model)  # one launch for RoPE of q and k on CUDA (same bits; transformers' function elsewhere)
+    fuse_silu_mul(model, spec_for(model).mlp)  # SiLU(gate) * up in one launch on CUDA (the reference elsewhere)
     if fuse:
         consumers: dict[int, list[SharedInputLinear]] = {}
         for mod in model.modules():
