@@ -329,6 +329,36 @@ def test_unpack_ptx_bit_logic(dtype):
         assert vals == [16.0 + (x & 15) for x in b] + [16.0 + (x >> 4) for x in b]
 
 
+@needs_triton
+@pytest.mark.parametrize("into_cache", [False, True])
+def test_quantize_kernel_reads_head_transposed_column_slices_in_place(into_cache, monkeypatch):
+    """V of a packed block is a head-transposed view of a column slice of the fused q/k/v GEMM output: no
+    single row stride reaches its rows. The kernel reads them at their (b, h, t) strides, with no copy."""
+    b, t, h, d = 2, 7, 3, 32
+    g = torch.Generator().manual_seed(4)
+    qkv = (torch.randn(b, t, 5 * h * d, generator=g) * 3).to(DEVICE, torch.bfloat16)  # q (3h), k, v columns
+    v = qkv[..., 4 * h * d :].view(b, t, h, d).transpose(1, 2)  # (b, h, t, d), as the attention forward makes it
+    assert v.reshape(-1, d).data_ptr() != v.data_ptr()  # a flat view is impossible: reshape copies
+    launched, real = [], kv._quantize_kv_kernel
+
+    class Spy:  # records the x the kernel is launched on
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append(args[0]) or real[grid](*args, **kw)
+
+    monkeypatch.setattr(kv, "_quantize_kv_kernel", Spy())
+    out = None
+    if into_cache:
+        cache = [torch.zeros((b, h, 12, d // 2), dtype=torch.uint8, device=DEVICE)]
+        cache += [torch.zeros((b, h, 12), device=DEVICE), torch.zeros((b, h, 12), device=DEVICE)]
+        out = tuple(c[:, :, 3 : 3 + t] for c in cache)
+    *codes, values = kv.quantize_kv_triton(v, 4, 0.9, 0.8, out=out, dequantized=torch.bfloat16)
+    assert len(launched) == 1 and launched[0].data_ptr() == v.data_ptr()  # v itself, not a copy
+    want = kv.quantize_kv_reference(v.clone(memory_format=torch.contiguous_format), 4, 0.9, 0.8)
+    for a, w in zip(codes, want, strict=True):
+        assert torch.equal(a, w)
+    assert torch.equal(values, kv.dequantize_kv(*want, 4, torch.bfloat16))
+
+
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("bits", [4, 3])
 def test_quantize_into_a_cache_slice_writes_what_quantize_returns(impl, bits):

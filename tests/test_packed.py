@@ -454,3 +454,15 @@ def test_p_h_is_cast_once_and_recast_when_the_buffer_changes():
     kvq.double()  # moved / converted: a new buffer object
     assert torch.equal(kvq.transform_key(k), k @ kvq.p_h.to(torch.bfloat16))
     assert kvq._in_dtype("p_h", torch.float64) is kvq.p_h
+
+
+def test_head_rows_matmul_equals_matmul_without_flattening_copies():
+    g = torch.Generator().manual_seed(2)
+    mem = torch.randn(2, 7, 3, 16, generator=g, dtype=torch.float64)  # (B, T, H, D), as a projection writes it
+    m = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    x = mem.transpose(1, 2)  # (B, H, T, D) view, as the attention forward hands q and k on
+    out = runtime.head_rows_matmul(x, m)
+    assert out.shape == x.shape and out.transpose(1, 2).is_contiguous()  # computed in memory order
+    torch.testing.assert_close(out, torch.einsum("bhtd,de->bhte", x, m), rtol=1e-12, atol=1e-12)
+    c = x.contiguous()
+    assert torch.equal(runtime.head_rows_matmul(c, m), c @ m)  # other layouts: plain matmul

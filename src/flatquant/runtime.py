@@ -36,6 +36,15 @@ from .kernels.w4a4_linear import W4A4Linear, operand_gemm, quantize_operand
 ATTN_IMPLEMENTATION = "flatquant_packed"
 
 
+def head_rows_matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x @ m`` for x (B, H, T, D). The attention forward's q and k are head-transposed views of (B, T, H, D)
+    memory, which ``matmul`` copies to flatten; multiplied in memory order and transposed back, the same rows
+    meet the same (B*T*H, D) x (D, D) product with no copy (the result is such a view too)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+        return (x.transpose(1, 2) @ m).transpose(1, 2)
+    return x @ m
+
+
 class SharedInputQuant(nn.Module):
     """Online Kronecker transform + per-token 4-bit quantization of an input shared by ``consumers`` linears.
 
@@ -207,11 +216,11 @@ class KVQuant(nn.Module):
 
     def transform_query(self, q: torch.Tensor) -> torch.Tensor:
         """q P_h^-T in q's dtype (B, H, T, D)."""
-        return q if self.p_h is None else q @ self.query_transform(q.dtype)
+        return q if self.p_h is None else head_rows_matmul(q, self.query_transform(q.dtype))
 
     def transform_key(self, k: torch.Tensor) -> torch.Tensor:
         """k P_h in k's dtype (B, KVH, T, D)."""
-        return k if self.p_h is None else k @ self.key_transform(k.dtype)
+        return k if self.p_h is None else head_rows_matmul(k, self.key_transform(k.dtype))
 
     def quantize(
         self, k: torch.Tensor, v: torch.Tensor, out: tuple | None = None, transform_k: bool = False

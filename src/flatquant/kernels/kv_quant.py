@@ -240,8 +240,24 @@ if triton is not None:
         return (x if RAW else x.to(tl.float32)), r64, rd, mr, m
 
     @triton.jit
+    def _load_rows3(
+        x_ptr, n_rows, H, T, sxb, sxh, sxt, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        RAW: tl.constexpr = 0,
+    ):  # fmt: skip
+        """As :func:`_load_rows` for rows r = (b, h, t) = (r // (H*T), r // T % H, r % T) at strides sxb, sxh,
+        sxt (e.g. a head-transposed view, whose rows no single stride reaches); also returns (b, h, t)."""
+        rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rd = tl.arange(0, BLOCK_D)
+        mr = rr < n_rows
+        m = mr[:, None] & (rd[None, :] < D)
+        r64 = rr.to(tl.int64)
+        rb, rh, rt = r64 // (H * T), (r64 // T) % H, r64 % T
+        x = tl.load(x_ptr + (rb * sxb + rh * sxh + rt * sxt)[:, None] + rd[None, :], mask=m, other=0.0)
+        return (x if RAW else x.to(tl.float32)), r64, rd, mr, m, rb, rh, rt
+
+    @triton.jit
     def _quantize_kv_kernel(
-        x_ptr,  # (R, D) rows with stride stride_x; row r is (b, h, t) = (r // (H*T), r // T % H, r % T)
+        x_ptr,  # (B, H, T, D) rows at strides sxb, sxh, sxt; row r is (b, h, t) = (r // (H*T), r // T % H, r % T)
         code_ptr,  # uint8 (B, H, T, D // 2) packed when PACK, else (..., D); strides csb, csh, cst, 1
         scale_ptr,  # fp32 (B, H, T), strides ssb, ssh, sst; zero_ptr alike
         zero_ptr,
@@ -252,7 +268,9 @@ if triton is not None:
         clip_min,
         inv_qmax,  # fp32 1 / (2**BITS - 1), used when RECIP
         n_rows,
-        stride_x,
+        sxb,
+        sxh,
+        sxt,
         H,
         T,
         csb,
@@ -273,14 +291,13 @@ if triton is not None:
         INTERPRET: tl.constexpr,
     ):
         if TRANSFORM:  # K P_h of the runtime, fused: the 16-bit product rounded as the matmul's output
-            xr, r64, rd, mr, m = _load_rows(x_ptr, n_rows, stride_x, D, BLOCK_R, BLOCK_D, 1)
+            xr, r64, rd, mr, m, rb, rh_, rt = _load_rows3(x_ptr, n_rows, H, T, sxb, sxh, sxt, D, BLOCK_R, BLOCK_D, 1)
             mt = (rd[:, None] < D) & (rd[None, :] < D)
             t = tl.load(t_ptr + rd[:, None] * D + rd[None, :], mask=mt, other=0.0)  # (BLOCK_D, BLOCK_D)
             y = _dot(xr, t, tl.full((BLOCK_R, BLOCK_D), 0.0, tl.float32), INTERPRET)
             x = _round_to(y, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
         else:
-            x, r64, rd, mr, m = _load_rows(x_ptr, n_rows, stride_x, D, BLOCK_R, BLOCK_D)
-        rb, rh_, rt = r64 // (H * T), (r64 // T) % H, r64 % T
+            x, r64, rd, mr, m, rb, rh_, rt = _load_rows3(x_ptr, n_rows, H, T, sxb, sxh, sxt, D, BLOCK_R, BLOCK_D)
         if POS:  # device-side append positions (a static cache's decode step: no host value)
             rt += tl.load(pos_ptr + rb, mask=mr, other=0).to(tl.int64)
         c_row = rb * csb + rh_ * csh + rt * cst  # where the row's codes and scale go (e.g. a cache slice)
@@ -553,19 +570,21 @@ def quantize_kv_triton(
             _check_out(out, x, bits)
         if len(lead) > 3:
             raise ValueError(f"out= takes x with at most three leading dimensions, got {tuple(x.shape)}")
-    x2 = x.reshape(-1, d)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    n_rows = x2.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if len(lead) > 3:  # rows flat (out= is refused above for such x)
+        x2 = x.reshape(-1, d)
+        dims = (x2.shape[0],)
+    else:  # read in place at x's strides, e.g. a head-transposed view of a projection's output: no copy
+        x2, dims = x, tuple(lead)
+    n_rows = x.numel() // d if d else 0
     pack = bits == 4
-    if out is None:  # new tensors, rows flat
-        codes = torch.empty((n_rows, d // 2 if pack else d), device=x.device, dtype=torch.uint8)
-        scale = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+    if out is None:  # new tensors over x's leading dimensions
+        codes = torch.empty((*dims, d // 2 if pack else d), device=x.device, dtype=torch.uint8)
+        scale = torch.empty(dims, device=x.device, dtype=torch.float32)
         zero = torch.empty_like(scale)
-        dims = (n_rows,)
     else:
         codes, scale, zero = out
-        dims = tuple(lead)
     deq = None if dequantized is None else torch.empty((n_rows, d), device=x.device, dtype=dequantized)
     if zero.stride() != scale.stride():
         zero_w = torch.empty_like(scale)  # the kernel writes scale and zero with one set of strides
@@ -573,6 +592,7 @@ def quantize_kv_triton(
         zero_w = zero
     # rows as (b, h, t) over the output's leading dimensions, padded to three at the front
     shape3 = (1,) * (3 - len(dims)) + dims
+    xs = (0,) * (3 - len(dims)) + tuple(x2.stride()[:-1])
     cs = (0,) * (3 - len(dims)) + tuple(codes.stride()[:-1])
     ss = (0,) * (3 - len(dims)) + tuple(scale.stride())
     if transform is not None:
@@ -588,7 +608,7 @@ def quantize_kv_triton(
         _quantize_kv_kernel[grid](
             x2, codes, scale, zero_w, x2 if deq is None else deq, x2 if positions is None else positions,
             x2 if transform is None else transform, float(clip_max), float(clip_min), _kq._INV_QMAX[(bits, False)],
-            n_rows, x2.stride(0), shape3[1], shape3[2], *cs, *ss, D=d, BLOCK_R=block_r, BLOCK_D=block_d,
+            n_rows, *xs, shape3[1], shape3[2], *cs, *ss, D=d, BLOCK_R=block_r, BLOCK_D=block_d,
             BITS=bits, PACK=pack, RECIP=x.is_cuda, DEQ=deq is not None, POS=positions is not None,
             TRANSFORM=transform is not None, INTERPRET=_interpreting(), num_warps=4, **_no_fp_fusion(),
         )  # fmt: skip
