@@ -1,7 +1,7 @@
 """Where a calibration step's time goes: one block of a model config, random weights, torch.profiler.
 
 python benchmarks/calibration_profile.py --steps 30   # on a GPU; prints ms/step and the top ops
-python benchmarks/calibration_profile.py --steps 30 --graph 1 --out /tmp/graph.json   # steps replayed from a CUDA graph
+python benchmarks/calibration_profile.py --steps 30 --graph 0 --out /tmp/eager.json   # eager (default: graph replays)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--compile", type=int, default=1)
-    p.add_argument("--graph", type=int, default=0, help="1: replay the steps from a CUDA graph (FLATQUANT_CALIB_GRAPH)")
+    p.add_argument("--graph", type=int, default=1, help="0: eager steps; 1: replayed from a CUDA graph (the default)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "calibration_profile.json"))
     args = p.parse_args()
     dev = torch.device("cuda")
