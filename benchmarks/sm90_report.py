@@ -53,6 +53,17 @@ def compile_sm90(fn, sig: dict, const: dict, div16: list[str], options: dict):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def main_loop_instructions(sass: str) -> int:
+    """Instructions of the kernel's longest loop (the span of its longest backward branch): per iteration of a
+    warp, a static proxy for an issue-bound kernel's cost (0 without a loop)."""
+    spans = [
+        int(at, 16) - int(to, 16)
+        for at, to in re.findall(r"/\*([0-9a-f]{4,})\*/[^;\n]*?\bBRA\s+0x([0-9a-f]+)", sass)
+        if int(to, 16) < int(at, 16)
+    ]
+    return (max(spans) // 16 + 1) if spans else 0  # sm_90 instructions are 16 bytes
+
+
 def resources(kernel) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -62,6 +73,7 @@ def resources(kernel) -> dict:
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
     ops = collections.Counter(m.split(".")[0] for m in re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]+)", sass))
     return {
+        "loop_instructions": main_loop_instructions(sass),
         "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
         "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
         "smem": kernel.metadata.shared,
@@ -143,6 +155,13 @@ def silu_mul_reports(widths: list[int]) -> list[dict]:
     return out
 
 
+# pointers and the integer arguments that are multiples of 16 at run time (Triton specialises those; unmarked,
+# the loads of a token row would not be vectorised and the figures would be pessimistic)
+DECODE_DIV16 = ["q_ptr", "k_ptr", "v_ptr", "ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr", "qt_ptr", "out_ptr", "acc_ptr"]
+DECODE_DIV16 += ["s_cap", "chunk", "stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_kt", "stride_sb"]
+DECODE_DIV16 += ["stride_sh", "stride_ob", "stride_oh"]
+
+
 def decode_reports(groups: list[int], head_dim: int = 128) -> list[dict]:
     """The decode attention kernel, every tuning candidate that applies to each group size (query heads per KV
     head), with the query transform fused (as the runtime's decode steps launch it), multi-chunk."""
@@ -157,7 +176,12 @@ def decode_reports(groups: list[int], head_dim: int = 128) -> list[dict]:
             const |= dict(ASM=cfg["asm"], INTERPRET=False, QT=True, MMA=cfg["mma"])
             opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
             rec = {"kernel": "decode_attention", "G": g, "head_dim": head_dim, **cfg}
-            out.append(_report(rec, lambda c=const, o=opts: compile_sm90(fn, sig, c, ["q_ptr", "k_ptr", "v_ptr"], o)))
+            out.append(_report(rec, lambda c=const, o=opts: compile_sm90(fn, sig, c, DECODE_DIV16, o)))
+            if out[-1].get("loop_instructions"):  # thread instructions per K or V code of a token block
+                codes = cfg["block_n"] * head_dim * 2
+                out[-1]["instructions_per_code"] = round(
+                    out[-1]["loop_instructions"] * cfg["num_warps"] * 32 / codes, 2
+                )
     return out
 
 
@@ -170,10 +194,12 @@ def _report(rec: dict, build) -> dict:
     flag = "ok " if rec["ok"] else "BAD"
     detail = rec.get("error") or (
         f"regs {rec['regs']:3d} stack {rec['stack']:4d} smem {rec['smem']:6d} wgmma {rec['wgmma']:3d} "
-        f"mma.sync {rec['mma_sync']:3d}"
+        f"mma.sync {rec['mma_sync']:3d} loop {rec['loop_instructions']:5d}"
     )
     cfg = {
-        k: v for k, v in rec.items() if k not in ("regs", "stack", "smem", "wgmma", "mma_sync", "instructions", "ok")
+        k: v
+        for k, v in rec.items()
+        if k not in ("regs", "stack", "smem", "wgmma", "mma_sync", "instructions", "loop_instructions", "ok")
     }
     print(f"{flag} {detail}  {cfg}", flush=True)
     return rec
