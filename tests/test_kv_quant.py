@@ -423,19 +423,39 @@ def test_every_decode_candidate_config_matches_the_reference():
     the default (half an ulp of the output dtype plus a little fp32 error)."""
     configs = kv.CANDIDATE_CONFIGS if CUDA else [c for c in kv.CANDIDATE_CONFIGS if not c["asm"]]
     assert kv.DEFAULT_CONFIG in configs and len(configs) >= 18 and any(not c["mma"] for c in configs)
+    assert any(c["flat"] for c in configs)
     shapes = [(4, 8, 4, 128, 1000), (3, 4, 1, 128, 700)] if CUDA else [(2, 2, 2, 32, 40), (3, 2, 1, 16, 33)]
+    shapes += [(2, 4, 2, 128, 300)] if CUDA else [(2, 1, 2, 16, 70)]  # two query heads per KV head
     for b, hkv, g, d, s_cap in shapes:  # grouped heads, and one query head per KV head (MHA)
         lens = [s_cap - 3, 12, s_cap, 1][:b]
         cache = _cache(b, hkv, s_cap, d, lens)
         q = _kv_like((b, hkv * g, d), seed=9 + g, dtype=torch.bfloat16)
         dense = _dense_float64(q, *cache, d**-0.5)
         for cfg in configs:
-            if not cfg["mma"] and g > kv.MAX_G_CUDA_CORES:
-                with pytest.raises(ValueError, match="mma=False takes at most"):
+            if not kv.applies(cfg, g):
+                with pytest.raises(ValueError, match="takes"):
                     kv.decode_attention_triton(q, *cache, d**-0.5, config=cfg)
                 continue
             out = kv.decode_attention_triton(q, *cache, d**-0.5, config=cfg)
             _assert_close_to_dense(out, dense, torch.bfloat16)
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("trend", ["rising", "falling"])
+def test_flat_loop_raises_its_reference_maximum_only_when_needed(splits, trend):
+    """The one-row loop keeps a stale maximum until a step's scores exceed it by more than 8 (base 2): with key
+    scales that grow (or shrink) along the sequence the rescale runs in later steps (or never after the
+    first), and both must give the float64 result."""
+    d, lens = 32, [70, 45]
+    k_packed, k_scale, k_zero, *rest = _cache(2, 2, 80, d, lens, seed=21)
+    ramp = torch.linspace(0.2, 6.0, 80, device=k_scale.device)
+    k_scale = k_scale * (ramp if trend == "rising" else ramp.flip(0))  # scores spread over ~30 (base 2)
+    cache = (k_packed, k_scale, k_zero, *rest)
+    q = _kv_like((2, 2, d), seed=22, dtype=torch.bfloat16)
+    cfg = {"block_n": 16, "mma": False, "flat": True, "splits": splits}
+    out = kv.decode_attention_triton(q, *cache, 1.0, config=cfg)
+    _assert_close_to_dense(out, _dense_float64(q, *cache, 1.0), torch.bfloat16)
 
 
 def test_decode_tuning_picks_the_fastest_candidate_once_per_shape(monkeypatch):

@@ -47,11 +47,12 @@ _MAX_SPLITS = 64  # chunks per sequence; the merge kernel holds (splits, D) fp32
 _LOG2E = math.log2(math.e)
 # decode kernel launch: tokens per step, warps, pipeline stages, target programs per SM, inline-PTX unpacking
 DEFAULT_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4, "asm": False, "mma": True}
+DEFAULT_CONFIG["flat"] = False  # the one-query-row CUDA-core loop (MHA only), see _decode_flat_steps
 # On CUDA the launch config is chosen per shape among CANDIDATE_CONFIGS by timing CUDA-graph replays (set
 # False, or FLATQUANT_AUTOTUNE=0, for DEFAULT_CONFIG)
 AUTOTUNE = os.environ.get("FLATQUANT_AUTOTUNE", "1") != "0"
 CANDIDATE_CONFIGS = [DEFAULT_CONFIG] + [
-    {"block_n": bn, "num_warps": w, "num_stages": st, "progs_per_sm": pps, "asm": asm, "mma": True}
+    {"block_n": bn, "num_warps": w, "num_stages": st, "progs_per_sm": pps, "asm": asm, "mma": True, "flat": False}
     for bn, w, st, pps, asm in itertools.product((32, 64, 128), (4, 8), (2,), (2, 4, 8), (False, True))
     if (bn, w, st, pps, asm) != (64, 4, 2, 4, False) and (bn, w) != (128, 4)  # 128 x 4 warps spills (sm_90)
 ]
@@ -59,15 +60,22 @@ CANDIDATE_CONFIGS = [DEFAULT_CONFIG] + [
 # would be 15/16 padding); tuned only for such shapes
 MAX_G_CUDA_CORES = 2
 CANDIDATE_CONFIGS += [
-    {"block_n": bn, "num_warps": w, "num_stages": 2, "progs_per_sm": pps, "asm": False, "mma": False}
+    {"block_n": bn, "num_warps": w, "num_stages": 2, "progs_per_sm": pps, "asm": False, "mma": False, "flat": False}
     for bn, w, pps in itertools.product((32, 64), (4, 8), (4, 8))
+]
+# one query row per KV head only (MHA): no per-step reduction over tokens, fewer instructions per code
+CANDIDATE_CONFIGS += [
+    {"block_n": bn, "num_warps": w, "num_stages": 2, "progs_per_sm": pps, "asm": asm, "mma": False, "flat": True}
+    for bn, w, pps, asm in itertools.product((32, 64), (4, 8), (4,), (False, True))
 ]
 _TUNED: dict[tuple, dict] = {}  # shape key -> the fastest candidate (see _tuned_config)
 
 
 def applies(config: dict, group: int) -> bool:
     """Whether a decode launch config can run ``group`` query heads per KV head (CUDA-core configs take at
-    most MAX_G_CUDA_CORES)."""
+    most MAX_G_CUDA_CORES, the one-row ``flat`` loop exactly one)."""
+    if config.get("flat", False):
+        return group == 1 and not config.get("mma", True)
     return config.get("mma", True) or group <= MAX_G_CUDA_CORES
 
 
@@ -328,6 +336,80 @@ if triton is not None:
         tl.store(zero_ptr + s_row, zero, mask=mr)
 
     @triton.jit
+    def _token_block(
+        c_ptr, s_ptr, z_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N: tl.constexpr, BLOCK_HD: tl.constexpr,
+        HALF_D: tl.constexpr,
+    ):  # fmt: skip
+        """Packed codes (BLOCK_N, BLOCK_HD) uint8 and fp32 scales and zero points of the tokens t0 + (0..BLOCK_N),
+        those at or beyond ``end`` masked (never read: they may hold garbage); also the token mask, the element
+        mask and the codes' offsets, which V shares (see :func:`_same_block`)."""
+        t = t0 + tl.arange(0, BLOCK_N)
+        rj = tl.arange(0, BLOCK_HD)
+        mt = t < end
+        mkv = mt[:, None] & (rj < HALF_D)[None, :]
+        off = kv_base + t.to(tl.int64)[:, None] * stride_kt + rj[None, :]
+        codes = tl.load(c_ptr + off, mask=mkv, other=0)
+        scale = tl.load(s_ptr + sc_base + t, mask=mt, other=0.0)
+        zero = tl.load(z_ptr + sc_base + t, mask=mt, other=0.0)
+        return codes, scale, zero, mt, mkv, off
+
+    @triton.jit
+    def _same_block(c_ptr, s_ptr, z_ptr, off, mkv, sc_base, t0, mt, BLOCK_N: tl.constexpr):
+        """V's codes, scales and zero points of the token block that :func:`_token_block` read for K."""
+        t = t0 + tl.arange(0, BLOCK_N)
+        codes = tl.load(c_ptr + off, mask=mkv, other=0)
+        return codes, tl.load(s_ptr + sc_base + t, mask=mt, other=0.0), tl.load(z_ptr + sc_base + t, mask=mt, other=0.0)
+
+    @triton.jit
+    def _decode_flat_steps(
+        k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_e, q_o, q_sum, m_i, l_i, kv_base, sc_base, start, end,
+        stride_kt, qk_scale, dt: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HD: tl.constexpr, HALF_D: tl.constexpr,
+        INTERPRET: tl.constexpr, ASM: tl.constexpr,
+    ):  # fmt: skip
+        """The token loop for one query row (MHA) on CUDA cores; returns (acc_e, acc_o, m, l) as the tile loop.
+
+        Scores are row sums over a token's codes (mostly within a thread: a token row spans a few threads), V is
+        accumulated per token row in a (BLOCK_N, D/2) tile and summed over the tokens once, after the loop, and
+        the running maximum is raised only when a step's maximum exceeds it by more than 8 (base 2): the weights
+        stay below 2^8, and the rescale of the tile runs in few steps instead of every step. All fp32 (exact
+        products of the biased codes 16 + c)."""
+        qe = tl.sum(q_e.to(tl.float32), 0)  # (BLOCK_HD,): the one query row
+        qo = tl.sum(q_o.to(tl.float32), 0)
+        qs = tl.sum(q_sum, 0)
+        m_f = tl.max(m_i, 0)  # -inf
+        l_f = tl.sum(l_i, 0)  # 0
+        pz = l_f
+        tile_e = tl.zeros((BLOCK_N, BLOCK_HD), tl.float32)
+        tile_o = tl.zeros((BLOCK_N, BLOCK_HD), tl.float32)
+        for t0 in range(start, end, BLOCK_N):
+            kb, ks, kz, mt, mkv, kv_off = _token_block(
+                k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N, BLOCK_HD, HALF_D
+            )
+            k_lo, k_hi = _unpack_biased(kb, dt, INTERPRET, ASM)
+            qc = tl.sum(k_lo.to(tl.float32) * qe[None, :] + k_hi.to(tl.float32) * qo[None, :], 1)  # (BLOCK_N,)
+            s = (qc - qs * (kz + 16.0)) * (ks * qk_scale)
+            s = tl.where(mt, s, -float("inf"))
+            m_step = tl.max(s, 0)  # finite: every step has a valid token
+            if m_step > m_f + 8.0:  # raise the reference maximum (the first step always does)
+                alpha = tl.exp2(m_f - m_step)
+                tile_e = tile_e * alpha
+                tile_o = tile_o * alpha
+                l_f = l_f * alpha
+                pz = pz * alpha
+                m_f = m_step
+            p = tl.exp2(s - m_f)  # < 2^8
+            l_f += tl.sum(p, 0)
+            vb, vs, vz = _same_block(v_ptr, vs_ptr, vz_ptr, kv_off, mkv, sc_base, t0, mt, BLOCK_N)
+            pv = p * vs  # p . ((c - z) * s) = sum(p * s * (16 + c)) - sum(p * s * (16 + z))
+            pz += tl.sum(pv * (vz + 16.0), 0)
+            v_lo, v_hi = _unpack_biased(vb, dt, INTERPRET, ASM)
+            tile_e += pv[:, None] * v_lo.to(tl.float32)
+            tile_o += pv[:, None] * v_hi.to(tl.float32)
+        acc_e = (tl.sum(tile_e, 0) - pz)[None, :]  # (1, BLOCK_HD)
+        acc_o = (tl.sum(tile_o, 0) - pz)[None, :]
+        return acc_e, acc_o, tl.zeros_like(m_i) + m_f, tl.zeros_like(l_i) + l_f
+
+    @triton.jit
     def _decode_chunk_kernel(
         # inputs
         q_ptr,  # (B, Hq, D) bf16/fp16
@@ -370,6 +452,7 @@ if triton is not None:
         INTERPRET: tl.constexpr,
         QT: tl.constexpr = 0,  # transform the queries in the kernel (P_h^-T of the runtime)
         MMA: tl.constexpr = 1,  # tensor-core products (BLOCK_G >= 16); 0: CUDA cores, BLOCK_G = G padded (G <= 2)
+        FLAT: tl.constexpr = 0,  # G == 1 on CUDA cores: per-token row sums, V accumulated per token row (see below)
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -382,7 +465,6 @@ if triton is not None:
 
         rg = tl.arange(0, BLOCK_G)
         rj = tl.arange(0, BLOCK_HD)
-        rn = tl.arange(0, BLOCK_N)
         mj = rj < HALF_D
         mq = (rg[:, None] < G) & mj[None, :]
         # even and odd channels apart: q . k = q_even . k_low_nibbles + q_odd . k_high_nibbles
@@ -407,45 +489,47 @@ if triton is not None:
         l_i = tl.full((BLOCK_G,), 0.0, tl.float32)
         acc_e = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
         acc_o = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
-        for t0 in range(start, end, BLOCK_N):
-            t = t0 + rn
-            mt = t < end  # positions beyond seq_len are never read (they may hold garbage)
-            mkv = mt[:, None] & mj[None, :]
-            kv_off = kv_base + t.to(tl.int64)[:, None] * stride_kt + rj[None, :]
-            kb = tl.load(k_ptr + kv_off, mask=mkv, other=0)  # (BLOCK_N, BLOCK_HD) uint8
-            ks = tl.load(ks_ptr + sc_base + t, mask=mt, other=0.0)
-            kz = tl.load(kz_ptr + sc_base + t, mask=mt, other=0.0)
-            k_lo, k_hi = _unpack_biased(kb, dt, INTERPRET, ASM)
-            # biased codes 16 + c are exact in 16 bits; products exact, fp32 accumulation
-            qc = _mm(q_e, tl.trans(k_lo), MMA, INTERPRET) + _mm(q_o, tl.trans(k_hi), MMA, INTERPRET)
-            s = (qc - q_sum[:, None] * (kz + 16.0)[None, :]) * (ks * qk_scale)[None, :]  # (BLOCK_G, BLOCK_N), base 2
-            s = tl.where(mt[None, :], s, -float("inf"))
-            m_new = tl.maximum(m_i, _row_max(s))  # finite: every step has a valid token
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + _row_sum(p)
+        if FLAT:  # one query row: no 16-row tensor-core tile, no per-step reduction over tokens
+            acc_e, acc_o, m_i, l_i = _decode_flat_steps(
+                k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_e, q_o, q_sum, m_i, l_i, kv_base, sc_base, start, end,
+                stride_kt, qk_scale, dt, BLOCK_N, BLOCK_HD, HALF_D, INTERPRET, ASM,
+            )  # fmt: skip
+        else:
+            for t0 in range(start, end, BLOCK_N):
+                kb, ks, kz, mt, mkv, kv_off = _token_block(
+                    k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N, BLOCK_HD, HALF_D
+                )
+                k_lo, k_hi = _unpack_biased(kb, dt, INTERPRET, ASM)
+                # biased codes 16 + c are exact in 16 bits; products exact, fp32 accumulation
+                qc = _mm(q_e, tl.trans(k_lo), MMA, INTERPRET) + _mm(q_o, tl.trans(k_hi), MMA, INTERPRET)
+                # scores (BLOCK_G, BLOCK_N), base 2
+                s = (qc - q_sum[:, None] * (kz + 16.0)[None, :]) * (ks * qk_scale)[None, :]
+                s = tl.where(mt[None, :], s, -float("inf"))
+                m_new = tl.maximum(m_i, _row_max(s))  # finite: every step has a valid token
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + _row_sum(p)
 
-            vb = tl.load(v_ptr + kv_off, mask=mkv, other=0)
-            vs = tl.load(vs_ptr + sc_base + t, mask=mt, other=0.0)
-            vz = tl.load(vz_ptr + sc_base + t, mask=mt, other=0.0)
-            # p . ((c - z) * s) = vs_max * (p * s / vs_max) . (16 + c) - sum(p * s * (16 + z)); p * s / vs_max is
-            # in [0, 1] and goes to the tensor cores as two fp16 halves (~22 significant bits, products exact)
-            vs_max = tl.reduce(vs, 0, tl.standard._elementwise_max)  # > 0: every step has a valid token
-            pv = p * (vs / vs_max)[None, :]
-            pz = _row_sum(p * (vs * (vz + 16.0))[None, :])
-            v_lo, v_hi = _unpack_biased(vb, tl.float16, INTERPRET, ASM)
-            if MMA:
-                p_hi = pv.to(tl.float16)
-                p_lo = (pv - p_hi.to(tl.float32)).to(tl.float16)
-                zero_acc = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
-                pv_e = _dot(p_lo, v_lo, _dot(p_hi, v_lo, zero_acc, INTERPRET), INTERPRET)
-                pv_o = _dot(p_lo, v_hi, _dot(p_hi, v_hi, zero_acc, INTERPRET), INTERPRET)
-            else:  # fp32 throughout: p needs no split
-                pv_e = _mm(pv, v_lo, 0, INTERPRET)
-                pv_o = _mm(pv, v_hi, 0, INTERPRET)
-            acc_e = acc_e * alpha[:, None] + vs_max * pv_e - pz[:, None]
-            acc_o = acc_o * alpha[:, None] + vs_max * pv_o - pz[:, None]
-            m_i = m_new
+                vb, vs, vz = _same_block(v_ptr, vs_ptr, vz_ptr, kv_off, mkv, sc_base, t0, mt, BLOCK_N)
+                # p . ((c - z) * s) = vs_max * (p * s / vs_max) . (16 + c) - sum(p * s * (16 + z)); p * s / vs_max
+                # is in [0, 1] and goes to the tensor cores as two fp16 halves (~22 significant bits, products
+                # exact)
+                vs_max = tl.reduce(vs, 0, tl.standard._elementwise_max)  # > 0: every step has a valid token
+                pv = p * (vs / vs_max)[None, :]
+                pz = _row_sum(p * (vs * (vz + 16.0))[None, :])
+                v_lo, v_hi = _unpack_biased(vb, tl.float16, INTERPRET, ASM)
+                if MMA:
+                    p_hi = pv.to(tl.float16)
+                    p_lo = (pv - p_hi.to(tl.float32)).to(tl.float16)
+                    zero_acc = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
+                    pv_e = _dot(p_lo, v_lo, _dot(p_hi, v_lo, zero_acc, INTERPRET), INTERPRET)
+                    pv_o = _dot(p_lo, v_hi, _dot(p_hi, v_hi, zero_acc, INTERPRET), INTERPRET)
+                else:  # fp32 throughout: p needs no split
+                    pv_e = _mm(pv, v_lo, 0, INTERPRET)
+                    pv_o = _mm(pv, v_hi, 0, INTERPRET)
+                acc_e = acc_e * alpha[:, None] + vs_max * pv_e - pz[:, None]
+                acc_o = acc_o * alpha[:, None] + vs_max * pv_o - pz[:, None]
+                m_i = m_new
 
         h = kvh * G + rg
         if SINGLE:
@@ -876,6 +960,8 @@ def decode_attention_triton(
     if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {cfg['block_n']}")
     if not applies(cfg, hq // hkv):
+        if cfg["flat"]:
+            raise ValueError(f"flat=True takes mma=False and one query head per KV head, got {hq // hkv}")
         raise ValueError(f"mma=False takes at most {MAX_G_CUDA_CORES} query heads per KV head, got {hq // hkv}")
     if k_packed.stride(-1) != 1 or v_packed.stride() != k_packed.stride():
         k_packed, v_packed = k_packed.contiguous(), v_packed.contiguous()
@@ -901,7 +987,7 @@ def decode_attention_triton(
         q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
         k_scale.stride(0), k_scale.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, **shape_meta(g, d, cfg["mma"]), BLOCK_N=bn, SINGLE=single, ASM=cfg["asm"],
-        INTERPRET=interpret, QT=q_transform is not None, MMA=cfg["mma"],
+        INTERPRET=interpret, QT=q_transform is not None, MMA=cfg["mma"], FLAT=cfg["flat"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if not single:
