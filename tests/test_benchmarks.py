@@ -64,3 +64,43 @@ def test_kron_quantize_quick_writes_records_naming_their_timing(tmp_path):
     for r in records:
         assert r["kernel_us"] > 0 and r["gemm_bf16_us"] > 0 and r["input_copies"] >= 1
         assert r["timing"].startswith("wall clock") and "do_bench" not in r["timing"]
+
+
+def _load(script: str):
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), os.path.join(ROOT, "benchmarks", script))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_suite_assigns_longest_first_to_the_least_loaded_gpu():
+    suite = _load("gpu_suite.py")
+    jobs = [suite.Job(n, [], m) for n, m in (("a", 1), ("b", 6), ("c", 3), ("d", 6), ("e", 2))]
+    queues = suite.assign(jobs, 2)
+    assert [[j.name for j in q] for q in queues] == [["b", "c"], ["d", "e", "a"]]  # loads 9 and 9
+    assert sorted(j.name for q in suite.assign(jobs, 9) for j in q) == list("abcde")
+    with pytest.raises(ValueError, match="gpus must be >= 1"):
+        suite.assign(jobs, 0)
+
+
+def test_gpu_suite_runs_every_queue_and_records_failures(tmp_path):
+    """Each job in its own process with its GPU set; a failing job is recorded and does not stop the rest."""
+    suite = _load("gpu_suite.py")
+    py = sys.executable
+    ok = [py, "-c", "import os; print('gpu', os.environ['CUDA_VISIBLE_DEVICES'])"]
+    bad = suite.Job("bad", [py, "-c", "raise SystemExit(3)"], 1)
+    queues = [[suite.Job("ok0", ok, 1), bad], [suite.Job("ok1", ok, 1)]]
+    status = suite.run(queues, str(tmp_path), timeout_s=120)
+    assert {n: (s["gpu"], s["rc"]) for n, s in status.items()} == {"ok0": (0, 0), "bad": (0, 3), "ok1": (1, 0)}
+    assert (tmp_path / "logs" / "ok1.log").read_text().strip() == "gpu 1"
+    saved = json.loads((tmp_path / "suite.json").read_text())["jobs"]
+    assert saved["bad"]["rc"] == 3 and saved["ok0"]["state"] == "done"
+
+
+def test_gpu_suite_plans_accuracy_runs_from_preset_and_seed(capsys):
+    suite = _load("gpu_suite.py")
+    assert suite.main(["out", "--gpus", "2", "--only", "accuracy", "--accuracy", "accurate:3", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy-accurate-seed3:" in printed and "--preset accurate" in printed and "seed=3" in printed
+    assert "e2e" not in printed

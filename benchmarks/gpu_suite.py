@@ -1,0 +1,159 @@
+"""Every GPU measurement of the project in one command, spread over the GPUs of one machine.
+
+Each job (GPU tests, end-to-end per model, the kernel benchmarks, calibration profile, accuracy runs) runs in its own
+process on one GPU (``CUDA_VISIBLE_DEVICES``); jobs are assigned longest first to the least-loaded GPU, and each
+GPU's queue runs in order. Every job writes its log to ``OUT/logs/NAME.log`` and its results to ``OUT/NAME.json``;
+``OUT/suite.json`` records each job's GPU, exit status and seconds and is rewritten as jobs finish, so a run cut
+short keeps what finished. A job that fails does not stop the others.
+
+    python benchmarks/gpu_suite.py OUT                          # everything, on all visible GPUs
+    python benchmarks/gpu_suite.py OUT --only e2e decode --gpus 2
+    python benchmarks/gpu_suite.py OUT --model smollm2.gguf --calib-data summaries.json --wiki wiki.utf8 --c4 c4.utf8 \\
+        --accuracy accurate:2 accurate:3 paper:0                 # model and texts as files (machines without them)
+    python benchmarks/gpu_suite.py OUT --dry-run                 # print the plan only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+from flatquant.files import atomic_write_json  # noqa: E402
+
+GPU_TESTS = ["test_kv_quant.py", "test_kron_quantize.py", "test_gemm_w4a4.py", "test_packed.py", "test_rope.py"]
+GPU_TESTS += ["test_rmsnorm.py", "test_silu_mul.py", "test_calib_inputs.py"]
+
+
+@dataclass
+class Job:
+    name: str
+    argv: list[str]
+    minutes: float  # rough duration on one H100, for the assignment only
+    env: dict | None = None
+
+
+def jobs(args) -> list[Job]:
+    """The suite, each job with the files it writes under args.out."""
+    py, out = sys.executable, args.out
+    bench = lambda script: os.path.join(HERE, script)  # noqa: E731
+    listed = [
+        Job("gpu-tests", [py, "-m", "pytest", "-q", *(os.path.join(ROOT, "tests", t) for t in GPU_TESTS)], 6),
+        Job("decode", [py, bench("decode_attention.py"), "--out", f"{out}/decode_attention.json"], 3),
+        Job("kron", [py, bench("kron_quantize.py"), "--out", f"{out}/kron_quantize.json"], 3),
+        Job("gemm", [py, bench("gemm.py"), "--out", f"{out}/gemm.json"], 4),
+        Job("calib-profile", [py, bench("calibration_profile.py"), "--out", f"{out}/calibration_profile.json"], 1),
+    ]
+    for model in ("llama-2-7b", "llama-3-8b"):
+        listed.append(
+            Job(f"e2e-{model}", [py, bench("e2e.py"), "--models", model, "--out", f"{out}/e2e-{model}.json"], 6)
+        )
+    for item in args.accuracy:
+        preset, _, seed = item.partition(":")
+        name = f"accuracy-{preset}-seed{seed or 0}"
+        argv = [py, bench("accuracy.py"), "--runs", "flatquant-w4a4kv4", "--preset", preset, "--model", args.model]
+        argv += ["--calib-data", args.calib_data, "--wiki", args.wiki, "--c4", args.c4]
+        argv += ["--results", f"{out}/{name}.json", "--set", f"seed={int(seed or 0)}"]
+        listed.append(Job(name, argv, 4 if preset == "paper" else 6))
+    if args.only:
+        listed = [j for j in listed if any(j.name.startswith(p) for p in args.only)]
+    return listed
+
+
+def assign(listed: list[Job], gpus: int) -> list[list[Job]]:
+    """Longest job first to the GPU with the least work so far; returns one queue per GPU."""
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    queues: list[list[Job]] = [[] for _ in range(gpus)]
+    load = [0.0] * gpus
+    for job in sorted(listed, key=lambda j: -j.minutes):
+        g = min(range(gpus), key=lambda i: (load[i], i))
+        queues[g].append(job)
+        load[g] += job.minutes
+    return queues
+
+
+def _visible_gpus() -> int:
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+
+
+def run(queues: list[list[Job]], out: str, timeout_s: float) -> dict:
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    status: dict[str, dict] = {j.name: {"gpu": g, "state": "queued"} for g, q in enumerate(queues) for j in q}
+    lock = threading.Lock()
+    summary = os.path.join(out, "suite.json")
+
+    def save():
+        with lock:
+            atomic_write_json(summary, {"jobs": status})
+
+    def worker(g: int, queue: list[Job]):
+        for job in queue:
+            env = {**os.environ, **(job.env or {}), "CUDA_VISIBLE_DEVICES": str(g)}
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(ROOT, "src"), env.get("PYTHONPATH")) if p)
+            status[job.name].update(state="running", started=time.strftime("%H:%M:%S"))
+            save()
+            t0 = time.perf_counter()
+            with open(os.path.join(out, "logs", f"{job.name}.log"), "w") as log:
+                try:
+                    rc = subprocess.run(job.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        timeout=timeout_s).returncode  # fmt: skip
+                except subprocess.TimeoutExpired:
+                    rc = "timeout"
+            status[job.name].update(state="done", rc=rc, seconds=round(time.perf_counter() - t0, 1))
+            save()
+            print(f"[gpu {g}] {job.name}: rc {rc} in {status[job.name]['seconds']} s", flush=True)
+
+    save()
+    threads = [threading.Thread(target=worker, args=(g, q)) for g, q in enumerate(queues) if q]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return status
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", help="folder for the results, logs and suite.json")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to use [default: all visible]")
+    p.add_argument("--only", nargs="*", default=None, help="job name prefixes to run (e2e, decode, accuracy, ...)")
+    p.add_argument("--accuracy", nargs="*", default=["paper:0", "accurate:0"], help="PRESET:SEED calibrations")
+    p.add_argument("--model", default="smollm2-135m", help="model of the accuracy runs: name, folder or GGUF file")
+    p.add_argument("--calib-data", default="wiki-summaries", help="calibration text: name or file")
+    p.add_argument("--wiki", default="wiki", help="wiki evaluation text: name or file")
+    p.add_argument("--c4", default="c4", help="c4 evaluation text: name or file")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per job")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    args = p.parse_args(argv)
+    gpus = args.gpus or _visible_gpus()
+    if gpus < 1:
+        raise SystemExit("no GPU visible (nvidia-smi lists none); pass --gpus N to plan anyway with --dry-run")
+    queues = assign(jobs(args), gpus)
+    for g, queue in enumerate(queues):
+        print(f"gpu {g}: " + ", ".join(f"{j.name} (~{j.minutes:g} min)" for j in queue), flush=True)
+    if args.dry_run:
+        for queue in queues:
+            for job in queue:
+                print(f"{job.name}: {' '.join(job.argv)}")
+        return 0
+    status = run(queues, args.out, args.timeout)
+    failed = [n for n, s in status.items() if s.get("rc") != 0]
+    print(f"{len(status) - len(failed)} of {len(status)} jobs succeeded" + (f"; failed: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
