@@ -600,3 +600,7 @@ def test_decode_with_a_fused_query_transform(impl, groups):
             out_cc = kv.decode_attention_triton(q, *cache, d**-0.5, q_transform=t, config=cfg_cc)
             tol = 1e-3 * ref.float().abs().max().item()
             torch.testing.assert_close(out_cc.float(), ref.float(), rtol=2**-6, atol=tol)
+        if groups == 1:  # and the one-row loop
+            cfg_flat = {**cfg.get("config", {}), "mma": False, "flat": True}
+            out_flat = kv.decode_attention_triton(q, *cache, d**-0.5, q_transform=t, config=cfg_flat)
+            torch.testing.assert_close(out_flat.float(), ref.float(), rtol=2**-6, atol=tol)
