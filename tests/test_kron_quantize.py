@@ -414,3 +414,33 @@ def test_autotuner_times_candidates_as_graph_replays(monkeypatch):
     fn = object()
     assert kq._kron_quantize_tuned.do_bench(fn, quantiles=(0.5, 0.2, 0.8)) == [2.0]
     assert calls and calls[0][0] is fn and calls[0][1]["quantiles"] == (0.5, 0.2, 0.8)
+
+
+if kq.triton is not None:
+    tl = kq.tl
+
+    @kq.triton.jit
+    def _div_probe(z_ptr, s_ptr, out_ptr, N: tl.constexpr):
+        r = tl.arange(0, N)
+        z = tl.load(z_ptr + r)
+        s = tl.load(s_ptr + r // 64)  # one scale per row of 64, broadcast as a token's scale is
+        tl.store(out_ptr + r, kq._div_exact(z, s))
+
+
+@needs_triton
+def test_exact_division_equals_ieee_division_bit_for_bit():
+    """z / s from the reciprocal and two fmas equals the correctly rounded quotient (torch's IEEE division),
+    including quotients next to half-integers, where rint of z * RN(1 / s) alone can differ."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.rand(64, generator=g) * 3 + 1e-3
+    k = torch.randint(-9, 9, (64, 64), generator=g).float() + 0.5  # half-integer quotients, then nudged
+    z = (k * s[:, None]) * (1 + (torch.rand(64, 64, generator=g) - 0.5) * 4e-7)
+    z[:16] = torch.randn(16, 64, generator=g) * 50  # and ordinary values
+    z[16, :3] = torch.tensor([0.0, -0.0, 1e-30])
+    out = torch.empty(64 * 64)
+    zd, sd, od = (t.to(DEVICE).contiguous() for t in (z.flatten(), s, out))
+    _div_probe[(1,)](zd, sd, od, N=64 * 64)
+    want = z.flatten() / s.repeat_interleave(64)
+    assert torch.equal(od.cpu(), want)
+    naive = z.flatten() * (1 / s).repeat_interleave(64)
+    assert not torch.equal(naive, want)  # the inputs do reach the cases the correction step is for

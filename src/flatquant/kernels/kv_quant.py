@@ -318,7 +318,7 @@ if triton is not None:
         else:  # on the CPU it divides
             scale = tl.math.div_rn(tl.maximum(xmax - xmin, 1e-8), 2.0**BITS - 1)
         zero = _rint(tl.math.div_rn(-xmin, scale))
-        q = _rint(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
+        q = _rint(_kq._div_exact(x, scale[:, None])) + zero[:, None]  # IEEE quotient, three instructions
         q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1)
         if DEQ:  # dequantize_kv's (code - zero) * scale in fp32, one rounding to the output dtype
             deq = (q - zero[:, None]) * scale[:, None]
