@@ -158,12 +158,25 @@ def kron_quantize_reference(
 if triton is not None:
 
     @triton.jit
-    def _rint(v):
+    def _rint_arith(v):
         """Round half to even, exactly, for fp32 (adding 2^23 leaves no fractional bits)."""
         a = tl.abs(v)
         r = (a + 8388608.0) - 8388608.0
         r = tl.where(a < 8388608.0, r, a)
         return tl.where(v < 0, -r, r)
+
+    # compiled kernels round with one instruction; the interpreter cannot run inline PTX
+    _PTX_RINT = tl.constexpr(type(_rint_arith).__name__ != "InterpretedFunction")
+
+    @triton.jit
+    def _rint(v):
+        """Round half to even, exactly, for fp32: PTX ``cvt.rni`` (one instruction instead of the six of
+        :func:`_rint_arith`, which the interpreter runs; both are torch.round's half-to-even)."""
+        if _PTX_RINT:
+            return tl.inline_asm_elementwise(
+                "cvt.rni.f32.f32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1
+            )
+        return _rint_arith(v)
 
     # Only builtins and our own @triton.jit helpers are used: triton's jit-defined library functions
     # (tl.max, tl.zeros, tl.cdiv, ...) cannot run in the interpreter when triton was imported before

@@ -177,7 +177,8 @@ if triton is not None:
     # bf16 in [16, 32): one unit is 2^3 mantissa steps; fp16: 2^6. The high nibble sits 4 bits higher.
     _PTX_BF16 = tl.constexpr(_unpack_ptx("shl.b32 {}, {}, 3", "shr.b32 {}, {}, 1", 0x00780078, 0x41804180))
     _PTX_FP16 = tl.constexpr(_unpack_ptx("shl.b32 {}, {}, 6", "shl.b32 {}, {}, 2", 0x03C003C0, 0x4C004C00))
-    _dot, _round_to, _rint = _kq._dot, _kq._round_to, _kq._rint
+    # the arithmetic rint here: in this kernel's sm_90 build the one-instruction PTX rint comes out longer
+    _dot, _round_to, _rint = _kq._dot, _kq._round_to, _kq._rint_arith
 
     @triton.jit
     def _row_max(v):
