@@ -242,6 +242,26 @@ def test_column_chunk_config_on_a_tile_that_fits(bc):
             kq.kron_quantize_triton(x, p1, p2, config=dict(BC=bad))
 
 
+@needs_triton
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_padded_tiles_with_one_signed_tokens(symmetric, sign):
+    """Tokens whose X' is all positive (or all negative) on a padded tile (40x72 in 64x128; 86x128 on the GPU):
+    the symmetric path reduces max and min without masking the padding, which is exactly 0 and cannot change
+    its range; the asymmetric one masks it (a 0 would change its min or max). Both equal the reference, also
+    on the stacked-token and column-chunked paths."""
+    n1, n2 = (86, 128) if CUDA else (40, 72)  # padded to 128x128 / 64x128: tiles the unmasked path takes
+    g = torch.Generator().manual_seed(3)
+    p1 = (torch.rand(n1, n1, generator=g) + 0.05).to(DEVICE, torch.bfloat16)  # positive factors: X' keeps x's sign
+    p2 = (torch.rand(n2, n2, generator=g) + 0.05).to(DEVICE, torch.bfloat16)
+    x = (sign * (torch.rand(7, n1 * n2, generator=g) + 0.1)).to(DEVICE, torch.bfloat16)
+    kw = dict(clip_max=0.9, clip_min=0.8, symmetric=symmetric)
+    ref = kq.kron_quantize_reference(x, p1, p2, **kw)
+    bn2 = max(16, kq._next_pow2(n2))
+    for cfg in (dict(PROGS_PER_SM=1), dict(BLOCK_T=2, PROGS_PER_SM=1), dict(BC=bn2 // 2, PROGS_PER_SM=1)):
+        _assert_same(kq.kron_quantize_triton(x, p1, p2, config=cfg, **kw), ref, x, p1, p2, symmetric)
+
+
 # ----------------------------------------------------------------------------------- launch configs
 # The autotuner may pick any candidate config on the GPU, so every candidate must give the same codes.
 CONFIG_PAIRS = [(64, 64), (112, 128), (128, 148)] if CUDA else [(6, 10), (16, 16)]

@@ -183,6 +183,16 @@ if triton is not None:
     # TRITON_INTERPRET=1 was set, as happens when another module imports it first.
 
     @triton.jit
+    def _real(z, mask, neutral, SYMMETRIC: tl.constexpr):
+        """z where mask, else ``neutral`` (+-inf), for a token's max and min over its real elements. Symmetric
+        scales need no mask: padded elements of X' are exactly 0 (zero-padded operands), and a 0 cannot change
+        max(cmax * max, -cmin * min), whatever the signs (the asymmetric min and max themselves are used).
+        Small tiles keep the mask: dropping it there saves little and made one 24x24 build use stack."""
+        if SYMMETRIC and z.numel >= 4096:
+            return z
+        return tl.where(mask, z, neutral)
+
+    @triton.jit
     def _tile_max(v):
         """Max over all elements of a 2-D tile (a scalar). tl.standard's combine functions are
         recognised by the interpreter (a numpy reduction) and never called there."""
@@ -504,12 +514,12 @@ if triton is not None:
                 else:
                     z = tl.reshape(_right_factor(y, p1, dt, HAS_P1, SPLIT_Y, INTERPRET), (BLOCK_T, BN1, BN2))
                 zmax = tl.reduce(
-                    tl.reduce(tl.where(m3, z, -float("inf")), 2, tl.standard._elementwise_max),
+                    tl.reduce(_real(z, m3, -float("inf"), SYMMETRIC), 2, tl.standard._elementwise_max),
                     1,
                     tl.standard._elementwise_max,
                 )  # (BT,)
                 zmin = tl.reduce(
-                    tl.reduce(tl.where(m3, z, float("inf")), 2, tl.standard._elementwise_min),
+                    tl.reduce(_real(z, m3, float("inf"), SYMMETRIC), 2, tl.standard._elementwise_min),
                     1,
                     tl.standard._elementwise_min,
                 )
@@ -541,8 +551,8 @@ if triton is not None:
                         else:
                             y = x.to(tl.float32)
                         z = _left_factor(y, p1t, dt, HAS_P1, SPLIT_Y, INTERPRET)  # (BN1, BN2) fp32
-                    zmax = _tile_max(tl.where(mask, z, -float("inf")))
-                    zmin = _tile_min(tl.where(mask, z, float("inf")))
+                    zmax = _tile_max(_real(z, mask, -float("inf"), SYMMETRIC))
+                    zmin = _tile_min(_real(z, mask, float("inf"), SYMMETRIC))
                     scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, inv_qmax, SYMMETRIC, BITS, RECIP)
                     _quantize_store(
                         z, scale, zero, q_ptr, t64 * (N1 * N2), 0, N1, N2, BN1, BN2, SYMMETRIC, BITS, PACK, FAST_DIV
@@ -556,8 +566,8 @@ if triton is not None:
                         )
                         rj = j0 + tl.arange(0, BC)
                         mj = (ra[:, None] < N1) & (rj[None, :] < N2)
-                        zmax = tl.maximum(zmax, _tile_max(tl.where(mj, z, -float("inf"))))
-                        zmin = tl.minimum(zmin, _tile_min(tl.where(mj, z, float("inf"))))
+                        zmax = tl.maximum(zmax, _tile_max(_real(z, mj, -float("inf"), SYMMETRIC)))
+                        zmin = tl.minimum(zmin, _tile_min(_real(z, mj, float("inf"), SYMMETRIC)))
                     scale, zero = _scale_zero(zmax, zmin, clip_max, clip_min, inv_qmax, SYMMETRIC, BITS, RECIP)
                     for j0 in range(0, BN2, BC):  # recompute: cheaper than a round trip through memory
                         z = _column_chunk(
