@@ -444,7 +444,7 @@ if kq.triton is not None:
         r = tl.arange(0, N)
         z = tl.load(z_ptr + r)
         s = tl.load(s_ptr + r // 64)  # one scale per row of 64, broadcast as a token's scale is
-        tl.store(out_ptr + r, kq._div_exact(z, s))
+        tl.store(out_ptr + r, kq._div_exact(z, s, kq._recip(s)))
 
 
 @needs_triton

@@ -288,25 +288,29 @@ if triton is not None:
         a tile with any flagged element is redone exactly: a few percent of 4-bit tiles.
         FAST_DIV = 0: the exact quotient throughout (:func:`_div_exact`, three instructions per element; the
         fast path adds a tile-wide reduction per token and registers: the autotuner decides)."""
+        y = _recip(s)  # once per scale
         if not FAST_DIV:
-            return _div_exact(z, s)
-        one = s * 0.0 + 1.0
-        v = z * tl.math.div_rn(one, s)
+            return _div_exact(z, s, y)
+        v = z * y
         a = tl.abs(v)
         near = (tl.abs(a - tl.floor(a) - 0.5) < (a + 1.0) * 2.384185791015625e-07) & (a < 2.0**BITS + 1.0)
         if tl.max(near.to(tl.int32)) > 0:
-            v = _div_exact(z, s)
+            v = _div_exact(z, s, y)
         return v
 
     @triton.jit
-    def _div_exact(z, s):
-        """z / s rounded as an IEEE division, in three instructions per element: with y = RN(1 / s) (one IEEE
-        division per scale, s holds per-token scales broadcast over z), q = RN(z * y) is within an ulp of z / s,
-        the remainder z - s * q is exact in one fma, and RN(q + remainder * y) is the correctly rounded quotient
-        (Markstein's theorem; its conditions hold: s is a positive normal number, and a quotient small enough
-        to underflow rounds to code 0 either way). The inlined IEEE division instead checks every element's
-        range (FCHK) and keeps a slow path."""
-        y = tl.math.div_rn(s * 0.0 + 1.0, s)
+    def _recip(s):
+        """RN(1 / s), an IEEE division (per scale, not per element): the y of :func:`_div_exact`."""
+        return tl.math.div_rn(s * 0.0 + 1.0, s)
+
+    @triton.jit
+    def _div_exact(z, s, y):
+        """z / s rounded as an IEEE division, in three instructions per element: with y = RN(1 / s)
+        (:func:`_recip`, once per scale; s holds per-token scales broadcast over z), q = RN(z * y) is within an
+        ulp of z / s, the remainder z - s * q is exact in one fma, and RN(q + remainder * y) is the correctly
+        rounded quotient (Markstein's theorem; its conditions hold: s is a positive normal number, and a
+        quotient small enough to underflow rounds to code 0 either way). The inlined IEEE division instead
+        checks every element's range (FCHK) and keeps a slow path."""
         q = z * y
         return tl.fma(tl.fma(-q, s, z), y, q)
 

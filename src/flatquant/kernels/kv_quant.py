@@ -46,8 +46,10 @@ _Q_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_SPLITS = 64  # chunks per sequence; the merge kernel holds (splits, D) fp32 in registers
 _LOG2E = math.log2(math.e)
 # decode kernel launch: tokens per step, warps, pipeline stages, target programs per SM, inline-PTX unpacking
-DEFAULT_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4, "asm": False, "mma": True}
-DEFAULT_CONFIG["flat"] = False  # the one-query-row CUDA-core loop (MHA only), see _decode_flat_steps
+# (and whether the products run on tensor cores, and the one-query-row CUDA-core loop, see _decode_flat_steps)
+DEFAULT_CONFIG = {
+    "block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4, "asm": False, "mma": True, "flat": False
+}  # fmt: skip
 # On CUDA the launch config is chosen per shape among CANDIDATE_CONFIGS by timing CUDA-graph replays (set
 # False, or FLATQUANT_AUTOTUNE=0, for DEFAULT_CONFIG)
 AUTOTUNE = os.environ.get("FLATQUANT_AUTOTUNE", "1") != "0"
@@ -239,14 +241,9 @@ if triton is not None:
     ):
         """This program's BLOCK_R rows of x (rows of D elements, row stride stride_x) in fp32 (in x's dtype when
         RAW), zero-padded to BLOCK_D; also the int64 row indices, the column indices, the row mask and the
-        element mask."""
-        rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rd = tl.arange(0, BLOCK_D)
-        mr = rr < n_rows
-        m = mr[:, None] & (rd[None, :] < D)
-        r64 = rr.to(tl.int64)
-        x = tl.load(x_ptr + r64[:, None] * stride_x + rd[None, :], mask=m, other=0.0)
-        return (x if RAW else x.to(tl.float32)), r64, rd, mr, m
+        element mask. :func:`_load_rows3` with one level of rows."""
+        x, r64, rd, mr, m, _, _, _ = _load_rows3(x_ptr, n_rows, 1, 1, stride_x, 0, 0, D, BLOCK_R, BLOCK_D, RAW)
+        return x, r64, rd, mr, m
 
     @triton.jit
     def _load_rows3(
@@ -319,7 +316,8 @@ if triton is not None:
         else:  # on the CPU it divides
             scale = tl.math.div_rn(tl.maximum(xmax - xmin, 1e-8), 2.0**BITS - 1)
         zero = _rint(tl.math.div_rn(-xmin, scale))
-        q = _rint(_kq._div_exact(x, scale[:, None])) + zero[:, None]  # IEEE quotient, three instructions
+        s = scale[:, None]
+        q = _rint(_kq._div_exact(x, s, _kq._recip(s))) + zero[:, None]  # the IEEE quotient
         q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1)
         if DEQ:  # dequantize_kv's (code - zero) * scale in fp32, one rounding to the output dtype
             deq = (q - zero[:, None]) * scale[:, None]

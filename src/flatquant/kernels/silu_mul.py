@@ -60,7 +60,7 @@ def _interpreting() -> bool:
 
 def launch_meta(n: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C) of the launch for rows of n elements: up to 1024 columns, 2048 elements a program."""
-    block_c = min(1024, 1 << max(0, n - 1).bit_length())
+    block_c = min(1024, _kq._next_pow2(n))
     return max(1, 2048 // block_c), block_c
 
 
