@@ -448,8 +448,12 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=420, help="skip measurements that would start after this")
     p.add_argument("--prefill-batches", type=int, nargs="*", default=None, help="instead of 1 4 16 (quick: 1 2)")
     p.add_argument("--decode-batches", type=int, nargs="*", default=None, help="instead of 1 16 64 (quick: 1 4)")
+    p.add_argument(
+        "--breakdown-batches", type=int, nargs=2, default=None, metavar=("PREFILL", "DECODE"),
+        help="batch sizes of the profiled prefill and decode [default 4 16; quick: 2 4]",
+    )  # fmt: skip
     args = p.parse_args(argv)
-    chosen = args.prefill_batches, args.decode_batches
+    chosen = args.prefill_batches, args.decode_batches, args.breakdown_batches
     _DEADLINE[0] = time.perf_counter() + args.budget_s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
@@ -466,6 +470,7 @@ def main(argv=None) -> None:
         args.out = args.out or "benchmarks/results/e2e.json"
     args.prefill_batches = args.prefill_batches if chosen[0] is None else chosen[0]
     args.decode_batches = args.decode_batches if chosen[1] is None else chosen[1]
+    args.breakdown_batches = args.breakdown_batches if chosen[2] is None else tuple(chosen[2])
     t0 = time.perf_counter()
     records, breakdowns, error = [], {}, None
     for name, cfg in configs.items():

@@ -246,11 +246,12 @@ def test_column_chunk_config_on_a_tile_that_fits(bc):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_padded_tiles_with_one_signed_tokens(symmetric, sign):
-    """Tokens whose X' is all positive (or all negative) on a padded tile (40x72 in 64x128; 86x128 on the GPU):
-    the symmetric path reduces max and min without masking the padding, which is exactly 0 and cannot change
-    its range; the asymmetric one masks it (a 0 would change its min or max). Both equal the reference, also
-    on the stacked-token and column-chunked paths."""
-    n1, n2 = (86, 128) if CUDA else (40, 72)  # padded to 128x128 / 64x128: tiles the unmasked path takes
+    """Tokens whose X' is all positive (or all negative) on a padded tile (40x72 in 64x128, a tile the unmasked
+    path takes, >= 4096 elements, and small enough to stack two tokens): the symmetric path reduces max and min
+    without masking the padding, which is exactly 0 and cannot change its range; the asymmetric one masks it
+    (a 0 would change its min or max). Both equal the reference, also on the stacked-token and column-chunked
+    paths."""
+    n1, n2 = 40, 72
     g = torch.Generator().manual_seed(3)
     p1 = (torch.rand(n1, n1, generator=g) + 0.05).to(DEVICE, torch.bfloat16)  # positive factors: X' keeps x's sign
     p2 = (torch.rand(n2, n2, generator=g) + 0.05).to(DEVICE, torch.bfloat16)
