@@ -97,7 +97,7 @@ def main() -> None:
     p.add_argument("--calib-data", default="wiki-summaries", help="calibration text: name or file")
     p.add_argument("--wiki", default="wiki", help="the wiki evaluation text: name or file")
     p.add_argument("--c4", default="c4", help="the c4 evaluation text: name or file")
-    p.add_argument("--label", default=None, help="model name written in the records [default --model]")
+    p.add_argument("--label", default=None, help="model name in the records [default: --model; a path: its base name]")
     p.add_argument("--save", default=None, help="save flatquant-w4a4kv4 to SAVE-rtn / SAVE-gptq")
     p.add_argument("--results", default=RESULTS)
     p.add_argument("--state-dir", default=None, help="resumable calibration state, one subfolder per run")
@@ -161,12 +161,18 @@ def _quantizes_weights(cfg) -> bool:
     return cfg.w_bits < 16 or any(b.get("w_bits", 16) < 16 for b in cfg.overrides.values())
 
 
+def model_label(model: str) -> str:
+    """The model's name in the records: a local file or folder by its base name (the records never carry
+    a machine's paths), a hub id or built-in name as given."""
+    return os.path.basename(os.path.normpath(model)) if os.path.exists(model) else model
+
+
 def _record(run, args, cfg, weights, model, texts, calib_seconds, round_seconds, extra: dict) -> dict:
     label = f"{run} {weights or ''}".strip()
     trains = cfg is not None and cfg.method == "flatquant"
     ppl = {f"{name}_ppl": perplexity(model, w, desc=f"{label} {name}") for name, w in texts.items()}
     return {
-        "model": args.label or args.model,
+        "model": args.label or model_label(args.model),
         "run": run,
         "method": cfg.method if cfg else "fp",
         "w_bits": cfg.w_bits if cfg else 16,

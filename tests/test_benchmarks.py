@@ -104,3 +104,33 @@ def test_gpu_suite_plans_accuracy_runs_from_preset_and_seed(capsys):
     printed = capsys.readouterr().out
     assert "accuracy-accurate-seed3:" in printed and "--preset accurate" in printed and "seed=3" in printed
     assert "e2e" not in printed
+
+
+def test_host_profile_quick_reports_host_time_per_layer_and_its_functions(tmp_path):
+    out = tmp_path / "host.json"
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "host_profile.py"), "--quick", "--layers", "2"]
+    proc = subprocess.run(
+        [*cmd, "--reps", "2", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["layers"] == 2
+    for phase in ("prefill", "decode"):
+        r = data[phase]
+        assert 0 < r["host_ms"] <= r["wall_ms"] and r["host_ms_per_layer"] == pytest.approx(r["host_ms"] / 2)
+        own = [f["own_ms"] for f in r["top"]]
+        assert own == sorted(own, reverse=True) and any("forward" in f["function"] for f in r["top"])
+        assert all(os.sep not in f["function"] for f in r["top"])  # base names: no paths of this machine
+
+
+def test_accuracy_records_name_a_local_model_by_its_base_name(tmp_path):
+    spec = importlib.util.spec_from_file_location("accuracy_bench", os.path.join(ROOT, "benchmarks", "accuracy.py"))
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    gguf = tmp_path / "models" / "smollm2.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    assert accuracy.model_label(str(gguf)) == "smollm2.gguf"
+    assert accuracy.model_label(str(gguf.parent) + os.sep) == "models"
+    assert accuracy.model_label("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # a hub id as given

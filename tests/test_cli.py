@@ -38,7 +38,7 @@ def test_bad_options_give_clear_errors(argv, message):
 def test_the_accurate_preset_changes_only_rate_epochs_and_activation_symmetry():
     paper, accurate = preset("paper").to_dict(), preset("accurate").to_dict()
     changed = {k: (paper[k], v) for k, v in accurate.items() if paper[k] != v}
-    assert changed == {"lr": (0.005, 0.01), "a_symmetric": (True, False), "epochs": (15, 30)}
+    assert changed == {"lr": (0.005, 0.01), "a_symmetric": (True, False), "epochs": (15, 60)}
     assert cli.config_from_args(_args("--preset", "accurate", "--epochs", "20")).epochs == 20  # flags still win
 
 
