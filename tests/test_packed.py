@@ -466,3 +466,33 @@ def test_head_rows_matmul_equals_matmul_without_flattening_copies():
     torch.testing.assert_close(out, torch.einsum("bhtd,de->bhte", x, m), rtol=1e-12, atol=1e-12)
     c = x.contiguous()
     assert torch.equal(runtime.head_rows_matmul(c, m), c @ m)  # other layouts: plain matmul
+
+
+@torch.no_grad()
+def test_cache_storage_is_never_read_before_it_is_written(packed, monkeypatch):
+    """The INT4 cache allocates its storage uninitialised; filled with garbage (0xFF codes, NaN / inf scales and
+    zero points) it must give the same prefill, regrowth, crop and decode logits as zeroed storage."""
+    import flatquant.kvcache as kvc
+
+    def garbage(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(255) if dtype == torch.uint8 else t.fill_(float("nan"))
+
+    _, real, _ = packed["llama"]
+
+    def run(alloc):
+        monkeypatch.setattr(kvc, "_new_storage", alloc)
+        cache, out = Int4KVCache(real, min_capacity=8), []  # 8: regrown (copied) during the prompt's steps
+        out.append(real(_TOKENS[:2, :6], **cache_kwargs(real, cache)).logits)
+        for i in range(6, 12):  # one token at a time through the doubling
+            out.append(real(_TOKENS[:2, i : i + 1], **cache_kwargs(real, cache)).logits)
+        cache.crop(-3)  # stale positions past the new length must stay unread
+        out.append(real(_TOKENS[:2, 20:22], **cache_kwargs(real, cache)).logits)
+        cache.make_static(24)
+        out.append(real(_TOKENS[:2, 22:23], **cache_kwargs(real, cache)).logits)
+        return out
+
+    zeroed, poisoned = run(torch.zeros), run(garbage)
+    for a, b in zip(zeroed, poisoned, strict=True):
+        assert torch.isfinite(b).all()
+        assert torch.equal(a, b)

@@ -33,6 +33,7 @@ from .runtime import KVQuant
 __all__ = ["GraphedDecoder", "Int4KVCache", "Int4KVLayer", "cache_kwargs", "generate"]
 
 _NAMES = ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero")
+_new_storage = torch.empty  # cache storage (the tests swap in an allocator that fills it with garbage)
 
 
 class Int4KVLayer(CacheLayerMixin):
@@ -58,12 +59,15 @@ class Int4KVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def _allocate(self, b: int, h: int, d: int, capacity: int) -> None:
+        """Storage for ``capacity`` tokens, the valid ones copied over. Left uninitialised: nothing reads a
+        position at or past a sequence's length (decode attention masks them, NaN included; the prefill and
+        ``dequantized`` slice to the length), and six fill launches per layer and prefill are saved."""
         width = d // 2 if self.kv_quant.bits == 4 else d
         old = {n: getattr(self, n) for n in _NAMES}
         for n in _NAMES:
             is_code = n.endswith("packed")
             shape = (b, h, capacity, width) if is_code else (b, h, capacity)
-            t = torch.zeros(shape, dtype=torch.uint8 if is_code else torch.float32, device=self.device)
+            t = _new_storage(shape, dtype=torch.uint8 if is_code else torch.float32, device=self.device)
             if old[n] is not None:
                 t[:, :, : self.length] = old[n][:, :, : self.length]
             setattr(self, n, t)
