@@ -289,9 +289,10 @@ _B32_OPS = {
 }
 
 
-def _run_ptx(ptx: str, word: int) -> list[int]:
-    """A tiny interpreter for the instructions the unpacking PTX uses (prmt, shl, shr, and, or on b32)."""
-    regs = {"$4": word}
+def _run_ptx(ptx: str, word: int, outputs: int = 4) -> list[int]:
+    """A tiny interpreter for the instructions the unpacking PTX uses (prmt, shl, shr, and, or on b32): the
+    input word is operand ``$outputs``, the outputs ``$0 .. $(outputs - 1)``."""
+    regs = {f"${outputs}": word}
 
     def val(tok):
         return int(tok, 16) if tok.startswith("0x") else int(tok) if tok.isdigit() else regs[tok]
@@ -306,7 +307,7 @@ def _run_ptx(ptx: str, word: int) -> list[int]:
             regs[a[0]] = _B32_OPS[op](val(a[1]), val(a[2]))
         else:
             assert op in ("", ".reg"), op
-    return [regs[f"${i}"] for i in range(4)]
+    return [regs[f"${i}"] for i in range(outputs)]
 
 
 @pytest.mark.skipif(kv.triton is None, reason="triton is not importable")
@@ -327,6 +328,22 @@ def test_unpack_ptx_bit_logic(dtype):
         else:
             vals = [struct.unpack("<e", struct.pack("<H", h))[0] for h in halves]
         assert vals == [16.0 + (x & 15) for x in b] + [16.0 + (x >> 4) for x in b]
+
+
+@pytest.mark.skipif(kv.triton is None, reason="triton is not importable")
+def test_unpack_ptx_f32_bit_logic():
+    """The fp32 unpacking PTX of the CUDA-core loop, emulated: 4 bytes -> F32_BIAS + low nibbles in registers 0-3,
+    F32_BIAS + high nibbles in registers 4-7, one fp32 per register (byte i in register i). (The integer path
+    the interpreter runs is checked by the decode tests of every candidate against float64.)"""
+    bias = kv.F32_BIAS.value
+    g = random.Random(1)
+    words = [[g.randrange(256) for _ in range(4)] for _ in range(512)]
+    for i in range(256):  # every byte value in every position
+        words[i] = [i, (i + 85) % 256, (i + 170) % 256, 255 - i]
+    for b in words:
+        regs = _run_ptx(kv._PTX_F32.value, b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24, outputs=8)
+        vals = [struct.unpack("<f", struct.pack("<I", r))[0] for r in regs]
+        assert vals == [bias + (x & 15) for x in b] + [bias + (x >> 4) for x in b]
 
 
 @needs_triton

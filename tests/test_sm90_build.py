@@ -28,3 +28,48 @@ def test_kernels_build_for_sm90_without_spills(tmp_path):
     assert any(not r.get("mma", True) for r in records if r["kernel"] == "decode_attention")  # CUDA-core variant
     bad = [r for r in records if not r["ok"]]
     assert not bad, bad[:3]
+
+
+PROBE = """
+import re, sys
+sys.path.insert(0, sys.argv[1])
+import triton, triton.language as tl
+import sm90_report as r
+from flatquant.kernels import kv_quant as kv
+
+@triton.jit
+def probe(p_ptr, lo_ptr, hi_ptr):
+    i = tl.arange(0, 128)  # one warp: four consecutive bytes per thread, one 32-bit register
+    lo, hi = kv._unpack_biased_f32(tl.load(p_ptr + i), False, True)
+    tl.store(lo_ptr + i, lo)
+    tl.store(hi_ptr + i, hi)
+
+sig = {"p_ptr": "*u8", "lo_ptr": "*fp32", "hi_ptr": "*fp32"}
+ptx = r.compile_sm90(probe, sig, {}, list(sig), dict(num_warps=1)).asm["ptx"]
+asm = re.search(r"\\{ \\.reg \\.b32 l, h;(.*?)\\}", ptx).group(1)
+outs = re.findall(r"prmt\\.b32 (%r\\d+),", asm)
+stores = re.findall(r"st\\.global\\.v4\\.b32 \\[[^]]*\\], \\{ ([^}]*) \\}", ptx)
+print(" ".join(outs))
+print("|".join(s.replace(" ", "") for s in stores))
+"""
+
+
+def test_fp32_unpack_outputs_are_the_registers_triton_stores_in_order(tmp_path):
+    """The fp32 unpacking PTX of the decode loop writes byte i's low nibble to output register i and its high
+    nibble to register 4 + i (what the PTX emulator test checks); Triton must read them back in that order:
+    element i of the first result = asm register i, of the second = register 4 + i. Checked on the sm_90 PTX
+    of a probe kernel that stores both results."""
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton has no bundled ptxas")
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(ROOT, "src"), env.get("PYTHONPATH")) if p)
+    run = subprocess.run([sys.executable, str(script), os.path.join(ROOT, "benchmarks")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    outs, stores = run.stdout.split("\n")[:2]
+    outs = outs.split()
+    assert len(outs) == 8
+    assert stores.split("|") == [",".join(outs[:4]), ",".join(outs[4:])]

@@ -175,10 +175,24 @@ def _unpack_ptx(lo_shift: str, hi_shift: str, mask: int, magic: int) -> str:
     return "{ .reg .b32 t0, t1; " + " ".join(body) + " }"
 
 
+def _unpack_ptx_f32() -> str:
+    """PTX for 4 packed bytes ($8) -> 128 + their low nibbles ($0 .. $3) and 128 + their high nibbles ($4 .. $7) as
+    fp32. The nibbles of the four bytes are masked out in place (one and; a shift first for the high ones), then
+    one prmt per code assembles the fp32 128 + c: byte 3 = 0x43 (sign, exponent of 128), byte 2 = the byte
+    holding c (bits 16-19, where one unit of c counts 1 in [128, 256)), bytes 1 and 0 = 0. Eleven instructions
+    per eight codes, no conversion; the constant 0x4300 is the prmt's second source (bytes 4-7)."""
+    body = ["and.b32 l, $8, 0x0F0F0F0F;", "shr.b32 h, $8, 4;", "and.b32 h, h, 0x0F0F0F0F;"]
+    for out, src, j in [(f"${j}", "l", j) for j in range(4)] + [(f"${4 + j}", "h", j) for j in range(4)]:
+        body.append(f"prmt.b32 {out}, {src}, 0x4300, {0x5044 + 0x100 * j:#06x};")
+    return "{ .reg .b32 l, h; " + " ".join(body) + " }"
+
+
 if triton is not None:
     # bf16 in [16, 32): one unit is 2^3 mantissa steps; fp16: 2^6. The high nibble sits 4 bits higher.
     _PTX_BF16 = tl.constexpr(_unpack_ptx("shl.b32 {}, {}, 3", "shr.b32 {}, {}, 1", 0x00780078, 0x41804180))
     _PTX_FP16 = tl.constexpr(_unpack_ptx("shl.b32 {}, {}, 6", "shl.b32 {}, {}, 2", 0x03C003C0, 0x4C004C00))
+    _PTX_F32 = tl.constexpr(_unpack_ptx_f32())
+    F32_BIAS = tl.constexpr(128.0)  # what _unpack_biased_f32 adds to every code
     # the arithmetic rint here: in this kernel's sm_90 build the one-instruction PTX rint comes out longer
     _dot, _round_to, _rint = _kq._dot, _kq._round_to, _kq._rint_arith
 
@@ -233,6 +247,23 @@ if triton is not None:
             p16 = p.to(tl.uint16)
             lo = ((p16 & 15) << 6 | 0x4C00).to(dt, bitcast=True)
             hi = ((p16 >> 4) << 6 | 0x4C00).to(dt, bitcast=True)
+        return lo, hi
+
+    @triton.jit
+    def _unpack_biased_f32(p, INTERPRET: tl.constexpr, ASM: tl.constexpr):
+        """Packed bytes (uint8) -> (F32_BIAS + low nibble, F32_BIAS + high nibble) in fp32, exactly, for the
+        CUDA-core loop: the code written into the mantissa of 128.0 (bits 16-19 count units in [128, 256)), so
+        no 16-bit stage and no conversion. ASM: four bytes per 32-bit register, 1.375 instructions per code
+        (see _unpack_ptx_f32). Products with a 16-bit query or an fp32 weight stay exact or correctly rounded
+        (8 + 8 significant bits); the bias is subtracted once per token, as with 16 + c."""
+        if ASM and not INTERPRET:
+            lo, hi = tl.inline_asm_elementwise(
+                _PTX_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [p], dtype=(tl.float32, tl.float32), is_pure=True, pack=4
+            )
+        else:
+            p32 = p.to(tl.uint32)
+            lo = ((p32 & 15) << 16 | 0x43000000).to(tl.float32, bitcast=True)
+            hi = ((p32 >> 4) << 16 | 0x43000000).to(tl.float32, bitcast=True)
         return lo, hi
 
     @triton.jit
@@ -360,9 +391,24 @@ if triton is not None:
         return codes, tl.load(s_ptr + sc_base + t, mask=mt, other=0.0), tl.load(z_ptr + sc_base + t, mask=mt, other=0.0)
 
     @triton.jit
+    def _row_dot4(k_lo, k_hi, qe, qo, BLOCK_N: tl.constexpr, BLOCK_HD: tl.constexpr):
+        """sum(k_lo * qe + k_hi * qo, 1) for (BLOCK_N, BLOCK_HD) tiles: four codes per element of a chain of
+        fmas (neighbouring bytes, split off in registers) before the row sum, instead of a multiply, an fma
+        and an add per two codes."""
+        kl_a, kl_b = tl.split(tl.reshape(k_lo, (BLOCK_N, BLOCK_HD // 2, 2)))
+        kh_a, kh_b = tl.split(tl.reshape(k_hi, (BLOCK_N, BLOCK_HD // 2, 2)))
+        qe_a, qe_b = tl.split(tl.reshape(qe, (BLOCK_HD // 2, 2)))
+        qo_a, qo_b = tl.split(tl.reshape(qo, (BLOCK_HD // 2, 2)))
+        t = kl_a * qe_a[None, :]
+        t = tl.fma(kh_a, qo_a[None, :], t)
+        t = tl.fma(kl_b, qe_b[None, :], t)
+        t = tl.fma(kh_b, qo_b[None, :], t)
+        return tl.sum(t, 1)
+
+    @triton.jit
     def _decode_flat_steps(
         k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_e, q_o, q_sum, m_i, l_i, kv_base, sc_base, start, end,
-        stride_kt, qk_scale, dt: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HD: tl.constexpr, HALF_D: tl.constexpr,
+        stride_kt, qk_scale, BLOCK_N: tl.constexpr, BLOCK_HD: tl.constexpr, HALF_D: tl.constexpr,
         INTERPRET: tl.constexpr, ASM: tl.constexpr,
     ):  # fmt: skip
         """The token loop for one query row (MHA) on CUDA cores; returns (acc_e, acc_o, m, l) as the tile loop.
@@ -370,8 +416,8 @@ if triton is not None:
         Scores are row sums over a token's codes (mostly within a thread: a token row spans a few threads), V is
         accumulated per token row in a (BLOCK_N, D/2) tile and summed over the tokens once, after the loop, and
         the running maximum is raised only when a step's maximum exceeds it by more than 8 (base 2): the weights
-        stay below 2^8, and the rescale of the tile runs in few steps instead of every step. All fp32 (exact
-        products of the biased codes 16 + c)."""
+        stay below 2^8, and the rescale of the tile runs in few steps instead of every step. All fp32, the codes
+        unpacked straight to F32_BIAS + c (:func:`_unpack_biased_f32`), the bias removed once per token."""
         qe = tl.sum(q_e.to(tl.float32), 0)  # (BLOCK_HD,): the one query row
         qo = tl.sum(q_o.to(tl.float32), 0)
         qs = tl.sum(q_sum, 0)
@@ -384,9 +430,9 @@ if triton is not None:
             kb, ks, kz, mt, mkv, kv_off = _token_block(
                 k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N, BLOCK_HD, HALF_D
             )
-            k_lo, k_hi = _unpack_biased(kb, dt, INTERPRET, ASM)
-            qc = tl.sum(k_lo.to(tl.float32) * qe[None, :] + k_hi.to(tl.float32) * qo[None, :], 1)  # (BLOCK_N,)
-            s = (qc - qs * (kz + 16.0)) * (ks * qk_scale)
+            k_lo, k_hi = _unpack_biased_f32(kb, INTERPRET, ASM)
+            qc = _row_dot4(k_lo, k_hi, qe, qo, BLOCK_N, BLOCK_HD)  # (BLOCK_N,)
+            s = (qc - qs * (kz + F32_BIAS)) * (ks * qk_scale)
             s = tl.where(mt, s, -float("inf"))
             m_step = tl.max(s, 0)  # finite: every step has a valid token
             if m_step > m_f + 8.0:  # raise the reference maximum (the first step always does)
@@ -399,11 +445,11 @@ if triton is not None:
             p = tl.exp2(s - m_f)  # < 2^8
             l_f += tl.sum(p, 0)
             vb, vs, vz = _same_block(v_ptr, vs_ptr, vz_ptr, kv_off, mkv, sc_base, t0, mt, BLOCK_N)
-            pv = p * vs  # p . ((c - z) * s) = sum(p * s * (16 + c)) - sum(p * s * (16 + z))
-            pz += tl.sum(pv * (vz + 16.0), 0)
-            v_lo, v_hi = _unpack_biased(vb, dt, INTERPRET, ASM)
-            tile_e += pv[:, None] * v_lo.to(tl.float32)
-            tile_o += pv[:, None] * v_hi.to(tl.float32)
+            pv = p * vs  # p . ((c - z) * s) = sum(p * s * (B + c)) - sum(p * s * (B + z)), B = F32_BIAS
+            pz += tl.sum(pv * (vz + F32_BIAS), 0)
+            v_lo, v_hi = _unpack_biased_f32(vb, INTERPRET, ASM)
+            tile_e += pv[:, None] * v_lo
+            tile_o += pv[:, None] * v_hi
         acc_e = (tl.sum(tile_e, 0) - pz)[None, :]  # (1, BLOCK_HD)
         acc_o = (tl.sum(tile_o, 0) - pz)[None, :]
         return acc_e, acc_o, tl.zeros_like(m_i) + m_f, tl.zeros_like(l_i) + l_f
@@ -491,7 +537,7 @@ if triton is not None:
         if FLAT:  # one query row: no 16-row tensor-core tile, no per-step reduction over tokens
             acc_e, acc_o, m_i, l_i = _decode_flat_steps(
                 k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_e, q_o, q_sum, m_i, l_i, kv_base, sc_base, start, end,
-                stride_kt, qk_scale, dt, BLOCK_N, BLOCK_HD, HALF_D, INTERPRET, ASM,
+                stride_kt, qk_scale, BLOCK_N, BLOCK_HD, HALF_D, INTERPRET, ASM,
             )  # fmt: skip
         else:
             for t0 in range(start, end, BLOCK_N):
