@@ -22,7 +22,8 @@ depend on the values; never read accuracy from them). The W4A4 model is the pack
 Eager PyTorch for both models (what ``generate()`` runs), so decode at small batch includes Python launch
 overhead. Decode is also timed replayed from CUDA graphs, for both models: W4A4 through
 ``flatquant.kvcache.GraphedDecoder`` over a static INT4 cache, BF16 over transformers' ``StaticCache``
-(``bf16_graphed_ms``, ``w4a4_graphed_ms``, ``speedup_graphed``).
+(``bf16_graphed_ms``, ``w4a4_graphed_ms``, ``speedup_graphed``). Prefill likewise: W4A4 through
+``flatquant.kvcache.GraphedPrefill`` (the prompt fills its one bucket), BF16 over a ``StaticCache``.
 A configuration that runs out of memory, or would start after --budget-s seconds (default 420, so the
 whole run stays under 8 minutes), is recorded with null times and a note.
 """
@@ -42,7 +43,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig  # noqa
 
 from flatquant.files import atomic_write_json  # noqa: E402
 from flatquant.kernels.rope import unfuse_rotary  # noqa: E402
-from flatquant.kvcache import GraphedDecoder, Int4KVCache, cache_kwargs  # noqa: E402
+from flatquant.kvcache import GraphedDecoder, GraphedPrefill, Int4KVCache, cache_kwargs  # noqa: E402
 from flatquant.packed import finish_packed_model, packed_skeleton  # noqa: E402
 from flatquant.report import device_name  # noqa: E402
 from flatquant.transforms import kron_factors, random_orthogonal  # noqa: E402
@@ -154,6 +155,52 @@ def prefill(model, kind, batch, seqlen, device, reps) -> float:
 
     run()  # warm-up (Triton autotuning for this shape)
     return timed_ms(run, device, reps)
+
+
+@torch.no_grad()
+def prefill_graphed(model, batch, seqlen, device, reps) -> dict | None:
+    """The W4A4 model's prefill replayed from a CUDA graph (``GraphedPrefill``, the prompt filling one bucket),
+    median of ``reps``; eager through the same static path off CUDA. None (reason printed) if capture fails."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=device)
+    pre = GraphedPrefill(model, new_cache(model, "w4a4", seqlen), capacity=seqlen, buckets=(seqlen,))
+    try:
+        for _ in range(3):  # eager (autotuning), the capture, one replay
+            pre(ids)
+    except RuntimeError as e:
+        print(f"  graphed prefill unavailable: {str(e).splitlines()[0][:160]}")
+        return None
+    return {"ms": timed_ms(lambda: pre(ids), device, reps), "graph": pre._static[(batch, seqlen)]["graph"] is not None}
+
+
+@torch.no_grad()
+def prefill_graphed_bf16(model, batch, seqlen, device, reps) -> dict | None:
+    """The BF16 model's prefill replayed from a CUDA graph over transformers' StaticCache (reset, then the prompt
+    written at positions 0 .. seqlen - 1, on every replay), as ``prefill_graphed``."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=seqlen)
+    kw = cache_kwargs(model, cache)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=device)
+    position = torch.arange(seqlen, device=device).unsqueeze(0)
+
+    def forward():  # the reset (a memset of the cache, <1% of a prefill) rewinds its write position
+        cache.reset()
+        return model(ids, position_ids=position, logits_to_keep=1, **kw).logits
+
+    graph = None
+    try:
+        forward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                forward()
+    except RuntimeError as e:
+        print(f"  graphed BF16 prefill unavailable: {str(e).splitlines()[0][:160]}")
+        return None
+    run = graph.replay if graph is not None else forward
+    run()
+    return {"ms": timed_ms(run, device, reps), "graph": graph is not None}
 
 
 def _ms_per_step(step, steps: int, device) -> float:
@@ -322,6 +369,8 @@ def measure(name, kind, cfg, args, device, dtype, res: dict) -> dict | None:
     print(f"{name} {kind}: built in {time.perf_counter() - t0:.1f} s, {res['weights_bytes'] / 2**30:.2f} GiB")
     for b in args.prefill_batches:
         res[("prefill", b)] = _guard(prefill, model, kind, b, args.seqlen, device, args.reps)
+        graphed = prefill_graphed if kind == "w4a4" else prefill_graphed_bf16
+        res[("prefill_graphed", b)] = _guard(graphed, model, b, args.seqlen, device, args.reps)
     for b in args.decode_batches:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -353,6 +402,15 @@ def run_model(name, cfg, args, device, dtype) -> tuple[list[dict], dict]:
             rec = {"model": name, "phase": phase, "batch": b}
             if phase == "prefill":
                 rec.update(bf16_ms=bf, w4a4_ms=w4, tokens=args.seqlen)
+                for kind in ("bf16", "w4a4"):  # replayed from CUDA graphs (eager through the same path off CUDA)
+                    gr = res[kind].get(("prefill_graphed", b))
+                    rec[f"{kind}_graphed_ms"] = None if gr is None else gr["ms"]
+                    rec[f"{kind}_graphed_is_graph"] = None if gr is None else gr["graph"]
+                rec["speedup_graphed"] = (
+                    None
+                    if not (rec["bf16_graphed_ms"] and rec["w4a4_graphed_ms"])
+                    else rec["bf16_graphed_ms"] / rec["w4a4_graphed_ms"]
+                )
             else:
                 scale = args.gen
                 rec.update(
@@ -431,8 +489,6 @@ def print_table(records: list[dict]) -> None:
             + (
                 f"{f(r.get('bf16_graphed_ms'), '12.1f')}{f(r.get('w4a4_graphed_ms'), '12.1f')}"
                 f"{f(r.get('speedup_graphed'), '9.2f')}x"
-                if r["phase"] == "decode"
-                else ""
             )
         )
 

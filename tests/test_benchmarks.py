@@ -28,8 +28,9 @@ def test_e2e_quick_writes_prefill_and_decode_records_with_graphed_decode(tmp_pat
     assert phases == {"prefill", "decode"}
     for r in records:
         assert r["bf16_ms"] > 0 and r["w4a4_ms"] > 0 and r["weights_bytes_bf16"] > 3 * r["weights_bytes_w4a4"]
-        if r["phase"] == "decode":  # the static-cache paths ran (eagerly: no CUDA graphs on the CPU)
-            assert r["bf16_graphed_ms"] > 0 and r["w4a4_graphed_ms"] > 0
+        # the static-cache paths ran (eagerly: no CUDA graphs on the CPU), prefill and decode
+        assert r["bf16_graphed_ms"] > 0 and r["w4a4_graphed_ms"] > 0 and r["w4a4_graphed_is_graph"] is False
+        if r["phase"] == "decode":
             assert r["kv_bytes_bf16"] > 3 * r["kv_bytes_w4a4"]
 
 

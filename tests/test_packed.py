@@ -496,3 +496,64 @@ def test_cache_storage_is_never_read_before_it_is_written(packed, monkeypatch):
     for a, b in zip(zeroed, poisoned, strict=True):
         assert torch.isfinite(b).all()
         assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_graphed_prefill_pads_to_a_bucket_and_equals_the_eager_prefill(packed):
+    """The padded static prefill (what a CUDA graph replays; eager here) gives the last prompt token's logits
+    of a plain prefill, leaves the cache holding exactly the prompt, and decoding on from it (static decoder)
+    gives what decoding from a regular cache gives. The padding must not leak: a different pad id changes
+    nothing, and a second prompt of another length reuses the buffers."""
+    from flatquant.kvcache import GraphedDecoder, GraphedPrefill
+
+    _, real, _ = packed["llama"]
+    for b, length in ((1, 13), (3, 20)):
+        prompt = _TOKENS[:b, :length]
+        ref_cache = Int4KVCache(real)
+        ref = real(prompt, **cache_kwargs(real, ref_cache)).logits[:, -1]
+        outs = []
+        for pad in (0, 77):
+            cache = Int4KVCache(real)
+            pre = GraphedPrefill(real, cache, capacity=40, buckets=(16, 32), use_graph=False, pad_token_id=pad)
+            assert pre.bucket(length) == (16 if length <= 16 else 32)
+            outs.append(pre(prompt).clone())
+            assert cache.get_seq_length() == length and (cache.layers[-1].lens == length).all()
+            torch.testing.assert_close(outs[-1], ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(outs[0], outs[1])  # the pad tokens are invisible
+        dec, nxt = GraphedDecoder(real, cache, use_graph=False), ref.argmax(-1, keepdim=True)
+        for _ in range(3):
+            ref = real(nxt, **cache_kwargs(real, ref_cache)).logits[:, -1]
+            torch.testing.assert_close(dec.step(nxt), ref, rtol=1e-5, atol=1e-5)
+            nxt = ref.argmax(-1, keepdim=True)
+    short = _TOKENS[:3, :5]  # the same prefill object, another length: the 16-token bucket, the cache reset
+    torch.testing.assert_close(pre(short), real(short).logits[:, -1], rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 5
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        pre(torch.zeros((1, 33), dtype=torch.long))
+    with pytest.raises(ValueError, match="buckets"):
+        GraphedPrefill(real, Int4KVCache(real), capacity=8, buckets=(16,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
+@torch.no_grad()
+def test_graphed_prefill_replays_equal_the_eager_padded_prefill(packed):
+    """On a GPU: the second call of a bucket is captured, later calls replay; replays of prompts of different
+    lengths in one bucket give the eager padded prefill's logits and caches exactly."""
+    from flatquant.kvcache import GraphedPrefill
+
+    _, _, path = packed["llama"]
+    real = load_packed(path, device="cuda", dtype=torch.bfloat16)
+    prompts = [_TOKENS[:2, :n].cuda() for n in (20, 17, 24, 20)]
+    results = []
+    for use_graph in (False, True):
+        cache = Int4KVCache(real)
+        pre = GraphedPrefill(real, cache, capacity=40, buckets=(32,), use_graph=use_graph)
+        seen = []
+        for p in prompts:
+            logits = pre(p).clone()
+            k, v = cache.layers[0].dequantized(torch.float32)
+            seen.append((logits, k, v))
+        results.append(seen)
+    assert pre._static[(2, 32)]["graph"] is not None
+    for (a, ka, va), (b, kb, vb) in zip(results[0], results[1], strict=True):
+        assert torch.equal(a, b) and torch.equal(ka, kb) and torch.equal(va, vb)
