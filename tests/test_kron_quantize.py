@@ -465,3 +465,47 @@ def test_exact_division_equals_ieee_division_bit_for_bit():
     assert torch.equal(od.cpu(), want)
     naive = z.flatten() * (1 / s).repeat_interleave(64)
     assert not torch.equal(naive, want)  # the inputs do reach the cases the correction step is for
+
+
+def test_chosen_config_launch_skips_the_autotuner_once_a_key_is_tuned():
+    """The autotuned kernels launch through ChosenConfigLaunch: the first call of a key goes through the
+    autotuner; later calls with the same key values and tensor dtypes launch the JIT function with the config
+    it chose; another key value or dtype goes through the autotuner again. Attributes are the autotuner's."""
+    if kq.triton is None:
+        pytest.skip("triton is not importable")
+    calls = []
+
+    class Config:
+        def __init__(self, block):
+            self.kwargs, self.pre_hook = {"BLOCK": block}, None
+
+        def all_kwargs(self):
+            return {**self.kwargs, "num_warps": 4}
+
+    class Jit:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append(("direct", a[1], kw))
+
+    class Tuner:
+        arg_names, keys, fn, do_bench = ["x", "N", "FLAG"], ["N", "FLAG"], Jit(), "tuner's"
+
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                self.best_config = Config(16 * a[1])
+                calls.append(("tuner", a[1], kw))
+
+            return run
+
+    launch = kq.ChosenConfigLaunch(Tuner())
+    x16, x32 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)
+    launch[(1,)](x16, 4, FLAG=True)
+    launch[(1,)](x16, 4, FLAG=True)
+    launch[(1,)](x16, 8, FLAG=True)  # another key value
+    launch[(1,)](x32, 4, FLAG=True)  # another dtype
+    launch[(1,)](x16, 4, FLAG=False)  # a key argument given by keyword
+    launch[(1,)](x16, 8, FLAG=True)
+    assert [c[0] for c in calls] == ["tuner", "direct", "tuner", "tuner", "tuner", "direct"]
+    assert calls[1][2] == {"FLAG": True, "BLOCK": 64, "num_warps": 4}  # the config chosen for N=4
+    assert calls[5][2] == {"FLAG": True, "BLOCK": 128, "num_warps": 4}
+    assert launch.best_config.kwargs == {"BLOCK": 128}  # the last launch's config, as the benchmarks read it
+    assert launch.do_bench == "tuner's" and isinstance(kq._kron_quantize_tuned, kq.ChosenConfigLaunch)

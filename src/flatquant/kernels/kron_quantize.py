@@ -607,13 +607,66 @@ AUTOTUNE_CACHE = os.environ.get("FLATQUANT_AUTOTUNE_CACHE", "1") != "0"
 
 
 def autotune(configs, key, **kwargs):
-    """``triton.autotune`` with its results cached on disk (``AUTOTUNE_CACHE``) where this Triton can."""
+    """``triton.autotune`` with its results cached on disk (``AUTOTUNE_CACHE``) where this Triton can, and
+    launched through :class:`ChosenConfigLaunch` (no per-call dispatch of the autotuner once it has chosen)."""
+    decorate = None
     if AUTOTUNE_CACHE:
         try:
-            return triton.autotune(configs, key, cache_results=True, **kwargs)
+            decorate = triton.autotune(configs, key, cache_results=True, **kwargs)
         except TypeError:  # a Triton before cache_results
             pass
-    return triton.autotune(configs, key, **kwargs)
+    decorate = decorate or triton.autotune(configs, key, **kwargs)
+    return lambda fn: ChosenConfigLaunch(decorate(fn))
+
+
+class ChosenConfigLaunch:
+    """An autotuned kernel whose launches skip the autotuner's per-call dispatch once it has chosen a config.
+
+    ``Autotuner.run`` builds dicts of every argument and its key from them on each call, which on the host costs
+    about as much as the launch itself (``benchmarks/host_profile.py``). Here the first call of each key goes
+    through the autotuner (timing the candidates, or reading its disk cache) and its ``best_config`` is kept;
+    later calls with the same key launch the JIT function with that config directly. The key is the
+    autotuner's own (the values of its key arguments, the dtypes of the tensor arguments), so a call never
+    takes a config tuned for another key; every candidate computes the same results anyway (tested), the
+    choice only decides speed. Attributes not defined here are the autotuner's. Triton versions without the
+    attributes used (``keys``, ``arg_names``, ``best_config``, ``fn``) always go through the autotuner.
+    """
+
+    def __init__(self, tuner):
+        self.tuner = tuner
+        self.chosen: dict[tuple, object] = {}
+        try:
+            names = list(tuner.arg_names)
+            self._key_at = [names.index(k) for k in tuner.keys]
+            self._names = names
+            self._fn = tuner.fn
+        except (AttributeError, ValueError):
+            self._key_at = None
+
+    def __getattr__(self, name):
+        return getattr(self.tuner, name)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(grid, args, kwargs)
+
+    def key(self, args: tuple, kwargs: dict) -> tuple:
+        """The autotuner's key of a call: key argument values (positional or keyword), then tensor dtypes."""
+        vals = tuple(args[i] if i < len(args) else kwargs[self._names[i]] for i in self._key_at)
+        return vals + tuple(str(a.dtype) for a in (*args, *kwargs.values()) if hasattr(a, "dtype"))
+
+    def run(self, grid, args: tuple, kwargs: dict):
+        if self._key_at is None:
+            return self.tuner[grid](*args, **kwargs)
+        key = self.key(args, kwargs)
+        config = self.chosen.get(key)
+        if config is None:
+            out = self.tuner[grid](*args, **kwargs)
+            best = getattr(self.tuner, "best_config", None)
+            if best is not None and best.pre_hook is None:
+                self.chosen[key] = best
+            return out
+        self.tuner.best_config = config  # what the benchmarks report as the config of the last launch
+        return self._fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
 def _sm_count(device: torch.device) -> int:
