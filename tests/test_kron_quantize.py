@@ -336,11 +336,15 @@ def test_identity_p1_with_16bit_intermediate():
 @pytest.mark.skipif(not CUDA, reason="the autotuner runs on CUDA only (the interpreter uses the fixed config)")
 @pytest.mark.parametrize("n1,n2", [(64, 64), (112, 128)])
 def test_autotuned_launch(n1, n2):
+    """The autotuned kernel: a shape's first call goes through the autotuner, the second launches the config it
+    chose directly (ChosenConfigLaunch); both give the reference's codes."""
     p1, p2 = _factors(n1, n2, seed=19)
     for tokens in (3, 1000):
-        x = _inputs(tokens, n1 * n2, torch.bfloat16, seed=tokens)
-        out = kq.kron_quantize(x, p1, p2, 0.9, 0.9)
-        _assert_same(out, kq.kron_quantize_reference(x, p1, p2, 0.9, 0.9), x, p1, p2)
+        for seed in (tokens, tokens + 1):
+            x = _inputs(tokens, n1 * n2, torch.bfloat16, seed=seed)
+            out = kq.kron_quantize(x, p1, p2, 0.9, 0.9)
+            _assert_same(out, kq.kron_quantize_reference(x, p1, p2, 0.9, 0.9), x, p1, p2)
+    assert kq._kron_quantize_tuned.chosen  # the second calls took the direct launch
 
 
 @needs_triton
