@@ -1,8 +1,9 @@
 """Every GPU measurement of the project in one command, spread over the GPUs of one machine.
 
-Each job (GPU tests, end-to-end per model, the kernel benchmarks, calibration profile, accuracy runs) runs in its own
-process on one GPU (``CUDA_VISIBLE_DEVICES``); jobs are assigned longest first to the least-loaded GPU, and each
-GPU's queue runs in order. Every job writes its log to ``OUT/logs/NAME.log`` and its results to ``OUT/NAME.json``;
+Each job (GPU tests in four groups, end-to-end per model, the kernel benchmarks, calibration and host profiles,
+accuracy runs) runs in its own process on one GPU (``CUDA_VISIBLE_DEVICES``); jobs are assigned longest first to
+the least-loaded GPU, and each GPU's queue runs in order (``--accuracy-per-gpu`` calibrations side by side).
+Every job writes its log to ``OUT/logs/NAME.log`` and its results to ``OUT/NAME.json``;
 ``OUT/suite.json`` records each job's GPU, exit status and seconds and is rewritten as jobs finish, so a run cut
 short keeps what finished. A job that fails does not stop the others.
 
@@ -10,6 +11,8 @@ short keeps what finished. A job that fails does not stop the others.
     python benchmarks/gpu_suite.py OUT --only e2e decode --gpus 2
     python benchmarks/gpu_suite.py OUT --model smollm2.gguf --calib-data summaries.json --wiki wiki.utf8 --c4 c4.utf8 \\
         --accuracy accurate:2 accurate:3 paper:0                 # model and texts as files (machines without them)
+    python benchmarks/gpu_suite.py OUT --only accuracy --accuracy accurate:2:epochs=60 accurate:3:epochs=60 \
+        --accuracy-per-gpu 2                                     # two small-model calibrations per GPU
     python benchmarks/gpu_suite.py OUT --dry-run                 # print the plan only
 """
 
@@ -29,8 +32,14 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from flatquant.files import atomic_write_json  # noqa: E402
 
-GPU_TESTS = ["test_kv_quant.py", "test_kron_quantize.py", "test_gemm_w4a4.py", "test_packed.py", "test_rope.py"]
-GPU_TESTS += ["test_rmsnorm.py", "test_silu_mul.py", "test_calib_inputs.py"]
+# GPU test jobs: each group in its own process, every test named in its log with the failures' tracebacks
+GPU_TESTS = {
+    "tests-kron": ["test_kron_quantize.py"],
+    "tests-kv": ["test_kv_quant.py"],
+    "tests-gemm-packed": ["test_gemm_w4a4.py", "test_packed.py"],
+    "tests-small": ["test_rope.py", "test_rmsnorm.py", "test_silu_mul.py", "test_calib_inputs.py"],
+}
+PYTEST = ["-m", "pytest", "-v", "--tb=short", "-rfE", "--durations=12", "-p", "no:cacheprovider"]
 
 
 @dataclass
@@ -39,6 +48,17 @@ class Job:
     argv: list[str]
     minutes: float  # rough duration on one H100, for the assignment only
     env: dict | None = None
+    share: int = 1  # jobs of this kind that may run at once on one GPU (calibrations of a small model)
+
+
+def parse_accuracy(item: str) -> tuple[str, int, list[str]]:
+    """``PRESET[:SEED[:KEY=VALUE,...]]`` -> (preset, seed, config overrides for accuracy.py --set)."""
+    preset, _, rest = item.partition(":")
+    seed, _, extra = rest.partition(":")
+    overrides = [o for o in extra.split(",") if o]
+    if not preset or (seed and not seed.isdigit()) or any("=" not in o for o in overrides):
+        raise ValueError(f"accuracy run {item!r} is not PRESET[:SEED[:KEY=VALUE,...]] (e.g. accurate:2:epochs=60)")
+    return preset, int(seed or 0), overrides
 
 
 def jobs(args) -> list[Job]:
@@ -46,23 +66,27 @@ def jobs(args) -> list[Job]:
     py, out = sys.executable, args.out
     bench = lambda script: os.path.join(HERE, script)  # noqa: E731
     listed = [
-        Job("gpu-tests", [py, "-m", "pytest", "-q", *(os.path.join(ROOT, "tests", t) for t in GPU_TESTS)], 6),
+        Job(name, [py, *PYTEST, *(os.path.join(ROOT, "tests", f) for f in files)], 3)
+        for name, files in GPU_TESTS.items()
+    ]
+    listed += [
         Job("decode", [py, bench("decode_attention.py"), "--out", f"{out}/decode_attention.json"], 3),
         Job("kron", [py, bench("kron_quantize.py"), "--out", f"{out}/kron_quantize.json"], 3),
         Job("gemm", [py, bench("gemm.py"), "--out", f"{out}/gemm.json"], 4),
         Job("calib-profile", [py, bench("calibration_profile.py"), "--out", f"{out}/calibration_profile.json"], 1),
+        Job("host-profile", [py, bench("host_profile.py"), "--out", f"{out}/host_profile.json"], 1),
     ]
     for model in ("llama-2-7b", "llama-3-8b"):
         listed.append(
             Job(f"e2e-{model}", [py, bench("e2e.py"), "--models", model, "--out", f"{out}/e2e-{model}.json"], 6)
         )
     for item in args.accuracy:
-        preset, _, seed = item.partition(":")
-        name = f"accuracy-{preset}-seed{seed or 0}"
+        preset, seed, overrides = parse_accuracy(item)
+        name = f"accuracy-{preset}-seed{seed}" + "".join(f"-{o.replace('=', '')}" for o in overrides)
         argv = [py, bench("accuracy.py"), "--runs", "flatquant-w4a4kv4", "--preset", preset, "--model", args.model]
         argv += ["--calib-data", args.calib_data, "--wiki", args.wiki, "--c4", args.c4]
-        argv += ["--results", f"{out}/{name}.json", "--set", f"seed={int(seed or 0)}"]
-        listed.append(Job(name, argv, 4 if preset == "paper" else 6))
+        argv += ["--results", f"{out}/{name}.json", "--set", f"seed={seed}", *overrides]
+        listed.append(Job(name, argv, 4 if preset == "paper" else 8, share=args.accuracy_per_gpu))
     if args.only:
         listed = [j for j in listed if any(j.name.startswith(p) for p in args.only)]
     return listed
@@ -77,8 +101,20 @@ def assign(listed: list[Job], gpus: int) -> list[list[Job]]:
     for job in sorted(listed, key=lambda j: -j.minutes):
         g = min(range(gpus), key=lambda i: (load[i], i))
         queues[g].append(job)
-        load[g] += job.minutes
+        load[g] += job.minutes / job.share  # shared jobs run side by side
     return queues
+
+
+def batches(queue: list[Job]) -> list[list[Job]]:
+    """A GPU's queue in the order it runs: consecutive jobs that share a GPU run together, up to their share."""
+    out: list[list[Job]] = []
+    for job in queue:
+        last = out[-1] if out else None
+        if last and job.share > 1 and last[0].share > 1 and len(last) < min(job.share, last[0].share):
+            last.append(job)
+        else:
+            out.append([job])
+    return out
 
 
 def _visible_gpus() -> int:
@@ -99,22 +135,29 @@ def run(queues: list[list[Job]], out: str, timeout_s: float) -> dict:
         with lock:
             atomic_write_json(summary, {"jobs": status})
 
+    def one(g: int, job: Job):
+        env = {**os.environ, **(job.env or {}), "CUDA_VISIBLE_DEVICES": str(g)}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(ROOT, "src"), env.get("PYTHONPATH")) if p)
+        status[job.name].update(state="running", started=time.strftime("%H:%M:%S"))
+        save()
+        t0 = time.perf_counter()
+        with open(os.path.join(out, "logs", f"{job.name}.log"), "w") as log:
+            try:
+                rc = subprocess.run(job.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    timeout=timeout_s).returncode  # fmt: skip
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        status[job.name].update(state="done", rc=rc, seconds=round(time.perf_counter() - t0, 1))
+        save()
+        print(f"[gpu {g}] {job.name}: rc {rc} in {status[job.name]['seconds']} s", flush=True)
+
     def worker(g: int, queue: list[Job]):
-        for job in queue:
-            env = {**os.environ, **(job.env or {}), "CUDA_VISIBLE_DEVICES": str(g)}
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(ROOT, "src"), env.get("PYTHONPATH")) if p)
-            status[job.name].update(state="running", started=time.strftime("%H:%M:%S"))
-            save()
-            t0 = time.perf_counter()
-            with open(os.path.join(out, "logs", f"{job.name}.log"), "w") as log:
-                try:
-                    rc = subprocess.run(job.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        timeout=timeout_s).returncode  # fmt: skip
-                except subprocess.TimeoutExpired:
-                    rc = "timeout"
-            status[job.name].update(state="done", rc=rc, seconds=round(time.perf_counter() - t0, 1))
-            save()
-            print(f"[gpu {g}] {job.name}: rc {rc} in {status[job.name]['seconds']} s", flush=True)
+        for batch in batches(queue):  # a batch of shared jobs runs side by side on the GPU
+            side = [threading.Thread(target=one, args=(g, job)) for job in batch]
+            for t in side:
+                t.start()
+            for t in side:
+                t.join()
 
     save()
     threads = [threading.Thread(target=worker, args=(g, q)) for g, q in enumerate(queues) if q]
@@ -130,7 +173,11 @@ def main(argv=None) -> int:
     p.add_argument("out", help="folder for the results, logs and suite.json")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to use [default: all visible]")
     p.add_argument("--only", nargs="*", default=None, help="job name prefixes to run (e2e, decode, accuracy, ...)")
-    p.add_argument("--accuracy", nargs="*", default=["paper:0", "accurate:0"], help="PRESET:SEED calibrations")
+    p.add_argument(
+        "--accuracy", nargs="*", default=["paper:0", "accurate:0"],
+        help="calibrations PRESET[:SEED[:KEY=VALUE,...]], e.g. accurate:2 accurate:3:epochs=30,lr=0.02",
+    )  # fmt: skip
+    p.add_argument("--accuracy-per-gpu", type=int, default=1, help="calibrations run side by side on one GPU")
     p.add_argument("--model", default="smollm2-135m", help="model of the accuracy runs: name, folder or GGUF file")
     p.add_argument("--calib-data", default="wiki-summaries", help="calibration text: name or file")
     p.add_argument("--wiki", default="wiki", help="wiki evaluation text: name or file")
@@ -138,12 +185,15 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per job")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
+    if args.accuracy_per_gpu < 1:
+        raise SystemExit(f"--accuracy-per-gpu {args.accuracy_per_gpu}: need at least 1")
     gpus = args.gpus or _visible_gpus()
     if gpus < 1:
         raise SystemExit("no GPU visible (nvidia-smi lists none); pass --gpus N to plan anyway with --dry-run")
     queues = assign(jobs(args), gpus)
     for g, queue in enumerate(queues):
-        print(f"gpu {g}: " + ", ".join(f"{j.name} (~{j.minutes:g} min)" for j in queue), flush=True)
+        plan = [" + ".join(f"{j.name} (~{j.minutes:g} min)" for j in batch) for batch in batches(queue)]
+        print(f"gpu {g}: " + ", then ".join(plan), flush=True)
     if args.dry_run:
         for queue in queues:
             for job in queue:

@@ -107,6 +107,34 @@ def test_gpu_suite_plans_accuracy_runs_from_preset_and_seed(capsys):
     assert "e2e" not in printed
 
 
+def test_gpu_suite_accuracy_runs_take_overrides_and_share_a_gpu(tmp_path, capsys):
+    """PRESET[:SEED[:KEY=VALUE,...]] items become accuracy.py runs with --set overrides; with
+    --accuracy-per-gpu 2 two calibrations queued one after the other on a GPU run side by side (each job here
+    waits for the other's file, so run one after the other both would time out)."""
+    suite = _load("gpu_suite.py")
+    assert suite.parse_accuracy("accurate:2:epochs=60,lr=0.02") == ("accurate", 2, ["epochs=60", "lr=0.02"])
+    assert suite.parse_accuracy("paper") == ("paper", 0, [])
+    for bad in ("accurate:x", "accurate:2:epochs", ":2"):
+        with pytest.raises(ValueError, match="PRESET"):
+            suite.parse_accuracy(bad)
+    assert suite.main(["out", "--gpus", "1", "--only", "accuracy", "--accuracy", "accurate:3:epochs=60",
+                       "--dry-run"]) == 0  # fmt: skip
+    assert "--set seed=3 epochs=60" in capsys.readouterr().out
+    py = sys.executable
+
+    def waiter(me, other):
+        code = (f"import pathlib, time; pathlib.Path({str(tmp_path / me)!r}).touch(); t = time.time()\n"
+                f"while not pathlib.Path({str(tmp_path / other)!r}).exists():\n"
+                "    assert time.time() - t < 20; time.sleep(0.05)")  # fmt: skip
+        return suite.Job(me, [py, "-c", code], 1, share=2)
+
+    jobs = [waiter("a", "b"), waiter("b", "a"), suite.Job("c", [py, "-c", "pass"], 1)]
+    queue = suite.assign(jobs, 1)[0]
+    assert [[j.name for j in b] for b in suite.batches(queue)] == [["a", "b"], ["c"]]
+    status = suite.run([queue], str(tmp_path / "out"), timeout_s=60)
+    assert {n: s["rc"] for n, s in status.items()} == {"a": 0, "b": 0, "c": 0}
+
+
 def test_host_profile_quick_reports_host_time_per_layer_and_its_functions(tmp_path):
     out = tmp_path / "host.json"
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
