@@ -557,3 +557,24 @@ def test_graphed_prefill_replays_equal_the_eager_padded_prefill(packed):
     assert pre._static[(2, 32)]["graph"] is not None
     for (a, ka, va), (b, kb, vb) in zip(results[0], results[1], strict=True):
         assert torch.equal(a, b) and torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+@torch.no_grad()
+def test_generation_session_reuses_its_cache_and_decoder_across_requests(packed):
+    """One session serves requests of several prompt lengths and batch sizes: each gives fq.generate's tokens
+    (prompts padded to buckets here), the decoder of a batch size is made once and kept (on CUDA its graph is
+    captured once), and a request longer than the session's cache is refused."""
+    _, real, _ = packed["mistral"]
+    session = fq.GenerationSession(real, max_length=40, buckets=(16, 32), use_graph=False)
+    decoders = {}
+    for b, t, new in ((2, 9, 6), (2, 14, 5), (3, 20, 4), (2, 11, 7)):
+        ids = _TOKENS[:b, :t]
+        got = session.generate(ids, new)
+        assert torch.equal(got, fq.generate(real, ids, new, use_graph=False))
+        decoder = session._per_batch[b][1][0]
+        assert decoders.setdefault(b, decoder) is decoder  # reused, not rebuilt
+    sampled = session.generate(_TOKENS[:2, :9], 5, do_sample=True, top_k=5, generator=torch.Generator().manual_seed(4))
+    want = fq.generate(real, _TOKENS[:2, :9], 5, do_sample=True, top_k=5, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(sampled, want)
+    with pytest.raises(ValueError, match="max_length=40"):
+        session.generate(_TOKENS[:1, :30], 12)

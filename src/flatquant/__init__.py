@@ -5,7 +5,7 @@ from .calibrate import CalibrationResult
 from .checkpoint import apply_calibration, load_quantized, save_quantized, write_calibration
 from .config import FlatQuantConfig, preset
 from .distributed import DistributedCalibrationError, calibrate_distributed, is_main_process
-from .kvcache import GraphedDecoder, GraphedPrefill, Int4KVCache, generate
+from .kvcache import GenerationSession, GraphedDecoder, GraphedPrefill, Int4KVCache, generate
 from .packed import load_packed, pack
 from .pipeline import merge_model, quantize, round_weights
 from .streaming import StreamingModel
@@ -18,6 +18,7 @@ __all__ = [
     "DistributedCalibrationError",
     "FlatQuantConfig",
     "generate",
+    "GenerationSession",
     "GraphedDecoder",
     "GraphedPrefill",
     "is_main_process",

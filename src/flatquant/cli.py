@@ -400,19 +400,22 @@ def cmd_eval(args) -> list[dict]:
 
 def cmd_generate(args) -> int:
     """Print each prompt's continuation and the decode speed."""
-    from .kvcache import generate
+    from .kvcache import GenerationSession
 
     tokenizer = load_tokenizer(args.model)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     model = load_packed(args.packed, args.device, dtype)
     device = model.get_input_embeddings().weight.device
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    for prompt in args.prompt:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    prompts = [(p, tokenizer(p, return_tensors="pt").input_ids.to(device)) for p in args.prompt]
+    # one session for all prompts: its cache and CUDA graphs are made once and reused
+    longest = max(ids.shape[1] for _, ids in prompts) + args.max_new_tokens
+    session = GenerationSession(model, longest, use_graph=False if args.no_graph else None)
+    for prompt, ids in prompts:
         t0 = time.perf_counter()
-        out = generate(
-            model, ids, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
-            eos_token_id=tokenizer.eos_token_id, generator=generator, use_graph=False if args.no_graph else None,
+        out = session.generate(
+            ids, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+            eos_token_id=tokenizer.eos_token_id, generator=generator,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         new = out.shape[1] - ids.shape[1]

@@ -30,7 +30,15 @@ from .arch import spec_for
 from .kernels.kv_quant import dequantize_kv
 from .runtime import KVQuant
 
-__all__ = ["GraphedDecoder", "GraphedPrefill", "Int4KVCache", "Int4KVLayer", "cache_kwargs", "generate"]
+__all__ = [
+    "GenerationSession",
+    "GraphedDecoder",
+    "GraphedPrefill",
+    "Int4KVCache",
+    "Int4KVLayer",
+    "cache_kwargs",
+    "generate",
+]
 
 _NAMES = ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero")
 _new_storage = torch.empty  # cache storage (the tests swap in an allocator that fills it with garbage)
@@ -433,57 +441,107 @@ class GraphedPrefill:
         return out
 
 
+class GenerationSession:
+    """Repeated generation with one packed model, each batch size's graphs made once.
+
+    Per batch size: a static INT4 cache of ``max_length`` tokens, a :class:`GraphedPrefill` (prompts padded to
+    ``buckets``, one graph per bucket) and a :class:`GraphedDecoder`; every call reuses them, so after the first
+    calls of a (batch, bucket) a request is one prefill replay plus one decode replay per token, with no capture
+    and no kernel launches from Python. ::
+
+        session = fq.GenerationSession(model, max_length=4096)
+        for prompt in requests:  # (B, T) token ids of one length each
+            ids = session.generate(prompt, max_new_tokens=128)
+
+    ``generate`` takes the arguments of :func:`generate`. buckets: padded prompt lengths (default powers of two
+    up to ``max_length``; ``(T,)`` pads nothing); use_graph: default on CUDA.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_length: int,
+        buckets: tuple[int, ...] | None = None,
+        use_graph: bool | None = None,
+    ):
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length} must be >= 2 (a prompt token and a new one)")
+        self.model, self.max_length, self.buckets, self.use_graph = model, max_length, buckets, use_graph
+        self._per_batch: dict[int, tuple[GraphedPrefill, list]] = {}  # batch -> (prefill, [decoder or None])
+
+    def _parts(self, batch: int) -> tuple[GraphedPrefill, list]:
+        if batch not in self._per_batch:
+            prefill = GraphedPrefill(
+                self.model, Int4KVCache(self.model), self.max_length, buckets=self.buckets, use_graph=self.use_graph
+            )
+            self._per_batch[batch] = (prefill, [None])
+        return self._per_batch[batch]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """(B, T) prompt ids -> (B, T + new) ids; as :func:`generate`."""
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be (batch, length >= 1), got {tuple(input_ids.shape)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if input_ids.shape[1] + max_new_tokens - 1 > self.max_length:
+            raise ValueError(
+                f"{input_ids.shape[1]} prompt tokens + {max_new_tokens} new ones need a cache of "
+                f"{input_ids.shape[1] + max_new_tokens - 1} tokens; this session holds max_length={self.max_length}"
+            )
+        if do_sample and (temperature <= 0 or (top_k is not None and top_k < 1)):
+            raise ValueError(f"sampling needs temperature > 0 and top_k >= 1 or None, got {temperature=}, {top_k=}")
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B, 1)
+            if not do_sample:
+                return logits.argmax(-1, keepdim=True)
+            logits = logits.float() / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+
+        prefill, decoder = self._parts(input_ids.shape[0])
+        nxt = pick(prefill(input_ids.to(prefill.device)))
+        out = [input_ids.to(nxt.device)]
+        finished = None if eos_token_id is None else torch.zeros_like(nxt, dtype=torch.bool)
+        for step in range(max_new_tokens):
+            if finished is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+                finished |= nxt == eos_token_id
+            out.append(nxt)
+            if step == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
+                break
+            if decoder[0] is None:  # after the first prefill: the cache is static
+                decoder[0] = GraphedDecoder(self.model, prefill.cache, use_graph=self.use_graph)
+            nxt = pick(decoder[0].step(nxt))
+        return torch.cat(out, dim=1)
+
+
 @torch.no_grad()
 def generate(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    *,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    eos_token_id: int | None = None,
-    generator: torch.Generator | None = None,
-    use_graph: bool | None = None,
+    model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, use_graph: bool | None = None, **sampling
 ) -> torch.Tensor:
     """Greedy or sampled generation with the INT4 cache, decode steps replayed from a CUDA graph.
 
-    input_ids: (B, T) prompts of one length (no padding). Returns (B, T + new) token ids; with
-    ``eos_token_id`` a finished sequence continues with that token and generation stops when all have finished
-    (checking costs one host sync per step). Sampling: softmax(logits / temperature), optionally over the
-    ``top_k`` most likely tokens. For padding, beam search or other strategies use ``model.generate`` with an
-    :class:`Int4KVCache` (eager decode).
+    input_ids: (B, T) prompts of one length (no padding). Returns (B, T + new) token ids. ``sampling``:
+    ``do_sample`` (default False: greedy), ``temperature`` (1.0), ``top_k`` (None), ``eos_token_id`` (None: with
+    it a finished sequence continues with that token and generation stops when all have finished, one host sync
+    per step) and ``generator``; sampling draws from softmax(logits / temperature), optionally over the ``top_k``
+    most likely tokens. For padding, beam search or other strategies use ``model.generate`` with an
+    :class:`Int4KVCache` (eager decode). This is a one-call :class:`GenerationSession` (whose only prompt bucket
+    is the prompt's length); a session kept across calls reuses its cache and graphs.
     """
-    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids must be (batch, length >= 1), got {tuple(input_ids.shape)}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and (temperature <= 0 or (top_k is not None and top_k < 1)):
-        raise ValueError(f"sampling needs temperature > 0 and top_k >= 1 or None, got {temperature=}, {top_k=}")
-
-    def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B, 1)
-        if not do_sample:
-            return logits.argmax(-1, keepdim=True)
-        logits = logits.float() / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, -float("inf"))
-        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-
-    cache = Int4KVCache(model)
-    logits = model(input_ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1]
-    out = [input_ids]
-    nxt = pick(logits)
-    finished = None if eos_token_id is None else torch.zeros_like(nxt, dtype=torch.bool)
-    if max_new_tokens > 1:
-        cache.make_static(input_ids.shape[1] + max_new_tokens - 1)
-        dec = GraphedDecoder(model, cache, use_graph=use_graph)
-    for step in range(max_new_tokens):
-        if finished is not None:
-            nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
-            finished |= nxt == eos_token_id
-        out.append(nxt)
-        if step == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
-            break
-        nxt = pick(dec.step(nxt))
-    return torch.cat(out, dim=1)
+    length = max(input_ids.shape[-1], 1) if input_ids.dim() == 2 else 1
+    session = GenerationSession(model, length + max(max_new_tokens, 1), buckets=(length,), use_graph=use_graph)
+    return session.generate(input_ids, max_new_tokens, **sampling)
