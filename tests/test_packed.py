@@ -498,15 +498,16 @@ def test_cache_storage_is_never_read_before_it_is_written(packed, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @torch.no_grad()
-def test_graphed_prefill_pads_to_a_bucket_and_equals_the_eager_prefill(packed):
+def test_graphed_prefill_pads_to_a_bucket_and_equals_the_eager_prefill(packed, arch):
     """The padded static prefill (what a CUDA graph replays; eager here) gives the last prompt token's logits
     of a plain prefill, leaves the cache holding exactly the prompt, and decoding on from it (static decoder)
     gives what decoding from a regular cache gives. The padding must not leak: a different pad id changes
     nothing, and a second prompt of another length reuses the buffers."""
     from flatquant.kvcache import GraphedDecoder, GraphedPrefill
 
-    _, real, _ = packed["llama"]
+    _, real, _ = packed[arch]
     for b, length in ((1, 13), (3, 20)):
         prompt = _TOKENS[:b, :length]
         ref_cache = Int4KVCache(real)
