@@ -406,11 +406,6 @@ def run_model(name, cfg, args, device, dtype) -> tuple[list[dict], dict]:
                     gr = res[kind].get(("prefill_graphed", b))
                     rec[f"{kind}_graphed_ms"] = None if gr is None else gr["ms"]
                     rec[f"{kind}_graphed_is_graph"] = None if gr is None else gr["graph"]
-                rec["speedup_graphed"] = (
-                    None
-                    if not (rec["bf16_graphed_ms"] and rec["w4a4_graphed_ms"])
-                    else rec["bf16_graphed_ms"] / rec["w4a4_graphed_ms"]
-                )
             else:
                 scale = args.gen
                 rec.update(
@@ -433,11 +428,11 @@ def run_model(name, cfg, args, device, dtype) -> tuple[list[dict], dict]:
                     rec[f"{kind}_graphed_ms_per_step"] = None if gr is None else gr["ms_per_step"]
                     rec[f"{kind}_graphed_ms"] = None if gr is None else gr["ms_per_step"] * scale
                     rec[f"{kind}_graphed_is_graph"] = None if gr is None else gr["graph"]
-                rec["speedup_graphed"] = (  # both replayed from graphs
-                    None
-                    if not (rec["bf16_graphed_ms"] and rec["w4a4_graphed_ms"])
-                    else rec["bf16_graphed_ms"] / rec["w4a4_graphed_ms"]
-                )
+            rec["speedup_graphed"] = (  # both replayed from graphs
+                None
+                if not (rec["bf16_graphed_ms"] and rec["w4a4_graphed_ms"])
+                else rec["bf16_graphed_ms"] / rec["w4a4_graphed_ms"]
+            )
             rec.update(
                 weights_bytes_bf16=res["bf16"].get("weights_bytes"),
                 weights_bytes_w4a4=res["w4a4"].get("weights_bytes"),

@@ -572,7 +572,7 @@ def test_generation_session_reuses_its_cache_and_decoder_across_requests(packed)
         ids = _TOKENS[:b, :t]
         got = session.generate(ids, new)
         assert torch.equal(got, fq.generate(real, ids, new, use_graph=False))
-        decoder = session._per_batch[b][1][0]
+        decoder = session._decoders[b]
         assert decoders.setdefault(b, decoder) is decoder  # reused, not rebuilt
     sampled = session.generate(_TOKENS[:2, :9], 5, do_sample=True, top_k=5, generator=torch.Generator().manual_seed(4))
     want = fq.generate(real, _TOKENS[:2, :9], 5, do_sample=True, top_k=5, generator=torch.Generator().manual_seed(4))

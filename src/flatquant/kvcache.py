@@ -250,6 +250,21 @@ def cache_kwargs(model: nn.Module, cache: Cache) -> dict:
     return {name: cache}
 
 
+def _capture(forward, doing: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+    """(graph, output) of ``forward`` captured in a CUDA graph (its host side runs, its kernels do not), or None
+    with a warning when something in it cannot be captured; the caller then goes on ``doing`` eagerly."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = forward()
+    except RuntimeError as e:
+        warnings.warn(f"CUDA graph capture failed, {doing} eagerly: {str(e).splitlines()[0]}", stacklevel=3)
+        torch.cuda.synchronize()
+        return None
+    return graph, out
+
+
 class GraphedDecoder:
     """Single-token decode steps of a packed model, replayed from a CUDA graph after two eager steps.
 
@@ -305,21 +320,15 @@ class GraphedDecoder:
         layers = self.cache.layers
         if self.graph is None:
             lengths = [layer.length for layer in layers]
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
-                    self.out = self._forward()
-            except RuntimeError as e:  # something in the step cannot be captured: keep decoding, eagerly
-                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {str(e).splitlines()[0]}", stacklevel=2)
-                self.use_graph = False
+                captured = _capture(self._forward, "decoding")
             finally:  # the capture ran the host side of the step without executing it
                 for layer, n in zip(layers, lengths, strict=True):
                     layer.length = n
-            if not self.use_graph:
-                torch.cuda.synchronize()
+            if captured is None:  # something in the step cannot be captured: keep decoding, eagerly
+                self.use_graph = False
                 return self._forward()
-            self.graph = graph
+            self.graph, self.out = captured
         self.graph.replay()
         for layer in layers:
             layer.length += 1
@@ -417,19 +426,11 @@ class GraphedPrefill:
             out = self._forward(st)
         else:
             if st["graph"] is None:
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                try:
-                    with torch.cuda.graph(graph):
-                        st["out"] = self._forward(st)
-                    st["graph"] = graph
-                except RuntimeError as e:  # something in the forward cannot be captured: prefill eagerly
-                    warnings.warn(
-                        f"CUDA graph capture failed, prefilling eagerly: {str(e).splitlines()[0]}", stacklevel=2
-                    )
+                captured = _capture(lambda: self._forward(st), "prefilling")
+                if captured is None:  # something in the forward cannot be captured: prefill eagerly
                     self.use_graph = False
-                    torch.cuda.synchronize()
                     return self._finish(self._forward(st), length)
+                st["graph"], st["out"] = captured
             st["graph"].replay()
             out = st["out"]
         return self._finish(out, length)
@@ -467,15 +468,8 @@ class GenerationSession:
         if max_length < 2:
             raise ValueError(f"max_length={max_length} must be >= 2 (a prompt token and a new one)")
         self.model, self.max_length, self.buckets, self.use_graph = model, max_length, buckets, use_graph
-        self._per_batch: dict[int, tuple[GraphedPrefill, list]] = {}  # batch -> (prefill, [decoder or None])
-
-    def _parts(self, batch: int) -> tuple[GraphedPrefill, list]:
-        if batch not in self._per_batch:
-            prefill = GraphedPrefill(
-                self.model, Int4KVCache(self.model), self.max_length, buckets=self.buckets, use_graph=self.use_graph
-            )
-            self._per_batch[batch] = (prefill, [None])
-        return self._per_batch[batch]
+        self._prefills: dict[int, GraphedPrefill] = {}  # per batch size, each with its own static cache
+        self._decoders: dict[int, GraphedDecoder] = {}  # per batch size, made after its first prefill
 
     @torch.no_grad()
     def generate(
@@ -511,7 +505,12 @@ class GenerationSession:
                 logits = logits.masked_fill(logits < kth, -float("inf"))
             return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
 
-        prefill, decoder = self._parts(input_ids.shape[0])
+        b = input_ids.shape[0]
+        if b not in self._prefills:
+            self._prefills[b] = GraphedPrefill(
+                self.model, Int4KVCache(self.model), self.max_length, buckets=self.buckets, use_graph=self.use_graph
+            )
+        prefill = self._prefills[b]
         nxt = pick(prefill(input_ids.to(prefill.device)))
         out = [input_ids.to(nxt.device)]
         finished = None if eos_token_id is None else torch.zeros_like(nxt, dtype=torch.bool)
@@ -522,9 +521,9 @@ class GenerationSession:
             out.append(nxt)
             if step == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
                 break
-            if decoder[0] is None:  # after the first prefill: the cache is static
-                decoder[0] = GraphedDecoder(self.model, prefill.cache, use_graph=self.use_graph)
-            nxt = pick(decoder[0].step(nxt))
+            if b not in self._decoders:  # after the first prefill: the cache is static
+                self._decoders[b] = GraphedDecoder(self.model, prefill.cache, use_graph=self.use_graph)
+            nxt = pick(self._decoders[b].step(nxt))
         return torch.cat(out, dim=1)
 
 
