@@ -93,15 +93,18 @@ def jobs(args) -> list[Job]:
 
 
 def assign(listed: list[Job], gpus: int) -> list[list[Job]]:
-    """Longest job first to the GPU with the least work so far; returns one queue per GPU."""
+    """Longest job first to the GPU where it ends soonest (shared jobs fill a GPU up to their share); one queue
+    per GPU."""
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
     queues: list[list[Job]] = [[] for _ in range(gpus)]
-    load = [0.0] * gpus
+
+    def load(queue: list[Job]) -> float:  # jobs batched side by side take the time of their longest
+        return sum(max(j.minutes for j in batch) for batch in batches(queue))
+
     for job in sorted(listed, key=lambda j: -j.minutes):
-        g = min(range(gpus), key=lambda i: (load[i], i))
+        g = min(range(gpus), key=lambda i: (load(queues[i] + [job]), i))
         queues[g].append(job)
-        load[g] += job.minutes / job.share  # shared jobs run side by side
     return queues
 
 

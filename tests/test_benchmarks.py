@@ -83,6 +83,10 @@ def test_gpu_suite_assigns_longest_first_to_the_least_loaded_gpu():
     assert sorted(j.name for q in suite.assign(jobs, 9) for j in q) == list("abcde")
     with pytest.raises(ValueError, match="gpus must be >= 1"):
         suite.assign(jobs, 0)
+    # jobs that share a GPU fill one up to their share before the next GPU is taken
+    shared = [suite.Job(f"s{i}", [], 8, share=2) for i in range(4)] + [suite.Job("x", [], 6), suite.Job("y", [], 6)]
+    queues = suite.assign(shared, 4)
+    assert [[j.name for j in q] for q in queues] == [["s0", "s1"], ["s2", "s3"], ["x"], ["y"]]
 
 
 def test_gpu_suite_runs_every_queue_and_records_failures(tmp_path):
