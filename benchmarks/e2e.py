@@ -488,6 +488,15 @@ def print_table(records: list[dict]) -> None:
         )
 
 
+def tuned_decode_configs() -> list[dict]:
+    """The launch config the decode attention tuning chose per shape in this process (KV programs = batch x KV
+    heads, query heads per KV head, head dim, capacity rounded up to a power of two)."""
+    from flatquant.kernels import kv_quant
+
+    keys = ("kv_programs", "group", "head_dim", "capacity_pow2")
+    return [{**dict(zip(keys, key[2:], strict=True)), "config": cfg} for key, cfg in kv_quant._TUNED.items()]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="results JSON [default benchmarks/results/e2e.json; none if --quick]")
@@ -545,12 +554,15 @@ def main(argv=None) -> None:
                 for ms, n, key in b.get("top", {}).get("other", [])[:5]:
                     print(f"    other: {ms:8.2f} ms {n:6d}x {key}")
     total = time.perf_counter() - t0
+    for t in tuned_decode_configs():
+        print(f"decode attention tuned: {t}")
     print(f"total {total:.0f} s on {device_name(device)}; decode times are {args.gen} x the mean timed step")
     if device.type == "cpu":
         print("(CPU: both models run in float32 here; the 'bf16' side is the unquantized model)")
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k != "out"}
         out = {"device": device_name(device), "seconds": total, "settings": settings, "records": records}
+        out["decode_attention_configs"] = tuned_decode_configs()
         atomic_write_json(args.out, {**out, "breakdown": breakdowns, **({"stopped": error} if error else {})})
         print(f"wrote {args.out}")
     if error:

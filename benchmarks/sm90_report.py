@@ -158,7 +158,7 @@ def silu_mul_reports(widths: list[int]) -> list[dict]:
 # pointers and the integer arguments that are multiples of 16 at run time (Triton specialises those; unmarked,
 # the loads of a token row would not be vectorised and the figures would be pessimistic)
 DECODE_DIV16 = ["q_ptr", "k_ptr", "v_ptr", "ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr", "qt_ptr", "out_ptr", "acc_ptr"]
-DECODE_DIV16 += ["s_cap", "chunk", "stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_kt", "stride_sb"]
+DECODE_DIV16 += ["s_cap", "stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_kt", "stride_sb"]
 DECODE_DIV16 += ["stride_sh", "stride_ob", "stride_oh"]
 
 

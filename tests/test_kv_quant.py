@@ -621,3 +621,33 @@ def test_decode_with_a_fused_query_transform(impl, groups):
             cfg_flat = {**cfg.get("config", {}), "mma": False, "flat": True}
             out_flat = kv.decode_attention_triton(q, *cache, d**-0.5, q_transform=t, config=cfg_flat)
             torch.testing.assert_close(out_flat.float(), ref.float(), rtol=2**-6, atol=tol)
+
+
+def test_launch_splits_come_from_shapes_and_the_gpu_size(monkeypatch):
+    """Programs per sequence: progs_per_sm x SMs over the KV programs, at most one per token block of the
+    capacity and at most _MAX_SPLITS; an explicit count wins within those bounds."""
+    monkeypatch.setattr(kv._kq, "_sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert kv._launch_splits(16 * 32, 2304, 64, cpu, 4) == 2  # ceil(528 / 512)
+    assert kv._launch_splits(16 * 32, 2304, 64, cpu, 8) == 3
+    assert kv._launch_splits(32, 2304, 64, cpu, 4) == 17
+    assert kv._launch_splits(1, 1 << 20, 64, cpu, 8) == kv._MAX_SPLITS
+    assert kv._launch_splits(1, 100, 64, cpu, 8) == 2  # two token blocks of capacity
+    assert kv._launch_splits(512, 2304, 64, cpu, 4, splits=5) == 5
+
+
+@needs_triton
+@pytest.mark.parametrize("flat", [False, True])
+def test_chunks_divide_the_real_length_not_the_capacity(flat):
+    """Sequences far shorter than the capacity, split over more programs than the shortest has token blocks:
+    the chunks computed on the device from seq_lens cover every token once (a chunk one block short would drop
+    the heavily weighted last tokens), and programs beyond a short sequence's blocks contribute nothing."""
+    d = 32
+    lens = [5, 70, 1000, 0]
+    k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lens_t = _cache(len(lens), 1, 1024, d, lens, seed=41)
+    v_scale = v_scale * torch.where(torch.arange(1024) < 896, 1.0, 16.0).to(v_scale)  # the last tokens count
+    cache = (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lens_t)
+    q = _kv_like((len(lens), 1, d), seed=42, dtype=torch.bfloat16)
+    cfg = {"block_n": 16, "mma": not flat, "flat": flat, "splits": 7}
+    out = kv.decode_attention_triton(q, *cache, 0.01, config=cfg)  # near-uniform weights: every token counts
+    _assert_close_to_dense(out, _dense_float64(q, *cache, 0.01), torch.bfloat16)

@@ -68,7 +68,7 @@ CANDIDATE_CONFIGS += [
 # one query row per KV head only (MHA): no per-step reduction over tokens, fewer instructions per code
 CANDIDATE_CONFIGS += [
     {"block_n": bn, "num_warps": w, "num_stages": 2, "progs_per_sm": pps, "asm": asm, "mma": False, "flat": True}
-    for bn, w, pps, asm in itertools.product((32, 64), (4, 8), (4,), (False, True))
+    for bn, w, pps, asm in itertools.product((32, 64), (4, 8), (4, 8), (False, True))
 ]
 _TUNED: dict[tuple, dict] = {}  # shape key -> the fastest candidate (see _tuned_config)
 
@@ -474,8 +474,7 @@ if triton is not None:
         # runtime scalars
         qk_scale,  # sm_scale * log2(e): the softmax runs in base 2
         s_cap,
-        chunk,  # tokens per program, a multiple of BLOCK_N
-        n_splits,
+        n_splits,  # programs per sequence: each takes an equal share of its token blocks (see below)
         stride_qb,
         stride_qh,
         stride_kb,
@@ -504,6 +503,9 @@ if triton is not None:
         b = bh // HKV
         kvh = bh % HKV
         seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 0), s_cap)
+        # the chunks divide the sequence's real length, read on the device, not the capacity: a cache filled to
+        # half its capacity still gives every program an equal share (no host synchronisation either way)
+        chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), n_splits) * BLOCK_N
         start = split * chunk
         end = tl.minimum(start + chunk, seq_len)
         dt = q_ptr.dtype.element_ty
@@ -915,15 +917,14 @@ def decode_attention_reference(
     return out.reshape(b, hq, d).to(q.dtype)
 
 
-def _launch_plan(n_kv_programs, s_cap, block_n, device, progs_per_sm, splits=None) -> tuple[int, int]:
-    """(splits, chunk): enough programs to fill the GPU (or the given splits), chunks a multiple of
-    block_n, at most _MAX_SPLITS chunks per sequence."""
+def _launch_splits(n_kv_programs, s_cap, block_n, device, progs_per_sm, splits=None) -> int:
+    """Programs per sequence: enough to fill the GPU (or the given splits), at most _MAX_SPLITS and at most one
+    per token block of the capacity. From shapes only; the kernel divides each sequence's real length among
+    them (chunks of whole token blocks)."""
     blocks = max(1, -(-s_cap // block_n))
     if splits is None:
         splits = -(-progs_per_sm * _kq._sm_count(device) // max(1, n_kv_programs))
-    splits = max(1, min(_MAX_SPLITS, blocks, splits))
-    chunk = -(-blocks // splits) * block_n
-    return -(-max(1, s_cap) // chunk), chunk
+    return max(1, min(_MAX_SPLITS, blocks, splits))
 
 
 def _tuning_key(q, k_packed) -> tuple:
@@ -1019,7 +1020,7 @@ def decode_attention_triton(
             raise ValueError(f"q_transform must be ({d}, {d}), got {tuple(q_transform.shape)}")
         q_transform = q_transform.to(device=q.device, dtype=q.dtype).contiguous()
     g, bn = hq // hkv, cfg["block_n"]
-    splits, chunk = _launch_plan(b * hkv, s_cap, bn, q.device, cfg["progs_per_sm"], cfg.get("splits"))
+    splits = _launch_splits(b * hkv, s_cap, bn, q.device, cfg["progs_per_sm"], cfg.get("splits"))
     single = splits == 1
     f32 = dict(device=q.device, dtype=torch.float32)
     acc = out if single else torch.empty((b * hq, splits, d), **f32)
@@ -1028,7 +1029,7 @@ def decode_attention_triton(
     interpret = _interpreting()
     _decode_chunk_kernel[(b * hkv, splits)](
         q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, lens, q if q_transform is None else q_transform,
-        out, acc, m, l, float(sm_scale) * _LOG2E, s_cap, chunk, splits,
+        out, acc, m, l, float(sm_scale) * _LOG2E, s_cap, splits,
         q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
         k_scale.stride(0), k_scale.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, **shape_meta(g, d, cfg["mma"]), BLOCK_N=bn, SINGLE=single, ASM=cfg["asm"],
