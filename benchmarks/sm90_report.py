@@ -157,23 +157,23 @@ def silu_mul_reports(widths: list[int]) -> list[dict]:
 
 # pointers and the integer arguments that are multiples of 16 at run time (Triton specialises those; unmarked,
 # the loads of a token row would not be vectorised and the figures would be pessimistic)
-DECODE_DIV16 = ["q_ptr", "k_ptr", "v_ptr", "ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr", "qt_ptr", "out_ptr", "acc_ptr"]
+DECODE_DIV16 = ["q_ptr", "k_ptr", "v_ptr", "ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr", "out_ptr", "acc_ptr"]
 DECODE_DIV16 += ["s_cap", "stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_kt", "stride_sb"]
 DECODE_DIV16 += ["stride_sh", "stride_ob", "stride_oh"]
 
 
 def decode_reports(groups: list[int], head_dim: int = 128) -> list[dict]:
     """The decode attention kernel, every tuning candidate that applies to each group size (query heads per KV
-    head), with the query transform fused (as the runtime's decode steps launch it), multi-chunk."""
+    head), multi-chunk."""
     fn = _jit(kv._decode_chunk_kernel)
-    types = dict.fromkeys(["q_ptr", "qt_ptr", "out_ptr"], "*bf16") | {"k_ptr": "*u8", "v_ptr": "*u8"}
+    types = dict.fromkeys(["q_ptr", "out_ptr"], "*bf16") | {"k_ptr": "*u8", "v_ptr": "*u8"}
     types["lens_ptr"] = "*i32"
     sig = {n: types.get(n, "*fp32") if n.endswith("_ptr") else "i32" for n in fn.arg_names} | {"qk_scale": "fp32"}
     out = []
     for g in groups:
         for cfg in (c for c in kv.CANDIDATE_CONFIGS if kv.applies(c, g)):
             const = dict(HKV=32 // g, **kv.shape_meta(g, head_dim, cfg["mma"]), BLOCK_N=cfg["block_n"], SINGLE=False)
-            const |= dict(ASM=cfg["asm"], INTERPRET=False, QT=True, MMA=cfg["mma"], FLAT=cfg["flat"])
+            const |= dict(ASM=cfg["asm"], INTERPRET=False, MMA=cfg["mma"], FLAT=cfg["flat"])
             opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])  # as launched: fp fusion on
             rec = {"kernel": "decode_attention", "G": g, "head_dim": head_dim, **cfg}
             out.append(_report(rec, lambda c=const, o=opts: compile_sm90(fn, sig, c, DECODE_DIV16, o)))

@@ -286,7 +286,7 @@ def packed_attention(module, query, key, value, attention_mask, **kwargs):
                 seq_lens = layer.lens
             else:
                 seq_lens = torch.full((b,), layer.length, dtype=torch.int32, device=query.device)
-            qt = kvq.query_transform(query.dtype)  # P_h^-T applied in the kernel's query load
+            qt = kvq.query_transform(query.dtype)  # P_h^-T, one matmul of the new queries
             out = decode_attention(query[:, :, 0], *layer.kernel_args(), seq_lens, scale, q_transform=qt)  # (B, H, D)
             return out.unsqueeze(1), None  # (B, 1, H, D), as sdpa_attention_forward returns
         key, value = layer.dequantized(query.dtype)  # a padding mask (or other bits): SDPA over the cache

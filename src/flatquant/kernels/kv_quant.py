@@ -465,7 +465,6 @@ if triton is not None:
         vs_ptr,
         vz_ptr,
         lens_ptr,  # int32 (B,)
-        qt_ptr,  # (D, D) in q's dtype when QT: the queries are q @ QT rounded to q's dtype (else unused)
         # outputs: the final (B, Hq, D) when SINGLE, else per-chunk acc (B * Hq, splits, D), m and l
         out_ptr,
         acc_ptr,
@@ -494,7 +493,6 @@ if triton is not None:
         SINGLE: tl.constexpr,
         ASM: tl.constexpr,  # unpack codes with inline PTX
         INTERPRET: tl.constexpr,
-        QT: tl.constexpr = 0,  # transform the queries in the kernel (P_h^-T of the runtime)
         MMA: tl.constexpr = 1,  # tensor-core products (BLOCK_G >= 16); 0: CUDA cores, BLOCK_G = G padded (G <= 2)
         FLAT: tl.constexpr = 0,  # G == 1 on CUDA cores: per-token row sums, V accumulated per token row (see below)
     ):
@@ -515,19 +513,9 @@ if triton is not None:
         mj = rj < HALF_D
         mq = (rg[:, None] < G) & mj[None, :]
         # even and odd channels apart: q . k = q_even . k_low_nibbles + q_odd . k_high_nibbles
-        q_heads = q_ptr + b.to(tl.int64) * stride_qb + (kvh * G + rg)[:, None] * stride_qh  # (BLOCK_G, 1)
-        q_rows = q_heads + 2 * rj[None, :]
-        if QT:  # (q @ T) even / odd channels: q times T's even / odd columns, rounded as a 16-bit matmul's output
-            rf = tl.arange(0, 2 * BLOCK_HD)
-            mf = rf < 2 * HALF_D
-            q_full = tl.load(q_heads + rf[None, :], mask=(rg[:, None] < G) & mf[None, :], other=0.0)
-            t_cols = qt_ptr + rf[:, None] * (2 * HALF_D) + 2 * rj[None, :]  # (2 * BLOCK_HD, BLOCK_HD)
-            m_qt = mf[:, None] & mj[None, :]
-            q_e = _round_to(_mm(q_full, tl.load(t_cols, mask=m_qt, other=0.0), MMA, INTERPRET), dt, INTERPRET)
-            q_o = _round_to(_mm(q_full, tl.load(t_cols + 1, mask=m_qt, other=0.0), MMA, INTERPRET), dt, INTERPRET)
-        else:
-            q_e = tl.load(q_rows, mask=mq, other=0.0)  # (BLOCK_G, BLOCK_HD)
-            q_o = tl.load(q_rows + 1, mask=mq, other=0.0)
+        q_rows = q_ptr + b.to(tl.int64) * stride_qb + (kvh * G + rg)[:, None] * stride_qh + 2 * rj[None, :]
+        q_e = tl.load(q_rows, mask=mq, other=0.0)  # (BLOCK_G, BLOCK_HD)
+        q_o = tl.load(q_rows + 1, mask=mq, other=0.0)
         q_sum = _row_sum(q_e.to(tl.float32) + q_o.to(tl.float32))  # q.(c - z) = q.(16 + c) - (16 + z) sum(q)
 
         kv_base = b.to(tl.int64) * stride_kb + kvh * stride_kh
@@ -986,7 +974,7 @@ def decode_attention_triton(
 
     config: overrides of DEFAULT_CONFIG (and ``splits``: chunks per sequence), for tests and benchmarks. Without
     it, on CUDA (``AUTOTUNE``), the config is tuned per shape among CANDIDATE_CONFIGS (``_tuned_config``).
-    q_transform: (D, D), applied to the queries in the kernel (see :func:`decode_attention`).
+    q_transform: (D, D): the queries are ``q @ q_transform`` in q's dtype (one 16-bit matmul before the kernel).
     """
     b, hq, hkv, s_cap, d = _check_decode_args(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
     reason = triton_unavailable_reason(q)  # after the argument checks: bad input gets the same error anywhere
@@ -995,11 +983,17 @@ def decode_attention_triton(
     out = torch.empty((b, hq, d), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
+    if q_transform is not None:
+        if q_transform.shape != (d, d):
+            raise ValueError(f"q_transform must be ({d}, {d}), got {tuple(q_transform.shape)}")
+        # a separate matmul: formed in the kernel's query load instead (an earlier version), q @ T cost 70-100 us
+        # per call at LLaMA-2-7B batch 16 on an H100, more than half the attention itself
+        q = q @ q_transform.to(device=q.device, dtype=q.dtype)
     if config is None and AUTOTUNE and not _interpreting():
         args = (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
 
         def run(c):
-            return decode_attention_triton(q, *args, sm_scale, config=c, q_transform=q_transform)
+            return decode_attention_triton(q, *args, sm_scale, config=c)
 
         config = _tuned_config(q, k_packed, run)
     cfg = {**DEFAULT_CONFIG, **(config or {})}
@@ -1015,10 +1009,6 @@ def decode_attention_triton(
     if k_scale.stride(-1) != 1 or any(t.stride() != k_scale.stride() for t in scales):
         k_scale, k_zero, v_scale, v_zero = (t.contiguous() for t in scales)
     lens = seq_lens.to(torch.int32).contiguous()
-    if q_transform is not None:
-        if q_transform.shape != (d, d):
-            raise ValueError(f"q_transform must be ({d}, {d}), got {tuple(q_transform.shape)}")
-        q_transform = q_transform.to(device=q.device, dtype=q.dtype).contiguous()
     g, bn = hq // hkv, cfg["block_n"]
     splits = _launch_splits(b * hkv, s_cap, bn, q.device, cfg["progs_per_sm"], cfg.get("splits"))
     single = splits == 1
@@ -1028,12 +1018,12 @@ def decode_attention_triton(
     l = out if single else torch.empty((b * hq, splits), **f32)
     interpret = _interpreting()
     _decode_chunk_kernel[(b * hkv, splits)](
-        q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, lens, q if q_transform is None else q_transform,
+        q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, lens,
         out, acc, m, l, float(sm_scale) * _LOG2E, s_cap, splits,
         q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
         k_scale.stride(0), k_scale.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, **shape_meta(g, d, cfg["mma"]), BLOCK_N=bn, SINGLE=single, ASM=cfg["asm"],
-        INTERPRET=interpret, QT=q_transform is not None, MMA=cfg["mma"], FLAT=cfg["flat"],
+        INTERPRET=interpret, MMA=cfg["mma"], FLAT=cfg["flat"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if not single:
@@ -1058,8 +1048,7 @@ def decode_attention(
     Returns (B, Hq, D) in q.dtype: softmax(q K^T * sm_scale) V with K, V dequantized, fp32 math.
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch" (forced; RuntimeError
     saying why when the forced kernel cannot run).
-    q_transform: (D, D); attend with ``q @ q_transform`` (the runtime's P_h^-T), formed in the kernel's query load
-    instead of by a separate matmul (the same products; the rounding to q's dtype can differ at a boundary).
+    q_transform: (D, D); attend with ``q @ q_transform`` (the runtime's P_h^-T), a 16-bit matmul of the queries.
     """
     cache = (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
     if _pick(impl, q) == "triton" and (impl == "triton" or q.dtype in _Q_DTYPES):  # float32 q: the reference
