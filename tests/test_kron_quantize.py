@@ -513,3 +513,73 @@ def test_chosen_config_launch_skips_the_autotuner_once_a_key_is_tuned():
     assert calls[5][2] == {"FLAG": True, "BLOCK": 128, "num_warps": 4}
     assert launch.best_config.kwargs == {"BLOCK": 128}  # the last launch's config, as the benchmarks read it
     assert launch.do_bench == "tuner's" and isinstance(kq._kron_quantize_tuned, kq.ChosenConfigLaunch)
+
+
+NORM_CONFIGS = [{}, {"BLOCK_T": 2}, {"P1_FIRST": 1}, {"FAST_DIV": 1}]
+
+
+def _norm_case(tokens, n1, n2, dtype, exact: bool, seed=5):
+    """x, the RMSNorm weight and eps. exact: every row of x is +-2^k (a power of two per row), eps = 0, so that
+    the norm's mean of squares, square root and division are exact and the normalised x is +-weight: any
+    kernel / reference difference is then the kernel's own (masks, weight layout, stacking), not rounding."""
+    g = torch.Generator().manual_seed(seed)
+    n = n1 * n2
+    if exact:
+        sign = torch.randint(0, 2, (tokens, n), generator=g) * 2 - 1
+        x = sign * 2.0 ** torch.randint(-3, 4, (tokens, 1), generator=g)
+        eps = 0.0
+    else:
+        x, eps = _inputs(tokens, n, torch.float32, seed=seed, device="cpu"), 1e-6
+    w = 0.5 + torch.rand(n, generator=g)
+    return x.to(DEVICE, dtype), w.to(DEVICE, dtype), eps
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg", NORM_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_norm_equals_the_norm_module_then_the_transform(cfg, symmetric, dtype):
+    """kron_quantize(x, norm=(w, eps)) = kron_quantize(RMSNorm(x)) with the norm modules' arithmetic: exactly
+    where the norm is exact by construction; else codes equal except at rounding ties of X'/scale, or where
+    the normalised input itself rounds differently (the kernel sums the squares in another order: one 16-bit
+    ulp at a rounding boundary, as the one-launch RMSNorm kernel), which must stay rare."""
+    n1, n2 = (64, 64) if CUDA else (8, 12)
+    p1, p2 = _factors(n1, n2)
+    tokens = 333 if CUDA else 37
+    for exact in (True, False):
+        x, w, eps = _norm_case(tokens, n1, n2, dtype, exact)
+        out = kq.kron_quantize_triton(x, p1, p2, 0.9, 0.8, 4, symmetric, norm=(w, eps), config=cfg)
+        xn = kq.rms_norm_reference(x, w, eps)
+        ref = kq.kron_quantize_reference(xn, p1, p2, 0.9, 0.8, 4, symmetric)
+        assert torch.equal(
+            ref.codes, kq.kron_quantize_reference(x, p1, p2, 0.9, 0.8, 4, symmetric, norm=(w, eps)).codes
+        )
+        if exact:
+            assert torch.equal(xn.abs(), w.expand_as(xn).abs())
+            _assert_same(out, ref, xn, p1, p2, symmetric)
+        else:
+            diff = out.codes != ref.codes
+            assert (out.codes.int() - ref.codes.int()).abs().max() <= 1
+            assert diff.float().mean() < 1e-3, f"{diff.sum().item()} codes differ"
+            torch.testing.assert_close(out.scale, ref.scale, rtol=1e-2, atol=0)
+            assert (((out.scale - ref.scale).abs() / ref.scale) < 2e-5).float().mean() > 0.99
+
+
+@needs_triton
+def test_fused_norm_is_refused_where_it_cannot_run():
+    n1, n2 = (64, 64) if CUDA else (8, 12)
+    p1, p2 = _factors(n1, n2)
+    x, w, eps = _norm_case(5, n1, n2, torch.bfloat16, exact=False)
+    with pytest.raises(ValueError, match="norm weight must be"):
+        kq.kron_quantize_triton(x, p1, p2, norm=(w.float(), eps))
+    with pytest.raises(ValueError, match="norm weight must be"):
+        kq.kron_quantize_triton(x, p1, p2, norm=(w[:-1], eps))
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        kq.kron_quantize(x, p1, p2, norm=(w, -1.0), impl="torch")
+    big1, big2 = _factors(128, 128)
+    xb = torch.zeros(2, 128 * 128, dtype=torch.bfloat16, device=DEVICE)
+    wb = torch.ones(128 * 128, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="fused norm needs token tiles"):
+        kq.kron_quantize_triton(xb, big1, big2, norm=(wb, 0.0))
+    assert kq.fuses_norm(64, 64) and kq.fuses_norm(64, 128) and kq.fuses_norm(56, 64) and kq.fuses_norm(24, 24)
+    assert not kq.fuses_norm(128, 128) and not kq.fuses_norm(86, 128)

@@ -579,3 +579,23 @@ def test_generation_session_reuses_its_cache_and_decoder_across_requests(packed)
     assert torch.equal(sampled, want)
     with pytest.raises(ValueError, match="max_length=40"):
         session.generate(_TOKENS[:1, :30], 12)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@torch.no_grad()
+def test_layer_norms_run_inside_the_quantizer_of_the_input_they_feed(packed, arch):
+    """load_packed folds each layer's input and post-attention RMSNorm into the q/k/v and gate/up transform +
+    quantize (one launch fewer each on CUDA); the model computes exactly what it computes with the norms as
+    separate modules (bf16: the fused path; its reference on the CPU), and the state dict keeps its keys."""
+    _, _, path = packed[arch]
+    fused = load_packed(path, device="cpu", dtype=torch.bfloat16)
+    plain = load_packed(path, device="cpu", dtype=torch.bfloat16, fuse=False)
+    for layer in fused.model.layers:
+        assert isinstance(layer.input_layernorm, runtime.DeferredRMSNorm)
+        assert isinstance(layer.post_attention_layernorm, runtime.DeferredRMSNorm)
+        assert layer.self_attn.qkv_quant.norm[0] is layer.input_layernorm
+        assert layer.mlp.gate_proj._source[0].norm[0] is layer.post_attention_layernorm
+    assert not any(isinstance(m, runtime.DeferredRMSNorm) for m in plain.modules())
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    torch.testing.assert_close(fused(_TOKENS).logits, plain(_TOKENS).logits, rtol=0, atol=0)
+    assert fq.packed.defer_norms(fused) == 0  # already folded: nothing left to fold

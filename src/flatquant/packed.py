@@ -27,7 +27,7 @@ from .kernels.silu_mul import fuse_silu_mul
 from .kernels.w4a4_linear import W4A4Linear
 from .modules import FlatQuantLinear, OnlineTransform
 from .prepare import _dims
-from .runtime import KVQuant, SharedInputLinear, SharedInputQuant, use_packed_attention
+from .runtime import DeferredRMSNorm, KVQuant, SharedInputLinear, SharedInputQuant, use_packed_attention
 
 FORMAT = "flatquant-packed"
 FORMAT_VERSION = 1
@@ -271,12 +271,44 @@ def packed_skeleton(config, transforms: dict, dtype: torch.dtype, spec: ArchSpec
     return model
 
 
+def defer_norms(model: nn.Module, spec: ArchSpec | None = None) -> int:
+    """Fold each decoder layer's input and post-attention RMSNorm into the transform + quantize launch of the
+    q/k/v (gate/up) input it feeds: the norm module becomes a :class:`~flatquant.runtime.DeferredRMSNorm`
+    that passes its input through, and the :class:`~flatquant.runtime.SharedInputQuant` applies the norm
+    (the same arithmetic; in the Triton kernel for token tiles below 128 x 128, i.e. hidden sizes up to 8192,
+    else as a separate step). Returns how many norms were folded."""
+    spec = spec or spec_for(model)
+    folded = 0
+    for layer in model.get_submodule(spec.layers):
+        for norm_name, first_reader in (
+            (spec.input_norm, f"{spec.attn}.{spec.q}"),
+            (spec.post_norm, f"{spec.mlp}.{spec.gate}"),
+        ):
+            norm = layer.get_submodule(norm_name)
+            reader = layer.get_submodule(first_reader)
+            shared = reader._source[0] if isinstance(reader, SharedInputLinear) else None
+            weight = getattr(norm, "weight", None)
+            if isinstance(norm, DeferredRMSNorm) or not isinstance(shared, SharedInputQuant):
+                continue
+            if not isinstance(weight, nn.Parameter) or not hasattr(norm, "variance_epsilon"):
+                continue
+            if not shared.takes_norm(weight):
+                continue
+            deferred = DeferredRMSNorm(weight, norm.variance_epsilon)
+            set_submodule(layer, norm_name, deferred)
+            shared.norm[:] = [deferred]
+            folded += 1
+    return folded
+
+
 def finish_packed_model(model: nn.Module, device: torch.device | str, fuse: bool = True) -> nn.Module:
     """Tie the output embedding, compute the rotary tables on ``device``, select the packed attention, swap the
     RMSNorm modules for :class:`~flatquant.kernels.rmsnorm.FusedRMSNorm`, rotate q and k in one launch
     (:func:`~flatquant.kernels.rope.fuse_rotary`), run the MLP's SiLU and product in one
     (:func:`~flatquant.kernels.silu_mul.fuse_silu_mul`); with
-    ``fuse``, the linears of a shared input (q/k/v, gate/up) run as one GEMM (``SharedInputQuant.fuse``)."""
+    ``fuse``, the linears of a shared input (q/k/v, gate/up) run as one GEMM (``SharedInputQuant.fuse``) and
+    each decoder layer's two norms run inside the transform + quantize of the input they feed
+    (:func:`defer_norms`)."""
     if getattr(model.config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     for mod_name, mod in list(model.named_modules()):  # rotary tables are computed from the config, not stored
@@ -292,6 +324,7 @@ def finish_packed_model(model: nn.Module, device: torch.device | str, fuse: bool
     fuse_rotary(model)  # one launch for RoPE of q and k on CUDA (same bits; transformers' function elsewhere)
     fuse_silu_mul(model, spec_for(model).mlp)  # SiLU(gate) * up in one launch on CUDA (the reference elsewhere)
     if fuse:
+        defer_norms(model)
         consumers: dict[int, list[SharedInputLinear]] = {}
         for mod in model.modules():
             if isinstance(mod, SharedInputLinear):

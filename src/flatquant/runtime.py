@@ -24,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .kernels.kron_quantize import fuses_norm
 from .kernels.kv_quant import (
     decode_attention,
     dequantize_kv,
@@ -72,6 +73,7 @@ class SharedInputQuant(nn.Module):
         else:
             self.register_buffer("p1", torch.eye(transform_sizes[0], dtype=dtype, device=device))
             self.register_buffer("p2", torch.eye(transform_sizes[1], dtype=dtype, device=device))
+        self.norm: list[DeferredRMSNorm] = []  # the layer's norm feeding this input, when folded in here
         self._last: tuple[torch.Tensor, tuple, int] | None = None  # (input, operand, uses left)
         self._fused: list[tuple[SharedInputLinear, int, int]] | None = None  # (consumer, first, last column)
         self._last_out: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (input, fused output, uses left)
@@ -131,8 +133,16 @@ class SharedInputQuant(nn.Module):
         first, last = next((a, b) for m, a, b in self._fused if m is lin)
         return out[..., first:last]
 
+    def takes_norm(self, weight: torch.Tensor) -> bool:
+        """Whether an RMSNorm with this weight can run inside this input's transform + quantize launch."""
+        n1 = self.p1.shape[0] if self.p1 is not None else 1
+        return weight.shape == (self.n,) and fuses_norm(n1, self.n // n1)
+
     def _operand(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return quantize_operand(x, self.p1, self.p2, self.act_clip_max, self.act_clip_min, self.act_symmetric)
+        norm = (self.norm[0].weight, self.norm[0].variance_epsilon) if self.norm else None
+        return quantize_operand(
+            x, self.p1, self.p2, self.act_clip_max, self.act_clip_min, self.act_symmetric, norm=norm
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (..., n) float -> (codes int8 (..., n), scale fp32 (...,)[, zero fp32 (...,)])."""
@@ -143,6 +153,22 @@ class SharedInputQuant(nn.Module):
             left = self.consumers
         self._last = (x, op, left - 1) if left > 1 else None
         return op
+
+
+class DeferredRMSNorm(nn.Module):
+    """A decoder layer's RMSNorm whose only readers are the linears of one :class:`SharedInputQuant`: it
+    passes its input through, and that module applies the norm inside its transform + quantize launch (one
+    launch and one pass over the activations fewer). Keeps ``weight`` under the norm's name (same state dict)."""
+
+    def __init__(self, weight: nn.Parameter, eps: float):
+        super().__init__()
+        self.weight, self.variance_epsilon = weight, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, applied by the next quantizer"
 
 
 class SharedInputLinear(W4A4Linear):

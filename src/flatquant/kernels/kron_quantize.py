@@ -99,6 +99,27 @@ def _check_args(x, p1, p2, bits, symmetric, pack, intermediate) -> tuple[int, in
     return n1, n2
 
 
+def _check_norm(x: torch.Tensor, norm) -> None:
+    """A fused RMSNorm ``(weight, eps)``: weight (n,) in x's dtype (the module's output dtype is then x's)."""
+    if norm is None:
+        return
+    weight, eps = norm
+    if weight.shape != (x.shape[-1],) or weight.dtype != x.dtype:
+        raise ValueError(
+            f"norm weight must be ({x.shape[-1]},) in {x.dtype}, got {tuple(weight.shape)} in {weight.dtype}"
+        )
+    if not float(eps) >= 0.0:
+        raise ValueError(f"norm eps must be >= 0, got {eps!r}")
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The Llama / Mistral / Qwen RMSNorm modules' arithmetic, op for op (upcast, mean of squares, rsqrt,
+    downcast, times the weight)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Pack int8 codes (..., n) two per byte: uint8 (..., n // 2), low nibble = even index."""
     nib = codes.to(torch.int32) & 0xF
@@ -116,6 +137,7 @@ def kron_quantize_reference(
     *,
     pack: bool = False,
     intermediate: str = "fp32",
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> KronQuantized:
     """Plain PyTorch reference of :func:`kron_quantize` (any device; same contract, see module doc).
 
@@ -124,6 +146,9 @@ def kron_quantize_reference(
     fp32-accumulated result without summation-order error; the quantizer then runs in fp32.
     """
     n1, n2 = _check_args(x, p1, p2, bits, symmetric, pack, intermediate)
+    _check_norm(x, norm)
+    if norm is not None:
+        x = rms_norm_reference(x, *norm)
     lead = x.shape[:-1]
     z = x.reshape(-1, n1, n2).double()  # (T, n1, n2)
     if p2 is not None:
@@ -446,10 +471,12 @@ if triton is not None:
         q_ptr,
         scale_ptr,
         zero_ptr,
+        nw_ptr,  # (N1 * N2,) RMSNorm weight in x's dtype when NORM (else unused)
         # runtime scalars
         clip_max,
         clip_min,
         inv_qmax,  # fp32 1 / qmax, used when RECIP
+        eps,  # RMSNorm epsilon when NORM
         n_tokens,
         stride_xt,
         T_BUCKET,  # token-count bucket: an autotune key, unused in the body
@@ -467,6 +494,7 @@ if triton is not None:
         PACK: tl.constexpr,
         INTERPRET: tl.constexpr,  # CPU interpreter workarounds
         RECIP: tl.constexpr,  # CUDA: scale = range * fp32(1 / qmax), as the reference computes it there
+        NORM: tl.constexpr,  # RMSNorm each token first (the decoder layer's norm), as the modules compute it
         # launch config (autotuned): tokens stacked per iteration, programs per SM (read by the grid only)
         BLOCK_T: tl.constexpr,
         PROGS_PER_SM: tl.constexpr,
@@ -494,6 +522,8 @@ if triton is not None:
             if HAS_P2:
                 m2 = (rb[:, None] < N2) & (rb[None, :] < N2)
                 p2 = tl.load(p2_ptr + rb[:, None] * N2 + rb[None, :], mask=m2, other=0.0)  # (BN2, BN2)
+            if NORM:
+                nw = tl.load(nw_ptr + ra[:, None] * N2 + rb[None, :], mask=mask, other=0.0).to(tl.float32)
             rt = tl.arange(0, BLOCK_T)
             n_blocks = (n_tokens + BLOCK_T - 1) // BLOCK_T
             for i in range(0, (n_blocks - pid + nprog - 1) // nprog):
@@ -502,6 +532,12 @@ if triton is not None:
                 m3 = tmask[:, None, None] & mask[None, :, :]  # (BT, BN1, BN2)
                 offs = t64[:, None, None] * stride_xt + ra[None, :, None] * N2 + rb[None, None, :]
                 x = tl.load(x_ptr + offs, mask=m3, other=0.0)  # (BT, BN1, BN2)
+                if NORM:  # as the norm module: fp32 mean of squares, x * 1 / sqrt, to dt, times the weight, to dt
+                    xf = x.to(tl.float32)
+                    ss = tl.reduce(tl.reduce(xf * xf, 2, tl.standard._sum_combine), 1, tl.standard._sum_combine)
+                    inv = 1.0 / tl.sqrt_rn(ss / (N1 * N2) + eps)  # (BT,)
+                    h = _round_to(xf * inv[:, None, None], dt, INTERPRET).to(tl.float32)
+                    x = _round_to(nw[None, :, :] * h, dt, INTERPRET)
                 if HAS_P2:
                     y = _dot(
                         tl.reshape(x, (BLOCK_T * BN1, BN2)),
@@ -540,12 +576,20 @@ if triton is not None:
             if BC == BN2 and HAS_P2:
                 m2 = (rb[:, None] < N2) & (rb[None, :] < N2)
                 p2 = tl.load(p2_ptr + rb[:, None] * N2 + rb[None, :], mask=m2, other=0.0)  # (BN2, BN2)
+            if NORM:  # full tiles only (the wrapper refuses column chunks with a norm)
+                nw = tl.load(nw_ptr + ra[:, None] * N2 + rb[None, :], mask=mask, other=0.0).to(tl.float32)
 
             for i in range(0, (n_tokens - pid + nprog - 1) // nprog):
                 t64 = (pid + i * nprog).to(tl.int64)  # token index; int64 offsets for huge T * n
                 xrow = t64 * stride_xt
                 if BC == BN2:
                     x = tl.load(x_ptr + xrow + ra[:, None] * N2 + rb[None, :], mask=mask, other=0.0)
+                    if NORM:
+                        xf = x.to(tl.float32)
+                        ss = tl.reduce(tl.reduce(xf * xf, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
+                        inv = 1.0 / tl.sqrt_rn(ss / (N1 * N2) + eps)
+                        h = _round_to(xf * inv, dt, INTERPRET).to(tl.float32)
+                        x = _round_to(nw * h, dt, INTERPRET)
                     if P1_FIRST and HAS_P1 and HAS_P2 and SPLIT_Y:
                         w = _dot(p1t, x, tl.full((BN1, BN2), 0.0, tl.float32), INTERPRET)  # P1^T X, exact products
                         z = _right_factor(w, p2, dt, True, True, INTERPRET)  # (BN1, BN2) fp32
@@ -769,6 +813,8 @@ if triton is not None:
         a = {**named_args, **kwargs}
         p1_first = a["SPLIT_Y"] and a["HAS_P1"] and a["HAS_P2"]
         keep = candidate_configs(a["BN1"], a["BN2"], a["T_BUCKET"], p1_first)
+        if a["NORM"]:  # the fused norm needs whole token rows in registers: no column chunks
+            keep = [c for c in keep if c["BC"] == a["BN2"]]
         want = [tuple(sorted(c.items())) for c in keep]
         got = [
             c
@@ -787,13 +833,19 @@ if triton is not None:
 
     _TUNE = dict(
         configs=[_as_triton_config(c) for c in _ALL_CONFIGS.values()],
-        key=["N1", "N2", "T_BUCKET", "HAS_P1", "HAS_P2", "SPLIT_Y", "SYMMETRIC", "PACK"],
+        key=["N1", "N2", "T_BUCKET", "HAS_P1", "HAS_P2", "SPLIT_Y", "SYMMETRIC", "PACK", "NORM"],
         prune_configs_by={"early_config_prune": _prune},
     )
     try:
         _kron_quantize_tuned = autotune(**_TUNE, do_bench=graph_bench)(_kron_quantize_kernel)
     except TypeError:  # a triton before the do_bench argument: its own CUDA-graph timing
         _kron_quantize_tuned = autotune(**_TUNE, use_cuda_graph=True)(_kron_quantize_kernel)
+
+
+def fuses_norm(n1: int, n2: int) -> bool:
+    """Whether the Triton kernel can apply an RMSNorm to tokens of n1 x n2 (whole padded rows in registers:
+    every hidden size up to 8192, e.g. 4096 = 64 x 64 and 8192 = 64 x 128)."""
+    return max(16, _next_pow2(n1)) * max(16, _next_pow2(n2)) < _MAX_TILE
 
 
 def _use_autotuner(config: dict | None) -> bool:
@@ -822,6 +874,7 @@ def kron_quantize_triton(
     pack: bool = False,
     intermediate: str = "fp32",
     config: dict | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> KronQuantized:
     """The fused Triton kernel (one launch); same contract as :func:`kron_quantize_reference`.
 
@@ -833,6 +886,12 @@ def kron_quantize_triton(
     if reason is not None:
         raise RuntimeError(f"kron_quantize triton kernel cannot run: {reason}")
     n1, n2 = _check_args(x, p1, p2, bits, symmetric, pack, intermediate)
+    _check_norm(x, norm)
+    if norm is not None and not fuses_norm(n1, n2):
+        raise ValueError(
+            f"a fused norm needs token tiles of at most {_MAX_TILE - 1} padded elements, got {n1}x{n2} "
+            "(run the norm separately)"
+        )
     if pack and n2 % 2:
         raise ValueError(f"the Triton kernel packs pairs within a row and needs an even n2, got {n2=}")
     n = n1 * n2
@@ -850,11 +909,13 @@ def kron_quantize_triton(
         bn1, bn2 = max(16, _next_pow2(n1)), max(16, _next_pow2(n2))
         sms = _sm_count(x.device)
         bucket = _token_bucket(n_tokens)
-        args = (x2, p1c, p2c, codes, scale, zero if zero is not None else scale)
+        nw = norm[0].contiguous() if norm is not None else x2
+        args = (x2, p1c, p2c, codes, scale, zero if zero is not None else scale, nw)
         args += (
             float(clip_max),
             float(clip_min),
             _INV_QMAX[(bits, symmetric)],
+            float(norm[1]) if norm is not None else 0.0,
             n_tokens,
             x2.stride(0),
             bucket,
@@ -862,7 +923,7 @@ def kron_quantize_triton(
         # the shape and variant constexprs go positionally (N1 ... INTERPRET), so that the autotuner's key and
         # its config pruning see them among the named arguments in every Triton version
         args += (n1, n2, bn1, bn2, p1 is not None, p2 is not None, intermediate == "fp32", symmetric, bits, pack)
-        args += (_interpreting(), x.is_cuda)
+        args += (_interpreting(), x.is_cuda, norm is not None)
         meta = {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
 
         def grid(m):
@@ -879,6 +940,8 @@ def kron_quantize_triton(
                     f"BC={bc} must be a power of two from 16 to the padded n2 ({bn2}), and below it for tiles over "
                     f"{_MAX_TILE} elements (a {bn1}x{bn2} tile here)"
                 )
+            if norm is not None and bc != bn2:
+                raise ValueError(f"BC={bc}: a fused norm needs whole token rows (BC = the padded n2, {bn2})")
             if cfg["BLOCK_T"] > 1 and (bc != bn2 or cfg["BLOCK_T"] * bn1 * bn2 > _MAX_STACK):
                 raise ValueError(
                     f"BLOCK_T={cfg['BLOCK_T']} stacks tokens only for tiles up to {_MAX_STACK} elements in all "
@@ -903,6 +966,7 @@ def kron_quantize(
     *,
     pack: bool = False,
     intermediate: str = "fp32",
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> KronQuantized:
     """Transform each token by P1 (x) P2 and quantize it per token (see the module doc for the contract).
 
@@ -912,10 +976,12 @@ def kron_quantize(
     "triton" / "torch" force one and raise RuntimeError when the forced kernel cannot run.
     Returns KronQuantized(codes int8 (..., n) or uint8 (..., n // 2) if pack, scale fp32 (...,),
     zero fp32 (...,) or None).
+    norm: ``(weight, eps)`` to RMSNorm each token first, as the decoder layer's norm module would (weight (n,)
+    in x's dtype; the Triton kernel takes tiles below 128 x 128 padded elements, see :func:`fuses_norm`).
     """
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl=}")
     if impl == "auto":
         impl = "triton" if x.device.type == "cuda" and triton is not None else "torch"
     fn = kron_quantize_triton if impl == "triton" else kron_quantize_reference
-    return fn(x, p1, p2, clip_max, clip_min, bits, symmetric, pack=pack, intermediate=intermediate)
+    return fn(x, p1, p2, clip_max, clip_min, bits, symmetric, pack=pack, intermediate=intermediate, norm=norm)

@@ -17,9 +17,10 @@ from torch import nn
 from flatquant.kernels.gemm_w4a4 import SMALL_M, pack_int4, w4a4_gemm
 
 try:  # the fused transform + quantize kernel; the torch fallback below has the same numerics
+    from flatquant.kernels.kron_quantize import fuses_norm as _fuses_norm
     from flatquant.kernels.kron_quantize import kron_quantize as _kron_quantize
 except ImportError:
-    _kron_quantize = None
+    _kron_quantize = _fuses_norm = None
 
 __all__ = ["W4A4Linear", "kron_quantize_torch", "operand_gemm", "quantize_operand", "quantize_weight_rtn"]
 
@@ -75,17 +76,35 @@ def quantize_operand(
     clip_min: float,
     symmetric: bool = True,
     act_impl: str = "auto",
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """x (..., K) float -> 4-bit GEMM operand (codes int8 (..., K), scale fp32 (...,)[, zero fp32 (...,)]).
 
     The fused kernel (its reference off CUDA) for bf16/fp16 with ``act_impl="auto"``, else
-    :func:`kron_quantize_torch`; several layers reading one input share the result.
+    :func:`kron_quantize_torch`; several layers reading one input share the result. norm: ``(weight, eps)`` of
+    the RMSNorm that produces this input, applied first (inside the fused kernel where it can take it: 16-bit x,
+    the weight in x's dtype, token tiles below 128 x 128; else as a separate step, with the same arithmetic).
     """
     kw = dict(clip_max=clip_max, clip_min=clip_min, bits=4, symmetric=symmetric)
     if _kron_quantize is not None and act_impl == "auto" and x.dtype in (torch.bfloat16, torch.float16):
-        codes, scale, zero = _kron_quantize(x, p1, p2, **kw)
+        if norm is not None and (norm[0].dtype != x.dtype or not _tile_takes_norm(x.shape[-1], p1, p2)):
+            x, norm = _rms_norm(x, *norm), None
+        codes, scale, zero = _kron_quantize(x, p1, p2, **kw, norm=norm)
         return (codes, scale) if zero is None else (codes, scale, zero)
+    if norm is not None:
+        x = _rms_norm(x, *norm)
     return kron_quantize_torch(x, p1, p2, **kw)
+
+
+def _tile_takes_norm(n: int, p1: torch.Tensor | None, p2: torch.Tensor | None) -> bool:
+    n1 = p1.shape[0] if p1 is not None else (n // p2.shape[0] if p2 is not None else 1)
+    return _fuses_norm is not None and _fuses_norm(n1, n // n1)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from flatquant.kernels.rmsnorm import rms_norm  # imports this module's neighbours: deferred
+
+    return rms_norm(x, weight, eps)
 
 
 def quantize_weight_rtn(weight: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, ...]:
