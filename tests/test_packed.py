@@ -599,3 +599,11 @@ def test_layer_norms_run_inside_the_quantizer_of_the_input_they_feed(packed, arc
     assert fused.state_dict().keys() == plain.state_dict().keys()
     torch.testing.assert_close(fused(_TOKENS).logits, plain(_TOKENS).logits, rtol=0, atol=0)
     assert fq.packed.defer_norms(fused) == 0  # already folded: nothing left to fold
+
+
+def test_norm_folding_can_be_switched_off_for_comparisons(packed, monkeypatch):
+    _, _, path = packed["llama"]
+    monkeypatch.setenv("FLATQUANT_FUSE_NORMS", "0")
+    model = load_packed(path, device="cpu")
+    assert not any(isinstance(m, runtime.DeferredRMSNorm) for m in model.modules())
+    assert model.model.layers[0].self_attn.qkv_quant.w_packed is not None  # the GEMMs are still fused

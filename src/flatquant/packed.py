@@ -308,7 +308,7 @@ def finish_packed_model(model: nn.Module, device: torch.device | str, fuse: bool
     (:func:`~flatquant.kernels.silu_mul.fuse_silu_mul`); with
     ``fuse``, the linears of a shared input (q/k/v, gate/up) run as one GEMM (``SharedInputQuant.fuse``) and
     each decoder layer's two norms run inside the transform + quantize of the input they feed
-    (:func:`defer_norms`)."""
+    (:func:`defer_norms`; environment ``FLATQUANT_FUSE_NORMS=0`` keeps them separate)."""
     if getattr(model.config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     for mod_name, mod in list(model.named_modules()):  # rotary tables are computed from the config, not stored
@@ -324,7 +324,8 @@ def finish_packed_model(model: nn.Module, device: torch.device | str, fuse: bool
     fuse_rotary(model)  # one launch for RoPE of q and k on CUDA (same bits; transformers' function elsewhere)
     fuse_silu_mul(model, spec_for(model).mlp)  # SiLU(gate) * up in one launch on CUDA (the reference elsewhere)
     if fuse:
-        defer_norms(model)
+        if os.environ.get("FLATQUANT_FUSE_NORMS", "1") != "0":  # 0: separate norm launches (comparisons)
+            defer_norms(model)
         consumers: dict[int, list[SharedInputLinear]] = {}
         for mod in model.modules():
             if isinstance(mod, SharedInputLinear):
