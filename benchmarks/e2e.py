@@ -103,12 +103,9 @@ def bf16_model(cfg: dict, device, dtype):
         return AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype, attn_implementation="sdpa").eval()
 
 
-@torch.no_grad()
-def w4a4_model(cfg: dict, device, dtype, seed: int = 0):
-    """The packed runtime for ``cfg`` with random 4-bit codes, scales, orthogonal factors and embeddings."""
-    config = LlamaConfig(**cfg)
+def _transforms(cfg: dict) -> dict:
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    transforms = {
+    return {
         "qkv": list(kron_factors(cfg["hidden_size"])),
         "gate_up": list(kron_factors(cfg["hidden_size"])),
         "down": list(kron_factors(cfg["intermediate_size"])),
@@ -116,13 +113,42 @@ def w4a4_model(cfg: dict, device, dtype, seed: int = 0):
         "p_h": True,
         "act_symmetric": True,
     }
-    model = packed_skeleton(config, transforms, dtype).to_empty(device=device)
+
+
+def weight_sizes(name: str, dtype=torch.bfloat16) -> dict:
+    """Bytes of the BF16 model and of the packed model (16- and 8-bit head) of a config, counted on the meta
+    device (no memory, no GPU): the checkpoint's tensors, as ``model_bytes`` counts them on a device."""
+
+    def count(model) -> int:  # these configs do not tie the embedding, so no tensor is shared
+        return sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))
+
+    cfg = CONFIGS[name]
+    with torch.device("meta"):
+        bf16 = count(AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype))
+    out = {"model": name, "weights_bytes_bf16": bf16}
+    for bits in (16, 8):
+        w4a4 = count(packed_skeleton(LlamaConfig(**cfg), _transforms(cfg), dtype, head_bits=bits))
+        out[f"weights_bytes_w4a4_head{bits}"] = w4a4
+        out[f"ratio_head{bits}"] = round(bf16 / w4a4, 3)
+    return out
+
+
+@torch.no_grad()
+def w4a4_model(cfg: dict, device, dtype, seed: int = 0, head_bits: int = 16):
+    """The packed runtime for ``cfg`` with random 4-bit codes, scales, orthogonal factors and embeddings
+    (head_bits=8: the embedding and lm_head as random int8 codes and scales)."""
+    config = LlamaConfig(**cfg)
+    model = packed_skeleton(config, _transforms(cfg), dtype, head_bits=head_bits).to_empty(device=device)
     g = torch.Generator().manual_seed(seed)  # small factors on the CPU; big tensors drawn on the device
     torch.manual_seed(seed)
     for mod in model.modules():
         for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             if t.dtype == torch.uint8:  # packed weights
                 t.random_(0, 256)
+            elif t.dtype == torch.int8:  # an 8-bit embedding / lm_head
+                t.random_(-127, 128)
+            elif name == "weight_scale":  # rows of about 0.02 standard deviation, as the 16-bit ones
+                t.fill_(0.02 / 73)
             elif name == "w_scale":  # output variance about the input's
                 t.fill_(1.0 / (4.6 * math.sqrt(2 * mod.w_packed.shape[1])))
             elif name in ("p1", "p2", "p_h"):
@@ -364,7 +390,9 @@ def measure(name, kind, cfg, args, device, dtype, res: dict) -> dict | None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
-    model = bf16_model(cfg, device, dtype) if kind == "bf16" else w4a4_model(cfg, device, dtype)
+    model = (
+        bf16_model(cfg, device, dtype) if kind == "bf16" else w4a4_model(cfg, device, dtype, head_bits=args.head_bits)
+    )
     res["weights_bytes"] = model_bytes(model)
     print(f"{name} {kind}: built in {time.perf_counter() - t0:.1f} s, {res['weights_bytes'] / 2**30:.2f} GiB")
     for b in args.prefill_batches:
@@ -501,6 +529,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="results JSON [default benchmarks/results/e2e.json; none if --quick]")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU (or the GPU) in seconds")
+    p.add_argument("--head-bits", type=int, choices=(8, 16), default=16, help="W4A4 embedding and lm_head bits")
+    p.add_argument("--sizes", action="store_true", help="only the weight bytes (meta device, no GPU), with 8-bit heads")
     p.add_argument("--models", nargs="*", default=None, help=f"subset of {sorted(CONFIGS)}")
     p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per batch size")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps first (autotuning)")
@@ -513,6 +543,17 @@ def main(argv=None) -> None:
         help="batch sizes of the profiled prefill and decode [default 4 16; quick: 2 4]",
     )  # fmt: skip
     args = p.parse_args(argv)
+    if args.sizes:
+        rows = [weight_sizes(name) for name in (args.models or CONFIGS)]
+        print(f"{'model':12} {'BF16 GB':>8} {'W4A4 GB':>8} {'ratio':>6} {'8-bit head GB':>14} {'ratio':>6}")
+        for r in rows:
+            print(
+                f"{r['model']:12} {r['weights_bytes_bf16'] / 1e9:8.2f} {r['weights_bytes_w4a4_head16'] / 1e9:8.2f} "
+                f"{r['ratio_head16']:6.2f} {r['weights_bytes_w4a4_head8'] / 1e9:14.2f} {r['ratio_head8']:6.2f}"
+            )
+        if args.out:
+            atomic_write_json(args.out, {"sizes": rows, "note": "bytes of the tensors, counted on the meta device"})
+        return
     chosen = args.prefill_batches, args.decode_batches, args.breakdown_batches
     _DEADLINE[0] = time.perf_counter() + args.budget_s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

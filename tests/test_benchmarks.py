@@ -167,3 +167,14 @@ def test_accuracy_records_name_a_local_model_by_its_base_name(tmp_path):
     assert accuracy.model_label(str(gguf)) == "smollm2.gguf"
     assert accuracy.model_label(str(gguf.parent) + os.sep) == "models"
     assert accuracy.model_label("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # a hub id as given
+
+
+def test_e2e_sizes_count_the_8_bit_head_as_codes_plus_row_scales():
+    """--sizes counts the weights on the meta device: the 8-bit head saves exactly the BF16 embedding and lm_head
+    minus their int8 codes and fp32 row scales."""
+    e2e = _load("e2e.py")
+    r = e2e.weight_sizes("llama-3-8b")
+    v, h = e2e.CONFIGS["llama-3-8b"]["vocab_size"], e2e.CONFIGS["llama-3-8b"]["hidden_size"]
+    saved = r["weights_bytes_w4a4_head16"] - r["weights_bytes_w4a4_head8"]
+    assert saved == 2 * (v * h * 2) - 2 * (v * h + 4 * v)  # two matrices: bf16 -> int8 codes + fp32 scales
+    assert r["ratio_head16"] == round(r["weights_bytes_bf16"] / r["weights_bytes_w4a4_head16"], 3)

@@ -607,3 +607,44 @@ def test_norm_folding_can_be_switched_off_for_comparisons(packed, monkeypatch):
     model = load_packed(path, device="cpu")
     assert not any(isinstance(m, runtime.DeferredRMSNorm) for m in model.modules())
     assert model.model.layers[0].self_attn.qkv_quant.w_packed is not None  # the GEMMs are still fused
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_head_halves_the_embedding_bytes_and_keeps_the_logits(tmp_path, tied):
+    """pack(head_bits=8): the input embedding and lm_head (one matrix when tied) become per-row int8 codes and
+    fp32 scales; the loaded model's embedding rows are codes * scale exactly, its logits stay within the int8
+    rounding of the 16-bit head's, and the checkpoint is smaller by about half the head's bytes."""
+    model = tiny_model("llama", tie_word_embeddings=tied)
+    cfg = fq.FlatQuantConfig(nsamples=4, seqlen=32, epochs=1, autocast_dtype="float32")
+    fq.quantize(model, cfg, _TOKENS, device="cpu", progress=False)
+    p16, p8 = pack(model, str(tmp_path / "h16")), pack(model, str(tmp_path / "h8"), head_bits=8)
+    a, b = load_packed(p16, device="cpu"), load_packed(p8, device="cpu")
+    emb = b.get_input_embeddings()
+    assert isinstance(emb, runtime.Int8Embedding) and isinstance(b.get_output_embeddings(), runtime.Int8Linear)
+    assert emb.weight_q.dtype == torch.int8 and emb.weight_q.abs().max() == 127
+    assert (b.get_output_embeddings().weight_q is emb.weight_q) == tied
+    w = a.get_input_embeddings().weight
+    torch.testing.assert_close(
+        emb.weight_q.float() * emb.weight_scale[:, None], w, rtol=0, atol=0.5 * emb.weight_scale.max().item()
+    )
+    torch.testing.assert_close(
+        emb(_TOKENS), (emb.weight_q.float() * emb.weight_scale[:, None])[_TOKENS], rtol=0, atol=0
+    )
+    with torch.no_grad():
+        h = torch.randn(2, 5, w.shape[1])
+        head_a, head_b = a.get_output_embeddings()(h), b.get_output_embeddings()(h)
+        w_a = a.get_output_embeddings().weight
+        lin = b.get_output_embeddings()
+        deq = lin.weight_q.double() * lin.weight_scale.double()[:, None]
+        torch.testing.assert_close(head_b.double(), h.double() @ deq.T, rtol=1e-5, atol=1e-5)  # codes * scale
+        bound = h.double().abs() @ (0.5 * lin.weight_scale.double()[:, None]).expand_as(deq).T  # rounding
+        assert ((head_b.double() - head_a.double()).abs() <= bound + 1e-5).all() and not torch.equal(head_a, head_b)
+        assert torch.equal(w_a, a.get_input_embeddings().weight) == tied
+        assert torch.isfinite(b(_TOKENS).logits).all()
+    head = w.numel() * w.element_size() * (1 if tied else 2)
+    size = lambda p: os.path.getsize(os.path.join(p, TENSORS_FILE))  # noqa: E731
+    assert size(p16) - size(p8) > 0.6 * head
+    assert json.load(open(os.path.join(p8, CONFIG_FILE)))["head_bits"] == 8
+    with pytest.raises(ValueError, match="head_bits=4 is not one of"):
+        pack(model, str(tmp_path / "h4"), head_bits=4)
+    assert not os.path.exists(tmp_path / "h4")

@@ -28,7 +28,7 @@ from .evaluate import perplexity
 from .files import atomic_write_json
 from .loading import DEFAULT_MODEL, load_model, load_tokenizer
 from .offload import PLACEMENTS
-from .packed import PACK_DTYPES, load_packed, pack
+from .packed import HEAD_BITS, PACK_DTYPES, load_packed, pack
 from .pipeline import quantize
 from .report import device_name, library_versions, load_records, markdown_table, write_report
 from .streaming import StreamingModel
@@ -150,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PACK_DTYPES,
         default=None,
         help="dtype of the unquantized tensors (embeddings, norms, lm_head) in the checkpoint [default: the model's]",
+    )
+    p.add_argument(
+        "--head-bits",
+        type=int,
+        choices=HEAD_BITS,
+        default=16,
+        help="8: input embedding and lm_head as per-row int8 codes + scales (about half their bytes) [default 16]",
     )
     _add_config_options(p)
     e = sub.add_parser("eval", help="perplexity of the original model, a saved calibration or a packed model")
@@ -365,7 +372,7 @@ def cmd_pack(args) -> list[dict]:
         cfg = config_from_args(args)
         _timed_quantize(model, cfg, _calibration_windows(tokenizer, args, cfg), args, args.output + ".state")
     meta = {"model": args.model, "checkpoint": args.checkpoint}
-    pack(model, args.output, overwrite=args.overwrite, metadata=meta, dtype=args.packed_dtype)
+    pack(model, args.output, overwrite=args.overwrite, metadata=meta, dtype=args.packed_dtype, head_bits=args.head_bits)
     shutil.rmtree(args.output + ".state", ignore_errors=True)
     print(f"saved packed model to {args.output}")
     cfg, seconds = model.flatquant.config, model.flatquant.seconds

@@ -171,6 +171,69 @@ class DeferredRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, applied by the next quantizer"
 
 
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row 8-bit codes of a (N, K) matrix: (codes int8 (N, K) in [-127, 127], scale fp32 (N,)),
+    scale = absmax / 127, round half to even; float64 math against the stored fp32 scale."""
+    w = weight.detach().double()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny).float()
+    codes = torch.round(w / scale.double()[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+class Int8Embedding(nn.Module):
+    """An input embedding stored as per-row int8 codes and fp32 scales (``head_bits=8`` checkpoints): each looked
+    up row is ``codes * scale`` in fp32, rounded once to the model dtype. ``weight`` is the codes (for code that
+    asks the embedding for its device)."""
+
+    def __init__(self, num: int, dim: int, dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.out_dtype = num, dim, dtype
+        self.register_buffer("weight_q", torch.empty(num, dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(num, dtype=torch.float32, device=device))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_q
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.weight_q[ids].float() * self.weight_scale[ids].unsqueeze(-1)).to(self.out_dtype)
+
+
+class Int8Linear(nn.Module):
+    """An output projection (lm_head) stored as per-row int8 codes and fp32 scales: ``x @ codes^T * scale``
+    through ``torch.ops.aten._weight_int8pack_mm`` (fp32 accumulation, the scale in x's dtype, output in x's
+    dtype) where it runs, else in fp32 over row chunks (no full dequantized copy of a large vocabulary)."""
+
+    CHUNK = 16384  # rows of the fallback's fp32 copy at a time
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        if x2.dtype in (torch.bfloat16, torch.float16, torch.float32) and hasattr(
+            torch.ops.aten, "_weight_int8pack_mm"
+        ):
+            try:
+                out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_q, self.weight_scale.to(x2.dtype))
+                return out.reshape(*lead, self.out_features)
+            except (RuntimeError, NotImplementedError):  # no kernel for this device / dtype: the fallback below
+                pass
+        xf = x2.float()
+        parts = [
+            (xf @ self.weight_q[i : i + self.CHUNK].float().T) * self.weight_scale[i : i + self.CHUNK]
+            for i in range(0, self.out_features, self.CHUNK)
+        ]
+        return torch.cat(parts, dim=-1).to(x.dtype).reshape(*lead, self.out_features)
+
+
 class SharedInputLinear(W4A4Linear):
     """A W4A4 linear whose input is quantized (and transformed) by a shared :class:`SharedInputQuant`."""
 
