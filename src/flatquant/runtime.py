@@ -180,26 +180,33 @@ def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return codes, scale
 
 
-class Int8Embedding(nn.Module):
-    """An input embedding stored as per-row int8 codes and fp32 scales (``head_bits=8`` checkpoints): each looked
-    up row is ``codes * scale`` in fp32, rounded once to the model dtype. ``weight`` is the codes (for code that
-    asks the embedding for its device)."""
+class _Int8Rows(nn.Module):
+    """A (rows, cols) matrix as per-row int8 codes (``weight_q``) and fp32 scales (``weight_scale``);
+    ``weight`` is the codes (for code that asks a module for its weight's device)."""
 
-    def __init__(self, num: int, dim: int, dtype: torch.dtype, device: torch.device | str | None = None):
+    def __init__(self, rows: int, cols: int, device: torch.device | str | None = None):
         super().__init__()
-        self.num_embeddings, self.embedding_dim, self.out_dtype = num, dim, dtype
-        self.register_buffer("weight_q", torch.empty(num, dim, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.empty(num, dtype=torch.float32, device=device))
+        self.register_buffer("weight_q", torch.empty(rows, cols, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(rows, dtype=torch.float32, device=device))
 
     @property
     def weight(self) -> torch.Tensor:
         return self.weight_q
 
+
+class Int8Embedding(_Int8Rows):
+    """An input embedding stored as per-row int8 codes and fp32 scales (``head_bits=8`` checkpoints): each looked
+    up row is ``codes * scale`` in fp32, rounded once to the model dtype."""
+
+    def __init__(self, num: int, dim: int, dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__(num, dim, device)
+        self.num_embeddings, self.embedding_dim, self.out_dtype = num, dim, dtype
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return (self.weight_q[ids].float() * self.weight_scale[ids].unsqueeze(-1)).to(self.out_dtype)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_Int8Rows):
     """An output projection (lm_head) stored as per-row int8 codes and fp32 scales: ``x @ codes^T * scale``
     through ``torch.ops.aten._weight_int8pack_mm`` (fp32 accumulation, the scale in x's dtype, output in x's
     dtype) where it runs, else in fp32 over row chunks (no full dequantized copy of a large vocabulary)."""
@@ -207,14 +214,8 @@ class Int8Linear(nn.Module):
     CHUNK = 16384  # rows of the fallback's fp32 copy at a time
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None):
-        super().__init__()
+        super().__init__(out_features, in_features, device)
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
