@@ -91,7 +91,8 @@ def compare(model, real, ids: torch.Tensor) -> list[dict]:
     hooks, patched = [], []
     for i, layer in enumerate(real_layers):
         attn, mlp = layer.get_submodule(spec.attn), layer.get_submodule(spec.mlp)
-        for s, mod in (("qkv", attn.qkv_quant), ("gate_up", mlp.gate_up_quant)):
+        shared = (attn.get_submodule(spec.q)._source[0], mlp.get_submodule(spec.gate)._source[0])
+        for s, mod in zip(("qkv", "gate_up"), shared, strict=True):
             hooks.append(mod.register_forward_hook(lambda m, a, out, key=(i, s): real_ops.__setitem__(key, out)))
         for s, lin in (("o", attn.get_submodule(spec.o)), ("down", mlp.get_submodule(spec.down))):
 
@@ -106,8 +107,15 @@ def compare(model, real, ids: torch.Tensor) -> list[dict]:
             real_ops[(i, "k")], real_ops[(i, "v")] = qk, qv = orig(k, v)
             return qk, qv
 
+        def quantize_dequantize(k, v, dtype, out=None, kvq=attn.kv_quant, i=i):
+            # a prompt into an empty cache (or no cache) quantizes and dequantizes in one launch: record the
+            # codes it writes (quantize gives the same bits) and return what it returns
+            real_ops[(i, "k")], real_ops[(i, "v")] = type(kvq).quantize(kvq, k, v)
+            return type(kvq).quantize_dequantize(kvq, k, v, dtype, out)
+
         attn.kv_quant.quantize = quantize
-        patched.append((attn.kv_quant, "quantize"))
+        attn.kv_quant.quantize_dequantize = quantize_dequantize
+        patched += [(attn.kv_quant, "quantize"), (attn.kv_quant, "quantize_dequantize")]
 
         def same_input(m, args, kwargs, i=i):  # the fake-quant model's input of this block
             if args:
@@ -162,7 +170,8 @@ def main(argv=None) -> None:
     ids = eval_windows(tokenize(tokenizer, load_text(args.eval_data)), args.eval_seqlen, 1)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.packed or pack(model, f"{tmp}/packed")
-        real = fq.load_packed(path, "cpu", torch.float32)
+        # unfused: one GEMM per linear and the layer norms as modules, so every quantizer runs as its own call
+        real = fq.load_packed(path, "cpu", torch.float32, fuse=False)
     rows = compare(model, real, ids)
 
     print(f"\n{'block':>5}{'root':>9}" + "".join(f"{s:>10}" for s in SITES) + f"{'root dist':>12}{'out rel':>10}")
