@@ -80,6 +80,27 @@ def jobs(args) -> list[Job]:
         listed.append(
             Job(f"e2e-{model}", [py, bench("e2e.py"), "--models", model, "--out", f"{out}/e2e-{model}.json"], 6)
         )
+    if args.e2e_variants:  # the same measurements of the current code without a feature, for a same-run baseline
+        short = ["--prefill-batches", "1", "--decode-batches", "1", "16", "--breakdown-batches", "1", "16"]
+        for model in ("llama-2-7b", "llama-3-8b"):
+            name = f"e2e-{model}-short"
+            listed.append(Job(name, [py, bench("e2e.py"), "--models", model, *short, "--out", f"{out}/{name}.json"], 4))
+            name = f"e2e-{model}-separate-norms"
+            argv = [py, bench("e2e.py"), "--models", model, *short, "--out", f"{out}/{name}.json"]
+            listed.append(Job(name, argv, 4, env={"FLATQUANT_FUSE_NORMS": "0"}))
+        name = "e2e-llama-3-8b-head8"
+        argv = [
+            py,
+            bench("e2e.py"),
+            "--models",
+            "llama-3-8b",
+            *short,
+            "--head-bits",
+            "8",
+            "--out",
+            f"{out}/{name}.json",
+        ]
+        listed.append(Job(name, argv, 4))
     for item in args.accuracy:
         preset, seed, overrides = parse_accuracy(item)
         name = f"accuracy-{preset}-seed{seed}" + "".join(f"-{o.replace('=', '')}" for o in overrides)
@@ -176,6 +197,12 @@ def main(argv=None) -> int:
     p.add_argument("out", help="folder for the results, logs and suite.json")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to use [default: all visible]")
     p.add_argument("--only", nargs="*", default=None, help="job name prefixes to run (e2e, decode, accuracy, ...)")
+    p.add_argument(
+        "--e2e-variants",
+        action="store_true",
+        help="also e2e at prefill batch 1 / decode batch 1, 16 with the norms as separate launches "
+        "(FLATQUANT_FUSE_NORMS=0), the same without (baseline), and LLaMA-3-8B with the 8-bit head",
+    )
     p.add_argument(
         "--accuracy", nargs="*", default=["paper:0", "accurate:0"],
         help="calibrations PRESET[:SEED[:KEY=VALUE,...]], e.g. accurate:2 accurate:3:epochs=30,lr=0.02",
