@@ -583,3 +583,16 @@ def test_fused_norm_is_refused_where_it_cannot_run():
         kq.kron_quantize_triton(xb, big1, big2, norm=(wb, 0.0))
     assert kq.fuses_norm(64, 64) and kq.fuses_norm(64, 128) and kq.fuses_norm(56, 64) and kq.fuses_norm(24, 24)
     assert not kq.fuses_norm(128, 128) and not kq.fuses_norm(86, 128)
+
+
+@pytest.mark.skipif(not CUDA, reason="the autotuner runs on CUDA only")
+@pytest.mark.parametrize("n1,n2", [(64, 64), (64, 128)])
+def test_autotuned_launch_with_a_fused_norm(n1, n2):
+    """The autotuned launch with a fused norm (NORM in the key; column-chunked candidates pruned): exact where the
+    norm is exact by construction, twice per shape (the second call launches the chosen config directly)."""
+    p1, p2 = _factors(n1, n2, seed=23)
+    for tokens in (3, 1000, 1000):
+        x, w, eps = _norm_case(tokens, n1, n2, torch.bfloat16, exact=True, seed=tokens)
+        out = kq.kron_quantize(x, p1, p2, 0.9, 0.9, norm=(w, eps))
+        xn = kq.rms_norm_reference(x, w, eps)
+        _assert_same(out, kq.kron_quantize_reference(xn, p1, p2, 0.9, 0.9), xn, p1, p2)
