@@ -648,3 +648,29 @@ def test_int8_head_halves_the_embedding_bytes_and_keeps_the_logits(tmp_path, tie
     with pytest.raises(ValueError, match="head_bits=4 is not one of"):
         pack(model, str(tmp_path / "h4"), head_bits=4)
     assert not os.path.exists(tmp_path / "h4")
+
+
+def test_int8_lm_head_falls_back_where_the_int8_kernel_is_missing(monkeypatch):
+    """Int8Linear tries aten._weight_int8pack_mm once per device type and dtype; where it raises, the chunked fp32
+    fallback gives the same products (codes * scale, fp32 sums)."""
+    lin = runtime.Int8Linear(16, 40)
+    w = torch.randn(40, 16)
+    codes, scale = runtime.quantize_rows_int8(w)
+    lin.weight_q.copy_(codes), lin.weight_scale.copy_(scale)
+    lin.CHUNK = 7  # several chunks
+    x = torch.randn(3, 16)
+    ref = (x.double() @ (codes.double() * scale.double()[:, None]).T).float()
+    monkeypatch.setattr(runtime, "_INT8PACK_RUNS", {})
+    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+    assert runtime._INT8PACK_RUNS[("cpu", torch.float32)] is True
+    calls = []
+
+    def missing(*args):
+        calls.append(1)
+        raise NotImplementedError("no kernel")
+
+    monkeypatch.setattr(runtime, "_INT8PACK_RUNS", {})
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", missing, raising=False)
+    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+    assert runtime._INT8PACK_RUNS[("cpu", torch.float32)] is False and len(calls) == 1  # tried once

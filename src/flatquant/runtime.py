@@ -219,20 +219,38 @@ class Int8Linear(_Int8Rows):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        if x2.dtype in (torch.bfloat16, torch.float16, torch.float32) and hasattr(
-            torch.ops.aten, "_weight_int8pack_mm"
-        ):
-            try:
-                out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_q, self.weight_scale.to(x2.dtype))
-                return out.reshape(*lead, self.out_features)
-            except (RuntimeError, NotImplementedError):  # no kernel for this device / dtype: the fallback below
-                pass
+        if _int8pack_mm_runs(x2, self.weight_q, self.weight_scale):
+            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_q, self.weight_scale.to(x2.dtype))
+            return out.reshape(*lead, self.out_features)
         xf = x2.float()
         parts = [
             (xf @ self.weight_q[i : i + self.CHUNK].float().T) * self.weight_scale[i : i + self.CHUNK]
             for i in range(0, self.out_features, self.CHUNK)
         ]
         return torch.cat(parts, dim=-1).to(x.dtype).reshape(*lead, self.out_features)
+
+
+_INT8PACK_RUNS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _int8pack_mm_runs(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether ``aten._weight_int8pack_mm`` has a kernel for x's device type and dtype: tried once on a tiny
+    problem and remembered. Never tried while a CUDA graph is being captured (a failing op would spoil the
+    capture): an untried case takes the fallback there (GraphedDecoder's eager warm-up steps try it first)."""
+    key = (x.device.type, x.dtype)
+    if key not in _INT8PACK_RUNS:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        ok = x.dtype in (torch.bfloat16, torch.float16, torch.float32) and hasattr(
+            torch.ops.aten, "_weight_int8pack_mm"
+        )
+        if ok:
+            try:
+                torch.ops.aten._weight_int8pack_mm(x[:1].contiguous(), codes[:8], scale[:8].to(x.dtype))
+            except (RuntimeError, NotImplementedError):
+                ok = False
+        _INT8PACK_RUNS[key] = ok
+    return _INT8PACK_RUNS[key]
 
 
 class SharedInputLinear(W4A4Linear):
