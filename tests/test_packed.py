@@ -599,6 +599,10 @@ def test_layer_norms_run_inside_the_quantizer_of_the_input_they_feed(packed, arc
     assert fused.state_dict().keys() == plain.state_dict().keys()
     torch.testing.assert_close(fused(_TOKENS).logits, plain(_TOKENS).logits, rtol=0, atol=0)
     assert fq.packed.defer_norms(fused) == 0  # already folded: nothing left to fold
+    from flatquant.kernels.rmsnorm import fuse_rms_norms
+
+    assert fuse_rms_norms(fused) == 0  # a folded norm is not swapped back into a norm that runs again
+    torch.testing.assert_close(fused(_TOKENS).logits, plain(_TOKENS).logits, rtol=0, atol=0)
 
 
 def test_norm_folding_can_be_switched_off_for_comparisons(packed, monkeypatch):

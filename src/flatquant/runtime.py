@@ -32,6 +32,7 @@ from .kernels.kv_quant import (
     quantize_kv,
     quantize_kv_at,
 )
+from .kernels.rmsnorm import FusedRMSNorm
 from .kernels.w4a4_linear import W4A4Linear, operand_gemm, quantize_operand
 
 ATTN_IMPLEMENTATION = "flatquant_packed"
@@ -155,20 +156,16 @@ class SharedInputQuant(nn.Module):
         return op
 
 
-class DeferredRMSNorm(nn.Module):
+class DeferredRMSNorm(FusedRMSNorm):
     """A decoder layer's RMSNorm whose only readers are the linears of one :class:`SharedInputQuant`: it
     passes its input through, and that module applies the norm inside its transform + quantize launch (one
     launch and one pass over the activations fewer). Keeps ``weight`` under the norm's name (same state dict)."""
-
-    def __init__(self, weight: nn.Parameter, eps: float):
-        super().__init__()
-        self.weight, self.variance_epsilon = weight, eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, applied by the next quantizer"
+        return super().extra_repr() + ", applied by the next quantizer"
 
 
 def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,17 +19,11 @@ from torch import nn
 
 from . import kron_quantize as _kq
 from . import kv_quant as _kv
+from .kron_quantize import rms_norm_reference  # the modules' arithmetic, op for op (also the fused norm's)
 
 triton, tl = _kq.triton, _kq.tl
 
 __all__ = ["FusedRMSNorm", "rms_norm", "rms_norm_reference", "rms_norm_triton"]
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The norm modules' arithmetic, op for op (see the module doc)."""
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 if triton is not None:
@@ -103,6 +97,8 @@ def fuse_rms_norms(model: nn.Module) -> int:
     ``variance_epsilon``) for :class:`FusedRMSNorm` sharing its parameter; returns how many were swapped."""
     swapped = 0
     for name, mod in list(model.named_modules()):
+        if isinstance(mod, FusedRMSNorm):  # already swapped (or folded into a quantizer: DeferredRMSNorm)
+            continue
         if type(mod).__name__.endswith("RMSNorm") and hasattr(mod, "variance_epsilon") and name:
             weight = getattr(mod, "weight", None)
             if isinstance(weight, nn.Parameter) and weight.dim() == 1:

@@ -21,6 +21,7 @@ try:  # the fused transform + quantize kernel; the torch fallback below has the 
     from flatquant.kernels.kron_quantize import kron_quantize as _kron_quantize
 except ImportError:
     _kron_quantize = _fuses_norm = None
+from flatquant.kernels.rmsnorm import rms_norm as _rms_norm
 
 __all__ = ["W4A4Linear", "kron_quantize_torch", "operand_gemm", "quantize_operand", "quantize_weight_rtn"]
 
@@ -99,12 +100,6 @@ def quantize_operand(
 def _tile_takes_norm(n: int, p1: torch.Tensor | None, p2: torch.Tensor | None) -> bool:
     n1 = p1.shape[0] if p1 is not None else (n // p2.shape[0] if p2 is not None else 1)
     return _fuses_norm is not None and _fuses_norm(n1, n // n1)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    from flatquant.kernels.rmsnorm import rms_norm  # imports this module's neighbours: deferred
-
-    return rms_norm(x, weight, eps)
 
 
 def quantize_weight_rtn(weight: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, ...]:
