@@ -884,8 +884,7 @@ def decode_attention_reference(
     Positions >= seq_lens[b] are ignored (they may hold anything, NaN included); seq_len 0 gives zeros.
     q_transform: (D, D); the queries are ``q @ q_transform`` in q's dtype (a 16-bit matmul).
     """
-    if q_transform is not None:
-        q = q @ q_transform.to(q.dtype)
+    q = _transformed_queries(q, q_transform)
     b, hq, hkv, s_cap, d = _check_decode_args(
         q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens, _Q_DTYPES + (torch.float32,)
     )
@@ -903,6 +902,16 @@ def decode_attention_reference(
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty sequence: all -inf -> NaN -> 0
     out = torch.einsum("bhgs,bhsd->bhgd", p, v)
     return out.reshape(b, hq, d).to(q.dtype)
+
+
+def _transformed_queries(q: torch.Tensor, q_transform: torch.Tensor | None) -> torch.Tensor:
+    """``q @ q_transform`` in q's dtype (a 16-bit matmul), or q without a transform."""
+    if q_transform is None:
+        return q
+    d = q.shape[-1]
+    if q_transform.shape != (d, d):
+        raise ValueError(f"q_transform must be ({d}, {d}), got {tuple(q_transform.shape)}")
+    return q @ q_transform.to(device=q.device, dtype=q.dtype)
 
 
 def _launch_splits(n_kv_programs, s_cap, block_n, device, progs_per_sm, splits=None) -> int:
@@ -983,12 +992,9 @@ def decode_attention_triton(
     out = torch.empty((b, hq, d), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
-    if q_transform is not None:
-        if q_transform.shape != (d, d):
-            raise ValueError(f"q_transform must be ({d}, {d}), got {tuple(q_transform.shape)}")
-        # a separate matmul: formed in the kernel's query load instead (an earlier version), q @ T cost 70-100 us
-        # per call at LLaMA-2-7B batch 16 on an H100, more than half the attention itself
-        q = q @ q_transform.to(device=q.device, dtype=q.dtype)
+    # a separate matmul: formed in the kernel's query load instead (an earlier version), q @ T cost 70-100 us per
+    # call at LLaMA-2-7B batch 16 on an H100, more than half the attention itself
+    q = _transformed_queries(q, q_transform)
     if config is None and AUTOTUNE and not _interpreting():
         args = (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
 
