@@ -89,10 +89,13 @@ def timed_ms(fn, device, reps: int) -> float:
 
 
 def model_bytes(model) -> int:
+    """Bytes of the model's tensors, each storage once (tied or concatenated-and-viewed tensors); on the meta
+    device, where nothing has an address, each tensor object once."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        key = id(t) if t.is_meta else t.data_ptr()
+        if key not in seen:
+            seen.add(key)
             total += t.nbytes
     return total
 
@@ -116,18 +119,14 @@ def _transforms(cfg: dict) -> dict:
 
 
 def weight_sizes(name: str, dtype=torch.bfloat16) -> dict:
-    """Bytes of the BF16 model and of the packed model (16- and 8-bit head) of a config, counted on the meta
-    device (no memory, no GPU): the checkpoint's tensors, as ``model_bytes`` counts them on a device."""
-
-    def count(model) -> int:  # these configs do not tie the embedding, so no tensor is shared
-        return sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))
-
+    """Bytes of the BF16 model and of the packed model (16- and 8-bit head) of a config, counted by
+    ``model_bytes`` on the meta device (no memory, no GPU)."""
     cfg = CONFIGS[name]
     with torch.device("meta"):
-        bf16 = count(AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype))
+        bf16 = model_bytes(AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype))
     out = {"model": name, "weights_bytes_bf16": bf16}
     for bits in (16, 8):
-        w4a4 = count(packed_skeleton(LlamaConfig(**cfg), _transforms(cfg), dtype, head_bits=bits))
+        w4a4 = model_bytes(packed_skeleton(LlamaConfig(**cfg), _transforms(cfg), dtype, head_bits=bits))
         out[f"weights_bytes_w4a4_head{bits}"] = w4a4
         out[f"ratio_head{bits}"] = round(bf16 / w4a4, 3)
     return out
