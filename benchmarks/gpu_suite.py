@@ -107,7 +107,11 @@ def jobs(args) -> list[Job]:
         argv = [py, bench("accuracy.py"), "--runs", "flatquant-w4a4kv4", "--preset", preset, "--model", args.model]
         argv += ["--calib-data", args.calib_data, "--wiki", args.wiki, "--c4", args.c4]
         argv += ["--results", f"{out}/{name}.json", "--set", f"seed={seed}", *overrides]
-        listed.append(Job(name, argv, 4 if preset == "paper" else 8, share=args.accuracy_per_gpu))
+        minutes = 4 if preset == "paper" else 8
+        epochs = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("epochs=")]
+        if epochs:  # ~9 s per epoch over SmolLM2's 30 blocks with two calibrations on one H100, plus evaluation
+            minutes = 2 + 0.16 * epochs[-1]
+        listed.append(Job(name, argv, minutes, share=args.accuracy_per_gpu))
     if args.only:
         listed = [j for j in listed if any(j.name.startswith(p) for p in args.only)]
     return listed
