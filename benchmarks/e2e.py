@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig  # noqa
 from flatquant.files import atomic_write_json  # noqa: E402
 from flatquant.kernels.rope import unfuse_rotary  # noqa: E402
 from flatquant.kvcache import GraphedDecoder, GraphedPrefill, Int4KVCache, cache_kwargs  # noqa: E402
-from flatquant.packed import finish_packed_model, packed_skeleton  # noqa: E402
+from flatquant.packed import HEAD_GROUP, finish_packed_model, head_group_for, packed_skeleton  # noqa: E402
 from flatquant.report import device_name  # noqa: E402
 from flatquant.transforms import kron_factors, random_orthogonal  # noqa: E402
 
@@ -125,19 +125,24 @@ def weight_sizes(name: str, dtype=torch.bfloat16) -> dict:
     with torch.device("meta"):
         bf16 = model_bytes(AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype))
     out = {"model": name, "weights_bytes_bf16": bf16}
-    for bits in (16, 8):
-        w4a4 = model_bytes(packed_skeleton(LlamaConfig(**cfg), _transforms(cfg), dtype, head_bits=bits))
-        out[f"weights_bytes_w4a4_head{bits}"] = w4a4
-        out[f"ratio_head{bits}"] = round(bf16 / w4a4, 3)
+    for bits, group in ((16, None), (8, None), (8, HEAD_GROUP)):
+        group = head_group_for(cfg["hidden_size"], group)
+        skeleton = packed_skeleton(LlamaConfig(**cfg), _transforms(cfg), dtype, head_bits=bits, head_group=group)
+        w4a4 = model_bytes(skeleton)
+        tag = f"head{bits}" + (f"_group{group}" if group else "")
+        out[f"weights_bytes_w4a4_{tag}"] = w4a4
+        out[f"ratio_{tag}"] = round(bf16 / w4a4, 3)
     return out
 
 
 @torch.no_grad()
-def w4a4_model(cfg: dict, device, dtype, seed: int = 0, head_bits: int = 16):
+def w4a4_model(cfg: dict, device, dtype, seed: int = 0, head_bits: int = 16, head_group: int | None = HEAD_GROUP):
     """The packed runtime for ``cfg`` with random 4-bit codes, scales, orthogonal factors and embeddings
-    (head_bits=8: the embedding and lm_head as random int8 codes and scales)."""
+    (head_bits=8: the embedding and lm_head as random int8 codes and scales, one per head_group columns)."""
     config = LlamaConfig(**cfg)
-    model = packed_skeleton(config, _transforms(cfg), dtype, head_bits=head_bits).to_empty(device=device)
+    group = head_group_for(cfg["hidden_size"], head_group) if head_bits == 8 else None
+    skeleton = packed_skeleton(config, _transforms(cfg), dtype, head_bits=head_bits, head_group=group)
+    model = skeleton.to_empty(device=device)
     g = torch.Generator().manual_seed(seed)  # small factors on the CPU; big tensors drawn on the device
     torch.manual_seed(seed)
     for mod in model.modules():
@@ -390,7 +395,9 @@ def measure(name, kind, cfg, args, device, dtype, res: dict) -> dict | None:
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
     model = (
-        bf16_model(cfg, device, dtype) if kind == "bf16" else w4a4_model(cfg, device, dtype, head_bits=args.head_bits)
+        bf16_model(cfg, device, dtype)
+        if kind == "bf16"
+        else w4a4_model(cfg, device, dtype, head_bits=args.head_bits, head_group=args.head_group or None)
     )
     res["weights_bytes"] = model_bytes(model)
     print(f"{name} {kind}: built in {time.perf_counter() - t0:.1f} s, {res['weights_bytes'] / 2**30:.2f} GiB")
@@ -529,6 +536,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="results JSON [default benchmarks/results/e2e.json; none if --quick]")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU (or the GPU) in seconds")
     p.add_argument("--head-bits", type=int, choices=(8, 16), default=16, help="W4A4 embedding and lm_head bits")
+    p.add_argument(
+        "--head-group", type=int, default=HEAD_GROUP, help="with --head-bits 8: columns per scale, 0 = per row"
+    )
     p.add_argument("--sizes", action="store_true", help="only the weight bytes (meta device, no GPU), with 8-bit heads")
     p.add_argument("--models", nargs="*", default=None, help=f"subset of {sorted(CONFIGS)}")
     p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per batch size")
@@ -544,11 +554,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.sizes:
         rows = [weight_sizes(name) for name in (args.models or CONFIGS)]
-        print(f"{'model':12} {'BF16 GB':>8} {'W4A4 GB':>8} {'ratio':>6} {'8-bit head GB':>14} {'ratio':>6}")
+        print(
+            f"{'model':12} {'BF16 GB':>8} {'W4A4 GB':>8} {'ratio':>6} {'8-bit head GB':>14} {'ratio':>6} {'grouped':>8}"
+        )
         for r in rows:
+            grouped = next(k for k in r if k.startswith("ratio_head8_group"))
             print(
                 f"{r['model']:12} {r['weights_bytes_bf16'] / 1e9:8.2f} {r['weights_bytes_w4a4_head16'] / 1e9:8.2f} "
-                f"{r['ratio_head16']:6.2f} {r['weights_bytes_w4a4_head8'] / 1e9:14.2f} {r['ratio_head8']:6.2f}"
+                f"{r['ratio_head16']:6.2f} {r['weights_bytes_w4a4_head8'] / 1e9:14.2f} {r['ratio_head8']:6.2f} "
+                f"{r[grouped]:8.3f} ({grouped.rpartition('group')[2]} columns per scale)"
             )
         if args.out:
             atomic_write_json(args.out, {"sizes": rows, "note": "bytes of the tensors, counted on the meta device"})

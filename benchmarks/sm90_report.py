@@ -6,7 +6,7 @@ comes from the compiler's metadata. Use it to drop candidates that spill or exce
 GPU run. Takes a few seconds per kernel.
 
     PYTHONPATH=src python benchmarks/sm90_report.py [--kron 112x128,64x64] [--gemm small,large] [--rope 64,128]
-        [--decode 1,4] [--silu 11008] [--json PATH]
+        [--decode 1,4] [--silu 11008] [--int8-head 128,0] [--json PATH]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from flatquant.files import atomic_write_json  # noqa: E402
 from flatquant.kernels import gemm_w4a4 as gw  # noqa: E402
+from flatquant.kernels import int8_linear as il  # noqa: E402
 from flatquant.kernels import kron_quantize as kq  # noqa: E402
 from flatquant.kernels import kv_quant as kv  # noqa: E402
 from flatquant.kernels import rope as rp  # noqa: E402
@@ -158,6 +159,25 @@ def silu_mul_reports(widths: list[int]) -> list[dict]:
     return out
 
 
+def int8_head_reports(groups: list[int]) -> list[dict]:
+    """The 8-bit head's matmul (bf16 x, int8 codes, fp32 scales), every candidate that applies to each scale
+    group (0 = per row) at decode and prefill sizes."""
+    fn = _jit(il._int8_linear_kernel)
+    types = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*bf16"}
+    sig = {n: types.get(n, "i32") for n in fn.arg_names}
+    div16 = list(types) + ["K", "stride_xm", "stride_wn", "stride_om"]
+    out = []
+    for group, bucket in itertools.product(groups, (0, 1)):
+        meta = {"GROUP": group or 4096, "GROUPED": bool(group), "M_BUCKET": bucket}
+        for c in il._prune(il._configs(), meta):
+            const = dict(meta, INTERPRET=False, **c.kwargs)
+            opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
+            rec = {"kernel": "int8_head", "group": group, "bucket": bucket, **c.kwargs, "num_warps": c.num_warps}
+            rec["num_stages"] = c.num_stages
+            out.append(_report(rec, lambda k=const, o=opts: compile_sm90(fn, sig, k, div16, o)))
+    return out
+
+
 # pointers and the integer arguments that are multiples of 16 at run time (Triton specialises those; unmarked,
 # the loads of a token row would not be vectorised and the figures would be pessimistic)
 DECODE_DIV16 = ["q_ptr", "k_ptr", "v_ptr", "ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr", "out_ptr", "acc_ptr"]
@@ -215,6 +235,7 @@ def main() -> None:
     ap.add_argument("--rope", default="64,128", help="head dims of the RoPE kernel")
     ap.add_argument("--decode", default="1,4", help="query heads per KV head of the decode attention kernel (D=128)")
     ap.add_argument("--silu", default="11008", help="row widths (intermediate sizes) of the SiLU * up kernel")
+    ap.add_argument("--int8-head", default="128,0", help="scale groups of the 8-bit head's matmul (0 = per row)")
     ap.add_argument("--json", default=None, help="also write the records here")
     args = ap.parse_args()
     pairs = [tuple(int(v) for v in p.split("x")) for p in args.kron.split(",") if p]
@@ -222,6 +243,7 @@ def main() -> None:
     records += rope_reports([int(d) for d in args.rope.split(",") if d])
     records += decode_reports([int(g) for g in args.decode.split(",") if g])
     records += silu_mul_reports([int(n) for n in args.silu.split(",") if n])
+    records += int8_head_reports([int(g) for g in args.int8_head.split(",") if g])
     bad = [r for r in records if not r["ok"]]
     print(f"{len(records)} kernels, {len(bad)} with spills, too much shared memory or compile errors")
     if args.json:

@@ -613,68 +613,81 @@ def test_norm_folding_can_be_switched_off_for_comparisons(packed, monkeypatch):
     assert model.model.layers[0].self_attn.qkv_quant.w_packed is not None  # the GEMMs are still fused
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_int8_head_halves_the_embedding_bytes_and_keeps_the_logits(tmp_path, tied):
-    """pack(head_bits=8): the input embedding and lm_head (one matrix when tied) become per-row int8 codes and
-    fp32 scales; the loaded model's embedding rows are codes * scale exactly, its logits stay within the int8
-    rounding of the 16-bit head's, and the checkpoint is smaller by about half the head's bytes."""
+def _dequantized(mod) -> torch.Tensor:
+    """codes * scale of an int8 head module in float64, per row or per group of columns (another way than the
+    modules' view arithmetic: repeat_interleave of the scales)."""
+    n, k = mod.weight_q.shape
+    s = mod.weight_scale.double().reshape(n, -1)
+    return mod.weight_q.double() * s.repeat_interleave(k // s.shape[1], dim=1)
+
+
+@pytest.mark.parametrize("tied,group", [(False, None), (True, None), (False, 16), (True, 128)])
+def test_int8_head_halves_the_embedding_bytes_and_keeps_the_logits(tmp_path, tied, group):
+    """pack(head_bits=8): the input embedding and lm_head (one matrix when tied) become int8 codes and fp32
+    scales per row or per group of columns (the default 128 falls back to 64 for the tiny model's 64 columns);
+    the loaded model's embedding rows are codes * scale exactly, its logits stay within the int8 rounding of the
+    16-bit head's, and the checkpoint is smaller by about half the head's bytes."""
     model = tiny_model("llama", tie_word_embeddings=tied)
     cfg = fq.FlatQuantConfig(nsamples=4, seqlen=32, epochs=1, autocast_dtype="float32")
     fq.quantize(model, cfg, _TOKENS, device="cpu", progress=False)
-    p16, p8 = pack(model, str(tmp_path / "h16")), pack(model, str(tmp_path / "h8"), head_bits=8)
+    p16 = pack(model, str(tmp_path / "h16"))
+    p8 = pack(model, str(tmp_path / "h8"), head_bits=8, head_group=group)
     a, b = load_packed(p16, device="cpu"), load_packed(p8, device="cpu")
     emb = b.get_input_embeddings()
     assert isinstance(emb, runtime.Int8Embedding) and isinstance(b.get_output_embeddings(), runtime.Int8Linear)
     assert emb.weight_q.dtype == torch.int8 and emb.weight_q.abs().max() == 127
+    groups = {None: 1, 16: 4, 128: 1}[group]  # 64 columns: 128 falls back to 64, one group
+    assert emb.weight_scale.shape == ((128,) if group is None else (128, groups))
     assert (b.get_output_embeddings().weight_q is emb.weight_q) == tied
     w = a.get_input_embeddings().weight
-    torch.testing.assert_close(
-        emb.weight_q.float() * emb.weight_scale[:, None], w, rtol=0, atol=0.5 * emb.weight_scale.max().item()
-    )
-    torch.testing.assert_close(
-        emb(_TOKENS), (emb.weight_q.float() * emb.weight_scale[:, None])[_TOKENS], rtol=0, atol=0
-    )
+    deq = _dequantized(emb)
+    assert ((deq - w.double()).abs() <= 0.5 * emb.weight_scale.max().item() + 1e-7).all()
+    torch.testing.assert_close(emb(_TOKENS), deq[_TOKENS].float(), rtol=0, atol=0)
     with torch.no_grad():
         h = torch.randn(2, 5, w.shape[1])
         head_a, head_b = a.get_output_embeddings()(h), b.get_output_embeddings()(h)
         w_a = a.get_output_embeddings().weight
         lin = b.get_output_embeddings()
-        deq = lin.weight_q.double() * lin.weight_scale.double()[:, None]
+        deq = _dequantized(lin)
         torch.testing.assert_close(head_b.double(), h.double() @ deq.T, rtol=1e-5, atol=1e-5)  # codes * scale
-        bound = h.double().abs() @ (0.5 * lin.weight_scale.double()[:, None]).expand_as(deq).T  # rounding
+        half = 0.5 * lin.weight_scale.double().reshape(len(deq), -1).repeat_interleave(64 // groups, dim=1)
+        bound = h.double().abs() @ half.T  # rounding
         assert ((head_b.double() - head_a.double()).abs() <= bound + 1e-5).all() and not torch.equal(head_a, head_b)
         assert torch.equal(w_a, a.get_input_embeddings().weight) == tied
         assert torch.isfinite(b(_TOKENS).logits).all()
     head = w.numel() * w.element_size() * (1 if tied else 2)
     size = lambda p: os.path.getsize(os.path.join(p, TENSORS_FILE))  # noqa: E731
-    assert size(p16) - size(p8) > 0.6 * head
-    assert json.load(open(os.path.join(p8, CONFIG_FILE)))["head_bits"] == 8
+    assert size(p16) - size(p8) > 0.5 * head
+    meta = json.load(open(os.path.join(p8, CONFIG_FILE)))
+    assert meta["head_bits"] == 8 and meta["head_group"] == {None: None, 16: 16, 128: 64}[group]
     with pytest.raises(ValueError, match="head_bits=4 is not one of"):
         pack(model, str(tmp_path / "h4"), head_bits=4)
+    with pytest.raises(ValueError, match="head_group=24 must be a multiple of 16 that divides the hidden size 64"):
+        pack(model, str(tmp_path / "h4"), head_bits=8, head_group=24)
     assert not os.path.exists(tmp_path / "h4")
 
 
-def test_int8_lm_head_falls_back_where_the_int8_kernel_is_missing(monkeypatch):
-    """Int8Linear tries aten._weight_int8pack_mm once per device type and dtype; where it raises, the chunked fp32
-    fallback gives the same products (codes * scale, fp32 sums)."""
-    lin = runtime.Int8Linear(16, 40)
-    w = torch.randn(40, 16)
-    codes, scale = runtime.quantize_rows_int8(w)
+def test_grouped_int8_rows_against_float64():
+    """quantize_rows_int8 per group: codes within [-127, 127], each group's absmax at +-127, rows rebuilt within
+    half a step; Int8Linear (reference on the CPU) equals x @ (codes * scale)^T in float64."""
+    w = torch.randn(40, 96) * torch.logspace(-2, 1, 96)  # columns of very different size: groups matter
+    codes, scale = runtime.quantize_rows_int8(w, 32)
+    assert codes.dtype == torch.int8 and scale.shape == (40, 3) and scale.dtype == torch.float32
+    assert torch.equal(codes.view(40, 3, 32).abs().amax(-1), torch.full((40, 3), 127, dtype=torch.int8))
+    lin = runtime.Int8Linear(96, 40, group=32)
     lin.weight_q.copy_(codes), lin.weight_scale.copy_(scale)
-    lin.CHUNK = 7  # several chunks
-    x = torch.randn(3, 16)
-    ref = (x.double() @ (codes.double() * scale.double()[:, None]).T).float()
-    monkeypatch.setattr(runtime, "_INT8PACK_RUNS", {})
-    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
-    assert runtime._INT8PACK_RUNS[("cpu", torch.float32)] is True
-    calls = []
-
-    def missing(*args):
-        calls.append(1)
-        raise NotImplementedError("no kernel")
-
-    monkeypatch.setattr(runtime, "_INT8PACK_RUNS", {})
-    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", missing, raising=False)
-    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
-    assert runtime._INT8PACK_RUNS[("cpu", torch.float32)] is False and len(calls) == 1  # tried once
+    deq = _dequantized(lin)
+    assert ((deq - w.double()).abs() <= 0.5 * scale.double().repeat_interleave(32, dim=1) + 1e-9).all()
+    per_row = runtime.quantize_rows_int8(w)
+    row_err = (per_row[0].double() * per_row[1].double()[:, None] - w.double())[:, :64].norm()
+    assert (deq - w.double())[:, :64].norm() < 0.2 * row_err  # the small columns: far closer than per row
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(lin(x).double(), x.double() @ deq.T, rtol=1e-5, atol=1e-5)
+    emb = runtime.Int8Embedding(40, 96, torch.float32, group=32)
+    emb.weight_q.copy_(codes), emb.weight_scale.copy_(scale)
+    ids = torch.tensor([[3, 0, 39], [7, 7, 1]])
+    torch.testing.assert_close(emb(ids), deq[ids].float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="group=20 must be a positive divisor of the 96 columns"):
+        runtime.quantize_rows_int8(w, 20)
+    with pytest.raises(ValueError, match="group=20 must be a positive divisor of the 96 columns"):
+        runtime.Int8Linear(96, 40, group=20)

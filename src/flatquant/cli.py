@@ -28,7 +28,7 @@ from .evaluate import perplexity
 from .files import atomic_write_json
 from .loading import DEFAULT_MODEL, load_model, load_tokenizer
 from .offload import PLACEMENTS
-from .packed import HEAD_BITS, PACK_DTYPES, load_packed, pack
+from .packed import HEAD_BITS, HEAD_GROUP, PACK_DTYPES, load_packed, pack
 from .pipeline import quantize
 from .report import device_name, library_versions, load_records, markdown_table, write_report
 from .streaming import StreamingModel
@@ -156,7 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         choices=HEAD_BITS,
         default=16,
-        help="8: input embedding and lm_head as per-row int8 codes + scales (about half their bytes) [default 16]",
+        help="8: input embedding and lm_head as int8 codes + scales (about half their bytes) [default 16]",
+    )
+    p.add_argument(
+        "--head-group",
+        type=int,
+        default=HEAD_GROUP,
+        help=f"with --head-bits 8: columns per scale, a multiple of 16 dividing the hidden size; 0 = one scale per "
+        f"row [default {HEAD_GROUP}, or the largest of 64/32/16 that divides the hidden size]",
     )
     _add_config_options(p)
     e = sub.add_parser("eval", help="perplexity of the original model, a saved calibration or a packed model")
@@ -372,7 +379,17 @@ def cmd_pack(args) -> list[dict]:
         cfg = config_from_args(args)
         _timed_quantize(model, cfg, _calibration_windows(tokenizer, args, cfg), args, args.output + ".state")
     meta = {"model": args.model, "checkpoint": args.checkpoint}
-    pack(model, args.output, overwrite=args.overwrite, metadata=meta, dtype=args.packed_dtype, head_bits=args.head_bits)
+    group = args.head_group or None
+    dt = args.packed_dtype
+    pack(
+        model,
+        args.output,
+        overwrite=args.overwrite,
+        metadata=meta,
+        dtype=dt,
+        head_bits=args.head_bits,
+        head_group=group,
+    )
     shutil.rmtree(args.output + ".state", ignore_errors=True)
     print(f"saved packed model to {args.output}")
     cfg, seconds = model.flatquant.config, model.flatquant.seconds

@@ -42,10 +42,22 @@ FORMAT = "flatquant-packed"
 FORMAT_VERSION = 1
 CONFIG_FILE, TENSORS_FILE = "flatquant-packed.json", "model.safetensors"
 _FP32_TENSORS = ("w_scale", "weight_scale", "act_clip", "k_clip", "v_clip", "p_h", "p_h_inv")
-HEAD_BITS = (
-    8,
-    16,
-)  # the input embedding and lm_head: per-row int8 codes + fp32 scales, or unquantized  # stay fp32 in any model dtype
+# the input embedding and lm_head: int8 codes + fp32 scales (one per HEAD_GROUP columns of a row), or unquantized
+HEAD_BITS = (8, 16)
+HEAD_GROUP = 128
+
+
+def head_group_for(hidden: int, group: int | None = HEAD_GROUP) -> int | None:
+    """The scale group of an 8-bit head over ``hidden`` columns: ``group`` if it divides ``hidden``; for the
+    default, the largest of 128 / 64 / 32 / 16 that does (None when none does: one scale per row); None stays
+    None. A group the kernel cannot use (not a multiple of 16, or not dividing ``hidden``) is an error."""
+    if group is None:
+        return None
+    if group < 16 or group % 16 or hidden % group:
+        if group == HEAD_GROUP:
+            return next((g for g in (64, 32, 16) if hidden % g == 0), None)
+        raise ValueError(f"head_group={group!r} must be a multiple of 16 that divides the hidden size {hidden}")
+    return group
 
 
 def _as_stored(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -176,12 +188,12 @@ def _input_embedding_name(model: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is emb)
 
 
-def _quantize_head(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Replace the input embedding's and the lm_head's weights (one matrix when tied) by per-row int8 codes
-    (``weight_q``) and fp32 scales (``weight_scale``)."""
+def _quantize_head(model: nn.Module, tensors: dict[str, torch.Tensor], group: int | None) -> None:
+    """Replace the input embedding's and the lm_head's weights (one matrix when tied) by int8 codes
+    (``weight_q``) and fp32 scales (``weight_scale``), one per row or per ``group`` columns."""
     for name in (_input_embedding_name(model) + ".weight", _output_weight_name(model)):
         if name in tensors:
-            codes, scale = quantize_rows_int8(tensors.pop(name))
+            codes, scale = quantize_rows_int8(tensors.pop(name), group)
             base = name.removesuffix(".weight")
             tensors[f"{base}.weight_q"], tensors[f"{base}.weight_scale"] = codes, scale
 
@@ -196,12 +208,16 @@ def pack(
     metadata: dict | None = None,
     dtype: torch.dtype | str | None = None,
     head_bits: int = 16,
+    head_group: int | None = HEAD_GROUP,
 ) -> str:
     """Write the real-quant checkpoint of a calibrated, merged model to folder ``path`` (atomically).
 
     head_bits: 16 keeps the input embedding and lm_head as they are (the method's choice); 8 stores them as
-    per-row int8 codes and fp32 scales (about half their bytes: for LLaMA-3-8B, whose 128256 x 4096 embedding and
+    int8 codes and fp32 scales (about half their bytes: for LLaMA-3-8B, whose 128256 x 4096 embedding and
     lm_head are 2.1 GB in BF16, the packed weights go from 2.87x to about 3.5x smaller than BF16).
+    head_group: with head_bits 8, one scale per this many consecutive columns of a row (a multiple of 16 that
+    divides the hidden size; default 128, falling back to 64 / 32 / 16 where 128 does not divide it), or None
+    for one scale per row.
 
     dtype: store the unquantized float tensors (embeddings, norms, lm_head, biases, transform factors) in this
     dtype (``torch.bfloat16`` or ``"bfloat16"`` halves them against a float32 model); default: the model's.
@@ -216,7 +232,10 @@ def pack(
         raise ValueError(f"head_bits={head_bits!r} is not one of {HEAD_BITS}")
     tensors, structure = packed_state(model)
     if head_bits == 8:
-        _quantize_head(model, tensors)
+        head_group = head_group_for(model.config.hidden_size, head_group)
+        _quantize_head(model, tensors, head_group)
+    else:
+        head_group = None
     dtype = dtype or model.get_input_embeddings().weight.dtype
     tensors = {k: _as_stored(k, v, dtype) for k, v in tensors.items()}
     spec = spec_for(model)
@@ -227,6 +246,7 @@ def pack(
         "dtype": str(dtype).removeprefix("torch."),
         "bits": {"w": 4, "a": 4, "k": 4, "v": 4},
         "head_bits": head_bits,
+        "head_group": head_group,
         "transforms": structure,
         "architecture": dataclasses.asdict(spec),
         "hf_config": model.config.to_dict(),
@@ -298,12 +318,18 @@ def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
 
 
 def packed_skeleton(
-    config, transforms: dict, dtype: torch.dtype, spec: ArchSpec | None = None, head_bits: int = 16
+    config,
+    transforms: dict,
+    dtype: torch.dtype,
+    spec: ArchSpec | None = None,
+    head_bits: int = 16,
+    head_group: int | None = None,
 ) -> nn.Module:
     """The real-quant model of a Hugging Face ``config`` on the meta device (no memory), to be filled.
 
     transforms: the ``transforms`` entry of the packed config (docs/packed-format.md). head_bits: 8 for an int8
-    input embedding and lm_head (:class:`~flatquant.runtime.Int8Embedding`, :class:`~flatquant.runtime.Int8Linear`).
+    input embedding and lm_head (:class:`~flatquant.runtime.Int8Embedding`, :class:`~flatquant.runtime.Int8Linear`)
+    with one scale per ``head_group`` columns (None: per row).
     Fill it with :func:`load_packed`, or with ``to_empty`` and your own tensors followed by
     :func:`finish_packed_model`.
     """
@@ -314,8 +340,9 @@ def packed_skeleton(
     _install_runtime(model, spec or spec_for(model), transforms, dtype)
     if head_bits == 8:
         emb, out = model.get_input_embeddings(), model.get_output_embeddings()
-        model.set_input_embeddings(Int8Embedding(emb.num_embeddings, emb.embedding_dim, dtype, device="meta"))
-        model.set_output_embeddings(Int8Linear(out.in_features, out.out_features, device="meta"))
+        g = head_group
+        model.set_input_embeddings(Int8Embedding(emb.num_embeddings, emb.embedding_dim, dtype, "meta", g))
+        model.set_output_embeddings(Int8Linear(out.in_features, out.out_features, "meta", g))
     return model
 
 
@@ -404,7 +431,8 @@ def load_packed(
     if hf["model_type"] not in supported_architectures():
         register_architecture(hf["model_type"], spec)
     dtype = dtype or getattr(torch, meta["dtype"])
-    model = packed_skeleton(AutoConfig.for_model(**hf), meta["transforms"], dtype, spec, meta.get("head_bits", 16))
+    head = (meta.get("head_bits", 16), meta.get("head_group"))
+    model = packed_skeleton(AutoConfig.for_model(**hf), meta["transforms"], dtype, spec, *head)
     try:
         tensors = load_file(os.path.join(path, TENSORS_FILE), device=str(device))
     except (SafetensorError, OSError) as e:

@@ -24,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .kernels.int8_linear import int8_linear
 from .kernels.kron_quantize import fuses_norm
 from .kernels.kv_quant import (
     decode_attention,
@@ -168,23 +169,34 @@ class DeferredRMSNorm(FusedRMSNorm):
         return super().extra_repr() + ", applied by the next quantizer"
 
 
-def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row 8-bit codes of a (N, K) matrix: (codes int8 (N, K) in [-127, 127], scale fp32 (N,)),
+def quantize_rows_int8(weight: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit codes of a (N, K) matrix with one scale per row (``group`` None) or per ``group``
+    consecutive columns of a row: (codes int8 (N, K) in [-127, 127], scale fp32 (N,) or (N, K // group)),
     scale = absmax / 127, round half to even; float64 math against the stored fp32 scale."""
     w = weight.detach().double()
-    scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny).float()
-    codes = torch.round(w / scale.double()[:, None]).clamp(-127, 127).to(torch.int8)
-    return codes, scale
+    n, k = w.shape
+    if group is not None and (group < 1 or k % group):
+        raise ValueError(f"group={group!r} must be a positive divisor of the {k} columns")
+    g = group or k
+    wg = w.view(n, k // g, g)
+    scale = (wg.abs().amax(dim=2) / 127).clamp_min(torch.finfo(torch.float32).tiny).float()
+    codes = torch.round(wg / scale.double()[:, :, None]).clamp(-127, 127).to(torch.int8).view(n, k)
+    return codes, (scale[:, 0].contiguous() if group is None else scale)
 
 
 class _Int8Rows(nn.Module):
-    """A (rows, cols) matrix as per-row int8 codes (``weight_q``) and fp32 scales (``weight_scale``);
-    ``weight`` is the codes (for code that asks a module for its weight's device)."""
+    """A (rows, cols) matrix as int8 codes (``weight_q``) and fp32 scales (``weight_scale``): (rows,) for one
+    per row, (rows, cols // group) for one per ``group`` columns; ``weight`` is the codes (for code that asks a
+    module for its weight's device)."""
 
-    def __init__(self, rows: int, cols: int, device: torch.device | str | None = None):
+    def __init__(self, rows: int, cols: int, device: torch.device | str | None = None, group: int | None = None):
         super().__init__()
+        if group is not None and (group < 1 or cols % group):
+            raise ValueError(f"group={group!r} must be a positive divisor of the {cols} columns")
+        shape = (rows,) if group is None else (rows, cols // group)
         self.register_buffer("weight_q", torch.empty(rows, cols, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.empty(rows, dtype=torch.float32, device=device))
+        self.register_buffer("weight_scale", torch.empty(shape, dtype=torch.float32, device=device))
+        self.group = group
 
     @property
     def weight(self) -> torch.Tensor:
@@ -192,62 +204,36 @@ class _Int8Rows(nn.Module):
 
 
 class Int8Embedding(_Int8Rows):
-    """An input embedding stored as per-row int8 codes and fp32 scales (``head_bits=8`` checkpoints): each looked
-    up row is ``codes * scale`` in fp32, rounded once to the model dtype."""
+    """An input embedding stored as int8 codes with per-row or per-group fp32 scales (``head_bits=8``
+    checkpoints): each looked-up row is ``codes * scale`` in fp32, rounded once to the model dtype."""
 
-    def __init__(self, num: int, dim: int, dtype: torch.dtype, device: torch.device | str | None = None):
-        super().__init__(num, dim, device)
+    def __init__(
+        self, num: int, dim: int, dtype: torch.dtype, device: torch.device | str | None = None, group: int | None = None
+    ):
+        super().__init__(num, dim, device, group)
         self.num_embeddings, self.embedding_dim, self.out_dtype = num, dim, dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.weight_q[ids].float() * self.weight_scale[ids].unsqueeze(-1)).to(self.out_dtype)
+        codes, scale = self.weight_q[ids].float(), self.weight_scale[ids]
+        if scale.dim() == ids.dim():  # per row
+            return (codes * scale.unsqueeze(-1)).to(self.out_dtype)
+        rows = codes.view(*ids.shape, scale.shape[-1], -1) * scale.unsqueeze(-1)
+        return rows.view(*ids.shape, self.embedding_dim).to(self.out_dtype)
 
 
 class Int8Linear(_Int8Rows):
-    """An output projection (lm_head) stored as per-row int8 codes and fp32 scales: ``x @ codes^T * scale``
-    through ``torch.ops.aten._weight_int8pack_mm`` (fp32 accumulation, the scale in x's dtype, output in x's
-    dtype) where it runs, else in fp32 over row chunks (no full dequantized copy of a large vocabulary)."""
+    """An output projection (lm_head) stored as int8 codes with per-row or per-group fp32 scales:
+    :func:`~flatquant.kernels.int8_linear.int8_linear` (one Triton launch on CUDA that reads the codes once,
+    fp32 arithmetic elsewhere, output in x's dtype)."""
 
-    CHUNK = 16384  # rows of the fallback's fp32 copy at a time
-
-    def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None):
-        super().__init__(out_features, in_features, device)
+    def __init__(
+        self, in_features: int, out_features: int, device: torch.device | str | None = None, group: int | None = None
+    ):
+        super().__init__(out_features, in_features, device, group)
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        if _int8pack_mm_runs(x2, self.weight_q, self.weight_scale):
-            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_q, self.weight_scale.to(x2.dtype))
-            return out.reshape(*lead, self.out_features)
-        xf = x2.float()
-        parts = [
-            (xf @ self.weight_q[i : i + self.CHUNK].float().T) * self.weight_scale[i : i + self.CHUNK]
-            for i in range(0, self.out_features, self.CHUNK)
-        ]
-        return torch.cat(parts, dim=-1).to(x.dtype).reshape(*lead, self.out_features)
-
-
-_INT8PACK_RUNS: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def _int8pack_mm_runs(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether ``aten._weight_int8pack_mm`` has a kernel for x's device type and dtype: tried once on a tiny
-    problem and remembered. Never tried while a CUDA graph is being captured (a failing op would spoil the
-    capture): an untried case takes the fallback there (GraphedDecoder's eager warm-up steps try it first)."""
-    key = (x.device.type, x.dtype)
-    if key not in _INT8PACK_RUNS:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return False
-        ok = x.dtype in (torch.bfloat16, torch.float16, torch.float32) and hasattr(
-            torch.ops.aten, "_weight_int8pack_mm"
-        )
-        if ok:
-            try:
-                torch.ops.aten._weight_int8pack_mm(x[:1].contiguous(), codes[:8], scale[:8].to(x.dtype))
-            except (RuntimeError, NotImplementedError):
-                ok = False
-        _INT8PACK_RUNS[key] = ok
-    return _INT8PACK_RUNS[key]
+        return int8_linear(x, self.weight_q, self.weight_scale)
 
 
 class SharedInputLinear(W4A4Linear):
