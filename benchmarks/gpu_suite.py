@@ -37,7 +37,13 @@ GPU_TESTS = {
     "tests-kron": ["test_kron_quantize.py"],
     "tests-kv": ["test_kv_quant.py"],
     "tests-gemm-packed": ["test_gemm_w4a4.py", "test_packed.py"],
-    "tests-small": ["test_rope.py", "test_rmsnorm.py", "test_silu_mul.py", "test_calib_inputs.py"],
+    "tests-small": [
+        "test_rope.py",
+        "test_rmsnorm.py",
+        "test_silu_mul.py",
+        "test_int8_linear.py",
+        "test_calib_inputs.py",
+    ],
 }
 PYTEST = ["-m", "pytest", "-v", "--tb=short", "-rfE", "--durations=12", "-p", "no:cacheprovider"]
 

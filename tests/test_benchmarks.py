@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -109,6 +110,27 @@ def test_gpu_suite_plans_accuracy_runs_from_preset_and_seed(capsys):
     printed = capsys.readouterr().out
     assert "accuracy-accurate-seed3:" in printed and "--preset accurate" in printed and "seed=3" in printed
     assert "e2e" not in printed
+
+
+def test_gpu_suite_covers_every_kernel_test_file_and_sizes_calibrations_by_epochs(capsys):
+    """Every test file that imports a kernel module runs in one of the suite's GPU test jobs (a new kernel's tests
+    would otherwise never run at full shapes); a calibration's planned minutes grow with its epochs."""
+    suite = _load("gpu_suite.py")
+    tests = os.path.join(os.path.dirname(os.path.abspath(__file__)))
+    imports = re.compile(r"^(import|from) flatquant\.kernels", re.M)
+    kernel_tests = {f for f in os.listdir(tests) if f.startswith("test_") and imports.search(_read(tests, f))}
+    kernel_tests -= {"test_sm90_build.py"}  # compiles for sm_90 on the CPU: no GPU involved
+    covered = {f for files in suite.GPU_TESTS.values() for f in files}
+    assert kernel_tests and kernel_tests <= covered, sorted(kernel_tests - covered)
+    assert suite.main(["out", "--gpus", "1", "--only", "accuracy", "--accuracy", "accurate:2:epochs=90",
+                       "accurate:3", "--dry-run"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "seed2-epochs90 (~16.4 min)" in printed and "seed3 (~8 min)" in printed
+
+
+def _read(folder: str, name: str) -> str:
+    with open(os.path.join(folder, name)) as f:
+        return f.read()
 
 
 def test_gpu_suite_accuracy_runs_take_overrides_and_share_a_gpu(tmp_path, capsys):
