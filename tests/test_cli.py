@@ -99,3 +99,26 @@ def test_gptq_with_stream_is_refused_before_any_work(tmp_path, capsys):
     assert cli.main(argv) == 2
     assert "--weight-method gptq needs a single process" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            ["--head-bits", "8", "--head-group", "24"],
+            "head_group=24 must be a multiple of 16 that divides the hidden size 64",
+        ),
+        (["--head-bits", "8", "--head-group", "-16"], "head_group=-16 must be a multiple of 16"),
+        (["--head-group", "32"], "--head-group 32 applies to --head-bits 8 only"),
+    ],
+)
+def test_pack_refuses_a_bad_head_group_before_calibrating(tmp_path, monkeypatch, capsys, extra, message):
+    """A head group the 8-bit head cannot use fails as soon as the model's hidden size is known: no calibration
+    runs (the quantize function is never reached) and no output is written."""
+    monkeypatch.setattr(cli, "load_model", lambda name, dtype=None: (tiny_model("llama"), None))
+    calibrated = []
+    monkeypatch.setattr(cli, "_timed_quantize", lambda *a, **k: calibrated.append(1))
+    argv = ["pack", "--output", str(tmp_path / "p"), "--device", "cpu", "--quiet", *extra]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not calibrated and not (tmp_path / "p").exists()

@@ -126,3 +126,29 @@ def test_tuned_candidates_cover_every_group_the_tuner_takes():
             keep = il._prune(configs, {"GROUP": group, "GROUPED": grouped, "M_BUCKET": bucket})
             assert keep and all((c.kwargs["BLOCK_M"] == 16) == (bucket == 0) for c in keep)
             assert not grouped or all(group % c.kwargs["BLOCK_K"] == 0 and c.kwargs["BLOCK_M"] < 128 for c in keep)
+
+
+@needs_triton
+def test_kernel_reads_scales_of_any_layout():
+    """Grouped scales with the groups not adjacent in memory (a transposed layout) give the same result."""
+    x, codes, scale = _problem(5, 48, 128, 32, torch.bfloat16, seed=7)
+    strided = scale.t().contiguous().t()
+    assert strided.stride(-1) != 1
+    assert torch.equal(il.int8_linear_triton(x, codes, strided), il.int8_linear_triton(x, codes, scale))
+
+
+@needs_triton
+def test_auto_takes_the_reference_for_groups_the_kernel_cannot_use(monkeypatch):
+    """Where the kernel would run (forced here: "auto" picks Triton as on CUDA), groups that are not a multiple of
+    16 columns go to the reference instead of raising; groups of 16 go to the kernel."""
+    monkeypatch.setattr(il._kv, "_pick", lambda impl, x: "triton")
+    calls = []
+    real = il.int8_linear_triton
+    monkeypatch.setattr(il, "int8_linear_triton", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(3, 32).to(DEVICE, torch.bfloat16)
+    codes = torch.randint(-127, 128, (8, 32), dtype=torch.int8).to(DEVICE)
+    out8 = il.int8_linear(x, codes, torch.rand(8, 4, device=DEVICE))  # groups of 8
+    assert not calls and out8.shape == (3, 8)
+    s16 = torch.rand(8, 2, device=DEVICE)
+    _close_to_float64(il.int8_linear(x, codes, s16), x, codes, s16)
+    assert calls == [1]

@@ -687,6 +687,7 @@ def test_grouped_int8_rows_against_float64():
     emb.weight_q.copy_(codes), emb.weight_scale.copy_(scale)
     ids = torch.tensor([[3, 0, 39], [7, 7, 1]])
     torch.testing.assert_close(emb(ids), deq[ids].float(), rtol=0, atol=0)
+    assert emb(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, 96)  # no ids: an empty batch of rows
     with pytest.raises(ValueError, match="group=20 must be a positive divisor of the 96 columns"):
         runtime.quantize_rows_int8(w, 20)
     with pytest.raises(ValueError, match="group=20 must be a positive divisor of the 96 columns"):

@@ -28,7 +28,7 @@ from .evaluate import perplexity
 from .files import atomic_write_json
 from .loading import DEFAULT_MODEL, load_model, load_tokenizer
 from .offload import PLACEMENTS
-from .packed import HEAD_BITS, HEAD_GROUP, PACK_DTYPES, load_packed, pack
+from .packed import HEAD_BITS, HEAD_GROUP, PACK_DTYPES, head_group_for, load_packed, pack
 from .pipeline import quantize
 from .report import device_name, library_versions, load_records, markdown_table, write_report
 from .streaming import StreamingModel
@@ -372,14 +372,20 @@ def cmd_pack(args) -> list[dict]:
     """Pack a saved (or fresh) calibration; with --eval-data, perplexity of the fake- and real-quant models."""
     if os.path.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite or choose another --output")
+    if args.head_bits != 8 and args.head_group != HEAD_GROUP:
+        raise ValueError(
+            f"--head-group {args.head_group} applies to --head-bits 8 only (got --head-bits {args.head_bits})"
+        )
     model, tokenizer = load_model(args.model, args.dtype)
+    group = args.head_group or None
+    if args.head_bits == 8:  # a group that cannot work fails here, not after the calibration
+        group = head_group_for(model.config.hidden_size, group)
     if args.checkpoint is not None:
         load_quantized(model, args.checkpoint, args.device)
     else:
         cfg = config_from_args(args)
         _timed_quantize(model, cfg, _calibration_windows(tokenizer, args, cfg), args, args.output + ".state")
     meta = {"model": args.model, "checkpoint": args.checkpoint}
-    group = args.head_group or None
     dt = args.packed_dtype
     pack(
         model,

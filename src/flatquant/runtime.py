@@ -217,7 +217,8 @@ class Int8Embedding(_Int8Rows):
         codes, scale = self.weight_q[ids].float(), self.weight_scale[ids]
         if scale.dim() == ids.dim():  # per row
             return (codes * scale.unsqueeze(-1)).to(self.out_dtype)
-        rows = codes.view(*ids.shape, scale.shape[-1], -1) * scale.unsqueeze(-1)
+        groups = scale.shape[-1]
+        rows = codes.view(*ids.shape, groups, self.embedding_dim // groups) * scale.unsqueeze(-1)
         return rows.view(*ids.shape, self.embedding_dim).to(self.out_dtype)
 
 

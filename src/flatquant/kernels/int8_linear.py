@@ -156,7 +156,7 @@ def _block_k(group: int, grouped: bool) -> int:
 def int8_linear_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, config: dict | None = None):
     """One Triton launch of :func:`int8_linear_reference` (x (..., K) bf16 / fp16 with unit stride over K).
     config: fixed ``{"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"}`` instead of tuning (the
-    interpreter always uses a fixed one). Grouped scales need a group of at least 16 columns."""
+    interpreter always uses a fixed one). Grouped scales need groups of a multiple of 16 columns."""
     reason = _kv.triton_unavailable_reason(x)
     if reason is not None:
         raise RuntimeError(f"int8_linear triton kernel cannot run: {reason}")
@@ -176,6 +176,7 @@ def int8_linear_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     codes = codes if codes.stride(-1) == 1 else codes.contiguous()
     s2 = scale.reshape(n, -1)
+    s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()  # the kernel steps through a row's groups with stride 1
     m = x2.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
@@ -202,8 +203,11 @@ def int8_linear_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
 
 
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """x @ dequant(codes, scale)^T (see the module doc). impl: "auto" (Triton on CUDA for 16-bit x, else the
-    reference), "triton" or "torch" (forced; RuntimeError when the forced kernel cannot run)."""
-    if _kv._pick(impl, x) == "triton" and (impl == "triton" or x.dtype in _kv._Q_DTYPES):
+    """x @ dequant(codes, scale)^T (see the module doc). impl: "auto" (Triton on CUDA for 16-bit x and scale
+    groups the kernel takes, else the reference), "triton" or "torch" (forced; RuntimeError when the forced
+    kernel cannot run)."""
+    group = check_int8_weight(codes, scale)
+    kernel_groups = group == codes.shape[1] or group % 16 == 0
+    if _kv._pick(impl, x) == "triton" and (impl == "triton" or (x.dtype in _kv._Q_DTYPES and kernel_groups)):
         return int8_linear_triton(x, codes, scale)
     return int8_linear_reference(x, codes, scale)
