@@ -91,9 +91,9 @@ def jobs(args) -> list[Job]:
         for model in ("llama-2-7b", "llama-3-8b"):
             name = f"e2e-{model}-short"
             listed.append(Job(name, [py, bench("e2e.py"), "--models", model, *short, "--out", f"{out}/{name}.json"], 4))
-            name = f"e2e-{model}-separate-norms"
+            name = f"e2e-{model}-separate-residual"
             argv = [py, bench("e2e.py"), "--models", model, *short, "--out", f"{out}/{name}.json"]
-            listed.append(Job(name, argv, 4, env={"FLATQUANT_FUSE_NORMS": "0"}))
+            listed.append(Job(name, argv, 4, env={"FLATQUANT_FUSE_RESIDUAL": "0"}))
         name = "e2e-llama-3-8b-head8"
         argv = [
             py,
@@ -210,8 +210,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--e2e-variants",
         action="store_true",
-        help="also e2e at prefill batch 1 / decode batch 1, 16 with the norms as separate launches "
-        "(FLATQUANT_FUSE_NORMS=0), the same without (baseline), and LLaMA-3-8B with the 8-bit head",
+        help="also e2e at prefill batch 1 / decode batch 1, 16 with the residual additions as separate launches "
+        "(FLATQUANT_FUSE_RESIDUAL=0), the same without (baseline), and LLaMA-3-8B with the 8-bit head",
     )
     p.add_argument(
         "--accuracy", nargs="*", default=["paper:0", "accurate:0"],

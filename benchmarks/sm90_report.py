@@ -112,20 +112,24 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
 def gemm_reports(sets: list[str]) -> list[dict]:
     ptrs = ["x_ptr", "w_ptr", "out_ptr", "xs_ptr", "ws_ptr", "xz_ptr", "zc_ptr", "bias_ptr", "gs_ptr"]
     types = {"x_ptr": "*i8", "w_ptr": "*u8", "out_ptr": "*bf16", "part_ptr": "*i32", "cnt_ptr": "*i32"}
-    sig = {p: types.get(p, "*fp32") for p in ptrs + ["part_ptr", "cnt_ptr"]}
+    types["res_ptr"] = "*bf16"
+    sig = {p: types.get(p, "*fp32") for p in ptrs + ["part_ptr", "cnt_ptr", "res_ptr"]}
     ints = ["M", "N", "K", "K2", "M_KEY", "group_size", "stride_xm", "stride_wn", "stride_om", "stride_gn"]
+    ints += ["stride_rm"]
     sig |= dict.fromkeys(ints, "i32")
     div16 = ["x_ptr", "w_ptr", "out_ptr", "K", "K2", "N", "stride_xm", "stride_wn", "stride_om"]
     configs = {"large": gw.LARGE_CONFIGS, "small": gw.SMALL_CONFIGS, "large_fp8": gw.LARGE_CONFIGS_FP8}
     configs["small_fp8"] = gw.SMALL_CONFIGS_FP8
     out = []
-    for name in sets:
-        for c in configs[name]:
+    for name, res in itertools.product(sets, (False, True)):
+        # with the residual epilogue (o_proj, down_proj) only the candidates the autotuner keeps for it
+        for c in gw._prune_residual(configs[name], {"HAS_RES": res}):
             fp8 = name.endswith("fp8")
-            const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_GROUP=False, USE_FP8=fp8, X_FP8=fp8, USE_ASM=True)
-            const |= dict(EVEN_K=True, **c.kwargs)
+            const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_GROUP=False, HAS_RES=res, USE_FP8=fp8, X_FP8=fp8)
+            const |= dict(USE_ASM=True, EVEN_K=True, **c.kwargs)
             opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
-            rec = {"kernel": "w4a4_gemm", "set": name, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+            rec = {"kernel": "w4a4_gemm", "set": name, "residual": res, **c.kwargs, "num_warps": c.num_warps}
+            rec["num_stages"] = c.num_stages
             out.append(_report(rec, lambda c=const, o=opts: compile_sm90(gw._w4a4_gemm_kernel, sig, c, div16, o)))
     return out
 

@@ -203,19 +203,19 @@ def test_e2e_sizes_count_the_8_bit_head_as_codes_plus_row_scales():
 
 
 def test_gpu_suite_e2e_variants_time_a_feature_against_its_absence_in_one_run(capsys):
-    """--e2e-variants adds short e2e runs with the layer norms as separate launches (environment switch), the
-    same runs with the current defaults as their baseline, and LLaMA-3-8B with the 8-bit head."""
+    """--e2e-variants adds short e2e runs with the residual additions as separate launches (environment switch),
+    the same runs with the current defaults as their baseline, and LLaMA-3-8B with the 8-bit head."""
     import types
 
     suite = _load("gpu_suite.py")
     args = types.SimpleNamespace(out="o", accuracy=[], accuracy_per_gpu=1, only=None, e2e_variants=True)
     args.model, args.calib_data, args.wiki, args.c4 = "m", "c", "w", "c4"
     listed = {j.name: j for j in suite.jobs(args)}
-    sep = listed["e2e-llama-2-7b-separate-norms"]
-    assert sep.env == {"FLATQUANT_FUSE_NORMS": "0"} and listed["e2e-llama-2-7b-short"].env is None
+    sep = listed["e2e-llama-2-7b-separate-residual"]
+    assert sep.env == {"FLATQUANT_FUSE_RESIDUAL": "0"} and listed["e2e-llama-2-7b-short"].env is None
     assert sep.argv[2:][:-2] == listed["e2e-llama-2-7b-short"].argv[2:][:-2]  # same measurements
     assert "--head-bits" in listed["e2e-llama-3-8b-head8"].argv
     assert not any(
-        n.endswith("separate-norms")
+        n.endswith("separate-residual")
         for n in (j.name for j in suite.jobs(types.SimpleNamespace(**{**vars(args), "e2e_variants": False})))
     )

@@ -164,7 +164,7 @@ def test_auto_path_is_int8(monkeypatch):
     seen = {}
 
     def spy(x_codes, *args):
-        seen["dtype"], seen["path"] = x_codes.dtype, args[-2]
+        seen["dtype"], seen["path"] = x_codes.dtype, args[-3]  # (..., path, config, residual)
         return torch.zeros(x_codes.shape[0], args[1].shape[0])
 
     monkeypatch.setattr(g, "_w4a4_gemm_triton", spy)
@@ -190,11 +190,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from flatquant.kernels.gemm_w4a4 import _w4a4_gemm_kernel as kern
 ptrs = ["x_ptr", "w_ptr", "out_ptr", "xs_ptr", "ws_ptr", "xz_ptr", "zc_ptr", "bias_ptr", "gs_ptr"]
-ptrs += ["part_ptr", "cnt_ptr"]
-ints = ["M", "N", "K", "K2", "M_KEY", "group_size", "stride_xm", "stride_wn", "stride_om", "stride_gn"]
+ptrs += ["part_ptr", "cnt_ptr", "res_ptr"]
+ints = ["M", "N", "K", "K2", "M_KEY", "group_size", "stride_xm", "stride_wn", "stride_om", "stride_gn", "stride_rm"]
 sig = {p: "*i8" if p == "x_ptr" else "*u8" if p == "w_ptr" else "*i32" if p in ("part_ptr", "cnt_ptr") else "*fp32"
        for p in ptrs} | dict.fromkeys(ints, "i32")
-const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_GROUP=False, USE_FP8=True, X_FP8=True, USE_ASM=True, EVEN_K=True,
+const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_GROUP=False, HAS_RES=False, USE_FP8=True, X_FP8=True, USE_ASM=True,
+             EVEN_K=True,
              BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_K=1, SWAP_AB=False)
 sig |= dict.fromkeys(const, "constexpr")
 src = ASTSource(kern, sig, constexprs={(list(sig).index(k),): v for k, v in const.items()})
@@ -487,3 +488,56 @@ def test_outputs_past_two_to_the_31_elements():
     tail = slice(m - 80, m)
     want = w4a4_gemm_reference(x[tail], xs[tail], pack_int4(w), ws)
     torch.testing.assert_close(out[tail].float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------- residual
+@needs_triton
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "m,n,k,cfg",
+    [
+        (5, 37, 130, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1)),
+        (3, 70, 1029, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, SPLIT_K=4)),  # the last slice adds it
+        (33, 40, 190, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, SWAP_AB=True)),
+    ],
+)
+def test_residual_in_the_epilogue_equals_the_separate_addition(m, n, k, cfg, out_dtype):
+    """residual= adds a (strided) residual after the output's rounding, bit for bit ``residual + out`` as the
+    decoder layer computes it, in the kernel (plain, split-K, SWAP_AB tiles) and in the reference."""
+    x, w, xs, ws, xz = _operands(m, n, k, asym=True, seed=k)
+    bias = torch.randn(n, generator=_gen(5)).to(out_dtype)
+    args = [t.to(DEV) for t in (x, xs, pack_int4(w), ws, bias, xz)]
+    wide = torch.randn(m, n + 9, generator=_gen(6)).to(DEV, out_dtype)
+    residual = wide[:, 3 : n + 3]  # a column slice: row stride n + 9
+    cfg = dict(cfg, **(dict(num_warps=4, num_stages=3) if DEV == "cuda" else {}))
+    for impl, kw in (("triton", dict(config=cfg)), ("reference", {})):
+        out = w4a4_gemm(*args, out_dtype=out_dtype, impl=impl, **kw)
+        fused = w4a4_gemm(*args, out_dtype=out_dtype, impl=impl, residual=residual, **kw)
+        assert torch.equal(fused, residual + out), impl
+    with pytest.raises(ValueError, match=rf"residual must be \({m}, {n}\) {out_dtype}"):
+        w4a4_gemm(*args, out_dtype=out_dtype, impl="reference", residual=residual[:, :5])
+
+
+def test_layer_adds_a_residual_of_another_dtype_separately():
+    """A W4A4 linear given a residual in another dtype than its output adds it outside the GEMM (same result as
+    the addition written out)."""
+    lin = W4A4Linear(64, 24, bias=True, transform_sizes=(8, 8), out_dtype=torch.float32, act_impl="torch")
+    lin.w_packed.copy_(pack_int4(torch.randint(-8, 8, (24, 64), generator=_gen(8), dtype=torch.int8)))
+    x = torch.randn(3, 64, generator=_gen(9))
+    res64 = torch.randn(3, 24, generator=_gen(10), dtype=torch.float64)
+    torch.testing.assert_close(lin(x, residual=res64), res64 + lin(x), rtol=0, atol=0)
+    lin.next_residual = res64.float()
+    torch.testing.assert_close(lin(x), res64.float() + lin(x), rtol=0, atol=0)  # handed over once, then gone
+    assert lin.next_residual is None
+
+
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 16, 2048])
+def test_gpu_autotuned_residual_epilogue(m):
+    """The autotuner's residual candidates (128 x 128 output tiles at most) at an o_proj shape, bf16."""
+    k = n = 4096
+    x, w, xs, ws, _ = _operands(m, n, k, seed=m)
+    args = [t.to(DEV) for t in (x, xs, pack_int4(w), ws)]
+    residual = torch.randn(m, n, generator=_gen(11)).to(DEV, torch.bfloat16)
+    out = w4a4_gemm(*args, out_dtype=torch.bfloat16)
+    assert torch.equal(w4a4_gemm(*args, out_dtype=torch.bfloat16, residual=residual), residual + out)

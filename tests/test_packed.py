@@ -692,3 +692,38 @@ def test_grouped_int8_rows_against_float64():
         runtime.quantize_rows_int8(w, 20)
     with pytest.raises(ValueError, match="group=20 must be a positive divisor of the 96 columns"):
         runtime.Int8Linear(96, 40, group=20)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@torch.no_grad()
+def test_residual_additions_run_in_the_o_and_down_gemms(packed, arch, monkeypatch):
+    """load_packed lets each decoder layer add its two residuals in the o_proj and down_proj GEMMs' epilogues;
+    the logits are bit for bit those of the layers' own additions (bf16, and fp32), the state dict is unchanged,
+    and o_proj holds no residual once the layer has run."""
+    _, _, path = packed[arch]
+    for dtype in (torch.bfloat16, torch.float32):
+        fused = load_packed(path, device="cpu", dtype=dtype)
+        monkeypatch.setenv("FLATQUANT_FUSE_RESIDUAL", "0")
+        plain = load_packed(path, device="cpu", dtype=dtype)
+        monkeypatch.delenv("FLATQUANT_FUSE_RESIDUAL")
+        assert all(isinstance(layer, runtime.ResidualFusedLayer) for layer in fused.model.layers)
+        assert not any(isinstance(layer, runtime.ResidualFusedLayer) for layer in plain.model.layers)
+        assert fused.state_dict().keys() == plain.state_dict().keys()
+        calls = []
+
+        def pending(mod, args, kwargs, calls=calls):  # at call time: a residual passed or handed over
+            calls.append(kwargs.get("residual") is not None or mod.next_residual is not None)
+
+        for layer in fused.model.layers:  # the residual really reaches both GEMMs
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                lin.register_forward_pre_hook(pending, with_kwargs=True)
+        want = plain(_TOKENS).logits
+        torch.testing.assert_close(fused(_TOKENS).logits, want, rtol=0, atol=0)
+        assert len(calls) == 2 * len(fused.model.layers) and all(calls)
+        assert all(layer.self_attn.o_proj.next_residual is None for layer in fused.model.layers)
+        assert fq.packed.fuse_residuals(fused) == 0  # already fused
+        # positional arguments after hidden_states are named as the layer's own forward names them
+        layer, h = fused.model.layers[0], torch.randn(1, 4, fused.config.hidden_size, dtype=dtype)
+        emb = fused.model.rotary_emb(h, torch.arange(4)[None])
+        ref = plain.model.layers[0](h, None, position_embeddings=emb)
+        torch.testing.assert_close(layer(h, None, position_embeddings=emb), ref, rtol=0, atol=0)

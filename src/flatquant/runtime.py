@@ -16,6 +16,7 @@ A packed decoder block keeps Hugging Face's own modules and forward; only these 
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -167,6 +168,40 @@ class DeferredRMSNorm(FusedRMSNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", applied by the next quantizer"
+
+
+class ResidualFusedLayer:
+    """Mixed into a decoder layer's own class by :func:`~flatquant.packed.fuse_residuals`: the same computation
+    (pre-norm attention, then pre-norm MLP, each added to the residual stream) with both residual additions done
+    by the W4A4 GEMMs of o_proj and down_proj in their epilogues, bit for bit what the separate additions give.
+    ``_fq_spec`` (an :class:`~flatquant.arch.ArchSpec`) names the submodules. The layer's keyword arguments go
+    to the attention module unchanged, as transformers' own layers pass them."""
+
+    _fq_spec = None
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args:  # positional arguments after hidden_states, named as the layer's own forward names them
+            names = [p for p in inspect.signature(super().forward).parameters if p not in ("self", "hidden_states")]
+            kwargs = {**dict(zip(names, args, strict=False)), **kwargs}
+        spec = self._fq_spec
+        attn = self.get_submodule(spec.attn)
+        o_proj = attn.get_submodule(spec.o)
+        o_proj.next_residual = hidden_states  # o_proj's next call adds it: residual + attention output
+        try:
+            h = attn(hidden_states=self.get_submodule(spec.input_norm)(hidden_states), **kwargs)[0]
+        finally:
+            o_proj.next_residual = None
+        return self.get_submodule(spec.mlp)(self.get_submodule(spec.post_norm)(h), residual=h)
+
+
+_RESIDUAL_CLASSES: dict[type, type] = {}
+
+
+def residual_fused_class(cls: type) -> type:
+    """``cls`` with :class:`ResidualFusedLayer`'s forward (one subclass per decoder-layer class)."""
+    if cls not in _RESIDUAL_CLASSES:
+        _RESIDUAL_CLASSES[cls] = type(f"ResidualFused{cls.__name__}", (ResidualFusedLayer, cls), {})
+    return _RESIDUAL_CLASSES[cls]
 
 
 def quantize_rows_int8(weight: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -138,12 +138,16 @@ def w4a4_gemm_reference(
     w_group_scale: torch.Tensor | None = None,
     group_size: int | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch W4A4 GEMM with exact integer math (float64 holds every partial sum exactly).
 
-    Shapes and dtypes as in the module docstring; returns (M, N) ``out_dtype``.
+    Shapes and dtypes as in the module docstring; returns (M, N) ``out_dtype``. residual: (M, N), added to
+    the result after its rounding to ``out_dtype`` (``residual + out`` in ``out_dtype``, as a decoder layer
+    adds its residual).
     """
     m, n, k = _check_operands(x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype)
+    _check_residual(residual, m, n, out_dtype)
     x = x_codes.to(torch.float64)  # (M, K)
     if x_zero is not None:
         x = x - x_zero.to(torch.float64)[:, None]
@@ -158,7 +162,21 @@ def w4a4_gemm_reference(
     out = acc * x_scale.to(torch.float64)[:, None] * w_scale.to(torch.float64)[None, :]
     if bias is not None:
         out = out + bias.to(torch.float64)[None, :]
-    return out.to(out_dtype)
+    return _add_residual(out.to(out_dtype), residual)
+
+
+def _check_residual(residual: torch.Tensor | None, m: int, n: int, out_dtype: torch.dtype) -> None:
+    if residual is None:
+        return
+    if residual.shape != (m, n) or residual.dtype != out_dtype or residual.stride(-1) != 1:
+        raise ValueError(
+            f"residual must be ({m}, {n}) {out_dtype} with unit stride over N, got {tuple(residual.shape)} "
+            f"{residual.dtype} with strides {residual.stride()}"
+        )
+
+
+def _add_residual(out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    return out if residual is None else residual + out
 
 
 # ------------------------------------------------------------------------------------------------ triton
@@ -263,6 +281,8 @@ if _HAS_TRITON:
         # split-K (decode): int32 partial sums (SPLIT_K, M, N) and one arrival counter per output tile
         part_ptr,
         cnt_ptr,
+        # residual (M, N) in the output dtype, added after the output's rounding
+        res_ptr,
         # sizes and strides (inner strides are 1)
         M,
         N,
@@ -274,10 +294,12 @@ if _HAS_TRITON:
         stride_wn,
         stride_om,
         stride_gn,
+        stride_rm,
         # features
         HAS_ZERO: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_GROUP: tl.constexpr,
+        HAS_RES: tl.constexpr,
         USE_FP8: tl.constexpr,
         X_FP8: tl.constexpr,  # x holds float8_e4m3fn bytes (passed as int8)
         USE_ASM: tl.constexpr,
@@ -404,7 +426,12 @@ if _HAS_TRITON:
             b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             res = res + b[None, :]
         out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        y = res.to(out_ptr.dtype.element_ty)
+        if HAS_RES:  # the decoder layer's residual + this output, each rounded as the unfused add would be
+            r_ptrs = res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
+            r = tl.load(r_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            y = (r.to(tl.float32) + y.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptrs, y, mask=mask_m[:, None] & mask_n[None, :])
 
     _kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_w4a4_gemm_kernel)
 
@@ -454,8 +481,17 @@ if _HAS_TRITON:
         _cfg(16, 32, 128, 4, 4, 1),
         _cfg(16, 64, 128, 4, 4, 1),
     ]
-    _KEY = ["M_KEY", "N", "K", "HAS_ZERO", "HAS_BIAS", "USE_FP8", "X_FP8"]
-    _large = _autotune(LARGE_CONFIGS, key=_KEY)(_kernel)
+    _KEY = ["M_KEY", "N", "K", "HAS_ZERO", "HAS_BIAS", "HAS_RES", "USE_FP8", "X_FP8"]
+
+    def _prune_residual(configs, named_args, **kwargs):
+        """With the residual epilogue, output tiles of at most 128 x 128: the 128 x 256 and 256 x 128 tiles spill
+        in the sm_90 build when the residual tile joins the accumulator (benchmarks/sm90_report.py)."""
+        if not {**named_args, **kwargs}.get("HAS_RES"):
+            return configs
+        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128] or configs[:1]
+
+    _PRUNE = {"early_config_prune": _prune_residual}
+    _large = _autotune(LARGE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_kernel)
     # FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K (exact tile sums); SWAP_AB is an INT8-path option; at most 128x128
     # output tiles (the per-tile fp32 sum doubles the accumulator registers: 128x256 spilled in the sm_90 build)
     LARGE_CONFIGS_FP8 = [
@@ -465,7 +501,7 @@ if _HAS_TRITON:
         and not c.kwargs["SWAP_AB"]
         and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128
     ] + [_cfg(128, 64, 128, 4, 4)]
-    _large_fp8 = _autotune(LARGE_CONFIGS_FP8, key=_KEY)(_kernel)
+    _large_fp8 = _autotune(LARGE_CONFIGS_FP8, key=_KEY, prune_configs_by=_PRUNE)(_kernel)
     # decode kernels take a few microseconds: time the candidates under CUDA graphs, not launch overhead
     _small = _autotune(SMALL_CONFIGS, key=_KEY, use_cuda_graph=True)(_kernel)
     _small_fp8 = _autotune(SMALL_CONFIGS_FP8, key=_KEY, use_cuda_graph=True)(_kernel)
@@ -513,8 +549,9 @@ def _triton_unavailable_reason(x: torch.Tensor) -> str | None:
 
 
 def _w4a4_gemm_triton(
-    x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype, path, config
-):
+    x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype, path, config,
+    residual=None,
+):  # fmt: skip
     m, n, k = x_codes.shape[0], w_packed.shape[0], x_codes.shape[1]
     dev = x_codes.device
     x_fp8 = x_codes.dtype == torch.float8_e4m3fn
@@ -559,6 +596,7 @@ def _w4a4_gemm_triton(
         gs,
         part,
         counters,
+        residual if residual is not None else out,
         m,
         n,
         k,
@@ -569,11 +607,13 @@ def _w4a4_gemm_triton(
         w_packed.stride(0),
         out.stride(0),
         gs.stride(0) if group_size is not None else 0,
+        residual.stride(0) if residual is not None else 0,
     )
     flags = dict(
         HAS_ZERO=x_zero is not None,
         HAS_BIAS=bias is not None,
         HAS_GROUP=group_size is not None,
+        HAS_RES=residual is not None,
         USE_FP8=path == "fp8" and group_size is None,
         X_FP8=x_fp8,
         USE_ASM=not _interpreting(),
@@ -634,6 +674,7 @@ def w4a4_gemm(
     impl: str = "auto",
     path: str = "auto",
     config: dict | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W4A4 GEMM dispatcher: (M, K) int8 codes x (N, ceil(K/2)) packed int4 -> (M, N) ``out_dtype``.
 
@@ -647,6 +688,9 @@ def w4a4_gemm(
             |sum| < 2^24 (K <= 139,810 for 4-bit codes) and only on configs with BLOCK_K <= FP8_MAX_BLOCK_K.
         config: fixed tile config (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M[, num_warps, num_stages]) instead of
             autotuning; for tests and benchmarks.
+        residual: (M, N) ``out_dtype`` tensor added to the result after its rounding (``residual + out``
+            rounded once more, as a decoder layer adds its residual): in the kernel's epilogue, so the layer
+            needs no separate addition.
     Other arguments as in the module docstring.
     """
     if impl not in ("auto", "triton", "reference"):
@@ -654,12 +698,13 @@ def w4a4_gemm(
     if path not in ("auto", "int8", "fp8"):
         raise ValueError(f"path must be 'auto', 'int8' or 'fp8', got {path=}")
     _check_operands(x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype)
+    _check_residual(residual, x_codes.shape[0], w_packed.shape[0], out_dtype)
     reason = _triton_unavailable_reason(x_codes)
     if impl == "auto":
         impl = "triton" if reason is None and x_codes.device.type == "cuda" else "reference"
     if impl == "reference":
         return w4a4_gemm_reference(
-            x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype
+            x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype, residual
         )
     if reason is not None:
         raise RuntimeError(f"w4a4_gemm(impl='triton') cannot run: {reason}")
@@ -667,5 +712,6 @@ def w4a4_gemm(
     if path == "int8" and x_codes.dtype != torch.int8:
         x_codes = x_codes.to(torch.int8)  # exact: the codes are small integers
     return _w4a4_gemm_triton(
-        x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype, path, config
-    )
+        x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype, path, config,
+        residual,
+    )  # fmt: skip

@@ -19,6 +19,8 @@ the modules' arithmetic in PyTorch.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -110,8 +112,16 @@ class FusedGatedMLP(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP's output; with ``residual``, ``residual + output`` (by down_proj where it takes a residual,
+        e.g. a W4A4 linear adding it in its GEMM's epilogue)."""
+        h = silu_mul(self.gate_proj(x), self.up_proj(x))
+        if residual is None:
+            return self.down_proj(h)
+        takes = self.__dict__.get("_down_takes_residual")
+        if takes is None:  # decided once: a signature lookup per call would cost host time on every layer
+            takes = self._down_takes_residual = "residual" in inspect.signature(self.down_proj.forward).parameters
+        return self.down_proj(h, residual=residual) if takes else residual + self.down_proj(h)
 
 
 def _is_silu(act) -> bool:

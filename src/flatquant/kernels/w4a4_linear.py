@@ -123,9 +123,11 @@ def operand_gemm(
     out_dtype: torch.dtype,
     gemm_impl: str = "auto",
     prefill_fp8: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """An operand tuple (codes (..., K), scale (...,)[, zero (...,)]) times packed weights (N, ceil(K/2)):
-    (..., N) in ``out_dtype``, scales (and bias) applied."""
+    (..., N) in ``out_dtype``, scales (and bias) applied; plus ``residual`` (..., N) when given (in the GEMM's
+    epilogue where it is in ``out_dtype``, as ``residual + out`` rounded once more)."""
     codes, scale = op[0], op[1]
     zero = op[2] if len(op) > 2 else None  # None for symmetric activations
     lead = codes.shape[:-1]
@@ -133,6 +135,8 @@ def operand_gemm(
     path = "auto"  # the INT8 path
     if prefill_fp8 and codes.is_cuda and codes.dtype == torch.int8 and codes.shape[0] > SMALL_M:
         codes, path = codes.to(torch.float8_e4m3fn), "fp8"  # exact for 4-bit codes
+    n = w_packed.shape[0]
+    fused = residual is not None and residual.dtype == out_dtype and residual.shape == (*lead, n)
     out = w4a4_gemm(
         codes,
         scale.reshape(-1),
@@ -143,8 +147,9 @@ def operand_gemm(
         out_dtype=out_dtype,
         impl=gemm_impl,
         path=path,
-    )  # (T, N)
-    return out.reshape(*lead, w_packed.shape[0])
+        residual=residual.reshape(-1, n) if fused else None,
+    ).reshape(*lead, n)
+    return out if residual is None or fused else residual + out
 
 
 class W4A4Linear(nn.Module):
@@ -154,10 +159,14 @@ class W4A4Linear(nn.Module):
     and ``p2`` (n2, n2) in ``out_dtype`` (absent when the input is not transformed). ``act_clip_max`` and
     ``act_clip_min`` are the calibrated activation clip ratios (floats, saved as the module's extra state).
 
-    forward(x): x is either a float tensor (..., K) (bf16/fp16/fp32; transformed and quantized here, output in
-    x.dtype) or an operand tuple ``(codes int8 (..., K), scale fp32 (...,)[, zero fp32 (...,)])`` from
-    ``quantize_input`` (output in ``out_dtype``). Returns (..., N).
+    forward(x, residual=None): x is either a float tensor (..., K) (bf16/fp16/fp32; transformed and quantized
+    here, output in x.dtype) or an operand tuple ``(codes int8 (..., K), scale fp32 (...,)[, zero fp32 (...,)])``
+    from ``quantize_input`` (output in ``out_dtype``). Returns (..., N), plus ``residual`` (..., N) when given
+    (added in the GEMM's epilogue). ``next_residual``, when set, is the residual of the next call only (how a
+    decoder layer hands its residual to an o_proj that transformers' attention calls).
     """
+
+    next_residual: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -249,13 +258,16 @@ class W4A4Linear(nn.Module):
             x, self.p1, self.p2, self.act_clip_max, self.act_clip_min, self.act_symmetric, self.act_impl
         )
 
-    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...], residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is None and self.next_residual is not None:
+            residual, self.next_residual = self.next_residual, None
         if isinstance(x, torch.Tensor):
             out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else self.out_dtype
             x = self.quantize_input(x)
         else:
             out_dtype = self.out_dtype
-        return operand_gemm(x, self.w_packed, self.w_scale, self.bias, out_dtype, self.gemm_impl, self.prefill_fp8)
+        w, ws, b = self.w_packed, self.w_scale, self.bias
+        return operand_gemm(x, w, ws, b, out_dtype, self.gemm_impl, self.prefill_fp8, residual)
 
     def get_extra_state(self) -> dict:
         return {"act_clip_max": self.act_clip_max, "act_clip_min": self.act_clip_min}
