@@ -727,3 +727,28 @@ def test_residual_additions_run_in_the_o_and_down_gemms(packed, arch, monkeypatc
         emb = fused.model.rotary_emb(h, torch.arange(4)[None])
         ref = plain.model.layers[0](h, None, position_embeddings=emb)
         torch.testing.assert_close(layer(h, None, position_embeddings=emb), ref, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_residual_fused_models_pickle_and_registered_architectures_keep_their_layers(packed, tmp_path):
+    """A packed model with residual-fused layers survives torch.save / torch.load and deepcopy (its layer class
+    is made at run time) with the same logits; a model type outside the built-in four keeps its layers' own
+    forward (it may do more than add, e.g. scale the branch); a residual of another layout is still added."""
+    import copy
+
+    _, _, path = packed["qwen2"]
+    model = load_packed(path, device="cpu")
+    torch.save(model, tmp_path / "m.pt")  # before a forward (a run leaves weak references in caches)
+    duplicate = copy.deepcopy(model)
+    want = model(_TOKENS).logits
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert isinstance(again.model.layers[0], runtime.ResidualFusedLayer)
+    torch.testing.assert_close(again(_TOKENS).logits, want, rtol=0, atol=0)
+    torch.testing.assert_close(duplicate(_TOKENS).logits, want, rtol=0, atol=0)
+    other = load_packed(path, device="cpu", fuse=False)
+    other.config.model_type = "granite"  # as a registered architecture would be
+    assert fq.packed.fuse_residuals(other) == 0
+    lin = model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, lin.in_features)
+    strided = torch.randn(lin.out_features, 3).t()  # unit stride over tokens, not over N
+    torch.testing.assert_close(lin(x, residual=strided), strided + lin(x), rtol=0, atol=0)

@@ -378,11 +378,19 @@ def defer_norms(model: nn.Module, spec: ArchSpec | None = None) -> int:
     return folded
 
 
+# model types whose decoder layers are exactly h = x + attn(norm(x)); h + mlp(norm(h)) (transformers' layers)
+PLAIN_RESIDUAL_LAYERS = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def fuse_residuals(model: nn.Module, spec: ArchSpec | None = None) -> int:
     """Let each decoder layer whose o_proj and down_proj are W4A4 linears (plain, not shared-input ones) and
     whose MLP is a :class:`~flatquant.kernels.silu_mul.FusedGatedMLP` add its two residuals in those GEMMs'
     epilogues (:class:`~flatquant.runtime.ResidualFusedLayer`): two element-wise launches and two passes over
-    the hidden states fewer per layer, the same bits. Returns how many layers were changed."""
+    the hidden states fewer per layer, the same bits. Only for the model types in ``PLAIN_RESIDUAL_LAYERS``
+    (an architecture added with ``register_architecture`` keeps its own layer forward). Returns how many
+    layers were changed."""
+    if getattr(model.config, "model_type", None) not in PLAIN_RESIDUAL_LAYERS:
+        return 0  # a registered architecture's layer may do more than add (e.g. scale the branch first)
     spec = spec or spec_for(model)
     fused = 0
     for layer in model.get_submodule(spec.layers):

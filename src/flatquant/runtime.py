@@ -179,6 +179,10 @@ class ResidualFusedLayer:
 
     _fq_spec = None
 
+    def __reduce_ex__(self, protocol):
+        # the class is made at run time (residual_fused_class): pickle rebuilds it from the layer's own class
+        return _new_fused_layer, (type(self).__bases__[1],), self.__getstate__()
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args:  # positional arguments after hidden_states, named as the layer's own forward names them
             names = [p for p in inspect.signature(super().forward).parameters if p not in ("self", "hidden_states")]
@@ -195,6 +199,11 @@ class ResidualFusedLayer:
 
 
 _RESIDUAL_CLASSES: dict[type, type] = {}
+
+
+def _new_fused_layer(base: type) -> nn.Module:
+    """An empty instance of ``base``'s residual-fused class, for unpickling (its state is set afterwards)."""
+    return nn.Module.__new__(residual_fused_class(base))
 
 
 def residual_fused_class(cls: type) -> type:

@@ -137,6 +137,7 @@ def operand_gemm(
         codes, path = codes.to(torch.float8_e4m3fn), "fp8"  # exact for 4-bit codes
     n = w_packed.shape[0]
     fused = residual is not None and residual.dtype == out_dtype and residual.shape == (*lead, n)
+    fused = fused and residual.device == codes.device
     out = w4a4_gemm(
         codes,
         scale.reshape(-1),
@@ -147,9 +148,13 @@ def operand_gemm(
         out_dtype=out_dtype,
         impl=gemm_impl,
         path=path,
-        residual=residual.reshape(-1, n) if fused else None,
+        residual=_unit_stride_rows(residual.reshape(-1, n)) if fused else None,
     ).reshape(*lead, n)
     return out if residual is None or fused else residual + out
+
+
+def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class W4A4Linear(nn.Module):
