@@ -752,3 +752,21 @@ def test_residual_fused_models_pickle_and_registered_architectures_keep_their_la
     x = torch.randn(3, lin.in_features)
     strided = torch.randn(lin.out_features, 3).t()  # unit stride over tokens, not over N
     torch.testing.assert_close(lin(x, residual=strided), strided + lin(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (kernels, graph capture)")
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@torch.no_grad()
+def test_residual_fusion_on_cuda_gives_the_same_bits(packed, arch, monkeypatch):
+    """On CUDA (Triton GEMMs with the residual epilogue, autotuned; CUDA graphs) the fused model's logits and
+    greedy generations equal those of the separate additions exactly."""
+    _, _, path = packed[arch]
+    got = {}
+    for env in ("1", "0"):
+        monkeypatch.setenv("FLATQUANT_FUSE_RESIDUAL", env)
+        model = load_packed(path, device="cuda", dtype=torch.bfloat16)
+        assert isinstance(model.model.layers[0], runtime.ResidualFusedLayer) == (env == "1")
+        tokens = _TOKENS.cuda()
+        got[env] = (model(tokens).logits, model(tokens[:1, :1]).logits, fq.generate(model, tokens[:, :20], 6))
+    for fused, plain in zip(got["1"], got["0"], strict=True):
+        assert torch.equal(fused, plain)
