@@ -386,13 +386,12 @@ def cmd_pack(args) -> list[dict]:
         cfg = config_from_args(args)
         _timed_quantize(model, cfg, _calibration_windows(tokenizer, args, cfg), args, args.output + ".state")
     meta = {"model": args.model, "checkpoint": args.checkpoint}
-    dt = args.packed_dtype
     pack(
         model,
         args.output,
         overwrite=args.overwrite,
         metadata=meta,
-        dtype=dt,
+        dtype=args.packed_dtype,
         head_bits=args.head_bits,
         head_group=group,
     )

@@ -342,9 +342,8 @@ def packed_skeleton(
     _install_runtime(model, spec or spec_for(model), transforms, dtype)
     if head_bits == 8:
         emb, out = model.get_input_embeddings(), model.get_output_embeddings()
-        g = head_group
-        model.set_input_embeddings(Int8Embedding(emb.num_embeddings, emb.embedding_dim, dtype, "meta", g))
-        model.set_output_embeddings(Int8Linear(out.in_features, out.out_features, "meta", g))
+        model.set_input_embeddings(Int8Embedding(emb.num_embeddings, emb.embedding_dim, dtype, "meta", head_group))
+        model.set_output_embeddings(Int8Linear(out.in_features, out.out_features, "meta", head_group))
     return model
 
 

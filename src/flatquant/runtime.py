@@ -213,14 +213,18 @@ def residual_fused_class(cls: type) -> type:
     return _RESIDUAL_CLASSES[cls]
 
 
+def _check_group(group: int | None, cols: int) -> None:
+    if group is not None and (group < 1 or cols % group):
+        raise ValueError(f"group={group!r} must be a positive divisor of the {cols} columns")
+
+
 def quantize_rows_int8(weight: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric 8-bit codes of a (N, K) matrix with one scale per row (``group`` None) or per ``group``
     consecutive columns of a row: (codes int8 (N, K) in [-127, 127], scale fp32 (N,) or (N, K // group)),
     scale = absmax / 127, round half to even; float64 math against the stored fp32 scale."""
     w = weight.detach().double()
     n, k = w.shape
-    if group is not None and (group < 1 or k % group):
-        raise ValueError(f"group={group!r} must be a positive divisor of the {k} columns")
+    _check_group(group, k)
     g = group or k
     wg = w.view(n, k // g, g)
     scale = (wg.abs().amax(dim=2) / 127).clamp_min(torch.finfo(torch.float32).tiny).float()
@@ -235,12 +239,10 @@ class _Int8Rows(nn.Module):
 
     def __init__(self, rows: int, cols: int, device: torch.device | str | None = None, group: int | None = None):
         super().__init__()
-        if group is not None and (group < 1 or cols % group):
-            raise ValueError(f"group={group!r} must be a positive divisor of the {cols} columns")
+        _check_group(group, cols)
         shape = (rows,) if group is None else (rows, cols // group)
         self.register_buffer("weight_q", torch.empty(rows, cols, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(shape, dtype=torch.float32, device=device))
-        self.group = group
 
     @property
     def weight(self) -> torch.Tensor:
