@@ -82,31 +82,18 @@ def jobs(args) -> list[Job]:
         Job("calib-profile", [py, bench("calibration_profile.py"), "--out", f"{out}/calibration_profile.json"], 1),
         Job("host-profile", [py, bench("host_profile.py"), "--out", f"{out}/host_profile.json"], 1),
     ]
-    for model in ("llama-2-7b", "llama-3-8b"):
-        listed.append(
-            Job(f"e2e-{model}", [py, bench("e2e.py"), "--models", model, "--out", f"{out}/e2e-{model}.json"], 6)
-        )
+
+    def e2e(name: str, model: str, *extra: str, minutes: float = 4, env: dict | None = None) -> Job:
+        argv = [py, bench("e2e.py"), "--models", model, *extra, "--out", f"{out}/{name}.json"]
+        return Job(name, argv, minutes, env=env)
+
+    listed += [e2e(f"e2e-{model}", model, minutes=6) for model in ("llama-2-7b", "llama-3-8b")]
     if args.e2e_variants:  # the same measurements of the current code without a feature, for a same-run baseline
         short = ["--prefill-batches", "1", "--decode-batches", "1", "16", "--breakdown-batches", "1", "16"]
         for model in ("llama-2-7b", "llama-3-8b"):
-            name = f"e2e-{model}-short"
-            listed.append(Job(name, [py, bench("e2e.py"), "--models", model, *short, "--out", f"{out}/{name}.json"], 4))
-            name = f"e2e-{model}-separate-residual"
-            argv = [py, bench("e2e.py"), "--models", model, *short, "--out", f"{out}/{name}.json"]
-            listed.append(Job(name, argv, 4, env={"FLATQUANT_FUSE_RESIDUAL": "0"}))
-        name = "e2e-llama-3-8b-head8"
-        argv = [
-            py,
-            bench("e2e.py"),
-            "--models",
-            "llama-3-8b",
-            *short,
-            "--head-bits",
-            "8",
-            "--out",
-            f"{out}/{name}.json",
-        ]
-        listed.append(Job(name, argv, 4))
+            listed.append(e2e(f"e2e-{model}-short", model, *short))
+            listed.append(e2e(f"e2e-{model}-separate-residual", model, *short, env={"FLATQUANT_FUSE_RESIDUAL": "0"}))
+        listed.append(e2e("e2e-llama-3-8b-head8", "llama-3-8b", *short, "--head-bits", "8"))
     for item in args.accuracy:
         preset, seed, overrides = parse_accuracy(item)
         name = f"accuracy-{preset}-seed{seed}" + "".join(f"-{o.replace('=', '')}" for o in overrides)
