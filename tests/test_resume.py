@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -85,6 +86,23 @@ def test_log_mse_objective_reweights_steps(tokens):
     assert any(not torch.equal(states["mse"][k], states["log-mse"][k]) for k in states["mse"])
     with pytest.raises(ValueError, match="loss='l1' is not one of"):
         _cfg(loss="l1")
+
+
+def test_token_mse_weights_every_token_alike(tokens):
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    target[0, 0] *= 100.0  # one token with a huge norm, like a residual stream's first token
+    out = target + 0.1 * torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    expected = sum(
+        float(((out[b, t] - target[b, t]) ** 2).sum() / (target[b, t] ** 2).sum()) for b in range(2) for t in range(5)
+    )
+    got = calib_mod._block_loss(out, target, "token-mse")
+    assert abs(float(got) - expected / 10) < 1e-12
+    assert torch.equal(calib_mod._block_loss(out, target, "mse"), torch.nn.functional.mse_loss(out, target))
+    result = fq.quantize(
+        tiny_model("llama", num_hidden_layers=1), _cfg(loss="token-mse"), tokens, device="cpu", progress=False
+    )
+    assert math.isfinite(result.losses[0]) and 0 < result.losses[0] < 1
 
 
 def test_learning_rates_follow_the_cosine_schedule_per_step(tokens, monkeypatch):

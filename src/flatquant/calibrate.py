@@ -287,6 +287,15 @@ def _graphable(x, y, n: int, batch_size: int) -> bool:
     )
 
 
+def _block_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The block objective: plain MSE, or (``token-mse``) each token's squared error over its target's squared
+    norm, averaged over tokens, so that the few tokens with huge residual norms do not outweigh the rest."""
+    if kind != "token-mse":
+        return torch.nn.functional.mse_loss(out, target)
+    err = (out - target).square().sum(-1)
+    return (err / target.square().sum(-1).clamp_min(1e-12)).mean()
+
+
 def _train_block(layer, x, y, kwargs, cfg: FlatQuantConfig, lr_scale: float, bar) -> float:
     x, y = as_activations(x), as_activations(y)
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -321,7 +330,7 @@ def _train_block(layer, x, y, kwargs, cfg: FlatQuantConfig, lr_scale: float, bar
                 device_type, dtype=amp_dtype, enabled=amp_dtype != torch.float32, cache_enabled=not graphed
             ):
                 out = _block_out(layer(x.rows(idx), **kwargs))
-        loss = torch.nn.functional.mse_loss(out.float(), y.rows(idx).float())
+        loss = _block_loss(out.float(), y.rows(idx).float(), cfg.loss)
         objective = loss / loss.detach() if cfg.loss == "log-mse" else loss  # log-mse: gradient of log(MSE)
         opt.zero_grad(set_to_none=not graphed)  # a captured step keeps its gradient tensors
         objective.backward()

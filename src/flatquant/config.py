@@ -14,7 +14,7 @@ WEIGHT_METHODS = ("rtn", "gptq")
 BIT_KEYS = ("w_bits", "a_bits", "k_bits", "v_bits")
 # Options that act only after calibration (weight rounding): a calibration is shared across their values.
 ROUNDING_FIELDS = {"weight_method": "rtn", "gptq_damping": 0.01, "gptq_act_order": False}
-LOSSES = ("mse", "log-mse")
+LOSSES = ("mse", "log-mse", "token-mse")
 CALIB_INPUTS = ("fp", "quantized")
 
 
@@ -62,7 +62,10 @@ class FlatQuantConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     loss: str = field(
         default="mse",
-        metadata={"help": f"block objective {LOSSES}; log-mse divides each step's MSE by its detached value"},
+        metadata={
+            "help": f"block objective {LOSSES}; log-mse divides each step's MSE by its detached value; "
+            "token-mse averages each token's squared error relative to its target's squared norm"
+        },
     )
     calib_inputs: str = field(
         default="fp",
