@@ -560,6 +560,41 @@ def test_graphed_prefill_replays_equal_the_eager_padded_prefill(packed):
         assert torch.equal(a, b) and torch.equal(ka, kb) and torch.equal(va, vb)
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@torch.no_grad()
+def test_graphed_prefill_attends_with_sdpa_causal_masking_even_when_a_mask_is_built(packed, arch, monkeypatch):
+    """While a CUDA graph is captured transformers builds the causal mask instead of skipping it (on CUDA a slower
+    masked SDPA kernel, K/V repeated per query head). GraphedPrefill's prompts start at position 0 with no padding
+    mask, so its attention drops that mask: same logits; a plain forward keeps a mask it is given."""
+    import transformers.masking_utils as masking
+
+    from flatquant.kvcache import GraphedPrefill
+
+    _, real, _ = packed[arch]
+    prompt = _TOKENS[:2, :13]
+
+    def prefill():
+        pre = GraphedPrefill(real, Int4KVCache(real), capacity=24, buckets=(16,), use_graph=False)
+        return pre(prompt).clone()
+
+    expected = prefill()
+    masks = []
+    sdpa = runtime.sdpa_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(runtime, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(masking, "_ignore_causal_mask_sdpa", lambda *a, **k: False)  # as under graph capture
+    got = prefill()
+    assert len(masks) == real.config.num_hidden_layers and all(m is None for m in masks)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    masks.clear()
+    real(prompt, **cache_kwargs(real, Int4KVCache(real)))
+    assert masks and all(m is not None for m in masks)
+
+
 @torch.no_grad()
 def test_generation_session_reuses_its_cache_and_decoder_across_requests(packed):
     """One session serves requests of several prompt lengths and batch sizes: each gives fq.generate's tokens

@@ -59,6 +59,8 @@ class Int4KVLayer(CacheLayerMixin):
         self.k_packed = self.k_scale = self.k_zero = self.v_packed = self.v_scale = self.v_zero = None
         # static decode (see Int4KVCache.make_static): lengths on the device, appends at device positions
         self.lens: torch.Tensor | None = None
+        # set while GraphedPrefill runs: prompts start at position 0 with no padding mask (see packed_attention)
+        self.causal_prompt = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -115,7 +117,7 @@ class Int4KVLayer(CacheLayerMixin):
             return key_states, value_states
         if not fresh:
             k, v = self.dequantized(value_states.dtype)
-        kvq.pending = ("prefill", self, k)
+        kvq.pending = ("causal-prompt" if fresh and self.causal_prompt else "prefill", self, k)
         return k, v
 
     def _static_decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -394,8 +396,15 @@ class GraphedPrefill:
     def _forward(self, st: dict) -> torch.Tensor:
         for layer in self.cache.layers:
             layer.length = 0  # host bookkeeping: every replay writes positions 0 .. bucket - 1 afresh
+            layer.causal_prompt = True  # no padding mask: attention may use SDPA's own causal masking
         kw = cache_kwargs(self.model, self.cache)
-        out = self.model(input_ids=st["ids"], position_ids=st["pos"], logits_to_keep=st["last"], use_cache=True, **kw)
+        try:
+            out = self.model(
+                input_ids=st["ids"], position_ids=st["pos"], logits_to_keep=st["last"], use_cache=True, **kw
+            )
+        finally:
+            for layer in self.cache.layers:
+                layer.causal_prompt = False
         return out.logits[:, 0]
 
     @torch.no_grad()

@@ -327,7 +327,8 @@ class KVQuant(nn.Module):
             self.register_buffer("p_h_inv", torch.eye(head_dim, device=device))
         else:
             self.p_h = self.p_h_inv = None
-        self.pending: tuple[str, object, torch.Tensor] | None = None  # (mode, cache layer, the key it returned)
+        # (mode: "prefill", "causal-prompt" or "decode"; cache layer; the key it returned)
+        self.pending: tuple[str, object, torch.Tensor] | None = None
         self._casts: dict[tuple[str, torch.dtype, bool], tuple[weakref.ref, int, torch.Tensor]] = {}
 
     def _in_dtype(self, name: str, dtype: torch.dtype, transposed: bool = False) -> torch.Tensor:
@@ -428,6 +429,12 @@ def packed_attention(module, query, key, value, attention_mask, **kwargs):
             out = decode_attention(query[:, :, 0], *layer.kernel_args(), seq_lens, scale, q_transform=qt)  # (B, H, D)
             return out.unsqueeze(1), None  # (B, 1, H, D), as sdpa_attention_forward returns
         key, value = layer.dequantized(query.dtype)  # a padding mask (or other bits): SDPA over the cache
+    elif pending[0] == "causal-prompt":
+        # A prompt from position 0 without a padding mask (GraphedPrefill), so the mask is purely causal; while a
+        # CUDA graph is captured transformers materialises it (it cannot skip it then), which on CUDA sends SDPA
+        # to a slower masked kernel and makes transformers repeat K/V per query head. SDPA's own causal masking is
+        # the same (query and keys both start at position 0) and keeps grouped K/V grouped.
+        attention_mask = None
     query = kvq.transform_query(query)  # (B, H, Tq, D)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
