@@ -593,6 +593,16 @@ def test_graphed_prefill_attends_with_sdpa_causal_masking_even_when_a_mask_is_bu
     masks.clear()
     real(prompt, **cache_kwargs(real, Int4KVCache(real)))
     assert masks and all(m is not None for m in masks)
+    if arch == "mistral":  # a sliding window shorter than the prompt: the mask is not purely causal, kept
+        monkeypatch.undo()
+        monkeypatch.setattr(real.config, "sliding_window", 4)
+        windowed = prefill()
+        assert not torch.allclose(windowed, expected, atol=1e-3)  # the window changes the result
+        monkeypatch.setattr(runtime, "sdpa_attention_forward", spy)
+        monkeypatch.setattr(masking, "_ignore_causal_mask_sdpa", lambda *a, **k: False)
+        masks.clear()
+        torch.testing.assert_close(prefill(), windowed, rtol=1e-5, atol=1e-5)
+        assert len(masks) == real.config.num_hidden_layers and all(m is not None for m in masks)
 
 
 @torch.no_grad()
