@@ -593,6 +593,13 @@ def test_graphed_prefill_attends_with_sdpa_causal_masking_even_when_a_mask_is_bu
     masks.clear()
     real(prompt, **cache_kwargs(real, Int4KVCache(real)))
     assert masks and all(m is not None for m in masks)
+    if arch == "llama":  # a model type not known to be causal (e.g. a registered architecture) keeps its mask
+        import flatquant.kvcache as kvcache
+
+        monkeypatch.setattr(kvcache, "CAUSAL_MODEL_TYPES", ())
+        masks.clear()
+        torch.testing.assert_close(prefill(), expected, rtol=1e-5, atol=1e-5)
+        assert len(masks) == real.config.num_hidden_layers and all(m is not None for m in masks)
     if arch == "mistral":  # a sliding window shorter than the prompt: the mask is not purely causal, kept
         monkeypatch.undo()
         monkeypatch.setattr(real.config, "sliding_window", 4)
@@ -603,6 +610,22 @@ def test_graphed_prefill_attends_with_sdpa_causal_masking_even_when_a_mask_is_bu
         masks.clear()
         torch.testing.assert_close(prefill(), windowed, rtol=1e-5, atol=1e-5)
         assert len(masks) == real.config.num_hidden_layers and all(m is not None for m in masks)
+
+
+@torch.no_grad()
+def test_one_token_prompt_after_a_longer_one_starts_from_position_zero(packed):
+    """A one-token bucket goes through the cache's static decode path, which writes at the device-side lengths:
+    those of the previous prompt unless reset. Its logits must equal a fresh forward's."""
+    from flatquant.kvcache import GraphedPrefill
+
+    _, real, _ = packed["llama"]
+    pre = GraphedPrefill(real, Int4KVCache(real), capacity=24, buckets=(1, 16), use_graph=False)
+    pre(_TOKENS[:1, :5])
+    one = _TOKENS[:1, 7:8]
+    got = pre(one).clone()
+    expected = real(one, **cache_kwargs(real, Int4KVCache(real))).logits[:, -1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert pre.cache.layers[0].length == 1 and int(pre.cache.layers[0].lens[0]) == 1
 
 
 @torch.no_grad()

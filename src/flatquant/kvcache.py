@@ -337,6 +337,11 @@ class GraphedDecoder:
         return self.out
 
 
+# model types whose attention masks are causal, or causal within a sliding window (GraphedPrefill may then let
+# SDPA do the causal masking itself)
+CAUSAL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 class GraphedPrefill:
     """Prompts of a packed model prefilled by replaying a CUDA graph, one per (batch, padded length).
 
@@ -394,11 +399,16 @@ class GraphedPrefill:
         raise ValueError(f"a {length}-token prompt exceeds the largest bucket ({self.buckets[-1]}) / capacity")
 
     def _forward(self, st: dict) -> torch.Tensor:
-        for layer in self.cache.layers:
-            layer.length = 0  # host bookkeeping: every replay writes positions 0 .. bucket - 1 afresh
-            layer.causal_prompt = True  # no padding mask: attention may use SDPA's own causal masking
-        kw = cache_kwargs(self.model, self.cache)
+        # no padding mask: attention may use SDPA's own causal masking (for the model types whose masks are known
+        # to be causal, with sliding windows checked per layer in packed_attention)
+        causal = getattr(self.model.config, "model_type", None) in CAUSAL_MODEL_TYPES
         try:
+            for layer in self.cache.layers:
+                layer.length = 0  # host bookkeeping: every replay writes positions 0 .. bucket - 1 afresh
+                layer.causal_prompt = causal
+                if st["ids"].shape[1] == 1 and layer.lens is not None:
+                    layer.lens.zero_()  # a one-token prompt is written at the device-side lengths (decode path)
+            kw = cache_kwargs(self.model, self.cache)
             out = self.model(
                 input_ids=st["ids"], position_ids=st["pos"], logits_to_keep=st["last"], use_cache=True, **kw
             )

@@ -431,10 +431,10 @@ def packed_attention(module, query, key, value, attention_mask, **kwargs):
         key, value = layer.dequantized(query.dtype)  # a padding mask (or other bits): SDPA over the cache
     elif pending[0] == "causal-prompt":
         # A prompt from position 0 without a padding mask (GraphedPrefill), so the mask is purely causal unless a
-        # sliding window is shorter than the prompt; while a CUDA graph is captured transformers materialises it
-        # (it cannot skip it then), which on CUDA sends SDPA to a slower masked kernel and makes transformers
-        # repeat K/V per query head. SDPA's own causal masking is the same (query and keys both start at
-        # position 0) and keeps grouped K/V grouped.
+        # sliding window is shorter than the prompt; while a CUDA graph is captured transformers (5.17 at least)
+        # materialises it (it cannot skip it then), which on CUDA sends SDPA to a slower masked kernel and makes
+        # transformers repeat K/V per query head. SDPA's own causal masking is the same (query and keys both
+        # start at position 0) and keeps grouped K/V grouped.
         window = kwargs.get("sliding_window")
         if window is None or query.shape[2] <= window:
             attention_mask = None
