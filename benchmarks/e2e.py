@@ -17,7 +17,8 @@ depend on the values; never read accuracy from them). The W4A4 model is the pack
 * memory: bytes of all weights (parameters and buffers) and of the KV cache at 2048 + 256 tokens
   (measured per token on the filled cache), and the peak allocated memory of each decode run.
 * breakdown: a torch.profiler trace of one prefill (batch 4) and a few decode steps (batch 16) of each model,
-  device time summed by kernel name into GEMM / transform+quantize / attention / other.
+  device time summed by kernel name into GEMM / transform+quantize / attention / other; for W4A4 also one
+  prefill replayed from its CUDA graph (``prefill-graph``: the kernels as served).
 
 Eager PyTorch for both models (what ``generate()`` runs), so decode at small batch includes Python launch
 overhead. Decode is also timed replayed from CUDA graphs, for both models: W4A4 through
@@ -337,11 +338,48 @@ def decode_graphed_bf16(model, batch, prompt, gen, steps, warmup, device) -> dic
     return {"ms_per_step": _ms_per_step(step, steps, device), "graph": graph is not None}
 
 
-def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
-    """Device (or CPU) time by category for one prefill and 4 decode steps."""
+def _profile_parts(run, model, device, steps: int) -> dict:
+    """Device (or CPU) time of ``run()`` by category, launches per layer and step, the top kernels, and the
+    host's enqueue time against the wall time of an unprofiled call."""
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
+    # host time to enqueue the work against the wall time: equal when the host is the bottleneck
+    _sync(device)
+    t0 = time.perf_counter()
+    run()
+    t1 = time.perf_counter()
+    _sync(device)
+    host_wall = [1000 * (t1 - t0), 1000 * (time.perf_counter() - t0)]
+    with torch.profiler.profile(activities=acts) as prof:
+        run()
+        _sync(device)
+    kernels = {c: [] for c in [*CATEGORIES, "other"]}  # (ms, launches, name): kernels (CUDA) or aten ops (CPU)
+    for e in prof.key_averages():
+        if device.type == "cuda":
+            if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
+                continue
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        else:
+            if not e.key.startswith("aten::"):
+                continue
+            us = e.self_cpu_time_total
+        name = e.key.lower()
+        cat = next((c for c, keys in CATEGORIES.items() if any(k in name for k in keys)), "other")
+        kernels[cat].append((us / 1000, e.count, e.key[:100]))
+    totals = {c: sum(ms for ms, _, _ in ks) for c, ks in kernels.items()}
+    layer_steps = steps * model.config.num_hidden_layers
+    per_layer = {c: sum(n for _, n, _ in ks) / layer_steps for c, ks in kernels.items()}
+    top = {c: [[round(ms, 3), n, key] for ms, n, key in sorted(ks, reverse=True)[:8]] for c, ks in kernels.items()}
+    out = {"steps": steps, "ms": totals, "launches_per_layer_step": per_layer, "top": top}
+    out["host_ms"], out["wall_ms"] = host_wall
+    return out
+
+
+def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
+    """Device (or CPU) time by category for one prefill and 4 decode steps; for W4A4 also one prefill replayed
+    from its CUDA graph (``prefill-graph``: the kernels as served, which can differ from the eager ones, e.g.
+    when transformers builds an attention mask during the capture; eager on the CPU)."""
     out = {}
     for phase, batch in (("prefill", batch_prefill), ("decode", batch_decode)):
         with torch.no_grad():
@@ -357,36 +395,14 @@ def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
                     for _ in range(4):
                         nxt = model(nxt, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
 
-            # host time to enqueue the work against the wall time: equal when the host is the bottleneck
-            _sync(device)
-            t0 = time.perf_counter()
-            run()
-            t1 = time.perf_counter()
-            _sync(device)
-            host_wall = [1000 * (t1 - t0), 1000 * (time.perf_counter() - t0)]
-            with torch.profiler.profile(activities=acts) as prof:
-                run()
-                _sync(device)
-        kernels = {c: [] for c in [*CATEGORIES, "other"]}  # (ms, launches, name): kernels (CUDA) or aten ops (CPU)
-        for e in prof.key_averages():
-            if device.type == "cuda":
-                if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
-                    continue
-                us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-            else:
-                if not e.key.startswith("aten::"):
-                    continue
-                us = e.self_cpu_time_total
-            name = e.key.lower()
-            cat = next((c for c, keys in CATEGORIES.items() if any(k in name for k in keys)), "other")
-            kernels[cat].append((us / 1000, e.count, e.key[:100]))
-        steps = 1 if phase == "prefill" else 4
-        totals = {c: sum(ms for ms, _, _ in ks) for c, ks in kernels.items()}
-        layer_steps = steps * model.config.num_hidden_layers
-        per_layer = {c: sum(n for _, n, _ in ks) / layer_steps for c, ks in kernels.items()}
-        top = {c: [[round(ms, 3), n, key] for ms, n, key in sorted(ks, reverse=True)[:8]] for c, ks in kernels.items()}
-        out[phase] = {"batch": batch, "steps": steps, "ms": totals, "launches_per_layer_step": per_layer, "top": top}
-        out[phase]["host_ms"], out[phase]["wall_ms"] = host_wall
+            out[phase] = {"batch": batch, **_profile_parts(run, model, device, 1 if phase == "prefill" else 4)}
+    if kind == "w4a4":
+        with torch.no_grad():
+            ids = torch.randint(0, model.config.vocab_size, (batch_prefill, seqlen), device=device)
+            pre = GraphedPrefill(model, new_cache(model, "w4a4", seqlen), capacity=seqlen, buckets=(seqlen,))
+            for _ in range(3):  # eager (autotuning), the capture, one replay
+                pre(ids)
+            out["prefill-graph"] = {"batch": batch_prefill, **_profile_parts(lambda: pre(ids), model, device, 1)}
     return out
 
 

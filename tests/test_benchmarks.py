@@ -12,19 +12,31 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _quick_records(script: str, tmp_path) -> list[dict]:
-    """Run ``benchmarks/<script> --quick`` in a fresh interpreter; the records it wrote."""
+def _quick_output(script: str, tmp_path):
+    """Run ``benchmarks/<script> --quick`` in a fresh interpreter; the JSON it wrote."""
     out = tmp_path / "out.json"
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def _quick_records(script: str, tmp_path) -> list[dict]:
+    """The records ``benchmarks/<script> --quick`` wrote."""
+    data = _quick_output(script, tmp_path)
     return data["records"] if isinstance(data, dict) else data
 
 
 def test_e2e_quick_writes_prefill_and_decode_records_with_graphed_decode(tmp_path):
-    records = _quick_records("e2e.py", tmp_path)
+    data = _quick_output("e2e.py", tmp_path)
+    records = data["records"]
+    parts = data["breakdown"]["tiny-llama"]
+    assert set(parts["w4a4"]) == {"prefill", "decode", "prefill-graph"} and set(parts["bf16"]) == {"prefill", "decode"}
+    assert parts["w4a4"]["prefill-graph"]["ms"]["gemm"] > 0
+    for r in records:  # against the faster BF16 run
+        best = min(r["bf16_ms"], r["bf16_graphed_ms"])
+        assert r["speedup_best_bf16"] == pytest.approx(best / r["w4a4_graphed_ms"])
     phases = {r["phase"] for r in records}
     assert phases == {"prefill", "decode"}
     for r in records:
