@@ -603,13 +603,57 @@ def test_graphed_prefill_attends_with_sdpa_causal_masking_even_when_a_mask_is_bu
     if arch == "mistral":  # a sliding window shorter than the prompt: the mask is not purely causal, kept
         monkeypatch.undo()
         monkeypatch.setattr(real.config, "sliding_window", 4)
-        windowed = prefill()
-        assert not torch.allclose(windowed, expected, atol=1e-3)  # the window changes the result
+        with pytest.raises(ValueError, match="sliding window"):  # static caches stop at the window
+            prefill()
+
+        def causal_prompt_forward():  # the flag GraphedPrefill sets, on a dynamic cache
+            cache = Int4KVCache(real)
+            real(prompt[:, :1], **cache_kwargs(real, cache))  # initialise the layers
+            for layer in cache.layers:
+                layer.length, layer.causal_prompt = 0, True
+            return real(prompt, **cache_kwargs(real, cache)).logits
+
+        windowed = causal_prompt_forward()
+        assert not torch.allclose(windowed[:, -1], expected, atol=1e-3)  # the window changes the result
         monkeypatch.setattr(runtime, "sdpa_attention_forward", spy)
         monkeypatch.setattr(masking, "_ignore_causal_mask_sdpa", lambda *a, **k: False)
         masks.clear()
-        torch.testing.assert_close(prefill(), windowed, rtol=1e-5, atol=1e-5)
-        assert len(masks) == real.config.num_hidden_layers and all(m is not None for m in masks)
+        torch.testing.assert_close(causal_prompt_forward(), windowed, rtol=1e-5, atol=1e-5)
+        n = real.config.num_hidden_layers
+        assert len(masks) == 2 * n and all(m is not None for m in masks[n:])  # after the 1-token initialisation
+
+
+@torch.no_grad()
+def test_static_caches_past_a_sliding_window_are_refused(packed, monkeypatch):
+    """Static decoding attends over the whole cache, so a capacity past the model's sliding window would attend
+    beyond it: refused with the reason, while a window at least as long as the capacity (or none) is fine."""
+    _, real, _ = packed["mistral"]
+    monkeypatch.setattr(real.config, "sliding_window", 4)
+    cache = Int4KVCache(real)
+    assert cache.windows == [4] * real.config.num_hidden_layers
+    real(_TOKENS[:1, :3], **cache_kwargs(real, cache))
+    with pytest.raises(ValueError, match="sliding window"):
+        cache.make_static(16)
+    cache.make_static(4)
+    with pytest.raises(ValueError, match="sliding window"):
+        fq.GenerationSession(real, max_length=16, use_graph=False).generate(_TOKENS[:1, :3], max_new_tokens=2)
+    monkeypatch.setattr(real.config, "sliding_window", 16)
+    out = fq.GenerationSession(real, max_length=16, use_graph=False).generate(_TOKENS[:1, :3], max_new_tokens=2)
+    assert out.shape == (1, 5)
+    with pytest.raises(ValueError, match="min_capacity=0"):
+        Int4KVCache(real, min_capacity=0)
+
+
+def test_sliding_windows_per_layer_follow_the_config():
+    from transformers import MistralConfig, Qwen2Config
+
+    from flatquant.kvcache import _sliding_windows
+
+    qwen = Qwen2Config(num_hidden_layers=4, use_sliding_window=True, max_window_layers=2, sliding_window=16)
+    assert _sliding_windows(qwen, 4) == [None, None, 16, 16]
+    assert _sliding_windows(Qwen2Config(num_hidden_layers=2), 2) == [None, None]
+    assert _sliding_windows(MistralConfig(num_hidden_layers=2, sliding_window=64), 2) == [64, 64]
+    assert _sliding_windows(MistralConfig(num_hidden_layers=2, sliding_window=None), 2) == [None, None]
 
 
 @torch.no_grad()

@@ -207,7 +207,21 @@ class Int4KVCache(Cache):
             if not isinstance(kvq, KVQuant):
                 raise ValueError(f"layer {i} has no KVQuant: Int4KVCache needs a model from flatquant.load_packed")
             kvqs.append(kvq)
+        if min_capacity < 1:
+            raise ValueError(f"min_capacity={min_capacity} must be >= 1")
         super().__init__(layers=[Int4KVLayer(kvq, min_capacity) for kvq in kvqs])
+        self.windows = _sliding_windows(model.config, len(kvqs))
+
+    def _check_window(self, capacity: int) -> None:
+        """Static decoding attends over every cached token: refuse a capacity past a layer's sliding window."""
+        windows = [w for w in self.windows if w is not None]
+        if windows and capacity > min(windows):
+            raise ValueError(
+                f"a static INT4 cache of capacity={capacity} tokens exceeds the model's sliding window "
+                f"({min(windows)} tokens), which static decoding (GraphedDecoder, GenerationSession, generate) "
+                "does not apply: use a capacity / max_length of at most the window, or model.generate with a "
+                "dynamic Int4KVCache"
+            )
 
     def nbytes(self, used: bool = True) -> int:
         """Bytes held by all layers (see :meth:`Int4KVLayer.nbytes`)."""
@@ -218,6 +232,7 @@ class Int4KVCache(Cache):
         lengths 0), before any forward: what a captured prefill writes into (:class:`GraphedPrefill`)."""
         if batch < 1 or capacity < 1:
             raise ValueError(f"batch={batch} and capacity={capacity} must be >= 1")
+        self._check_window(capacity)
         for layer in self.layers:
             layer.device, layer.length = torch.device(device), 0
             for n in _NAMES:  # no old tokens to copy
@@ -233,6 +248,7 @@ class Int4KVCache(Cache):
         Call it after the prefill (which sets the batch size): single-token steps then run no host-dependent
         operation, so :class:`GraphedDecoder` can capture one step in a CUDA graph and replay it. Steps of
         more than one token still take the regular path."""
+        self._check_window(capacity)
         for layer in self.layers:
             if not layer.is_initialized:
                 raise RuntimeError("make_static needs the cache filled by a prefill first")
@@ -244,6 +260,18 @@ class Int4KVCache(Cache):
                 layer._allocate(b, h, d, capacity)
             b = layer.k_packed.shape[0]
             layer.lens = torch.full((b,), layer.length, dtype=torch.int32, device=layer.k_packed.device)
+
+
+def _sliding_windows(config, n_layers: int) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), from the config as transformers reads it: Qwen2 /
+    Qwen3 name the sliding layers in ``layer_types``; Mistral's ``sliding_window`` applies to every layer."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return [None] * n_layers
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return [window] * n_layers
+    return [window if t == "sliding_attention" else None for t in types]
 
 
 def cache_kwargs(model: nn.Module, cache: Cache) -> dict:
