@@ -147,6 +147,43 @@ def test_sampling_with_the_cache_draws_what_a_cacheless_run_draws(packed):
     assert torch.equal(with_cache, without) and with_cache.shape == (2, 16)
 
 
+def test_top_p_keeps_the_smallest_most_likely_set_reaching_p():
+    from flatquant.kvcache import top_p_filter
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 50, generator=g)
+    for p in (1e-9, 0.3, 0.9, 1.0):
+        got = torch.isfinite(top_p_filter(logits, p))
+        for row, kept in zip(logits.double(), got, strict=True):  # float64 reference: add tokens until p is reached
+            probs = torch.softmax(row, -1)
+            order = torch.argsort(probs, descending=True)
+            k = int((torch.cumsum(probs[order], 0) < p).sum()) + 1
+            expected = torch.zeros(50, dtype=torch.bool)
+            expected[order[: min(k, 50)]] = True
+            assert torch.equal(kept, expected), p
+
+
+@torch.no_grad()
+def test_generate_takes_eos_lists_top_p_and_refuses_float_ids(packed):
+    _, real, _ = packed["llama"]
+    ids = _TOKENS[:2, :6]
+    greedy = fq.generate(real, ids, 6, use_graph=False)
+    nucleus = fq.generate(real, ids, 6, use_graph=False, do_sample=True, top_p=1e-9, generator=torch.Generator())
+    assert torch.equal(nucleus, greedy)  # only the most likely token is left
+    eos = [int(greedy[0, 7]), int(greedy[1, 9])]  # two ids: a sequence stops at the first of either
+    stops = [next((t for t in range(6, 12) if int(greedy[b, t]) in eos), 11) for b in range(2)]
+    expected = greedy[:, : max(stops) + 1].clone()
+    for b, t in enumerate(stops):
+        expected[b, t + 1 :] = eos[0]  # a finished sequence continues with the first eos id
+    assert torch.equal(fq.generate(real, ids, 6, use_graph=False, eos_token_id=eos), expected)
+    with pytest.raises(ValueError, match="integer token ids"):
+        fq.generate(real, ids.float(), 2, use_graph=False)
+    with pytest.raises(ValueError, match="top_p"):
+        fq.generate(real, ids, 2, use_graph=False, do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        fq.generate(real, ids, 2, use_graph=False, eos_token_id=[])
+
+
 def test_cache_bytes_are_about_four_times_smaller_than_bf16(tmp_path):
     # head_dim 128 as in Llama: per (token, head) 64 code bytes + fp32 scale and zero against 256 bf16 bytes
     model = _quantized("qwen3", method="rotation", head_dim=128)  # fixed transforms: no training needed

@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens up to p")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu [default: cuda when present]")
     g.add_argument("--dtype", default=None, help="dtype of the unquantized tensors, e.g. bfloat16")
@@ -444,7 +445,7 @@ def cmd_generate(args) -> int:
         t0 = time.perf_counter()
         out = session.generate(
             ids, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
-            eos_token_id=tokenizer.eos_token_id, generator=generator,
+            top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=generator,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         new = out.shape[1] - ids.shape[1]

@@ -527,12 +527,15 @@ class GenerationSession:
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
-        eos_token_id: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | tuple[int, ...] | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """(B, T) prompt ids -> (B, T + new) ids; as :func:`generate`."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be (batch, length >= 1), got {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if input_ids.shape[1] + max_new_tokens - 1 > self.max_length:
@@ -540,8 +543,18 @@ class GenerationSession:
                 f"{input_ids.shape[1]} prompt tokens + {max_new_tokens} new ones need a cache of "
                 f"{input_ids.shape[1] + max_new_tokens - 1} tokens; this session holds max_length={self.max_length}"
             )
-        if do_sample and (temperature <= 0 or (top_k is not None and top_k < 1)):
-            raise ValueError(f"sampling needs temperature > 0 and top_k >= 1 or None, got {temperature=}, {top_k=}")
+        if do_sample and (
+            temperature <= 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1)
+        ):
+            raise ValueError(
+                f"sampling needs temperature > 0, top_k >= 1 or None and 0 < top_p <= 1 or None, got {temperature=}, "
+                f"{top_k=}, {top_p=}"
+            )
+        eos = None
+        if eos_token_id is not None:  # one id or several (e.g. Llama 3's end-of-text and end-of-turn)
+            eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            if not eos or not all(isinstance(e, int) for e in eos):
+                raise ValueError(f"eos_token_id must be an int or a non-empty list of ints, got {eos_token_id!r}")
 
         def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B, 1)
             if not do_sample:
@@ -550,6 +563,8 @@ class GenerationSession:
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, -float("inf"))
+            if top_p is not None:
+                logits = top_p_filter(logits, top_p)
             return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
 
         b = input_ids.shape[0]
@@ -560,11 +575,12 @@ class GenerationSession:
         prefill = self._prefills[b]
         nxt = pick(prefill(input_ids.to(prefill.device)))
         out = [input_ids.to(nxt.device)]
-        finished = None if eos_token_id is None else torch.zeros_like(nxt, dtype=torch.bool)
+        finished = None if eos is None else torch.zeros_like(nxt, dtype=torch.bool)
+        eos_ids = None if eos is None else torch.tensor(eos, device=nxt.device, dtype=nxt.dtype)
         for step in range(max_new_tokens):
             if finished is not None:
-                nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
-                finished |= nxt == eos_token_id
+                nxt = torch.where(finished, torch.full_like(nxt, eos[0]), nxt)  # finished: the first eos id
+                finished |= torch.isin(nxt, eos_ids)
             out.append(nxt)
             if step == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
                 break
@@ -574,6 +590,16 @@ class GenerationSession:
         return torch.cat(out, dim=1)
 
 
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits (B, V) with -inf outside each row's nucleus: the smallest set of most likely tokens whose
+    probability reaches ``top_p`` (the most likely token always stays)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, -1)
+    drop = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p
+    drop[:, 0] = False
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, use_graph: bool | None = None, **sampling
@@ -581,12 +607,14 @@ def generate(
     """Greedy or sampled generation with the INT4 cache, decode steps replayed from a CUDA graph.
 
     input_ids: (B, T) prompts of one length (no padding). Returns (B, T + new) token ids. ``sampling``:
-    ``do_sample`` (default False: greedy), ``temperature`` (1.0), ``top_k`` (None), ``eos_token_id`` (None: with
-    it a finished sequence continues with that token and generation stops when all have finished, one host sync
-    per step) and ``generator``; sampling draws from softmax(logits / temperature), optionally over the ``top_k``
-    most likely tokens. For padding, beam search or other strategies use ``model.generate`` with an
-    :class:`Int4KVCache` (eager decode). This is a one-call :class:`GenerationSession` (whose only prompt bucket
-    is the prompt's length); a session kept across calls reuses its cache and graphs.
+    ``do_sample`` (default False: greedy), ``temperature`` (1.0), ``top_k`` (None), ``top_p`` (None),
+    ``eos_token_id`` (None, an id or a list of ids: with it a finished sequence continues with the first of them
+    and generation stops when all have finished, one host sync per step) and ``generator``; sampling draws from
+    softmax(logits / temperature), optionally over the ``top_k`` most likely tokens and then the smallest set of
+    most likely tokens whose probability reaches ``top_p`` (nucleus sampling). For padding, beam search or
+    other strategies use ``model.generate`` with an :class:`Int4KVCache` (eager decode). This is a one-call
+    :class:`GenerationSession` (whose only prompt bucket is the prompt's length); a session kept across calls
+    reuses its cache and graphs.
     """
     length = max(input_ids.shape[-1], 1) if input_ids.dim() == 2 else 1
     session = GenerationSession(model, length + max(max_new_tokens, 1), buckets=(length,), use_graph=use_graph)
