@@ -4,6 +4,7 @@ import copy
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import ARCHS, tiny_model
@@ -152,7 +153,9 @@ def test_top_p_keeps_the_smallest_most_likely_set_reaching_p():
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(4, 50, generator=g)
-    for p in (1e-9, 0.3, 0.9, 1.0):
+    logits[0, :3] = 30.0  # a row whose cumulative float32 sum reaches 1 before its tail
+    assert torch.equal(top_p_filter(logits, 1.0), logits)  # top_p = 1 keeps everything
+    for p in (1e-9, 0.3, 0.9, 0.999999):
         got = torch.isfinite(top_p_filter(logits, p))
         for row, kept in zip(logits.double(), got, strict=True):  # float64 reference: add tokens until p is reached
             probs = torch.softmax(row, -1)
@@ -176,6 +179,9 @@ def test_generate_takes_eos_lists_top_p_and_refuses_float_ids(packed):
     for b, t in enumerate(stops):
         expected[b, t + 1 :] = eos[0]  # a finished sequence continues with the first eos id
     assert torch.equal(fq.generate(real, ids, 6, use_graph=False, eos_token_id=eos), expected)
+    assert torch.equal(fq.generate(real, ids, 6, use_graph=False, eos_token_id=torch.tensor(eos)), expected)
+    one = fq.generate(real, ids, 6, use_graph=False, eos_token_id=eos[0])
+    assert torch.equal(fq.generate(real, ids, 6, use_graph=False, eos_token_id=np.int64(eos[0])), one)
     with pytest.raises(ValueError, match="integer token ids"):
         fq.generate(real, ids.float(), 2, use_graph=False)
     with pytest.raises(ValueError, match="top_p"):
@@ -677,6 +683,8 @@ def test_static_caches_past_a_sliding_window_are_refused(packed, monkeypatch):
     monkeypatch.setattr(real.config, "sliding_window", 16)
     out = fq.GenerationSession(real, max_length=16, use_graph=False).generate(_TOKENS[:1, :3], max_new_tokens=2)
     assert out.shape == (1, 5)
+    monkeypatch.setattr(real.config, "sliding_window", 4)  # 3 + 2 tokens need 4 cache positions: fits
+    assert torch.equal(fq.generate(real, _TOKENS[:1, :3], 2, use_graph=False), out)
     with pytest.raises(ValueError, match="min_capacity=0"):
         Int4KVCache(real, min_capacity=0)
 
@@ -691,6 +699,8 @@ def test_sliding_windows_per_layer_follow_the_config():
     assert _sliding_windows(Qwen2Config(num_hidden_layers=2), 2) == [None, None]
     assert _sliding_windows(MistralConfig(num_hidden_layers=2, sliding_window=64), 2) == [64, 64]
     assert _sliding_windows(MistralConfig(num_hidden_layers=2, sliding_window=None), 2) == [None, None]
+    mistral = MistralConfig(num_hidden_layers=2, sliding_window=64, layer_types=["full_attention"] * 2)
+    assert _sliding_windows(mistral, 2) == [64, 64]  # Mistral applies its window to every layer
 
 
 @torch.no_grad()

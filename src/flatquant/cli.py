@@ -439,7 +439,7 @@ def cmd_generate(args) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     prompts = [(p, tokenizer(p, return_tensors="pt").input_ids.to(device)) for p in args.prompt]
     # one session for all prompts: its cache and CUDA graphs are made once and reused
-    longest = max(ids.shape[1] for _, ids in prompts) + args.max_new_tokens
+    longest = max(ids.shape[1] for _, ids in prompts) + max(args.max_new_tokens, 1) - 1  # last token not cached
     session = GenerationSession(model, longest, use_graph=False if args.no_graph else None)
     for prompt, ids in prompts:
         t0 = time.perf_counter()

@@ -269,7 +269,7 @@ def _sliding_windows(config, n_layers: int) -> list[int | None]:
     if not window:
         return [None] * n_layers
     types = getattr(config, "layer_types", None)
-    if types is None:
+    if types is None or getattr(config, "model_type", None) == "mistral":  # Mistral windows every layer
         return [window] * n_layers
     return [window if t == "sliding_attention" else None for t in types]
 
@@ -552,9 +552,10 @@ class GenerationSession:
             )
         eos = None
         if eos_token_id is not None:  # one id or several (e.g. Llama 3's end-of-text and end-of-turn)
-            eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-            if not eos or not all(isinstance(e, int) for e in eos):
+            ids_ = torch.as_tensor(eos_token_id)  # an int, a list / tuple, numpy ints or a tensor
+            if ids_.numel() == 0 or ids_.dtype == torch.bool or ids_.is_floating_point() or ids_.is_complex():
                 raise ValueError(f"eos_token_id must be an int or a non-empty list of ints, got {eos_token_id!r}")
+            eos = [int(e) for e in ids_.flatten().tolist()]
 
         def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B, 1)
             if not do_sample:
@@ -593,6 +594,9 @@ class GenerationSession:
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Logits (B, V) with -inf outside each row's nucleus: the smallest set of most likely tokens whose
     probability reaches ``top_p`` (the most likely token always stays)."""
+    if top_p >= 1:  # everything stays (a float32 cumulative sum can reach 1 before the tail)
+        return logits
+    logits = logits.float()
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, -1)
     drop = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p
@@ -617,5 +621,7 @@ def generate(
     reuses its cache and graphs.
     """
     length = max(input_ids.shape[-1], 1) if input_ids.dim() == 2 else 1
-    session = GenerationSession(model, length + max(max_new_tokens, 1), buckets=(length,), use_graph=use_graph)
+    # the last new token is never fed back: prompt + new - 1 cache positions
+    capacity = length + max(max_new_tokens, 1) - 1
+    session = GenerationSession(model, capacity, buckets=(length,), use_graph=use_graph)
     return session.generate(input_ids, max_new_tokens, **sampling)
