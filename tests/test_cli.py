@@ -122,3 +122,17 @@ def test_pack_refuses_a_bad_head_group_before_calibrating(tmp_path, monkeypatch,
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
     assert not calibrated and not (tmp_path / "p").exists()
+
+
+def test_eos_ids_come_from_the_generation_config_and_the_tokenizer(tmp_path):
+    from types import SimpleNamespace
+
+    from flatquant.loading import eos_token_ids
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128009]}))
+    assert eos_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=128001)) == [128001, 128009]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert eos_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=3)) == [7, 3]
+    (tmp_path / "generation_config.json").unlink()  # none: the tokenizer's alone
+    assert eos_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=3)) == [3]
+    assert eos_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=None)) == []

@@ -26,7 +26,7 @@ from .config import PRESETS, FlatQuantConfig, describe_overrides, preset
 from .data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, calibration_windows, eval_windows, load_text, tokenize
 from .evaluate import perplexity
 from .files import atomic_write_json
-from .loading import DEFAULT_MODEL, load_model, load_tokenizer
+from .loading import DEFAULT_MODEL, eos_token_ids, load_model, load_tokenizer
 from .offload import PLACEMENTS
 from .packed import HEAD_BITS, HEAD_GROUP, PACK_DTYPES, head_group_for, load_packed, pack
 from .pipeline import quantize
@@ -433,6 +433,7 @@ def cmd_generate(args) -> int:
     from .kvcache import GenerationSession
 
     tokenizer = load_tokenizer(args.model)
+    eos = eos_token_ids(args.model, tokenizer)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     model = load_packed(args.packed, args.device, dtype)
     device = model.get_input_embeddings().weight.device
@@ -445,7 +446,7 @@ def cmd_generate(args) -> int:
         t0 = time.perf_counter()
         out = session.generate(
             ids, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=generator,
+            top_p=args.top_p, eos_token_id=eos or None, generator=generator,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         new = out.shape[1] - ids.shape[1]

@@ -42,6 +42,24 @@ def load_tokenizer(name: str | None = None):
     return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
+def eos_token_ids(name: str | None, tokenizer) -> list[int]:
+    """The ids that end a generation: the checkpoint's ``generation_config.json`` ``eos_token_id`` (an id or a
+    list, e.g. Llama 3's end-of-text and end-of-turn) where the checkpoint has one, then the tokenizer's."""
+    ids: list[int] = []
+    folder, kwargs = _source(name)
+    if not kwargs:  # a GGUF file carries no generation config
+        try:
+            from transformers import GenerationConfig
+
+            found = GenerationConfig.from_pretrained(folder).eos_token_id
+        except (OSError, ValueError):  # no generation_config.json (or not reachable): the tokenizer's alone
+            found = None
+        ids += [found] if isinstance(found, int) else list(found or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
 def load_model(name: str | None = None, dtype: str | torch.dtype | None = None):
     """(model, tokenizer) on the CPU with SDPA attention; raises for unsupported architectures.
 
