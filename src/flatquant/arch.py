@@ -32,6 +32,9 @@ _REGISTRY: dict[str, ArchSpec] = {
     "qwen2": _LLAMA_LIKE,  # q/k/v biases are carried through the transforms
     "qwen3": _LLAMA_LIKE,  # q/k norms act before RoPE, in the untransformed space
 }
+# the model types built in above: transformers' own layers, whose forward and masks the runtime knows (an
+# architecture added with register_architecture may differ, e.g. scale a branch or mask otherwise)
+BUILTIN_ARCHITECTURES = tuple(_REGISTRY)
 
 
 def register_architecture(model_type: str, spec: ArchSpec) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .arch import spec_for
+from .arch import BUILTIN_ARCHITECTURES, spec_for
 from .kernels.kv_quant import dequantize_kv
 from .runtime import KVQuant
 
@@ -367,7 +367,7 @@ class GraphedDecoder:
 
 # model types whose attention masks are causal, or causal within a sliding window (GraphedPrefill may then let
 # SDPA do the causal masking itself)
-CAUSAL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+CAUSAL_MODEL_TYPES = BUILTIN_ARCHITECTURES
 
 
 class GraphedPrefill:

@@ -18,7 +18,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .arch import ArchSpec, register_architecture, set_submodule, spec_for, supported_architectures
+from .arch import (
+    BUILTIN_ARCHITECTURES,
+    ArchSpec,
+    register_architecture,
+    set_submodule,
+    spec_for,
+    supported_architectures,
+)
 from .files import atomic_directory, read_format_json
 from .kernels.gemm_w4a4 import pack_int4
 from .kernels.rmsnorm import fuse_rms_norms
@@ -378,7 +385,7 @@ def defer_norms(model: nn.Module, spec: ArchSpec | None = None) -> int:
 
 
 # model types whose decoder layers are exactly h = x + attn(norm(x)); h + mlp(norm(h)) (transformers' layers)
-PLAIN_RESIDUAL_LAYERS = ("llama", "mistral", "qwen2", "qwen3")
+PLAIN_RESIDUAL_LAYERS = BUILTIN_ARCHITECTURES
 
 
 def fuse_residuals(model: nn.Module, spec: ArchSpec | None = None) -> int:
