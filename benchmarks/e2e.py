@@ -191,15 +191,22 @@ def prefill(model, kind, batch, seqlen, device, reps) -> float:
     return timed_ms(run, device, reps)
 
 
+def _warm_graphed_prefill(model, batch, seqlen, device):
+    """(GraphedPrefill whose prompt fills its one bucket, the prompt ids), past its eager call (autotuning),
+    its capture and one replay."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=device)
+    pre = GraphedPrefill(model, new_cache(model, "w4a4", seqlen), capacity=seqlen, buckets=(seqlen,))
+    for _ in range(3):
+        pre(ids)
+    return pre, ids
+
+
 @torch.no_grad()
 def prefill_graphed(model, batch, seqlen, device, reps) -> dict | None:
     """The W4A4 model's prefill replayed from a CUDA graph (``GraphedPrefill``, the prompt filling one bucket),
     median of ``reps``; eager through the same static path off CUDA. None (reason printed) if capture fails."""
-    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=device)
-    pre = GraphedPrefill(model, new_cache(model, "w4a4", seqlen), capacity=seqlen, buckets=(seqlen,))
     try:
-        for _ in range(3):  # eager (autotuning), the capture, one replay
-            pre(ids)
+        pre, ids = _warm_graphed_prefill(model, batch, seqlen, device)
     except RuntimeError as e:
         print(f"  graphed prefill unavailable: {str(e).splitlines()[0][:160]}")
         return None
@@ -398,10 +405,7 @@ def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
             out[phase] = {"batch": batch, **_profile_parts(run, model, device, 1 if phase == "prefill" else 4)}
     if kind == "w4a4":
         with torch.no_grad():
-            ids = torch.randint(0, model.config.vocab_size, (batch_prefill, seqlen), device=device)
-            pre = GraphedPrefill(model, new_cache(model, "w4a4", seqlen), capacity=seqlen, buckets=(seqlen,))
-            for _ in range(3):  # eager (autotuning), the capture, one replay
-                pre(ids)
+            pre, ids = _warm_graphed_prefill(model, batch_prefill, seqlen, device)
             out["prefill-graph"] = {"batch": batch_prefill, **_profile_parts(lambda: pre(ids), model, device, 1)}
     return out
 
