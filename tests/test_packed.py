@@ -218,6 +218,8 @@ def test_cli_packs_a_saved_calibration_and_evaluates_fake_and_real_quant(tmp_pat
     fq.save_quantized(_quantized("llama"), str(tmp_path / "calib"))
     monkeypatch.setattr(cli, "load_model", lambda name, dtype=None: (tiny_model("llama"), tokenizer))
     monkeypatch.setattr(cli, "load_tokenizer", lambda name: tokenizer)
+    # the default model's generation config is not read: this test must not need the default model installed
+    monkeypatch.setattr(cli, "eos_token_ids", lambda name, tok: [i for i in [tok.eos_token_id] if i is not None])
     common = ["--eval-data", str(text), "--eval-seqlen", "64", "--device", "cpu", "--quiet"]
     results, out = tmp_path / "r.json", str(tmp_path / "packed")
     argv = ["pack", "--checkpoint", str(tmp_path / "calib"), "--output", out, "--results-json", str(results)]
