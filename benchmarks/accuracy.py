@@ -27,8 +27,8 @@ import torch
 
 import flatquant as fq
 from flatquant import calibrate
-from flatquant.config import describe_overrides
-from flatquant.data import calibration_windows, eval_windows, load_text, tokenize
+from flatquant.config import calibration_for, describe_overrides
+from flatquant.data import DEFAULT_CALIBRATION, calibration_mixture, eval_windows, load_text, mixture_parts, tokenize
 from flatquant.evaluate import perplexity
 from flatquant.files import atomic_write_json
 from flatquant.loading import DEFAULT_MODEL, load_model
@@ -73,10 +73,18 @@ def _parse_set(items: list[str]) -> dict:
     return overrides
 
 
-def _notes(cfg, extra: dict) -> str | None:
-    """What sets a record apart from its setting's defaults: bit overrides and ``--set`` values."""
+def calib_label(spec: str) -> str:
+    """The calibration text(s) as recorded: files by their base names (no machine paths), names as given."""
+    return "+".join(model_label(part) for part in spec.split("+")) if "+" in spec else model_label(spec)
+
+
+def _notes(cfg, extra: dict, calib: str = DEFAULT_CALIBRATION) -> str | None:
+    """What sets a record apart from its setting's defaults: bit overrides, ``--set`` values and a calibration
+    mixture (a single calibration text is the default's stand-in, e.g. the same file given by path)."""
     parts = [describe_overrides(cfg.overrides)] if cfg.overrides else []
     parts += [f"{k}={v}" for k, v in sorted(extra.items())]
+    if len(mixture_parts(calib)) > 1:
+        parts.append(f"calib={calib_label(calib)}")
     return "; ".join(parts) or None
 
 
@@ -94,7 +102,12 @@ def main() -> None:
     )
     p.add_argument("--weights", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"], help="weight rounding")
     p.add_argument("--eval-windows", type=int, default=None, help="at most this many windows per text")
-    p.add_argument("--calib-data", default="wiki-summaries", help="calibration text: name or file")
+    p.add_argument(
+        "--calib-data",
+        default=None,
+        help="calibration text: name or file, or a mixture NAME+NAME+... (flatquant.data.calibration_mixture) "
+        "[default: the preset's, flatquant.config.calibration_for]",
+    )
     p.add_argument("--wiki", default="wiki", help="the wiki evaluation text: name or file")
     p.add_argument("--c4", default="c4", help="the c4 evaluation text: name or file")
     p.add_argument("--label", default=None, help="model name in the records [default: --model; a path: its base name]")
@@ -109,10 +122,12 @@ def main() -> None:
     base, tok = load_model(args.model)
     sources = {"wiki": args.wiki, "c4": args.c4}
     texts = {n: eval_windows(tokenize(tok, load_text(src)), 2048, args.eval_windows) for n, src in sources.items()}
-    calib_ids = tokenize(tok, load_text(args.calib_data))
+    if args.calib_data is None:
+        args.calib_data = calibration_for(args.preset)
+    mixture_parts(args.calib_data)  # a malformed mixture fails before any run
     records = []
     for run in runs:
-        for rec in _run(run, base, texts, calib_ids, extra, args):
+        for rec in _run(run, base, tok, texts, extra, args):
             records.append(rec)
             _merge_results(args.results, [rec])  # written as we go: a cut-off run keeps what it measured
             print(json.dumps({k: rec[k] for k in ("run", "weights", "wiki_ppl", "c4_ppl", "notes")}), flush=True)
@@ -130,7 +145,7 @@ def main() -> None:
         )
 
 
-def _run(run: str, base, texts, calib_ids, extra: dict, args):
+def _run(run: str, base, tok, texts, extra: dict, args):
     """Calibrate ``run`` once, then evaluate it with each weight rounding; yields one record per rounding."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -139,7 +154,7 @@ def _run(run: str, base, texts, calib_ids, extra: dict, args):
         return
     method, setting = run.split("-", 1)
     cfg = fq.preset(args.preset, method=method, **SETTINGS[setting], **extra)
-    windows = calibration_windows(calib_ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+    windows = calibration_mixture(tok, args.calib_data, cfg.nsamples, cfg.seqlen, cfg.seed)
     model = copy.deepcopy(base)
     state = None if args.state_dir is None or method != "flatquant" else os.path.join(args.state_dir, run)
     t0 = time.perf_counter()
@@ -180,7 +195,8 @@ def _record(run, args, cfg, weights, model, texts, calib_seconds, round_seconds,
         "kv_bits": cfg.k_bits if cfg else 16,
         "v_bits": cfg.v_bits if cfg else 16,
         "weights": weights,
-        "notes": _notes(cfg, extra) if cfg else None,
+        "notes": _notes(cfg, extra, args.calib_data) if cfg else None,
+        "calib": calib_label(args.calib_data) if trains or weights == "gptq" else None,
         **ppl,
         "eval_windows": {name: int(w.shape[0]) for name, w in texts.items()},
         "calib_seconds": calib_seconds,

@@ -96,9 +96,13 @@ def jobs(args) -> list[Job]:
         listed.append(e2e("e2e-llama-3-8b-head8", "llama-3-8b", *short, "--head-bits", "8"))
     for item in args.accuracy:
         preset, seed, overrides = parse_accuracy(item)
+        calib = [o.split("=", 1)[1] for o in overrides if o.startswith("calib=")]  # a per-run calibration text
+        overrides = [o for o in overrides if not o.startswith("calib=")]
         name = f"accuracy-{preset}-seed{seed}" + "".join(f"-{o.replace('=', '')}" for o in overrides)
+        if calib:
+            name += "-calib-" + "+".join(os.path.splitext(os.path.basename(c))[0] for c in calib[-1].split("+"))
         argv = [py, bench("accuracy.py"), "--runs", "flatquant-w4a4kv4", "--preset", preset, "--model", args.model]
-        argv += ["--calib-data", args.calib_data, "--wiki", args.wiki, "--c4", args.c4]
+        argv += ["--calib-data", calib[-1] if calib else args.calib_data, "--wiki", args.wiki, "--c4", args.c4]
         argv += ["--results", f"{out}/{name}.json", "--set", f"seed={seed}", *overrides]
         minutes = 4 if preset == "paper" else 8
         epochs = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("epochs=")]
@@ -202,7 +206,8 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--accuracy", nargs="*", default=["paper:0", "accurate:0"],
-        help="calibrations PRESET[:SEED[:KEY=VALUE,...]], e.g. accurate:2 accurate:3:epochs=30,lr=0.02",
+        help="calibrations PRESET[:SEED[:KEY=VALUE,...]], e.g. accurate:2 accurate:3:epochs=30,lr=0.02; the key calib "
+        "sets that run's calibration text (accurate:2:calib=a.json+b.utf8)",
     )  # fmt: skip
     p.add_argument("--accuracy-per-gpu", type=int, default=1, help="calibrations run side by side on one GPU")
     p.add_argument("--model", default="smollm2-135m", help="model of the accuracy runs: name, folder or GGUF file")

@@ -158,6 +158,13 @@ def test_gpu_suite_accuracy_runs_take_overrides_and_share_a_gpu(tmp_path, capsys
     assert suite.main(["out", "--gpus", "1", "--only", "accuracy", "--accuracy", "accurate:3:epochs=60",
                        "--dry-run"]) == 0  # fmt: skip
     assert "--set seed=3 epochs=60" in capsys.readouterr().out
+    # calib=SPEC becomes that run's --calib-data (not a config override); the job is named by base names
+    assert suite.main(["out", "--gpus", "1", "--only", "accuracy", "--accuracy",
+                       "accurate:4:calib=/d/s.json+/d/tiny.utf8,epochs=30", "--dry-run"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "accuracy-accurate-seed4-epochs30-calib-s+tiny:" in printed
+    assert "--calib-data /d/s.json+/d/tiny.utf8" in printed and "--set seed=4 epochs=30" in printed
+    assert "calib=" not in printed
     py = sys.executable
 
     def waiter(me, other):

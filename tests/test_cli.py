@@ -136,3 +136,24 @@ def test_eos_ids_come_from_the_generation_config_and_the_tokenizer(tmp_path):
     (tmp_path / "generation_config.json").unlink()  # none: the tokenizer's alone
     assert eos_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=3)) == [3]
     assert eos_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=None)) == []
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["quantize"], "wiki-summaries"),
+        (["quantize", "--preset", "accurate"], "wiki-summaries+technical+tiny"),
+        (["quantize", "--preset", "accurate", "--calib-data", "my.txt"], "my.txt"),
+        (["pack", "--output", "o", "--preset", "accurate"], "wiki-summaries+technical+tiny"),
+        (["pack", "--output", "o", "--preset", "quick"], "wiki-summaries"),
+    ],
+)
+def test_calibration_text_defaults_to_the_presets(monkeypatch, argv, expected):
+    """Without --calib-data a command calibrates on its preset's text (the accurate preset's mixture); a named
+    text always wins."""
+    seen = []
+    for name in ("cmd_quantize", "cmd_pack"):
+        monkeypatch.setattr(cli, name, lambda args: seen.append(args.calib_data) or [])
+    monkeypatch.setattr(cli, "_check_tasks", lambda args: None)
+    assert cli.main(argv) == 0
+    assert seen == [expected]

@@ -45,3 +45,44 @@ def test_offline_texts_are_found_when_installed():
     except FileNotFoundError as e:
         pytest.skip(str(e))
     assert len(text) > 100_000 and "<doc" not in text
+
+
+class _CharTokenizer:
+    """One id per character: a text's ids say which text a window came from."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        class _Out:
+            input_ids = torch.tensor([[ord(c) for c in text]])
+
+        return _Out()
+
+
+def test_calibration_mixture_draws_shares_from_each_text_and_shuffles(tmp_path):
+    a, b, c = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"
+    a.write_text("a" * 400)
+    b.write_text("b" * 300)
+    c.write_text("c" * 50)
+    tok = _CharTokenizer()
+    # one text (even one with a '+' in its name): exactly the windows of calibration_windows
+    plus = tmp_path / "x+y.txt"
+    plus.write_text("".join(chr(65 + i % 26) for i in range(500)))
+    for spec in (str(a), str(plus)):
+        one = data.calibration_mixture(tok, spec, 6, 16, seed=3)
+        assert torch.equal(one, data.calibration_windows(tok(open(spec).read()).input_ids, 6, 16, seed=3))
+    # a listed twice: two shares of 8 windows, b one share; every window comes from a single text
+    mix = data.calibration_mixture(tok, f"{a}+{b}+{a}", 8, 16, seed=0)
+    assert mix.shape == (8, 16)
+    first = [chr(int(w[0])) for w in mix]
+    assert sorted(first) == ["a"] * 6 + ["b"] * 2  # 8 * 2 // 3 = 5 and 8 // 3 = 2, the remainder to the first
+    assert all(len(set(w.tolist())) == 1 for w in mix)
+    assert first != sorted(first)  # shuffled: batches mix the texts
+    assert torch.equal(mix, data.calibration_mixture(tok, f"{a}+{b}+{a}", 8, 16, seed=0))
+    assert data.mixture_parts(f"{a}+{b}+{a}") == {str(a): 2, str(b): 1}
+    with pytest.raises(ValueError, match="has 50 tokens, not more than seqlen=64"):
+        data.calibration_mixture(tok, f"{a}+{c}", 4, 64)
+    with pytest.raises(ValueError, match="empty part"):
+        data.mixture_parts(f"{a}++{b}")
+    with pytest.raises(ValueError, match="nsamples=1 is fewer than the 2 texts"):
+        data.calibration_mixture(tok, f"{a}+{b}", 1, 16)
+    with pytest.raises(ValueError, match="'nope' is neither a known name"):
+        data.calibration_mixture(tok, f"{a}+nope", 4, 16)

@@ -22,8 +22,8 @@ import torch
 
 from . import distributed
 from .checkpoint import apply_calibration, load_quantized, save_quantized, write_calibration
-from .config import PRESETS, FlatQuantConfig, describe_overrides, preset
-from .data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, calibration_windows, eval_windows, load_text, tokenize
+from .config import PRESETS, FlatQuantConfig, calibration_for, describe_overrides, preset
+from .data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, calibration_mixture, eval_windows, load_text, tokenize
 from .evaluate import perplexity
 from .files import atomic_write_json
 from .loading import DEFAULT_MODEL, eos_token_ids, load_model, load_tokenizer
@@ -124,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="calibrate, merge, evaluate and save a FlatQuant model")
     _add_common(q)
     q.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="base settings [default paper]")
-    q.add_argument("--calib-data", default=DEFAULT_CALIBRATION, help="calibration text (name or file)")
+    q.add_argument(
+        "--calib-data",
+        default=None,
+        help="calibration text: a name or file, or a mixture NAME+NAME+... (equal shares; repeat a name for more) "
+        f"[default: the preset's, {DEFAULT_CALIBRATION} except accurate: {calibration_for('accurate')}]",
+    )
     q.add_argument("--output", default=None, help="checkpoint folder [default flatquant-out/<model>-<method>]")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--baselines", action="store_true", help="also evaluate FP, RTN and fixed rotation")
@@ -142,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(eval_data=[])
     p.add_argument("--checkpoint", default=None, help="a folder written by 'flatquant quantize' [default: quantize]")
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="without --checkpoint [default paper]")
-    p.add_argument("--calib-data", default=DEFAULT_CALIBRATION, help="without --checkpoint: calibration text")
+    p.add_argument("--calib-data", default=None, help="without --checkpoint: calibration text [the preset's]")
     p.add_argument("--output", required=True, help="packed checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument(
@@ -276,7 +281,7 @@ def _offload_options(args) -> dict:
 def _calibration_windows(tokenizer, args, cfg: FlatQuantConfig):
     if cfg.method != "flatquant" and cfg.weight_method != "gptq":
         return None
-    return calibration_windows(tokenize(tokenizer, load_text(args.calib_data)), cfg.nsamples, cfg.seqlen, cfg.seed)
+    return calibration_mixture(tokenizer, args.calib_data, cfg.nsamples, cfg.seqlen, cfg.seed)
 
 
 def cmd_quantize(args) -> list[dict]:
@@ -474,6 +479,8 @@ def _check_tasks(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "calib_data", "") is None:  # the preset's own calibration text
+        args.calib_data = calibration_for(args.preset)
     try:
         if args.command == "report":
             return cmd_report(args)

