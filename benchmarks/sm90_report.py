@@ -55,15 +55,21 @@ def compile_sm90(fn, sig: dict, const: dict, div16: list[str], options: dict):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def main_loop_instructions(sass: str) -> int:
-    """Instructions of the kernel's longest loop (the span of its longest backward branch): per iteration of a
-    warp, a static proxy for an issue-bound kernel's cost (0 without a loop)."""
+def loop_sizes(sass: str) -> list[int]:
+    """Instructions of each loop (the span of each backward branch), longest first."""
     spans = [
         int(at, 16) - int(to, 16)
         for at, to in re.findall(r"/\*([0-9a-f]{4,})\*/[^;\n]*?\bBRA\s+0x([0-9a-f]+)", sass)
         if int(to, 16) < int(at, 16)
     ]
-    return (max(spans) // 16 + 1) if spans else 0  # sm_90 instructions are 16 bytes
+    return sorted((span // 16 + 1 for span in spans), reverse=True)  # sm_90 instructions are 16 bytes
+
+
+def main_loop_instructions(sass: str) -> int:
+    """Instructions of the kernel's longest loop: per iteration of a warp, a static proxy for an issue-bound
+    kernel's cost (0 without a loop)."""
+    sizes = loop_sizes(sass)
+    return sizes[0] if sizes else 0
 
 
 def resources(kernel) -> dict:
@@ -76,6 +82,7 @@ def resources(kernel) -> dict:
     ops = collections.Counter(m.split(".")[0] for m in re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]+)", sass))
     return {
         "loop_instructions": main_loop_instructions(sass),
+        "loop_sizes": loop_sizes(sass),
         "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
         "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
         "smem": kernel.metadata.shared,
@@ -200,15 +207,15 @@ def decode_reports(groups: list[int], head_dim: int = 128) -> list[dict]:
     for g in groups:
         for cfg in (c for c in kv.CANDIDATE_CONFIGS if kv.applies(c, g)):
             const = dict(HKV=32 // g, **kv.shape_meta(g, head_dim, cfg["mma"]), BLOCK_N=cfg["block_n"], SINGLE=False)
-            const |= dict(ASM=cfg["asm"], INTERPRET=False, MMA=cfg["mma"], FLAT=cfg["flat"])
+            const |= dict(ASM=cfg["asm"], INTERPRET=False, MMA=cfg["mma"], FLAT=cfg["flat"], TWO_PASS=cfg["two_pass"])
             opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])  # as launched: fp fusion on
             rec = {"kernel": "decode_attention", "G": g, "head_dim": head_dim, **cfg}
             out.append(_report(rec, lambda c=const, o=opts: compile_sm90(fn, sig, c, DECODE_DIV16, o)))
             if out[-1].get("loop_instructions"):  # thread instructions per K or V code of a token block
                 codes = cfg["block_n"] * head_dim * 2
-                out[-1]["instructions_per_code"] = round(
-                    out[-1]["loop_instructions"] * cfg["num_warps"] * 32 / codes, 2
-                )
+                # the two-pass loop runs two loops over the same blocks (scores, then values)
+                per_block = sum(out[-1]["loop_sizes"][:2]) if cfg["two_pass"] else out[-1]["loop_instructions"]
+                out[-1]["instructions_per_code"] = round(per_block * cfg["num_warps"] * 32 / codes, 2)
     return out
 
 
@@ -226,7 +233,8 @@ def _report(rec: dict, build) -> dict:
     cfg = {
         k: v
         for k, v in rec.items()
-        if k not in ("regs", "stack", "smem", "wgmma", "mma_sync", "instructions", "loop_instructions", "ok")
+        if k
+        not in ("regs", "stack", "smem", "wgmma", "mma_sync", "instructions", "loop_instructions", "loop_sizes", "ok")
     }
     print(f"{flag} {detail}  {cfg}", flush=True)
     return rec

@@ -48,7 +48,8 @@ _LOG2E = math.log2(math.e)
 # decode kernel launch: tokens per step, warps, pipeline stages, target programs per SM, inline-PTX unpacking
 # (and whether the products run on tensor cores, and the one-query-row CUDA-core loop, see _decode_flat_steps)
 DEFAULT_CONFIG = {
-    "block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4, "asm": False, "mma": True, "flat": False
+    "block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4, "asm": False, "mma": True, "flat": False,
+    "two_pass": False,
 }  # fmt: skip
 # On CUDA the launch config is chosen per shape among CANDIDATE_CONFIGS by timing CUDA-graph replays (set
 # False, or FLATQUANT_AUTOTUNE=0, for DEFAULT_CONFIG)
@@ -67,15 +68,27 @@ CANDIDATE_CONFIGS += [
 ]
 # one query row per KV head only (MHA): no per-step reduction over tokens, fewer instructions per code
 CANDIDATE_CONFIGS += [
-    {"block_n": bn, "num_warps": w, "num_stages": 2, "progs_per_sm": pps, "asm": asm, "mma": False, "flat": True}
+    {"block_n": bn, "num_warps": w, "num_stages": 2, "progs_per_sm": pps, "asm": asm, "mma": False, "flat": True,
+     "two_pass": False}
     for bn, w, pps, asm in itertools.product((32, 64), (4, 8), (4, 8), (False, True))
-]
+]  # fmt: skip
+# the one-row loop in two passes (scores, then values; see _decode_two_pass_steps): no cross-warp reduction or
+# barrier inside either loop, so the loads of successive token blocks can overlap
+CANDIDATE_CONFIGS += [
+    {"block_n": bn, "num_warps": w, "num_stages": 2, "progs_per_sm": pps, "asm": True, "mma": False, "flat": True,
+     "two_pass": True}
+    for bn, w, pps in itertools.product((32, 64, 128), (4, 8), (4, 8))
+    if (bn, w) != (128, 4)
+]  # fmt: skip
+CANDIDATE_CONFIGS = [{**DEFAULT_CONFIG, **c} for c in CANDIDATE_CONFIGS]  # every key in every candidate
 _TUNED: dict[tuple, dict] = {}  # shape key -> the fastest candidate (see _tuned_config)
 
 
 def applies(config: dict, group: int) -> bool:
     """Whether a decode launch config can run ``group`` query heads per KV head (CUDA-core configs take at
     most MAX_G_CUDA_CORES, the one-row ``flat`` loop exactly one)."""
+    if config.get("two_pass", False) and not config.get("flat", False):
+        return False
     if config.get("flat", False):
         return group == 1 and not config.get("mma", True)
     return config.get("mma", True) or group <= MAX_G_CUDA_CORES
@@ -455,6 +468,73 @@ if triton is not None:
         return acc_e, acc_o, tl.zeros_like(m_i) + m_f, tl.zeros_like(l_i) + l_f
 
     @triton.jit
+    def _store_in_place(ptr, value, mask, INTERPRET: tl.constexpr):
+        """``tl.store(ptr, value, mask)`` for fp32 in the layout ``value`` already has (inline PTX): a plain store
+        of a row-reduced vector first moves it to a coalesced layout through shared memory, with barriers. The
+        threads that hold copies of one element store the same value to the same address."""
+        if INTERPRET:
+            tl.store(ptr, value, mask=mask)
+        else:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.f32 [$1], $2; mov.b32 $0, 0; }",
+                "=r,l,r,r", [ptr, value, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+            )  # fmt: skip
+
+    @triton.jit
+    def _decode_two_pass_steps(
+        k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, sc_ptr, q_e, q_o, q_sum, m_i, l_i, kv_base, sc_base, s_base,
+        start, end, stride_kt, qk_scale, BLOCK_N: tl.constexpr, BLOCK_HD: tl.constexpr, HALF_D: tl.constexpr,
+        INTERPRET: tl.constexpr, ASM: tl.constexpr,
+    ):  # fmt: skip
+        """The one-row loop (as :func:`_decode_flat_steps`) in two passes over the chunk, with no reduction over
+        tokens inside either loop: pass 1 reads K, writes each token's score (base 2) to the fp32 scratch row
+        ``sc_ptr + s_base`` and keeps a running maximum per token slot of the block; one reduction gives the
+        chunk's maximum m; pass 2 reads V and the scores and accumulates exp2(s - m)-weighted values per token
+        row, with no rescaling at all. The one-pass loop needs a maximum over the block's tokens (spread over all
+        warps: a shared-memory round trip and barriers) every step, which serialises its K load, its softmax and
+        its V load; here every step's loads are independent of the previous step's results. Costs 8 bytes of
+        scratch traffic per token (against 144 of K and V codes and scales at head_dim 128)."""
+        qe = tl.sum(q_e.to(tl.float32), 0)  # (BLOCK_HD,): the one query row
+        qo = tl.sum(q_o.to(tl.float32), 0)
+        qs = tl.sum(q_sum, 0)
+        m_slot = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+        for t0 in range(start, end, BLOCK_N):
+            kb, ks, kz, mt, _, _ = _token_block(
+                k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N, BLOCK_HD, HALF_D
+            )
+            k_lo, k_hi = _unpack_biased_f32(kb, INTERPRET, ASM)
+            qc = _row_dot4(k_lo, k_hi, qe, qo, BLOCK_N, BLOCK_HD)  # (BLOCK_N,)
+            s = (qc - qs * (kz + F32_BIAS)) * (ks * qk_scale)
+            _store_in_place(sc_ptr + s_base + t0 + tl.arange(0, BLOCK_N), s, mt, INTERPRET)
+            m_slot = tl.maximum(m_slot, tl.where(mt, s, -float("inf")))
+        m_f = tl.max(m_slot, 0)  # -inf for an empty chunk (no step ran)
+        m_use = tl.where(m_f > -float("inf"), m_f, 0.0)
+        tl.debug_barrier()  # the scores written above are read below, possibly by other threads of the block
+        l_slot = tl.zeros((BLOCK_N,), tl.float32)
+        pz_slot = tl.zeros((BLOCK_N,), tl.float32)
+        tile_e = tl.zeros((BLOCK_N, BLOCK_HD), tl.float32)
+        tile_o = tl.zeros((BLOCK_N, BLOCK_HD), tl.float32)
+        rj = tl.arange(0, BLOCK_HD)
+        for t0 in range(start, end, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            mt = t < end
+            mkv = mt[:, None] & (rj < HALF_D)[None, :]
+            off = kv_base + t.to(tl.int64)[:, None] * stride_kt + rj[None, :]
+            vb, vs, vz = _same_block(v_ptr, vs_ptr, vz_ptr, off, mkv, sc_base, t0, mt, BLOCK_N)
+            s = tl.load(sc_ptr + s_base + t, mask=mt, other=-float("inf"))
+            p = tl.exp2(s - m_use)  # <= 1; 0 beyond the sequence
+            l_slot += p
+            pv = p * vs  # p . ((c - z) * s) = sum(p * s * (B + c)) - sum(p * s * (B + z)), B = F32_BIAS
+            pz_slot += pv * (vz + F32_BIAS)
+            v_lo, v_hi = _unpack_biased_f32(vb, INTERPRET, ASM)
+            tile_e += pv[:, None] * v_lo
+            tile_o += pv[:, None] * v_hi
+        pz = tl.sum(pz_slot, 0)
+        acc_e = (tl.sum(tile_e, 0) - pz)[None, :]  # (1, BLOCK_HD)
+        acc_o = (tl.sum(tile_o, 0) - pz)[None, :]
+        return acc_e, acc_o, tl.zeros_like(m_i) + m_f, tl.zeros_like(l_i) + tl.sum(l_slot, 0)
+
+    @triton.jit
     def _decode_chunk_kernel(
         # inputs
         q_ptr,  # (B, Hq, D) bf16/fp16
@@ -465,6 +545,7 @@ if triton is not None:
         vs_ptr,
         vz_ptr,
         lens_ptr,  # int32 (B,)
+        sc_ptr,  # fp32 (B * HKV, S_cap) scratch for the two-pass loop's scores (unused otherwise)
         # outputs: the final (B, Hq, D) when SINGLE, else per-chunk acc (B * Hq, splits, D), m and l
         out_ptr,
         acc_ptr,
@@ -495,6 +576,7 @@ if triton is not None:
         INTERPRET: tl.constexpr,
         MMA: tl.constexpr = 1,  # tensor-core products (BLOCK_G >= 16); 0: CUDA cores, BLOCK_G = G padded (G <= 2)
         FLAT: tl.constexpr = 0,  # G == 1 on CUDA cores: per-token row sums, V accumulated per token row (see below)
+        TWO_PASS: tl.constexpr = 0,  # with FLAT: scores first, then values (_decode_two_pass_steps)
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -524,7 +606,12 @@ if triton is not None:
         l_i = tl.full((BLOCK_G,), 0.0, tl.float32)
         acc_e = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
         acc_o = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
-        if FLAT:  # one query row: no 16-row tensor-core tile, no per-step reduction over tokens
+        if FLAT and TWO_PASS:
+            acc_e, acc_o, m_i, l_i = _decode_two_pass_steps(
+                k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, sc_ptr, q_e, q_o, q_sum, m_i, l_i, kv_base, sc_base,
+                bh.to(tl.int64) * s_cap, start, end, stride_kt, qk_scale, BLOCK_N, BLOCK_HD, HALF_D, INTERPRET, ASM,
+            )  # fmt: skip
+        elif FLAT:  # one query row: no 16-row tensor-core tile, no per-step reduction over tokens
             acc_e, acc_o, m_i, l_i = _decode_flat_steps(
                 k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_e, q_o, q_sum, m_i, l_i, kv_base, sc_base, start, end,
                 stride_kt, qk_scale, BLOCK_N, BLOCK_HD, HALF_D, INTERPRET, ASM,
@@ -1006,6 +1093,8 @@ def decode_attention_triton(
     if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {cfg['block_n']}")
     if not applies(cfg, hq // hkv):
+        if cfg.get("two_pass", False) and not cfg["flat"]:
+            raise ValueError("two_pass=True takes flat=True (the one-row loop)")
         if cfg["flat"]:
             raise ValueError(f"flat=True takes mma=False and one query head per KV head, got {hq // hkv}")
         raise ValueError(f"mma=False takes at most {MAX_G_CUDA_CORES} query heads per KV head, got {hq // hkv}")
@@ -1023,13 +1112,15 @@ def decode_attention_triton(
     m = out if single else torch.empty((b * hq, splits), **f32)
     l = out if single else torch.empty((b * hq, splits), **f32)
     interpret = _interpreting()
+    two_pass = bool(cfg["flat"] and cfg.get("two_pass", False))
+    scores = torch.empty((b * hkv, s_cap) if two_pass else (1,), **f32)
     _decode_chunk_kernel[(b * hkv, splits)](
-        q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, lens,
+        q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, lens, scores,
         out, acc, m, l, float(sm_scale) * _LOG2E, s_cap, splits,
         q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
         k_scale.stride(0), k_scale.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, **shape_meta(g, d, cfg["mma"]), BLOCK_N=bn, SINGLE=single, ASM=cfg["asm"],
-        INTERPRET=interpret, MMA=cfg["mma"], FLAT=cfg["flat"],
+        INTERPRET=interpret, MMA=cfg["mma"], FLAT=cfg["flat"], TWO_PASS=two_pass,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if not single:
