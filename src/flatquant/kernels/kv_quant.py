@@ -419,6 +419,21 @@ if triton is not None:
         return tl.sum(t, 1)
 
     @triton.jit
+    def _row_scores(
+        k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, qe, qo, qs, qk_scale, BLOCK_N: tl.constexpr,
+        BLOCK_HD: tl.constexpr, HALF_D: tl.constexpr, INTERPRET: tl.constexpr, ASM: tl.constexpr,
+    ):  # fmt: skip
+        """One query row's scores (base 2) over the token block at t0, from the packed K codes on CUDA cores:
+        (BLOCK_N,) scores (finite garbage beyond ``end``), the token mask, the element mask and the codes'
+        offsets (V shares them)."""
+        kb, ks, kz, mt, mkv, kv_off = _token_block(
+            k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N, BLOCK_HD, HALF_D
+        )
+        k_lo, k_hi = _unpack_biased_f32(kb, INTERPRET, ASM)
+        qc = _row_dot4(k_lo, k_hi, qe, qo, BLOCK_N, BLOCK_HD)  # (BLOCK_N,)
+        return (qc - qs * (kz + F32_BIAS)) * (ks * qk_scale), mt, mkv, kv_off
+
+    @triton.jit
     def _decode_flat_steps(
         k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_e, q_o, q_sum, m_i, l_i, kv_base, sc_base, start, end,
         stride_kt, qk_scale, BLOCK_N: tl.constexpr, BLOCK_HD: tl.constexpr, HALF_D: tl.constexpr,
@@ -440,12 +455,10 @@ if triton is not None:
         tile_e = tl.zeros((BLOCK_N, BLOCK_HD), tl.float32)
         tile_o = tl.zeros((BLOCK_N, BLOCK_HD), tl.float32)
         for t0 in range(start, end, BLOCK_N):
-            kb, ks, kz, mt, mkv, kv_off = _token_block(
-                k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N, BLOCK_HD, HALF_D
-            )
-            k_lo, k_hi = _unpack_biased_f32(kb, INTERPRET, ASM)
-            qc = _row_dot4(k_lo, k_hi, qe, qo, BLOCK_N, BLOCK_HD)  # (BLOCK_N,)
-            s = (qc - qs * (kz + F32_BIAS)) * (ks * qk_scale)
+            s, mt, mkv, kv_off = _row_scores(
+                k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, qe, qo, qs, qk_scale, BLOCK_N, BLOCK_HD,
+                HALF_D, INTERPRET, ASM,
+            )  # fmt: skip
             s = tl.where(mt, s, -float("inf"))
             m_step = tl.max(s, 0)  # finite: every step has a valid token
             if m_step > m_f + 8.0:  # raise the reference maximum (the first step always does)
@@ -499,12 +512,10 @@ if triton is not None:
         qs = tl.sum(q_sum, 0)
         m_slot = tl.full((BLOCK_N,), -float("inf"), tl.float32)
         for t0 in range(start, end, BLOCK_N):
-            kb, ks, kz, mt, _, _ = _token_block(
-                k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N, BLOCK_HD, HALF_D
-            )
-            k_lo, k_hi = _unpack_biased_f32(kb, INTERPRET, ASM)
-            qc = _row_dot4(k_lo, k_hi, qe, qo, BLOCK_N, BLOCK_HD)  # (BLOCK_N,)
-            s = (qc - qs * (kz + F32_BIAS)) * (ks * qk_scale)
+            s, mt, _, _ = _row_scores(
+                k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, qe, qo, qs, qk_scale, BLOCK_N, BLOCK_HD,
+                HALF_D, INTERPRET, ASM,
+            )  # fmt: skip
             _store_in_place(sc_ptr + s_base + t0 + tl.arange(0, BLOCK_N), s, mt, INTERPRET)
             m_slot = tl.maximum(m_slot, tl.where(mt, s, -float("inf")))
         m_f = tl.max(m_slot, 0)  # -inf for an empty chunk (no step ran)
