@@ -93,15 +93,14 @@ def worker(spec: dict) -> None:
     import flatquant as fq
     from flatquant import distributed
     from flatquant.calibrate import calibrate
-    from flatquant.data import calibration_windows, load_text, tokenize
+    from flatquant.data import calibration_mixture
     from flatquant.loading import load_model
 
     ctx = distributed.setup(timeout=600)
     if spec["model"].startswith("smollm2"):
         model, tokenizer = load_model(spec["source"])
         cfg = fq.preset(spec["preset"], **spec["overrides"])
-        ids = tokenize(tokenizer, load_text(spec["calib_data"]))
-        windows = calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+        windows = calibration_mixture(tokenizer, spec["calib_data"], cfg.nsamples, cfg.seqlen, cfg.seed)
     else:
         model = fq.StreamingModel(spec["folder"])
         cfg = fq.preset(spec["preset"], **spec["overrides"])
@@ -228,7 +227,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["llama-2-7b-config", "smollm2-135m"])
     p.add_argument("--smollm-blocks", type=int, default=4)
     p.add_argument("--smollm-model", default=None, help="SmolLM2 checkpoint or GGUF file [default: the built-in]")
-    p.add_argument("--calib-data", default="wiki-summaries", help="SmolLM2 calibration text: name or file")
+    p.add_argument("--calib-data", default="wiki-summaries", help="SmolLM2 calibration text: name, file or mixture A+B")
     p.add_argument("--llama-blocks", type=int, default=6)
     p.add_argument("--llama-samples", type=int, default=32)
     p.add_argument("--llama-epochs", type=int, default=12)
