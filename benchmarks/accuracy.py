@@ -5,8 +5,8 @@ SmolLM2-135M (the default model), perplexity on the offline ``wiki`` and ``c4`` 
 once and then rounds the weights of deep copies of the calibrated model with every ``--weights`` method, so
 RTN and GPTQ of one setting share one calibration and give one record each (a setting without weight
 quantization, e.g. K4V4, gives one record with ``weights`` null). Prints a table and merges the records
-into ``benchmarks/results/accuracy.json`` (a record with the same model, method, bits, weights and notes is
-replaced; the file is locked while it is rewritten, so several processes may share it).
+into ``benchmarks/results/accuracy.json`` (a record with the same model, method, bits, weights, notes and
+calibration text is replaced; the file is locked while it is rewritten, so several processes may share it).
 
     python benchmarks/accuracy.py                       # the default runs, paper preset (use a GPU)
     python benchmarks/accuracy.py --runs flatquant-w4a16 rtn-w4a16 --state-dir runs/state
@@ -28,7 +28,7 @@ import torch
 import flatquant as fq
 from flatquant import calibrate
 from flatquant.config import calibration_for, describe_overrides
-from flatquant.data import DEFAULT_CALIBRATION, calibration_mixture, eval_windows, load_text, mixture_parts, tokenize
+from flatquant.data import calibration_mixture, eval_windows, load_text, mixture_parts, tokenize
 from flatquant.evaluate import perplexity
 from flatquant.files import atomic_write_json
 from flatquant.loading import DEFAULT_MODEL, load_model
@@ -74,16 +74,22 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def calib_label(spec: str) -> str:
-    """The calibration text(s) as recorded: files by their base names (no machine paths), names as given."""
-    return "+".join(model_label(part) for part in spec.split("+")) if "+" in spec else model_label(spec)
+    """The calibration text(s) as recorded: files by their base names (no machine paths), names as given, each
+    text as many times as its shares."""
+
+    def label(name: str) -> str:  # a path, existing or not, by its base name
+        return os.path.basename(os.path.normpath(name)) if os.sep in name else model_label(name)
+
+    return "+".join(label(name) for name, n in mixture_parts(spec).items() for _ in range(n))
 
 
-def _notes(cfg, extra: dict, calib: str = DEFAULT_CALIBRATION) -> str | None:
+def _notes(cfg, extra: dict, calib: str | None = None) -> str | None:
     """What sets a record apart from its setting's defaults: bit overrides, ``--set`` values and a calibration
-    mixture (a single calibration text is the default's stand-in, e.g. the same file given by path)."""
+    mixture (``calib``: the text of a run that calibrates; a single text is the default's stand-in, e.g. the
+    same file given by path, and the record's ``calib`` field names it)."""
     parts = [describe_overrides(cfg.overrides)] if cfg.overrides else []
     parts += [f"{k}={v}" for k, v in sorted(extra.items())]
-    if len(mixture_parts(calib)) > 1:
+    if calib is not None and len(mixture_parts(calib)) > 1:
         parts.append(f"calib={calib_label(calib)}")
     return "; ".join(parts) or None
 
@@ -154,7 +160,7 @@ def _run(run: str, base, tok, texts, extra: dict, args):
         return
     method, setting = run.split("-", 1)
     cfg = fq.preset(args.preset, method=method, **SETTINGS[setting], **extra)
-    windows = calibration_mixture(tok, args.calib_data, cfg.nsamples, cfg.seqlen, cfg.seed)
+    windows = _calibration(tok, args.calib_data, cfg.nsamples, cfg.seqlen, cfg.seed)
     model = copy.deepcopy(base)
     state = None if args.state_dir is None or method != "flatquant" else os.path.join(args.state_dir, run)
     t0 = time.perf_counter()
@@ -172,6 +178,17 @@ def _run(run: str, base, tok, texts, extra: dict, args):
         del m
 
 
+_WINDOWS: dict[tuple, torch.Tensor] = {}
+
+
+def _calibration(tok, spec: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Calibration windows, tokenised once per (text, size, seed) for all runs of the process."""
+    key = (spec, nsamples, seqlen, seed)
+    if key not in _WINDOWS:
+        _WINDOWS[key] = calibration_mixture(tok, spec, nsamples, seqlen, seed)
+    return _WINDOWS[key]
+
+
 def _quantizes_weights(cfg) -> bool:
     return cfg.w_bits < 16 or any(b.get("w_bits", 16) < 16 for b in cfg.overrides.values())
 
@@ -185,6 +202,7 @@ def model_label(model: str) -> str:
 def _record(run, args, cfg, weights, model, texts, calib_seconds, round_seconds, extra: dict) -> dict:
     label = f"{run} {weights or ''}".strip()
     trains = cfg is not None and cfg.method == "flatquant"
+    calib = calib_label(args.calib_data) if trains or weights == "gptq" else None  # the text it calibrated on
     ppl = {f"{name}_ppl": perplexity(model, w, desc=f"{label} {name}") for name, w in texts.items()}
     return {
         "model": args.label or model_label(args.model),
@@ -195,8 +213,8 @@ def _record(run, args, cfg, weights, model, texts, calib_seconds, round_seconds,
         "kv_bits": cfg.k_bits if cfg else 16,
         "v_bits": cfg.v_bits if cfg else 16,
         "weights": weights,
-        "notes": _notes(cfg, extra, args.calib_data) if cfg else None,
-        "calib": calib_label(args.calib_data) if trains or weights == "gptq" else None,
+        "notes": _notes(cfg, extra, calib) if cfg else None,
+        "calib": calib,
         **ppl,
         "eval_windows": {name: int(w.shape[0]) for name, w in texts.items()},
         "calib_seconds": calib_seconds,
@@ -226,7 +244,7 @@ def _locked(path: str):
 def _merge_results(path: str, records: list[dict]) -> None:
     def key(r):
         bits = (r["w_bits"], r["a_bits"], r["kv_bits"], r.get("v_bits", r["kv_bits"]))
-        return (r["model"], r["method"], *bits, r.get("weights"), r.get("notes"))
+        return (r["model"], r["method"], *bits, r.get("weights"), r.get("notes"), r.get("calib"))
 
     with _locked(path):
         old = []

@@ -102,7 +102,8 @@ def jobs(args) -> list[Job]:
         if calib:
             name += "-calib-" + "+".join(os.path.splitext(os.path.basename(c))[0] for c in calib[-1].split("+"))
         argv = [py, bench("accuracy.py"), "--runs", "flatquant-w4a4kv4", "--preset", preset, "--model", args.model]
-        argv += ["--calib-data", calib[-1] if calib else args.calib_data, "--wiki", args.wiki, "--c4", args.c4]
+        text = calib[-1] if calib else args.calib_data  # None: the preset's own text (accuracy.py's default)
+        argv += (["--calib-data", text] if text else []) + ["--wiki", args.wiki, "--c4", args.c4]
         argv += ["--results", f"{out}/{name}.json", "--set", f"seed={seed}", *overrides]
         minutes = 4 if preset == "paper" else 8
         epochs = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("epochs=")]
@@ -211,7 +212,10 @@ def main(argv=None) -> int:
     )  # fmt: skip
     p.add_argument("--accuracy-per-gpu", type=int, default=1, help="calibrations run side by side on one GPU")
     p.add_argument("--model", default="smollm2-135m", help="model of the accuracy runs: name, folder or GGUF file")
-    p.add_argument("--calib-data", default="wiki-summaries", help="calibration text: name or file")
+    p.add_argument(
+        "--calib-data", default=None, help="calibration text of every accuracy run: name, file or mixture A+B "
+        "[default: each preset's own text, flatquant.config.calibration_for]",
+    )  # fmt: skip
     p.add_argument("--wiki", default="wiki", help="wiki evaluation text: name or file")
     p.add_argument("--c4", default="c4", help="c4 evaluation text: name or file")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per job")

@@ -165,6 +165,9 @@ def test_gpu_suite_accuracy_runs_take_overrides_and_share_a_gpu(tmp_path, capsys
     assert "accuracy-accurate-seed4-epochs30-calib-s+tiny:" in printed
     assert "--calib-data /d/s.json+/d/tiny.utf8" in printed and "--set seed=4 epochs=30" in printed
     assert "calib=" not in printed
+    # without --calib-data the runs take their preset's own text (accuracy.py's default): no --calib-data passed
+    assert suite.main(["out", "--gpus", "1", "--only", "accuracy", "--accuracy", "accurate:5", "--dry-run"]) == 0
+    assert "--calib-data" not in capsys.readouterr().out
     py = sys.executable
 
     def waiter(me, other):
@@ -238,3 +241,25 @@ def test_gpu_suite_e2e_variants_time_a_feature_against_its_absence_in_one_run(ca
         n.endswith("separate-residual")
         for n in (j.name for j in suite.jobs(types.SimpleNamespace(**{**vars(args), "e2e_variants": False})))
     )
+
+
+def test_accuracy_records_name_their_calibration_text_without_paths(tmp_path):
+    """Files by base name, shares kept, a '+' inside one existing file's name kept; a mixture goes into the notes
+    (part of the key by which records replace each other), and so does the calibration text itself."""
+    acc = _load("accuracy.py")
+    plus = tmp_path / "x+y.txt"
+    plus.write_text("text")
+    assert acc.calib_label(str(plus)) == "x+y.txt"
+    assert acc.calib_label(f"{tmp_path}/s.json+tiny+{tmp_path}/s.json") == "s.json+s.json+tiny"
+    cfg = acc.fq.preset("accurate")
+    assert (
+        acc._notes(cfg, {"seed": 2}, "wiki-summaries+technical+tiny") == "seed=2; calib=wiki-summaries+technical+tiny"
+    )
+    assert acc._notes(cfg, {"seed": 2}, "wiki-summaries") == "seed=2"
+    assert acc._notes(cfg, {}, None) is None
+    out = tmp_path / "r.json"
+    rec = {"model": "m", "method": "flatquant", "w_bits": 4, "a_bits": 4, "kv_bits": 4, "weights": "rtn", "notes": None}
+    acc._merge_results(str(out), [{**rec, "calib": "wiki-summaries", "wiki_ppl": 1.0}])
+    acc._merge_results(str(out), [{**rec, "calib": "technical", "wiki_ppl": 2.0}])
+    acc._merge_results(str(out), [{**rec, "calib": "technical", "wiki_ppl": 3.0}])
+    assert sorted(r["wiki_ppl"] for r in json.loads(out.read_text())) == [1.0, 3.0]

@@ -71,6 +71,7 @@ def test_quantize_and_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, cap
     assert cli.main(argv + common) == 0
     records = json.loads(results.read_text())
     assert [r["method"] for r in records] == ["fp", "rtn", "rotation", "flatquant"]
+    assert [r["calib"] for r in records] == [None, None, None, str(text)]  # only the calibrated run names its text
     assert cli.main(["eval", "--checkpoint", str(out), "--results-json", str(results)] + common) == 0
     again = json.loads(results.read_text())[-1]
     assert again["text_ppl"] == records[-1]["text_ppl"]  # loading reproduces the perplexity exactly
@@ -81,6 +82,7 @@ def test_quantize_and_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, cap
     assert cli.main([a for a in argv if a != "--baselines"] + gptq + common) == 0
     last = json.loads(results.read_text())[-1]
     assert (last["method"], last["weights"], last["notes"]) == ("rtn", "gptq", "down_proj: W8A8")
+    assert last["calib"] == str(text)  # GPTQ's Hessians come from the calibration text
     assert cli.main(["eval", "--checkpoint", str(out), "--results-json", str(results)] + common) == 0
     assert json.loads(results.read_text())[-1]["text_ppl"] == last["text_ppl"]
 

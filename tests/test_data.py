@@ -59,8 +59,8 @@ class _CharTokenizer:
 
 def test_calibration_mixture_draws_shares_from_each_text_and_shuffles(tmp_path):
     a, b, c = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"
-    a.write_text("a" * 400)
-    b.write_text("b" * 300)
+    a.write_text("".join(chr(97 + i % 13) for i in range(400)))  # a..m, in order
+    b.write_text("".join(chr(110 + i % 13) for i in range(300)))  # n..z
     c.write_text("c" * 50)
     tok = _CharTokenizer()
     # one text (even one with a '+' in its name): exactly the windows of calibration_windows
@@ -69,20 +69,26 @@ def test_calibration_mixture_draws_shares_from_each_text_and_shuffles(tmp_path):
     for spec in (str(a), str(plus)):
         one = data.calibration_mixture(tok, spec, 6, 16, seed=3)
         assert torch.equal(one, data.calibration_windows(tok(open(spec).read()).input_ids, 6, 16, seed=3))
+    one_a = data.calibration_mixture(tok, str(a), 6, 16, seed=3)
     # a listed twice: two shares of 8 windows, b one share; every window comes from a single text
     mix = data.calibration_mixture(tok, f"{a}+{b}+{a}", 8, 16, seed=0)
     assert mix.shape == (8, 16)
-    first = [chr(int(w[0])) for w in mix]
-    assert sorted(first) == ["a"] * 6 + ["b"] * 2  # 8 * 2 // 3 = 5 and 8 // 3 = 2, the remainder to the first
-    assert all(len(set(w.tolist())) == 1 for w in mix)
-    assert first != sorted(first)  # shuffled: batches mix the texts
+    source = ["a" if int(w[0]) < 110 else "b" for w in mix]
+    assert sorted(source) == ["a"] * 6 + ["b"] * 2  # 8 * 2 // 3 = 5 and 8 // 3 = 2, the remainder to the first
+    for w, text in zip(mix.tolist(), source, strict=True):  # each window a contiguous slice of its text
+        base = 97 if text == "a" else 110
+        assert all((y - base) == (x - base + 1) % 13 for x, y in zip(w, w[1:], strict=False))
+    assert source != sorted(source)  # shuffled: batches mix the texts
     assert torch.equal(mix, data.calibration_mixture(tok, f"{a}+{b}+{a}", 8, 16, seed=0))
     assert data.mixture_parts(f"{a}+{b}+{a}") == {str(a): 2, str(b): 1}
     with pytest.raises(ValueError, match="has 50 tokens, not more than seqlen=64"):
         data.calibration_mixture(tok, f"{a}+{c}", 4, 64)
     with pytest.raises(ValueError, match="empty part"):
         data.mixture_parts(f"{a}++{b}")
-    with pytest.raises(ValueError, match="nsamples=1 is fewer than the 2 texts"):
+    with pytest.raises(ValueError, match=f"nsamples=1 leaves calibration text '{b}' of the mixture .* no window"):
         data.calibration_mixture(tok, f"{a}+{b}", 1, 16)
-    with pytest.raises(ValueError, match="'nope' is neither a known name"):
+    with pytest.raises(ValueError, match="'nope' is neither a known name.*'\\+' separates texts"):
         data.calibration_mixture(tok, f"{a}+nope", 4, 16)
+    # one text listed twice (or with spaces) is that text alone
+    for spec in (f"{a}+{a}", f" {a}"):
+        assert torch.equal(data.calibration_mixture(tok, spec, 6, 16, seed=3), one_a)

@@ -226,6 +226,8 @@ def test_cli_packs_a_saved_calibration_and_evaluates_fake_and_real_quant(tmp_pat
     assert cli.main(argv + common) == 0
     fake, real = json.loads(results.read_text())
     assert (fake["method"], real["method"], real["w_bits"]) == ("flatquant", "packed", 4)
+    assert fake["calib"] is None and real["calib"] is None  # calibrated elsewhere (the checkpoint)
+    assert "calib" not in json.loads((tmp_path / "packed" / "flatquant-packed.json").read_text())["metadata"]
     assert real["text_ppl"] == pytest.approx(fake["text_ppl"], rel=1e-5)
     assert cli.main(["eval", "--packed", out, "--results-json", str(results)] + common) == 0
     assert json.loads(results.read_text())[-1]["text_ppl"] == real["text_ppl"]

@@ -241,6 +241,10 @@ def _record(
         "eval_windows": args.eval_windows,
         "eval_seqlen": args.eval_seqlen,
         "calib_seconds": seconds,
+        # the calibration text, where this command calibrated (FlatQuant training or GPTQ's Hessians)
+        "calib": getattr(args, "calib_data", None)
+        if cfg is not None and _calibrates(cfg) and getattr(args, "checkpoint", None) is None
+        else None,
         "preset": getattr(args, "preset", None),
         "device": device_name(args.device),
         **(
@@ -278,8 +282,12 @@ def _offload_options(args) -> dict:
     return {"offload": args.offload, "offload_dir": args.offload_dir, "memory_budget": args.memory_budget}
 
 
+def _calibrates(cfg: FlatQuantConfig) -> bool:
+    return cfg.method == "flatquant" or cfg.weight_method == "gptq"
+
+
 def _calibration_windows(tokenizer, args, cfg: FlatQuantConfig):
-    if cfg.method != "flatquant" and cfg.weight_method != "gptq":
+    if not _calibrates(cfg):
         return None
     return calibration_mixture(tokenizer, args.calib_data, cfg.nsamples, cfg.seqlen, cfg.seed)
 
@@ -392,6 +400,8 @@ def cmd_pack(args) -> list[dict]:
         cfg = config_from_args(args)
         _timed_quantize(model, cfg, _calibration_windows(tokenizer, args, cfg), args, args.output + ".state")
     meta = {"model": args.model, "checkpoint": args.checkpoint}
+    if args.checkpoint is None:  # calibrated here: on what
+        meta["calib"] = args.calib_data
     pack(
         model,
         args.output,

@@ -120,7 +120,8 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
 
 def mixture_parts(spec: str) -> dict[str, int]:
     """{text: shares} of a calibration spec: one name or file, or several joined by ``+`` (a name listed twice
-    gets two shares). A spec that is itself a known name or an existing file is one text, even with a ``+``."""
+    gets two shares). A spec that is itself a known name or an existing file is one text, even with a ``+``;
+    inside a mixture ``+`` always separates texts (rename a file whose name contains one)."""
     if spec in _OFFLINE or spec in _HUB or os.path.isfile(spec):
         return {spec: 1}
     parts = spec.split("+")
@@ -139,19 +140,22 @@ def calibration_mixture(tokenizer, spec: str, nsamples: int, seqlen: int, seed: 
     its shares (the remainder to the first texts), drawn from that text alone with the same seed, and the windows
     are shuffled with the seed so that every batch mixes the texts."""
     shares = mixture_parts(spec)
-    if len(shares) == 1:
-        return calibration_windows(tokenize(tokenizer, load_text(spec)), nsamples, seqlen, seed)
+    if len(shares) == 1:  # one text, even if listed twice
+        return calibration_windows(tokenize(tokenizer, load_text(next(iter(shares)))), nsamples, seqlen, seed)
     total = sum(shares.values())
-    if nsamples < len(shares):
-        raise ValueError(f"nsamples={nsamples} is fewer than the {len(shares)} texts of the mixture {spec!r}")
     counts = [nsamples * s // total for s in shares.values()]
     for i in range(nsamples - sum(counts)):
         counts[i % len(counts)] += 1
+    for (name, _), n in zip(shares.items(), counts, strict=True):
+        if n == 0:
+            raise ValueError(f"nsamples={nsamples} leaves calibration text {name!r} of the mixture {spec!r} no window")
     chunks = []
     for (name, _), n in zip(shares.items(), counts, strict=True):
-        if n == 0:  # fewer windows than shares: the last texts may get none
-            continue
-        ids = tokenize(tokenizer, load_text(name))
+        try:
+            text = load_text(name)
+        except ValueError as e:
+            raise ValueError(f"{e} (in the calibration mixture {spec!r}: '+' separates texts)") from e
+        ids = tokenize(tokenizer, text)
         if ids.shape[1] <= seqlen:
             raise ValueError(f"calibration text {name!r} has {ids.shape[1]} tokens, not more than seqlen={seqlen}")
         chunks.append(calibration_windows(ids, n, seqlen, seed))
