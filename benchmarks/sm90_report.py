@@ -55,14 +55,26 @@ def compile_sm90(fn, sig: dict, const: dict, div16: list[str], options: dict):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def loop_sizes(sass: str) -> list[int]:
-    """Instructions of each loop (the span of each backward branch), longest first."""
+def _loops(sass: str) -> list[list[str]]:
+    """The instructions of each loop (the span of each backward branch), longest first."""
+    lines = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;\n]*);", sass)]
     spans = [
-        int(at, 16) - int(to, 16)
+        (int(to, 16), int(at, 16))
         for at, to in re.findall(r"/\*([0-9a-f]{4,})\*/[^;\n]*?\bBRA\s+0x([0-9a-f]+)", sass)
         if int(to, 16) < int(at, 16)
     ]
-    return sorted((span // 16 + 1 for span in spans), reverse=True)  # sm_90 instructions are 16 bytes
+    bodies = [[op for a, op in lines if lo <= a <= hi] for lo, hi in spans]
+    return sorted(bodies, key=len, reverse=True)
+
+
+def loop_sizes(sass: str) -> list[int]:
+    """Instructions of each loop, longest first (sm_90 instructions are 16 bytes: the span / 16 + 1)."""
+    return [len(body) for body in _loops(sass)]
+
+
+def _count(body: list[str], prefix: str) -> int:
+    """Instructions of a loop body whose opcode (after any predicate) starts with prefix."""
+    return sum(re.sub(r"^@!?U?P\w+\s+", "", op).startswith(prefix) for op in body)
 
 
 def main_loop_instructions(sass: str) -> int:
@@ -83,6 +95,8 @@ def resources(kernel) -> dict:
     return {
         "loop_instructions": main_loop_instructions(sass),
         "loop_sizes": loop_sizes(sass),
+        "loop_barriers": [_count(body, "BAR") for body in _loops(sass)],  # block barriers in each loop, same order
+        "loop_stores": [_count(body, "STG") for body in _loops(sass)],  # global stores in each loop
         "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
         "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
         "smem": kernel.metadata.shared,
@@ -230,12 +244,9 @@ def _report(rec: dict, build) -> dict:
         f"regs {rec['regs']:3d} stack {rec['stack']:4d} smem {rec['smem']:6d} wgmma {rec['wgmma']:3d} "
         f"mma.sync {rec['mma_sync']:3d} loop {rec['loop_instructions']:5d}"
     )
-    cfg = {
-        k: v
-        for k, v in rec.items()
-        if k
-        not in ("regs", "stack", "smem", "wgmma", "mma_sync", "instructions", "loop_instructions", "loop_sizes", "ok")
-    }
+    measured = ("regs", "stack", "smem", "wgmma", "mma_sync", "instructions", "loop_instructions", "loop_sizes")
+    measured += ("loop_barriers", "loop_stores", "ok")
+    cfg = {k: v for k, v in rec.items() if k not in measured}
     print(f"{flag} {detail}  {cfg}", flush=True)
     return rec
 

@@ -464,7 +464,8 @@ def test_every_decode_candidate_config_matches_the_reference():
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("trend", ["rising", "falling"])
 @pytest.mark.parametrize("two_pass", [False, True])
-def test_flat_loop_raises_its_reference_maximum_only_when_needed(splits, trend, two_pass):
+@pytest.mark.parametrize("asm", ASM)
+def test_flat_loop_raises_its_reference_maximum_only_when_needed(splits, trend, two_pass, asm):
     """The one-row loop keeps a stale maximum until a step's scores exceed it by more than 8 (base 2): with key
     scales that grow (or shrink) along the sequence the rescale runs in later steps (or never after the
     first), and both must give the float64 result."""
@@ -474,7 +475,7 @@ def test_flat_loop_raises_its_reference_maximum_only_when_needed(splits, trend, 
     k_scale = k_scale * (ramp if trend == "rising" else ramp.flip(0))  # scores spread over ~30 (base 2)
     cache = (k_packed, k_scale, k_zero, *rest)
     q = _kv_like((2, 2, d), seed=22, dtype=torch.bfloat16)
-    cfg = {"block_n": 16, "mma": False, "flat": True, "two_pass": two_pass, "splits": splits}
+    cfg = {"block_n": 16, "mma": False, "flat": True, "two_pass": two_pass, "splits": splits, "asm": asm}
     out = kv.decode_attention_triton(q, *cache, 1.0, config=cfg)
     _assert_close_to_dense(out, _dense_float64(q, *cache, 1.0), torch.bfloat16)
 

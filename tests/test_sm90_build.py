@@ -28,6 +28,12 @@ def test_kernels_build_for_sm90_without_spills(tmp_path):
     assert any(not r.get("mma", True) for r in records if r["kernel"] == "decode_attention")  # CUDA-core variant
     bad = [r for r in records if not r["ok"]]
     assert not bad, bad[:3]
+    # the two-pass one-row loop (scores, then values) has no block barrier in either of its two loops and writes
+    # the scores from inside one of them; the one-pass loop it replaces reduces over the block's tokens (barriers)
+    decode = [r for r in records if r["kernel"] == "decode_attention" and r.get("flat")]
+    two_pass = [r for r in decode if r["two_pass"]]
+    assert two_pass and all(r["loop_barriers"][:2] == [0, 0] and sum(r["loop_stores"][:2]) >= 1 for r in two_pass)
+    assert all(r["loop_barriers"][0] > 0 for r in decode if not r["two_pass"])
 
 
 PROBE = """

@@ -481,11 +481,12 @@ if triton is not None:
         return acc_e, acc_o, tl.zeros_like(m_i) + m_f, tl.zeros_like(l_i) + l_f
 
     @triton.jit
-    def _store_in_place(ptr, value, mask, INTERPRET: tl.constexpr):
+    def _store_in_place(ptr, value, mask, INTERPRET: tl.constexpr, ASM: tl.constexpr):
         """``tl.store(ptr, value, mask)`` for fp32 in the layout ``value`` already has (inline PTX): a plain store
         of a row-reduced vector first moves it to a coalesced layout through shared memory, with barriers. The
-        threads that hold copies of one element store the same value to the same address."""
-        if INTERPRET:
+        threads that hold copies of one element store the same value to the same address. Without ASM (or in the
+        interpreter) it is the plain store."""
+        if INTERPRET or not ASM:
             tl.store(ptr, value, mask=mask)
         else:
             tl.inline_asm_elementwise(
@@ -516,7 +517,7 @@ if triton is not None:
                 k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, qe, qo, qs, qk_scale, BLOCK_N, BLOCK_HD,
                 HALF_D, INTERPRET, ASM,
             )  # fmt: skip
-            _store_in_place(sc_ptr + s_base + t0 + tl.arange(0, BLOCK_N), s, mt, INTERPRET)
+            _store_in_place(sc_ptr + s_base + t0 + tl.arange(0, BLOCK_N), s, mt, INTERPRET, ASM)
             m_slot = tl.maximum(m_slot, tl.where(mt, s, -float("inf")))
         m_f = tl.max(m_slot, 0)  # -inf for an empty chunk (no step ran)
         m_use = tl.where(m_f > -float("inf"), m_f, 0.0)
@@ -1124,7 +1125,7 @@ def decode_attention_triton(
     l = out if single else torch.empty((b * hq, splits), **f32)
     interpret = _interpreting()
     two_pass = bool(cfg["flat"] and cfg.get("two_pass", False))
-    scores = torch.empty((b * hkv, s_cap) if two_pass else (1,), **f32)
+    scores = torch.empty((b * hkv, s_cap), **f32) if two_pass else k_scale  # any fp32 pointer when unused
     _decode_chunk_kernel[(b * hkv, splits)](
         q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, lens, scores,
         out, acc, m, l, float(sm_scale) * _LOG2E, s_cap, splits,
