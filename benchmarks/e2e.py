@@ -553,11 +553,16 @@ def print_table(records: list[dict]) -> None:
 
 def tuned_decode_configs() -> list[dict]:
     """The launch config the decode attention tuning chose per shape in this process (KV programs = batch x KV
-    heads, query heads per KV head, head dim, capacity rounded up to a power of two)."""
+    heads, query heads per KV head, head dim, capacity rounded up to a power of two), and how many candidates
+    failed to run there (a compile error also warns)."""
     from flatquant.kernels import kv_quant
 
     keys = ("kv_programs", "group", "head_dim", "capacity_pow2")
-    return [{**dict(zip(keys, key[2:], strict=True)), "config": cfg} for key, cfg in kv_quant._TUNED.items()]
+    skipped = kv_quant.skipped_configs()
+    return [
+        {**dict(zip(keys, key[2:], strict=True)), "config": cfg, "skipped": len(skipped.get(key, []))}
+        for key, cfg in kv_quant._TUNED.items()
+    ]
 
 
 def main(argv=None) -> None:

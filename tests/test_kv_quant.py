@@ -9,6 +9,7 @@ import math
 import os
 import random
 import struct
+import warnings
 
 import torch
 
@@ -480,6 +481,10 @@ def test_flat_loop_raises_its_reference_maximum_only_when_needed(splits, trend, 
     _assert_close_to_dense(out, _dense_float64(q, *cache, 1.0), torch.bfloat16)
 
 
+class OutOfResources(RuntimeError):  # the name Triton gives a launch that does not fit the SM
+    pass
+
+
 def test_decode_tuning_picks_the_fastest_candidate_once_per_shape(monkeypatch):
     monkeypatch.setattr(kv, "_TUNED", {})
     cands = [dict(kv.DEFAULT_CONFIG, block_n=bn) for bn in (64, 32, 128, 16)]
@@ -490,7 +495,7 @@ def test_decode_tuning_picks_the_fastest_candidate_once_per_shape(monkeypatch):
     def run(cfg):
         ran.append(cfg["block_n"])
         if cfg["block_n"] == 16:
-            raise RuntimeError("out of resources")  # a candidate that cannot launch is skipped
+            raise OutOfResources("shared memory")  # a candidate that cannot launch is skipped
 
     monkeypatch.setattr(kv, "_graph_time", lambda fn: (fn(), times[ran[-1]])[1])
     q = torch.zeros(2, 8, 64, dtype=torch.bfloat16)
@@ -505,6 +510,38 @@ def test_decode_tuning_picks_the_fastest_candidate_once_per_shape(monkeypatch):
     monkeypatch.setattr(kv, "CANDIDATE_CONFIGS", [dict(kv.DEFAULT_CONFIG, mma=False, block_n=32)] + cands[:1])
     ran.clear()
     assert kv._tuned_config(q, torch.zeros(2, 2, 2000, 32, dtype=torch.uint8), run)["mma"] and ran == [64]
+
+
+@pytest.mark.parametrize("error", [OutOfResources("shared memory"), RuntimeError("invalid operands of pointer")])
+def test_decode_tuning_warns_when_a_candidate_fails_to_compile(monkeypatch, error):
+    """A candidate that does not fit is skipped quietly; one that fails otherwise (e.g. a Triton version that
+    rejects its code) is skipped with a warning that names it, and both are listed by skipped_configs."""
+    monkeypatch.setattr(kv, "_TUNED", {})
+    monkeypatch.setattr(kv, "_SKIPPED", {})
+    monkeypatch.setattr(kv._kq, "AUTOTUNE_CACHE", False)
+    cands = [dict(kv.DEFAULT_CONFIG, block_n=bn) for bn in (64, 32)]
+    monkeypatch.setattr(kv, "CANDIDATE_CONFIGS", cands)
+    ran = []
+
+    def run(cfg):
+        ran.append(cfg["block_n"])
+        if cfg["block_n"] == 32:
+            raise error
+
+    monkeypatch.setattr(kv, "_graph_time", lambda fn: (fn(), 1.0)[1])
+    q = torch.zeros(2, 8, 64, dtype=torch.bfloat16)
+    k = torch.zeros(2, 2, 300, 32, dtype=torch.uint8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kv._tuned_config(q, k, run)["block_n"] == 64
+    ours = [w for w in caught if "decode attention tuning" in str(w.message)]
+    if isinstance(error, OutOfResources):
+        assert not ours
+    else:
+        assert len(ours) == 1 and "1 of 2 candidates" in str(ours[0].message)
+        assert "'block_n': 32" in str(ours[0].message) and "invalid operands of pointer" in str(ours[0].message)
+    (skipped,) = kv.skipped_configs().values()
+    assert [c["block_n"] for c, _ in skipped] == [32] and skipped[0][1].startswith(type(error).__name__)
 
 
 @pytest.mark.skipif(not CUDA, reason="tuning times CUDA-graph replays")

@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 
 import torch
 
@@ -82,6 +83,7 @@ CANDIDATE_CONFIGS += [
 ]  # fmt: skip
 CANDIDATE_CONFIGS = [{**DEFAULT_CONFIG, **c} for c in CANDIDATE_CONFIGS]  # every key in every candidate
 _TUNED: dict[tuple, dict] = {}  # shape key -> the fastest candidate (see _tuned_config)
+_SKIPPED: dict[tuple, list[tuple[dict, str]]] = {}  # shape key -> candidates that failed to run, with the error
 
 
 def applies(config: dict, group: int) -> bool:
@@ -1039,7 +1041,9 @@ def _tuned_config(q, k_packed, run) -> dict:
     """The fastest of CANDIDATE_CONFIGS for this shape (batch x KV heads, group size, head dim, dtype, cache
     capacity rounded up to a power of two), timed once as CUDA-graph replays of ``run(config)`` and remembered.
     While a stream is being captured (no timing possible) an untuned shape runs DEFAULT_CONFIG; warm-up steps
-    before a capture (GraphedDecoder's) tune it. Candidates that fail to launch are skipped."""
+    before a capture (GraphedDecoder's) tune it. Candidates that fail to launch are skipped; a failure other than
+    running out of resources (a compile error: a Triton version that rejects the code) also warns, since the
+    tuner would otherwise silently settle for a slower candidate (:func:`skipped_configs`)."""
     key = _tuning_key(q, k_packed)
     best = _TUNED.get(key)
     if best is not None:
@@ -1052,13 +1056,23 @@ def _tuned_config(q, k_packed, run) -> dict:
             return cached
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return DEFAULT_CONFIG
-    timed = []
+    timed, skipped = [], []
     group = q.shape[1] // k_packed.shape[1]
     for cfg in (c for c in CANDIDATE_CONFIGS if applies(c, group)):
         try:
             timed.append((_graph_time(lambda c=cfg: run(c)), len(timed), cfg))
-        except Exception:  # e.g. out of shared memory for a large token block
-            continue
+        except Exception as err:  # e.g. out of shared memory for a large token block
+            skipped.append((cfg, f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:300]}"))
+    if skipped:
+        _SKIPPED[key] = skipped
+        errors = [(c, e) for c, e in skipped if not e.startswith("OutOfResources")]
+        if errors:
+            warnings.warn(
+                f"decode attention tuning: {len(errors)} of {len(skipped) + len(timed)} candidates failed to run "
+                f"and were skipped, e.g. {errors[0][0]}: {errors[0][1]}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     _TUNED[key] = best = min(timed)[2] if timed else DEFAULT_CONFIG
     if disk_key is not None and timed:
         try:
@@ -1066,6 +1080,11 @@ def _tuned_config(q, k_packed, run) -> dict:
         except OSError:  # a read-only home: keep the result for this process only
             pass
     return best
+
+
+def skipped_configs() -> dict[tuple, list[tuple[dict, str]]]:
+    """Per tuned shape, the candidates that failed to run during tuning and why (empty when all ran)."""
+    return {key: list(v) for key, v in _SKIPPED.items()}
 
 
 def last_config(q, k_packed) -> dict | None:
