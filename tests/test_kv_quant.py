@@ -32,6 +32,12 @@ needs_triton = pytest.mark.skipif(
 )
 HEAD_DIMS = [64, 128] if CUDA else [32]
 ASM = [False, True] if CUDA else [False]  # inline-PTX unpacking exists only compiled
+ONE_ROW_LOOPS = {  # the one-row loop's variants (configs for decode_attention_triton)
+    "one-pass": {"two_pass": False},
+    "two-pass": {"two_pass": True},
+    "words": {"two_pass": True, "words": True},
+    "words-prefetch": {"two_pass": True, "words": True, "prefetch": True},
+}
 BLOCK_N = None if CUDA else 16  # small token blocks in the interpreter, so that short caches take many steps
 
 
@@ -225,6 +231,17 @@ def test_kernel_rejects_bad_block():
         kv.decode_attention_triton(q, *cache, 0.5, config={"block_n": 24})
     with pytest.raises(ValueError, match="two_pass=True takes flat=True"):
         kv.decode_attention_triton(q, *cache, 0.5, config={"two_pass": True})
+    one_row = {"mma": False, "flat": True}
+    with pytest.raises(ValueError, match="words=True takes two_pass=True"):
+        kv.decode_attention_triton(q, *cache, 0.5, config={**one_row, "words": True})
+    with pytest.raises(ValueError, match="prefetch=True takes words=True"):
+        kv.decode_attention_triton(q, *cache, 0.5, config={**one_row, "two_pass": True, "prefetch": True})
+    cache12 = _cache(1, 1, 8, 12, [8])  # head_dim 12: six bytes a token, not whole int32 words
+    with pytest.raises(ValueError, match="multiple of 8, got 12"):
+        kv.decode_attention_triton(_kv_like((1, 1, 12), seed=1, dtype=torch.bfloat16), *cache12, 0.5,
+                                   config={**one_row, "two_pass": True, "words": True})  # fmt: skip
+    words = [c for c in kv.CANDIDATE_CONFIGS if c["words"]]  # tuning leaves them out for such a head_dim
+    assert words and all(kv.applies(c, 1, 128) and not kv.applies(c, 1, 12) for c in words)
 
 
 @pytest.mark.skipif(not CUDA, reason="long contexts only on the GPU")
@@ -453,7 +470,7 @@ def test_every_decode_candidate_config_matches_the_reference():
         q = _kv_like((b, hkv * g, d), seed=9 + g, dtype=torch.bfloat16)
         dense = _dense_float64(q, *cache, d**-0.5)
         for cfg in configs:
-            if not kv.applies(cfg, g):
+            if not kv.applies(cfg, g, d):
                 with pytest.raises(ValueError, match="takes"):
                     kv.decode_attention_triton(q, *cache, d**-0.5, config=cfg)
                 continue
@@ -464,9 +481,9 @@ def test_every_decode_candidate_config_matches_the_reference():
 @needs_triton
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("trend", ["rising", "falling"])
-@pytest.mark.parametrize("two_pass", [False, True])
+@pytest.mark.parametrize("loop", ["one-pass", "two-pass", "words", "words-prefetch"])
 @pytest.mark.parametrize("asm", ASM)
-def test_flat_loop_raises_its_reference_maximum_only_when_needed(splits, trend, two_pass, asm):
+def test_flat_loop_raises_its_reference_maximum_only_when_needed(splits, trend, loop, asm):
     """The one-row loop keeps a stale maximum until a step's scores exceed it by more than 8 (base 2): with key
     scales that grow (or shrink) along the sequence the rescale runs in later steps (or never after the
     first), and both must give the float64 result."""
@@ -476,7 +493,7 @@ def test_flat_loop_raises_its_reference_maximum_only_when_needed(splits, trend, 
     k_scale = k_scale * (ramp if trend == "rising" else ramp.flip(0))  # scores spread over ~30 (base 2)
     cache = (k_packed, k_scale, k_zero, *rest)
     q = _kv_like((2, 2, d), seed=22, dtype=torch.bfloat16)
-    cfg = {"block_n": 16, "mma": False, "flat": True, "two_pass": two_pass, "splits": splits, "asm": asm}
+    cfg = {"block_n": 16, "mma": False, "flat": True, **ONE_ROW_LOOPS[loop], "splits": splits, "asm": asm}
     out = kv.decode_attention_triton(q, *cache, 1.0, config=cfg)
     _assert_close_to_dense(out, _dense_float64(q, *cache, 1.0), torch.bfloat16)
 
@@ -679,8 +696,8 @@ def test_launch_splits_come_from_shapes_and_the_gpu_size(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("flat, two_pass", [(False, False), (True, False), (True, True)])
-def test_chunks_divide_the_real_length_not_the_capacity(flat, two_pass):
+@pytest.mark.parametrize("loop", [None, *ONE_ROW_LOOPS])
+def test_chunks_divide_the_real_length_not_the_capacity(loop):
     """Sequences far shorter than the capacity, split over more programs than the shortest has token blocks:
     the chunks computed on the device from seq_lens cover every token once (a chunk one block short would drop
     the heavily weighted last tokens), and programs beyond a short sequence's blocks contribute nothing."""
@@ -690,6 +707,6 @@ def test_chunks_divide_the_real_length_not_the_capacity(flat, two_pass):
     v_scale = v_scale * torch.where(torch.arange(1024) < 896, 1.0, 16.0).to(v_scale)  # the last tokens count
     cache = (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lens_t)
     q = _kv_like((len(lens), 1, d), seed=42, dtype=torch.bfloat16)
-    cfg = {"block_n": 16, "mma": not flat, "flat": flat, "two_pass": two_pass, "splits": 7}
+    cfg = {"block_n": 16, "mma": loop is None, "flat": loop is not None, **ONE_ROW_LOOPS.get(loop, {}), "splits": 7}
     out = kv.decode_attention_triton(q, *cache, 0.01, config=cfg)  # near-uniform weights: every token counts
     _assert_close_to_dense(out, _dense_float64(q, *cache, 0.01), torch.bfloat16)

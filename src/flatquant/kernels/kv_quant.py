@@ -50,7 +50,7 @@ _LOG2E = math.log2(math.e)
 # (and whether the products run on tensor cores, and the one-query-row CUDA-core loop, see _decode_flat_steps)
 DEFAULT_CONFIG = {
     "block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4, "asm": False, "mma": True, "flat": False,
-    "two_pass": False,
+    "two_pass": False, "words": False, "prefetch": False,
 }  # fmt: skip
 # On CUDA the launch config is chosen per shape among CANDIDATE_CONFIGS by timing CUDA-graph replays (set
 # False, or FLATQUANT_AUTOTUNE=0, for DEFAULT_CONFIG)
@@ -81,15 +81,27 @@ CANDIDATE_CONFIGS += [
     for bn, w, pps in itertools.product((32, 64, 128), (4, 8), (4, 8))
     if (bn, w) != (128, 4)
 ]  # fmt: skip
+# the same on int32 words of codes, and with the next token block loaded while the current one is computed (two
+# blocks in flight per program; see _decode_two_pass_words_steps); head_dim a multiple of 8
+CANDIDATE_CONFIGS += [
+    {"block_n": bn, "num_warps": w, "num_stages": 2, "progs_per_sm": pps, "asm": True, "mma": False, "flat": True,
+     "two_pass": True, "words": True, "prefetch": pf}
+    for bn, w, pps, pf in itertools.product((32, 64), (4, 8), (4, 8), (False, True))
+]  # fmt: skip
 CANDIDATE_CONFIGS = [{**DEFAULT_CONFIG, **c} for c in CANDIDATE_CONFIGS]  # every key in every candidate
 _TUNED: dict[tuple, dict] = {}  # shape key -> the fastest candidate (see _tuned_config)
 _SKIPPED: dict[tuple, list[tuple[dict, str]]] = {}  # shape key -> candidates that failed to run, with the error
 
 
-def applies(config: dict, group: int) -> bool:
+def applies(config: dict, group: int, head_dim: int | None = None) -> bool:
     """Whether a decode launch config can run ``group`` query heads per KV head (CUDA-core configs take at
-    most MAX_G_CUDA_CORES, the one-row ``flat`` loop exactly one)."""
+    most MAX_G_CUDA_CORES, the one-row ``flat`` loop exactly one; the ``words`` loop a head_dim that is a
+    multiple of 8, when head_dim is given)."""
     if config.get("two_pass", False) and not config.get("flat", False):
+        return False
+    if config.get("prefetch", False) and not config.get("words", False):
+        return False
+    if config.get("words", False) and (not config.get("two_pass", False) or (head_dim or 8) % 8):
         return False
     if config.get("flat", False):
         return group == 1 and not config.get("mma", True)
@@ -549,6 +561,151 @@ if triton is not None:
         return acc_e, acc_o, tl.zeros_like(m_i) + m_f, tl.zeros_like(l_i) + tl.sum(l_slot, 0)
 
     @triton.jit
+    def _unpack_words_f32(w, INTERPRET: tl.constexpr, ASM: tl.constexpr):
+        """int32 words of four packed bytes -> eight fp32 tensors of w's shape: F32_BIAS + the low nibble of byte
+        i (i = 0..3), then F32_BIAS + the high nibble of byte i. The same PTX as :func:`_unpack_biased_f32`, one
+        word per call (its eight output registers, in their order) instead of four uint8 elements per register."""
+        if ASM and not INTERPRET:
+            l0, l1, l2, l3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
+                _PTX_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1
+            )
+        else:
+            u = w.to(tl.uint32, bitcast=True)
+            l0 = ((u & 15) << 16 | 0x43000000).to(tl.float32, bitcast=True)
+            l1 = ((u >> 8 & 15) << 16 | 0x43000000).to(tl.float32, bitcast=True)
+            l2 = ((u >> 16 & 15) << 16 | 0x43000000).to(tl.float32, bitcast=True)
+            l3 = ((u >> 24 & 15) << 16 | 0x43000000).to(tl.float32, bitcast=True)
+            h0 = ((u >> 4 & 15) << 16 | 0x43000000).to(tl.float32, bitcast=True)
+            h1 = ((u >> 12 & 15) << 16 | 0x43000000).to(tl.float32, bitcast=True)
+            h2 = ((u >> 20 & 15) << 16 | 0x43000000).to(tl.float32, bitcast=True)
+            h3 = ((u >> 28 & 15) << 16 | 0x43000000).to(tl.float32, bitcast=True)
+        return l0, l1, l2, l3, h0, h1, h2, h3
+
+    @triton.jit
+    def _split4(x, BLOCK_W: tl.constexpr):
+        """(4 * BLOCK_W,) -> the four (BLOCK_W,) tensors x[4w + i], i = 0..3."""
+        b0, b1 = tl.split(tl.reshape(x, (BLOCK_W, 2, 2)))  # [w, a]: x[4w + 2a + b]
+        x0, x2 = tl.split(b0)
+        x1, x3 = tl.split(b1)
+        return x0, x1, x2, x3
+
+    @triton.jit
+    def _join4(x0, x1, x2, x3, BLOCK_W: tl.constexpr):
+        """The inverse of :func:`_split4`: (4 * BLOCK_W,) with element 4w + i = x_i[w]."""
+        return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (4 * BLOCK_W,))
+
+    @triton.jit
+    def _word_block(
+        c_ptr, s_ptr, z_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+        HALF_W: tl.constexpr,
+    ):  # fmt: skip
+        """As :func:`_token_block`, the codes read as int32 words (four bytes, eight codes each: HALF_W per
+        token), which a loop can carry in one register per word; tokens at or beyond ``end`` are not read."""
+        t = t0 + tl.arange(0, BLOCK_N)
+        rw = tl.arange(0, BLOCK_W)
+        mt = t < end
+        words = c_ptr.to(tl.pointer_type(tl.int32))
+        off = (kv_base + t.to(tl.int64)[:, None] * stride_kt) // 4 + rw[None, :]
+        codes = tl.load(words + off, mask=mt[:, None] & (rw < HALF_W)[None, :], other=0)
+        scale = tl.load(s_ptr + sc_base + t, mask=mt, other=0.0)
+        zero = tl.load(z_ptr + sc_base + t, mask=mt, other=0.0)
+        return codes, scale, zero, mt
+
+    @triton.jit
+    def _decode_two_pass_words_steps(
+        k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, sc_ptr, q_e, q_o, q_sum, m_i, l_i, kv_base, sc_base, s_base,
+        start, end, stride_kt, qk_scale, BLOCK_N: tl.constexpr, BLOCK_HD: tl.constexpr, HALF_D: tl.constexpr,
+        INTERPRET: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
+    ):  # fmt: skip
+        """:func:`_decode_two_pass_steps` on int32 words of codes (HALF_D a multiple of 4): the query and the
+        value accumulators are split four ways by byte position, so no step regroups bytes. PREFETCH: each step
+        loads the next token block (codes, scales, zero points; pass 2 also the scores) before it computes on
+        the current one, so two blocks' loads are in flight per program (Triton pipelines loads only into dots;
+        these are plain loads). Carried as words, the prefetched codes stay one register per four bytes (uint8
+        tensors carried by a loop are split into a register per byte and regrouped for the unpack). A block
+        past ``end`` is fully masked and reads nothing."""
+        BLOCK_W: tl.constexpr = BLOCK_HD // 4
+        HALF_W: tl.constexpr = HALF_D // 4
+        qe0, qe1, qe2, qe3 = _split4(tl.sum(q_e.to(tl.float32), 0), BLOCK_W)  # the one query row, by byte
+        qo0, qo1, qo2, qo3 = _split4(tl.sum(q_o.to(tl.float32), 0), BLOCK_W)
+        qs = tl.sum(q_sum, 0)
+        m_slot = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+        if PREFETCH:
+            kw, ks, kz, mt = _word_block(
+                k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, start, end, stride_kt, BLOCK_N, BLOCK_W, HALF_W
+            )
+        for t0 in range(start, end, BLOCK_N):
+            if PREFETCH:
+                kw_c, ks_c, kz_c, mt_c = kw, ks, kz, mt
+                kw, ks, kz, mt = _word_block(
+                    k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0 + BLOCK_N, end, stride_kt, BLOCK_N, BLOCK_W, HALF_W
+                )
+            else:
+                kw_c, ks_c, kz_c, mt_c = _word_block(
+                    k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N, BLOCK_W, HALF_W
+                )
+            l0, l1, l2, l3, h0, h1, h2, h3 = _unpack_words_f32(kw_c, INTERPRET, ASM)
+            d = l0 * qe0[None, :]
+            d = tl.fma(h0, qo0[None, :], d)
+            d = tl.fma(l1, qe1[None, :], d)
+            d = tl.fma(h1, qo1[None, :], d)
+            d = tl.fma(l2, qe2[None, :], d)
+            d = tl.fma(h2, qo2[None, :], d)
+            d = tl.fma(l3, qe3[None, :], d)
+            d = tl.fma(h3, qo3[None, :], d)
+            s = (tl.sum(d, 1) - qs * (kz_c + F32_BIAS)) * (ks_c * qk_scale)
+            _store_in_place(sc_ptr + s_base + t0 + tl.arange(0, BLOCK_N), s, mt_c, INTERPRET, ASM)
+            m_slot = tl.maximum(m_slot, tl.where(mt_c, s, -float("inf")))
+        m_f = tl.max(m_slot, 0)  # -inf for an empty chunk (no step ran)
+        m_use = tl.where(m_f > -float("inf"), m_f, 0.0)
+        tl.debug_barrier()  # the scores written above are read below, possibly by other threads of the block
+        l_slot = tl.zeros((BLOCK_N,), tl.float32)
+        pz_slot = tl.zeros((BLOCK_N,), tl.float32)
+        a_l0 = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
+        a_l1 = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
+        a_l2 = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
+        a_l3 = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
+        a_h0 = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
+        a_h1 = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
+        a_h2 = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
+        a_h3 = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
+        rn = tl.arange(0, BLOCK_N)
+        if PREFETCH:
+            vw, vs, vz, mt = _word_block(
+                v_ptr, vs_ptr, vz_ptr, kv_base, sc_base, start, end, stride_kt, BLOCK_N, BLOCK_W, HALF_W
+            )
+            sv = tl.load(sc_ptr + s_base + start + rn, mask=mt, other=-float("inf"))
+        for t0 in range(start, end, BLOCK_N):
+            if PREFETCH:
+                vw_c, vs_c, vz_c, sv_c = vw, vs, vz, sv
+                vw, vs, vz, mt = _word_block(
+                    v_ptr, vs_ptr, vz_ptr, kv_base, sc_base, t0 + BLOCK_N, end, stride_kt, BLOCK_N, BLOCK_W, HALF_W
+                )
+                sv = tl.load(sc_ptr + s_base + t0 + BLOCK_N + rn, mask=mt, other=-float("inf"))
+            else:
+                vw_c, vs_c, vz_c, mt_c = _word_block(
+                    v_ptr, vs_ptr, vz_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N, BLOCK_W, HALF_W
+                )
+                sv_c = tl.load(sc_ptr + s_base + t0 + rn, mask=mt_c, other=-float("inf"))
+            p = tl.exp2(sv_c - m_use)  # <= 1; 0 beyond the sequence
+            l_slot += p
+            pv = p * vs_c  # p . ((c - z) * s) = sum(p * s * (B + c)) - sum(p * s * (B + z)), B = F32_BIAS
+            pz_slot += pv * (vz_c + F32_BIAS)
+            l0, l1, l2, l3, h0, h1, h2, h3 = _unpack_words_f32(vw_c, INTERPRET, ASM)
+            a_l0 += pv[:, None] * l0
+            a_l1 += pv[:, None] * l1
+            a_l2 += pv[:, None] * l2
+            a_l3 += pv[:, None] * l3
+            a_h0 += pv[:, None] * h0
+            a_h1 += pv[:, None] * h1
+            a_h2 += pv[:, None] * h2
+            a_h3 += pv[:, None] * h3
+        pz = tl.sum(pz_slot, 0)
+        acc_e = _join4(tl.sum(a_l0, 0), tl.sum(a_l1, 0), tl.sum(a_l2, 0), tl.sum(a_l3, 0), BLOCK_W) - pz
+        acc_o = _join4(tl.sum(a_h0, 0), tl.sum(a_h1, 0), tl.sum(a_h2, 0), tl.sum(a_h3, 0), BLOCK_W) - pz
+        return acc_e[None, :], acc_o[None, :], tl.zeros_like(m_i) + m_f, tl.zeros_like(l_i) + tl.sum(l_slot, 0)
+
+    @triton.jit
     def _decode_chunk_kernel(
         # inputs
         q_ptr,  # (B, Hq, D) bf16/fp16
@@ -591,6 +748,8 @@ if triton is not None:
         MMA: tl.constexpr = 1,  # tensor-core products (BLOCK_G >= 16); 0: CUDA cores, BLOCK_G = G padded (G <= 2)
         FLAT: tl.constexpr = 0,  # G == 1 on CUDA cores: per-token row sums, V accumulated per token row (see below)
         TWO_PASS: tl.constexpr = 0,  # with FLAT: scores first, then values (_decode_two_pass_steps)
+        WORDS: tl.constexpr = 0,  # with TWO_PASS: the codes as int32 words (_decode_two_pass_words_steps)
+        PREFETCH: tl.constexpr = 0,  # with WORDS: load the next token block before computing on this one
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -620,7 +779,13 @@ if triton is not None:
         l_i = tl.full((BLOCK_G,), 0.0, tl.float32)
         acc_e = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
         acc_o = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
-        if FLAT and TWO_PASS:
+        if FLAT and TWO_PASS and WORDS:
+            acc_e, acc_o, m_i, l_i = _decode_two_pass_words_steps(
+                k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, sc_ptr, q_e, q_o, q_sum, m_i, l_i, kv_base, sc_base,
+                bh.to(tl.int64) * s_cap, start, end, stride_kt, qk_scale, BLOCK_N, BLOCK_HD, HALF_D, INTERPRET, ASM,
+                PREFETCH,
+            )  # fmt: skip
+        elif FLAT and TWO_PASS:
             acc_e, acc_o, m_i, l_i = _decode_two_pass_steps(
                 k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, sc_ptr, q_e, q_o, q_sum, m_i, l_i, kv_base, sc_base,
                 bh.to(tl.int64) * s_cap, start, end, stride_kt, qk_scale, BLOCK_N, BLOCK_HD, HALF_D, INTERPRET, ASM,
@@ -1058,7 +1223,7 @@ def _tuned_config(q, k_packed, run) -> dict:
         return DEFAULT_CONFIG
     timed, skipped = [], []
     group = q.shape[1] // k_packed.shape[1]
-    for cfg in (c for c in CANDIDATE_CONFIGS if applies(c, group)):
+    for cfg in (c for c in CANDIDATE_CONFIGS if applies(c, group, q.shape[-1])):
         try:
             timed.append((_graph_time(lambda c=cfg: run(c)), len(timed), cfg))
         except Exception as err:  # e.g. out of shared memory for a large token block
@@ -1123,14 +1288,23 @@ def decode_attention_triton(
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {cfg['block_n']}")
-    if not applies(cfg, hq // hkv):
+    if not applies(cfg, hq // hkv, d):
         if cfg.get("two_pass", False) and not cfg["flat"]:
             raise ValueError("two_pass=True takes flat=True (the one-row loop)")
+        if cfg.get("prefetch", False) and not cfg.get("words", False):
+            raise ValueError("prefetch=True takes words=True (the two-pass loop on int32 words)")
+        if cfg.get("words", False) and not cfg.get("two_pass", False):
+            raise ValueError("words=True takes two_pass=True")
+        if cfg.get("words", False):
+            raise ValueError(f"words=True takes a head_dim that is a multiple of 8, got {d}")
         if cfg["flat"]:
             raise ValueError(f"flat=True takes mma=False and one query head per KV head, got {hq // hkv}")
         raise ValueError(f"mma=False takes at most {MAX_G_CUDA_CORES} query heads per KV head, got {hq // hkv}")
+    words = bool(cfg["flat"] and cfg.get("two_pass", False) and cfg.get("words", False))
     if k_packed.stride(-1) != 1 or v_packed.stride() != k_packed.stride():
         k_packed, v_packed = k_packed.contiguous(), v_packed.contiguous()
+    if words and any(p.data_ptr() % 4 or any(st % 4 for st in p.stride()[:-1]) for p in (k_packed, v_packed)):
+        k_packed, v_packed = k_packed.contiguous(), v_packed.contiguous()  # int32 words need 4-byte alignment
     scales = (k_scale, k_zero, v_scale, v_zero)
     if k_scale.stride(-1) != 1 or any(t.stride() != k_scale.stride() for t in scales):
         k_scale, k_zero, v_scale, v_zero = (t.contiguous() for t in scales)
@@ -1151,8 +1325,8 @@ def decode_attention_triton(
         q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), k_packed.stride(2),
         k_scale.stride(0), k_scale.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, **shape_meta(g, d, cfg["mma"]), BLOCK_N=bn, SINGLE=single, ASM=cfg["asm"],
-        INTERPRET=interpret, MMA=cfg["mma"], FLAT=cfg["flat"], TWO_PASS=two_pass,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        INTERPRET=interpret, MMA=cfg["mma"], FLAT=cfg["flat"], TWO_PASS=two_pass, WORDS=words,
+        PREFETCH=bool(words and cfg.get("prefetch", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if not single:
         _decode_merge_kernel[(b * hq,)](
