@@ -509,6 +509,23 @@ if triton is not None:
             )  # fmt: skip
 
     @triton.jit
+    def _keep_scores(
+        sc_ptr, s_base, t0, s, mt, m_slot, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, ASM: tl.constexpr
+    ):
+        """The end of a pass-1 step: the block's scores to the scratch row, folded into the per-slot maxima."""
+        _store_in_place(sc_ptr + s_base + t0 + tl.arange(0, BLOCK_N), s, mt, INTERPRET, ASM)
+        return tl.maximum(m_slot, tl.where(mt, s, -float("inf")))
+
+    @triton.jit
+    def _chunk_max(m_slot):
+        """Between the passes: the chunk's maximum score (-inf for an empty chunk, where no step ran) and the one
+        pass 2 subtracts (0 then); then a barrier, since pass 2 reads scores other threads of the block wrote."""
+        m_f = tl.max(m_slot, 0)
+        m_use = tl.where(m_f > -float("inf"), m_f, 0.0)
+        tl.debug_barrier()
+        return m_f, m_use
+
+    @triton.jit
     def _decode_two_pass_steps(
         k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, sc_ptr, q_e, q_o, q_sum, m_i, l_i, kv_base, sc_base, s_base,
         start, end, stride_kt, qk_scale, BLOCK_N: tl.constexpr, BLOCK_HD: tl.constexpr, HALF_D: tl.constexpr,
@@ -531,11 +548,8 @@ if triton is not None:
                 k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, qe, qo, qs, qk_scale, BLOCK_N, BLOCK_HD,
                 HALF_D, INTERPRET, ASM,
             )  # fmt: skip
-            _store_in_place(sc_ptr + s_base + t0 + tl.arange(0, BLOCK_N), s, mt, INTERPRET, ASM)
-            m_slot = tl.maximum(m_slot, tl.where(mt, s, -float("inf")))
-        m_f = tl.max(m_slot, 0)  # -inf for an empty chunk (no step ran)
-        m_use = tl.where(m_f > -float("inf"), m_f, 0.0)
-        tl.debug_barrier()  # the scores written above are read below, possibly by other threads of the block
+            m_slot = _keep_scores(sc_ptr, s_base, t0, s, mt, m_slot, BLOCK_N, INTERPRET, ASM)
+        m_f, m_use = _chunk_max(m_slot)
         l_slot = tl.zeros((BLOCK_N,), tl.float32)
         pz_slot = tl.zeros((BLOCK_N,), tl.float32)
         tile_e = tl.zeros((BLOCK_N, BLOCK_HD), tl.float32)
@@ -654,11 +668,8 @@ if triton is not None:
             d = tl.fma(l3, qe3[None, :], d)
             d = tl.fma(h3, qo3[None, :], d)
             s = (tl.sum(d, 1) - qs * (kz_c + F32_BIAS)) * (ks_c * qk_scale)
-            _store_in_place(sc_ptr + s_base + t0 + tl.arange(0, BLOCK_N), s, mt_c, INTERPRET, ASM)
-            m_slot = tl.maximum(m_slot, tl.where(mt_c, s, -float("inf")))
-        m_f = tl.max(m_slot, 0)  # -inf for an empty chunk (no step ran)
-        m_use = tl.where(m_f > -float("inf"), m_f, 0.0)
-        tl.debug_barrier()  # the scores written above are read below, possibly by other threads of the block
+            m_slot = _keep_scores(sc_ptr, s_base, t0, s, mt_c, m_slot, BLOCK_N, INTERPRET, ASM)
+        m_f, m_use = _chunk_max(m_slot)
         l_slot = tl.zeros((BLOCK_N,), tl.float32)
         pz_slot = tl.zeros((BLOCK_N,), tl.float32)
         a_l0 = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
