@@ -159,3 +159,19 @@ def test_calibration_text_defaults_to_the_presets(monkeypatch, argv, expected):
     monkeypatch.setattr(cli, "_check_tasks", lambda args: None)
     assert cli.main(argv) == 0
     assert seen == [expected]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pack_size_summary_counts_each_weight_once_and_names_the_head_option(tied):
+    """The line `flatquant pack` prints: 16-bit bytes from the parameter count (a tied embedding once), and the
+    --head-bits 8 hint only while a 16-bit head is a large share of the weights."""
+    model = tiny_model("llama", tie_word_embeddings=tied)
+    emb = model.get_input_embeddings().weight.numel()
+    total, head = cli._sixteen_bit_bytes(model)
+    assert total == 2 * sum(p.numel() for p in model.parameters())
+    assert head == 2 * emb * (1 if tied else 2)
+    line = cli._size_summary((total, head), total // 4, 16)
+    assert "4.00x smaller than the weights at 16 bits" in line and "--head-bits 8" in line
+    assert "--head-bits 8" not in cli._size_summary((total, head), total // 4, 8)  # already int8
+    assert "--head-bits 8" not in cli._size_summary((total, total // 20), total // 4, 16)  # a small share
+    assert cli._human_bytes(3 * 2**30) == "3.00 GiB" and cli._human_bytes(1536) == "1.50 KiB"

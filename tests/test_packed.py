@@ -224,6 +224,14 @@ def test_cli_packs_a_saved_calibration_and_evaluates_fake_and_real_quant(tmp_pat
     results, out = tmp_path / "r.json", str(tmp_path / "packed")
     argv = ["pack", "--checkpoint", str(tmp_path / "calib"), "--output", out, "--results-json", str(results)]
     assert cli.main(argv + common) == 0
+    model = tiny_model("llama")  # the size line: packed tensors against the model's weights at 16 bits
+    numel = sum(p.numel() for p in model.parameters())
+    ends = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())}
+    packed_bytes = os.path.getsize(os.path.join(out, "model.safetensors"))
+    printed = capsys.readouterr().out
+    ratio, kib = 2 * numel / packed_bytes, 2 * numel / 1024
+    assert f"{ratio:.2f}x smaller than the weights at 16 bits ({kib:.2f} KiB)" in printed
+    assert f"{2 * sum(ends.values()) / 1024:.2f} KiB of them are the input embedding and lm_head" in printed
     fake, real = json.loads(results.read_text())
     assert (fake["method"], real["method"], real["w_bits"]) == ("flatquant", "packed", 4)
     assert fake["calib"] is None and real["calib"] is None  # calibrated elsewhere (the checkpoint)

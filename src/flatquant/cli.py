@@ -28,7 +28,7 @@ from .evaluate import perplexity
 from .files import atomic_write_json
 from .loading import DEFAULT_MODEL, eos_token_ids, load_model, load_tokenizer
 from .offload import PLACEMENTS
-from .packed import HEAD_BITS, HEAD_GROUP, PACK_DTYPES, head_group_for, load_packed, pack
+from .packed import HEAD_BITS, HEAD_GROUP, PACK_DTYPES, TENSORS_FILE, head_group_for, load_packed, pack
 from .pipeline import quantize
 from .report import device_name, library_versions, load_records, markdown_table, write_report
 from .streaming import StreamingModel
@@ -382,6 +382,37 @@ def _timed_quantize(model, cfg: FlatQuantConfig, windows, args, state_dir: str |
     return time.perf_counter() - t0
 
 
+def _sixteen_bit_bytes(model) -> tuple[int, int]:
+    """(all weights, input embedding + lm_head) of a model in bytes at 16 bits, a tied matrix once."""
+    params = {id(p): p for p in model.parameters()}  # a shared (tied) tensor once
+    ends = (model.get_input_embeddings(), model.get_output_embeddings())
+    head = {id(m.weight): m.weight for m in ends if m is not None and id(m.weight) in params}
+    return sum(2 * p.numel() for p in params.values()), sum(2 * w.numel() for w in head.values())
+
+
+def _human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _size_summary(sixteen_bit: tuple[int, int], packed_bytes: int, head_bits: int) -> str:
+    """How much smaller the packed tensors are than the model's weights at 16 bits; with a 16-bit head that is
+    a large share of them, the option that shrinks it."""
+    total, head = sixteen_bit
+    line = (
+        f"packed tensors {_human_bytes(packed_bytes)}: {total / max(packed_bytes, 1):.2f}x smaller than the "
+        f"weights at 16 bits ({_human_bytes(total)})"
+    )
+    if head_bits == 16 and head >= 0.1 * total:
+        line += (
+            f"; {_human_bytes(head)} of them are the input embedding and lm_head, kept in 16 bits "
+            f"(--head-bits 8 stores those as int8 codes, about half the bytes)"
+        )
+    return line
+
+
 def cmd_pack(args) -> list[dict]:
     """Pack a saved (or fresh) calibration; with --eval-data, perplexity of the fake- and real-quant models."""
     if os.path.exists(args.output) and not args.overwrite:
@@ -391,6 +422,7 @@ def cmd_pack(args) -> list[dict]:
             f"--head-group {args.head_group} applies to --head-bits 8 only (got --head-bits {args.head_bits})"
         )
     model, tokenizer = load_model(args.model, args.dtype)
+    sixteen_bit = _sixteen_bit_bytes(model)  # before calibration adds its transforms
     group = args.head_group or None
     if args.head_bits == 8:  # a group that cannot work fails here, not after the calibration
         group = head_group_for(model.config.hidden_size, group)
@@ -413,6 +445,7 @@ def cmd_pack(args) -> list[dict]:
     )
     shutil.rmtree(args.output + ".state", ignore_errors=True)
     print(f"saved packed model to {args.output}")
+    print(_size_summary(sixteen_bit, os.path.getsize(os.path.join(args.output, TENSORS_FILE)), args.head_bits))
     cfg, seconds = model.flatquant.config, model.flatquant.seconds
     records = []
     if args.eval_data:
