@@ -175,3 +175,14 @@ def test_pack_size_summary_counts_each_weight_once_and_names_the_head_option(tie
     assert "--head-bits 8" not in cli._size_summary((total, head), total // 4, 8)  # already int8
     assert "--head-bits 8" not in cli._size_summary((total, total // 20), total // 4, 16)  # a small share
     assert cli._human_bytes(3 * 2**30) == "3.00 GiB" and cli._human_bytes(1536) == "1.50 KiB"
+
+
+def test_long_cpu_calibrations_are_announced_with_their_size():
+    paper, quick = preset("paper"), preset("quick")
+    ratio = paper.nsamples * paper.seqlen * paper.epochs / (quick.nsamples * quick.seqlen * quick.epochs)
+    warning = cli.slow_on_cpu(paper, "cpu")
+    assert warning is not None and f"{ratio:.0f}x the work of --preset quick" in warning
+    assert f"{paper.nsamples} x {paper.seqlen} tokens for {paper.epochs} epochs" in warning
+    assert cli.slow_on_cpu(quick, "cpu") is None  # the demonstration itself
+    assert cli.slow_on_cpu(paper, "cuda") is None and cli.slow_on_cpu(paper, "cuda:1") is None
+    assert cli.slow_on_cpu(paper.replace(method="rtn"), "cpu") is None  # nothing is trained

@@ -375,8 +375,26 @@ def _quantize_scaled(args, cfg: FlatQuantConfig, output: str) -> list[dict]:
     return [record]
 
 
+def slow_on_cpu(cfg: FlatQuantConfig, device: str | None) -> str | None:
+    """A warning when a FlatQuant calibration would train on the CPU with much more work than the quick preset
+    (calibration tokens x epochs), which takes minutes there; None otherwise."""
+    on_cpu = torch.device(device).type == "cpu" if device else not torch.cuda.is_available()
+    quick = preset("quick")
+    ratio = (cfg.nsamples * cfg.seqlen * cfg.epochs) / (quick.nsamples * quick.seqlen * quick.epochs)
+    if cfg.method != "flatquant" or not on_cpu or ratio <= 4:
+        return None
+    return (
+        f"warning: calibrating on the CPU with {cfg.nsamples} x {cfg.seqlen} tokens for {cfg.epochs} epochs, "
+        f"{ratio:.0f}x the work of --preset quick (minutes on a few cores): expect many hours. A GPU takes minutes; "
+        f"on the CPU --preset quick is the demonstration. Interrupted, the same command resumes."
+    )
+
+
 def _timed_quantize(model, cfg: FlatQuantConfig, windows, args, state_dir: str | None = None, **options) -> float:
     """Quantize ``model`` in place (resumable in ``state_dir``); the seconds it took."""
+    warning = slow_on_cpu(cfg, args.device)
+    if warning:
+        print(warning, file=sys.stderr)
     t0 = time.perf_counter()
     quantize(model, cfg, windows, device=args.device, state_dir=state_dir, progress=not args.quiet, **options)
     return time.perf_counter() - t0
