@@ -172,6 +172,9 @@ def test_pack_size_summary_counts_each_weight_once_and_names_the_head_option(tie
     assert head == 2 * emb * (1 if tied else 2)
     line = cli._size_summary((total, head), total // 4, 16)
     assert "4.00x smaller than the weights at 16 bits" in line and "--head-bits 8" in line
+    assert f"{cli._human_bytes(2 * head)} of them are the input embedding and lm_head, kept in 32 bits" in (
+        cli._size_summary((total, head), total // 2, 16, stored_bits=32)
+    )
     assert "--head-bits 8" not in cli._size_summary((total, head), total // 4, 8)  # already int8
     assert "--head-bits 8" not in cli._size_summary((total, total // 20), total // 4, 16)  # a small share
     assert cli._human_bytes(3 * 2**30) == "3.00 GiB" and cli._human_bytes(1536) == "1.50 KiB"

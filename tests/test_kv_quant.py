@@ -242,6 +242,20 @@ def test_kernel_rejects_bad_block():
                                    config={**one_row, "two_pass": True, "words": True})  # fmt: skip
     words = [c for c in kv.CANDIDATE_CONFIGS if c["words"]]  # tuning leaves them out for such a head_dim
     assert words and all(kv.applies(c, 1, 128) and not kv.applies(c, 1, 12) for c in words)
+    q2 = _kv_like((1, 2, 16), seed=1, dtype=torch.bfloat16)  # two query heads per KV head: the one-row loop's error
+    with pytest.raises(ValueError, match="one query head per KV head, got 2"):
+        kv.decode_attention_triton(q2, *cache, 0.5, config={**one_row, "two_pass": True, "words": True})
+
+
+def test_word_loop_needs_rows_on_4_byte_boundaries():
+    """The words loop reads int32: a cache view whose rows do not start on a multiple of 4 bytes (an odd storage
+    offset, which .contiguous() keeps) runs the byte loop instead; aligned caches and views use words."""
+    buf = torch.zeros(1 + 2 * 2 * 8 * 16, dtype=torch.uint8)
+    aligned = buf[:-1].view(2, 2, 8, 16)
+    shifted = buf[1:].view(2, 2, 8, 16)
+    assert shifted.is_contiguous() and shifted.contiguous().data_ptr() == shifted.data_ptr()
+    assert kv._word_aligned(aligned, aligned) and kv._word_aligned(aligned[:, :, 2:], aligned[:, :1])
+    assert not kv._word_aligned(aligned, shifted) and not kv._word_aligned(aligned[..., 1:])
 
 
 @pytest.mark.skipif(not CUDA, reason="long contexts only on the GPU")
@@ -559,6 +573,8 @@ def test_decode_tuning_warns_when_a_candidate_fails_to_compile(monkeypatch, erro
         assert "'block_n': 32" in str(ours[0].message) and "invalid operands of pointer" in str(ours[0].message)
     (skipped,) = kv.skipped_configs().values()
     assert [c["block_n"] for c, _ in skipped] == [32] and skipped[0][1].startswith(type(error).__name__)
+    kv._TUNED.clear()  # tuned afresh with every candidate running: no stale failure is kept
+    assert kv._tuned_config(q, k, lambda cfg: None)["block_n"] == 64 and kv.skipped_configs() == {}
 
 
 @pytest.mark.skipif(not CUDA, reason="tuning times CUDA-graph replays")

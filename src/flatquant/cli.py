@@ -333,6 +333,9 @@ def _quantize_scaled(args, cfg: FlatQuantConfig, output: str) -> list[dict]:
             "calibrate here with --weight-method rtn"
         )
     ctx = distributed.setup(args.device, args.dist_timeout)
+    warning = slow_on_cpu(cfg, str(ctx.device))
+    if warning and ctx.rank == 0:
+        print(warning, file=sys.stderr)
     if args.stream:
         model = StreamingModel(args.model, args.dtype)
         tokenizer = load_tokenizer(args.model) if cfg.method == "flatquant" else None
@@ -415,18 +418,20 @@ def _human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def _size_summary(sixteen_bit: tuple[int, int], packed_bytes: int, head_bits: int) -> str:
-    """How much smaller the packed tensors are than the model's weights at 16 bits; with a 16-bit head that is
-    a large share of them, the option that shrinks it."""
+def _size_summary(sixteen_bit: tuple[int, int], packed_bytes: int, head_bits: int, stored_bits: int = 16) -> str:
+    """How much smaller the packed tensors are than the model's weights at 16 bits; where the unquantized
+    embedding and lm_head (stored_bits each) are a large share of the packed tensors, the option that shrinks
+    them."""
     total, head = sixteen_bit
+    head = head * stored_bits // 16  # as stored
     line = (
         f"packed tensors {_human_bytes(packed_bytes)}: {total / max(packed_bytes, 1):.2f}x smaller than the "
         f"weights at 16 bits ({_human_bytes(total)})"
     )
-    if head_bits == 16 and head >= 0.1 * total:
+    if head_bits == 16 and head >= 0.25 * packed_bytes:
         line += (
-            f"; {_human_bytes(head)} of them are the input embedding and lm_head, kept in 16 bits "
-            f"(--head-bits 8 stores those as int8 codes, about half the bytes)"
+            f"; {_human_bytes(head)} of them are the input embedding and lm_head, kept in {stored_bits} bits "
+            f"(--head-bits 8 stores those as int8 codes)"
         )
     return line
 
@@ -463,7 +468,9 @@ def cmd_pack(args) -> list[dict]:
     )
     shutil.rmtree(args.output + ".state", ignore_errors=True)
     print(f"saved packed model to {args.output}")
-    print(_size_summary(sixteen_bit, os.path.getsize(os.path.join(args.output, TENSORS_FILE)), args.head_bits))
+    stored = getattr(torch, args.packed_dtype) if args.packed_dtype else model.get_input_embeddings().weight.dtype
+    packed_bytes = os.path.getsize(os.path.join(args.output, TENSORS_FILE))
+    print(_size_summary(sixteen_bit, packed_bytes, args.head_bits, torch.finfo(stored).bits))
     cfg, seconds = model.flatquant.config, model.flatquant.seconds
     records = []
     if args.eval_data:

@@ -1239,6 +1239,7 @@ def _tuned_config(q, k_packed, run) -> dict:
             timed.append((_graph_time(lambda c=cfg: run(c)), len(timed), cfg))
         except Exception as err:  # e.g. out of shared memory for a large token block
             skipped.append((cfg, f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:300]}"))
+    _SKIPPED.pop(key, None)  # a shape tuned afresh keeps only this tuning's failures
     if skipped:
         _SKIPPED[key] = skipped
         errors = [(c, e) for c, e in skipped if not e.startswith("OutOfResources")]
@@ -1266,6 +1267,13 @@ def skipped_configs() -> dict[tuple, list[tuple[dict, str]]]:
 def last_config(q, k_packed) -> dict | None:
     """The config tuning chose for this shape (None before the first call or without tuning)."""
     return _TUNED.get(_tuning_key(q, k_packed))
+
+
+def _word_aligned(*caches: torch.Tensor) -> bool:
+    """Whether every token row of these packed caches starts at a multiple of 4 bytes (the words loop reads
+    int32): the data pointer and every stride but the last (1) a multiple of 4. A contiguous view with an odd
+    storage offset is not, and ``.contiguous()`` would return it unchanged."""
+    return all(t.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in t.stride()[:-1]) for t in caches)
 
 
 def decode_attention_triton(
@@ -1306,16 +1314,16 @@ def decode_attention_triton(
             raise ValueError("prefetch=True takes words=True (the two-pass loop on int32 words)")
         if cfg.get("words", False) and not cfg.get("two_pass", False):
             raise ValueError("words=True takes two_pass=True")
-        if cfg.get("words", False):
+        if cfg.get("words", False) and d % 8:
             raise ValueError(f"words=True takes a head_dim that is a multiple of 8, got {d}")
         if cfg["flat"]:
             raise ValueError(f"flat=True takes mma=False and one query head per KV head, got {hq // hkv}")
         raise ValueError(f"mma=False takes at most {MAX_G_CUDA_CORES} query heads per KV head, got {hq // hkv}")
     words = bool(cfg["flat"] and cfg.get("two_pass", False) and cfg.get("words", False))
+    if words and not _word_aligned(k_packed, v_packed):
+        words = False  # the same two-pass loop on bytes: int32 loads need 4-byte aligned rows (a copy would not do)
     if k_packed.stride(-1) != 1 or v_packed.stride() != k_packed.stride():
         k_packed, v_packed = k_packed.contiguous(), v_packed.contiguous()
-    if words and any(p.data_ptr() % 4 or any(st % 4 for st in p.stride()[:-1]) for p in (k_packed, v_packed)):
-        k_packed, v_packed = k_packed.contiguous(), v_packed.contiguous()  # int32 words need 4-byte alignment
     scales = (k_scale, k_zero, v_scale, v_zero)
     if k_scale.stride(-1) != 1 or any(t.stride() != k_scale.stride() for t in scales):
         k_scale, k_zero, v_scale, v_zero = (t.contiguous() for t in scales)
