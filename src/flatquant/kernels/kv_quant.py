@@ -1319,11 +1319,11 @@ def decode_attention_triton(
         if cfg["flat"]:
             raise ValueError(f"flat=True takes mma=False and one query head per KV head, got {hq // hkv}")
         raise ValueError(f"mma=False takes at most {MAX_G_CUDA_CORES} query heads per KV head, got {hq // hkv}")
-    words = bool(cfg["flat"] and cfg.get("two_pass", False) and cfg.get("words", False))
-    if words and not _word_aligned(k_packed, v_packed):
-        words = False  # the same two-pass loop on bytes: int32 loads need 4-byte aligned rows (a copy would not do)
     if k_packed.stride(-1) != 1 or v_packed.stride() != k_packed.stride():
         k_packed, v_packed = k_packed.contiguous(), v_packed.contiguous()
+    words = bool(cfg["flat"] and cfg.get("two_pass", False) and cfg.get("words", False))
+    if words and not _word_aligned(k_packed, v_packed):  # checked on the tensors the kernel reads
+        words = False  # the same two-pass loop on bytes: int32 loads need 4-byte aligned rows (a copy would not do)
     scales = (k_scale, k_zero, v_scale, v_zero)
     if k_scale.stride(-1) != 1 or any(t.stride() != k_scale.stride() for t in scales):
         k_scale, k_zero, v_scale, v_zero = (t.contiguous() for t in scales)
