@@ -67,21 +67,9 @@ def _loops(sass: str) -> list[list[str]]:
     return sorted(bodies, key=len, reverse=True)
 
 
-def loop_sizes(sass: str) -> list[int]:
-    """Instructions of each loop, longest first (sm_90 instructions are 16 bytes: the span / 16 + 1)."""
-    return [len(body) for body in _loops(sass)]
-
-
 def _count(body: list[str], prefix: str) -> int:
     """Instructions of a loop body whose opcode (after any predicate) starts with prefix."""
     return sum(re.sub(r"^@!?U?P\w+\s+", "", op).startswith(prefix) for op in body)
-
-
-def main_loop_instructions(sass: str) -> int:
-    """Instructions of the kernel's longest loop: per iteration of a warp, a static proxy for an issue-bound
-    kernel's cost (0 without a loop)."""
-    sizes = loop_sizes(sass)
-    return sizes[0] if sizes else 0
 
 
 def resources(kernel) -> dict:
@@ -92,11 +80,13 @@ def resources(kernel) -> dict:
                                text=True).stdout  # fmt: skip
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
     ops = collections.Counter(m.split(".")[0] for m in re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]+)", sass))
+    loops = _loops(sass)  # longest first
     return {
-        "loop_instructions": main_loop_instructions(sass),
-        "loop_sizes": loop_sizes(sass),
-        "loop_barriers": [_count(body, "BAR") for body in _loops(sass)],  # block barriers in each loop, same order
-        "loop_stores": [_count(body, "STG") for body in _loops(sass)],  # global stores in each loop
+        # the longest loop's instructions: per iteration of a warp, a static proxy for an issue-bound kernel's cost
+        "loop_instructions": len(loops[0]) if loops else 0,
+        "loop_sizes": [len(body) for body in loops],
+        "loop_barriers": [_count(body, "BAR") for body in loops],  # block barriers in each loop, same order
+        "loop_stores": [_count(body, "STG") for body in loops],  # global stores in each loop
         "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
         "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
         "smem": kernel.metadata.shared,
