@@ -199,6 +199,23 @@ def test_kernel_matches_reference_and_dense(groups, dtype, d, asm):
     _check_kernel(len(lens), groups, 2, d, max(lens) + 3, lens, dtype, seed=groups, config={"asm": asm})
 
 
+ROWS_LOOP = {"mma": False, "two_pass": True, "rows": True}  # the grouped two-pass loop (2-8 query rows per KV head)
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("groups", [2, 3, 4, 8])
+def test_grouped_rows_loop_matches_reference_and_dense(groups, dtype, splits):
+    """The grouped two-pass loop on CUDA cores (each code unpacked once for all G query rows; G padded to a power
+    of two: 3 -> 4), split across programs or not, against the float64 result and the reference; fp16 with
+    G = 8 once failed here when the K codes kept their +128 bias in the row sums (precision lost to the bias)."""
+    lens = [1000, 77, 4097] if CUDA else [37, 1, 50]
+    d = HEAD_DIMS[-1]
+    cfg = {**ROWS_LOOP, "splits": splits}
+    _check_kernel(len(lens), groups, 2, d, max(lens) + 3, lens, dtype, seed=groups, config=cfg)
+
+
 @needs_triton
 @pytest.mark.parametrize("splits", [1, 3, 8])
 def test_kernel_chunk_splits(splits):
@@ -242,6 +259,12 @@ def test_kernel_rejects_bad_block():
                                    config={**one_row, "two_pass": True, "words": True})  # fmt: skip
     words = [c for c in kv.CANDIDATE_CONFIGS if c["words"]]  # tuning leaves them out for such a head_dim
     assert words and all(kv.applies(c, 1, 128) and not kv.applies(c, 1, 12) for c in words)
+    with pytest.raises(ValueError, match="rows=True takes 2 to 8 query heads per KV head, got 1"):
+        kv.decode_attention_triton(q, *cache, 0.5, config=ROWS_LOOP)
+    with pytest.raises(ValueError, match="rows=True takes two_pass=True, flat=False, mma=False"):
+        kv.decode_attention_triton(q, *cache, 0.5, config={**ROWS_LOOP, "mma": True})
+    rows = [c for c in kv.CANDIDATE_CONFIGS if c["rows"]]  # tuned for 2 to 8 query heads per KV head only
+    assert rows and all(kv.applies(c, g, 128) != (g in (1, 9, 16)) for c in rows for g in (1, 2, 4, 8, 9, 16))
     q2 = _kv_like((1, 2, 16), seed=1, dtype=torch.bfloat16)  # two query heads per KV head: the one-row loop's error
     with pytest.raises(ValueError, match="one query head per KV head, got 2"):
         kv.decode_attention_triton(q2, *cache, 0.5, config={**one_row, "two_pass": True, "words": True})
@@ -712,7 +735,7 @@ def test_launch_splits_come_from_shapes_and_the_gpu_size(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("loop", [None, *ONE_ROW_LOOPS])
+@pytest.mark.parametrize("loop", [None, *ONE_ROW_LOOPS, "rows"])
 def test_chunks_divide_the_real_length_not_the_capacity(loop):
     """Sequences far shorter than the capacity, split over more programs than the shortest has token blocks:
     the chunks computed on the device from seq_lens cover every token once (a chunk one block short would drop
@@ -722,7 +745,11 @@ def test_chunks_divide_the_real_length_not_the_capacity(loop):
     k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lens_t = _cache(len(lens), 1, 1024, d, lens, seed=41)
     v_scale = v_scale * torch.where(torch.arange(1024) < 896, 1.0, 16.0).to(v_scale)  # the last tokens count
     cache = (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lens_t)
-    q = _kv_like((len(lens), 1, d), seed=42, dtype=torch.bfloat16)
-    cfg = {"block_n": 16, "mma": loop is None, "flat": loop is not None, **ONE_ROW_LOOPS.get(loop, {}), "splits": 7}
+    g = 4 if loop == "rows" else 1  # the grouped loop: four query heads per KV head
+    q = _kv_like((len(lens), g, d), seed=42, dtype=torch.bfloat16)
+    if loop == "rows":
+        cfg = {"block_n": 16, **ROWS_LOOP, "splits": 7}
+    else:
+        cfg = {"block_n": 16, "mma": loop is None, "flat": loop is not None, **ONE_ROW_LOOPS.get(loop, {}), "splits": 7}
     out = kv.decode_attention_triton(q, *cache, 0.01, config=cfg)  # near-uniform weights: every token counts
     _assert_close_to_dense(out, _dense_float64(q, *cache, 0.01), torch.bfloat16)
