@@ -212,7 +212,7 @@ def decode_reports(groups: list[int], head_dim: int = 128) -> list[dict]:
         for cfg in (c for c in kv.CANDIDATE_CONFIGS if kv.applies(c, g, head_dim)):
             const = dict(HKV=32 // g, **kv.shape_meta(g, head_dim, cfg["mma"]), BLOCK_N=cfg["block_n"], SINGLE=False)
             const |= dict(ASM=cfg["asm"], INTERPRET=False, MMA=cfg["mma"], FLAT=cfg["flat"], TWO_PASS=cfg["two_pass"])
-            const |= dict(WORDS=cfg["words"], PREFETCH=cfg["prefetch"], ROWS=cfg["rows"])
+            const |= dict(WORDS=cfg["words"], PREFETCH=cfg["prefetch"])
             opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])  # as launched: fp fusion on
             rec = {"kernel": "decode_attention", "G": g, "head_dim": head_dim, **cfg}
             out.append(_report(rec, lambda c=const, o=opts: compile_sm90(fn, sig, c, DECODE_DIV16, o)))

@@ -199,20 +199,20 @@ def test_kernel_matches_reference_and_dense(groups, dtype, d, asm):
     _check_kernel(len(lens), groups, 2, d, max(lens) + 3, lens, dtype, seed=groups, config={"asm": asm})
 
 
-ROWS_LOOP = {"mma": False, "two_pass": True, "rows": True}  # the grouped two-pass loop (2-8 query rows per KV head)
+TILE_TWO_PASS = {"mma": True, "two_pass": True}  # the tensor-core tile loop in two passes
 
 
 @needs_triton
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("groups", [2, 3, 4, 8])
-def test_grouped_rows_loop_matches_reference_and_dense(groups, dtype, splits):
-    """The grouped two-pass loop on CUDA cores (each code unpacked once for all G query rows; G padded to a power
-    of two: 3 -> 4), split across programs or not, against the float64 result and the reference; fp16 with
-    G = 8 once failed here when the K codes kept their +128 bias in the row sums (precision lost to the bias)."""
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 8])
+def test_two_pass_tile_loop_matches_reference_and_dense(groups, dtype, splits):
+    """The tensor-core tile loop in two passes (scores to a scratch row per query head, chunk maxima of the scores
+    and of the value scales, then values with no rescale), split across programs or not, against the float64
+    result and the reference."""
     lens = [1000, 77, 4097] if CUDA else [37, 1, 50]
     d = HEAD_DIMS[-1]
-    cfg = {**ROWS_LOOP, "splits": splits}
+    cfg = {**TILE_TWO_PASS, "splits": splits}
     _check_kernel(len(lens), groups, 2, d, max(lens) + 3, lens, dtype, seed=groups, config=cfg)
 
 
@@ -246,11 +246,13 @@ def test_kernel_rejects_bad_block():
     q = _kv_like((1, 1, 16), seed=1, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="block_n"):
         kv.decode_attention_triton(q, *cache, 0.5, config={"block_n": 24})
-    with pytest.raises(ValueError, match="two_pass=True takes flat=True"):
-        kv.decode_attention_triton(q, *cache, 0.5, config={"two_pass": True})
+    with pytest.raises(ValueError, match="two_pass=True takes flat=True .* or mma=True"):
+        kv.decode_attention_triton(q, *cache, 0.5, config={"two_pass": True, "mma": False})
     one_row = {"mma": False, "flat": True}
-    with pytest.raises(ValueError, match="words=True takes two_pass=True"):
+    with pytest.raises(ValueError, match="words=True takes two_pass=True and flat=True"):
         kv.decode_attention_triton(q, *cache, 0.5, config={**one_row, "words": True})
+    with pytest.raises(ValueError, match="words=True takes two_pass=True and flat=True"):
+        kv.decode_attention_triton(q, *cache, 0.5, config={"two_pass": True, "words": True})
     with pytest.raises(ValueError, match="prefetch=True takes words=True"):
         kv.decode_attention_triton(q, *cache, 0.5, config={**one_row, "two_pass": True, "prefetch": True})
     cache12 = _cache(1, 1, 8, 12, [8])  # head_dim 12: six bytes a token, not whole int32 words
@@ -259,12 +261,6 @@ def test_kernel_rejects_bad_block():
                                    config={**one_row, "two_pass": True, "words": True})  # fmt: skip
     words = [c for c in kv.CANDIDATE_CONFIGS if c["words"]]  # tuning leaves them out for such a head_dim
     assert words and all(kv.applies(c, 1, 128) and not kv.applies(c, 1, 12) for c in words)
-    with pytest.raises(ValueError, match="rows=True takes 2 to 8 query heads per KV head, got 1"):
-        kv.decode_attention_triton(q, *cache, 0.5, config=ROWS_LOOP)
-    with pytest.raises(ValueError, match="rows=True takes two_pass=True, flat=False, mma=False"):
-        kv.decode_attention_triton(q, *cache, 0.5, config={**ROWS_LOOP, "mma": True})
-    rows = [c for c in kv.CANDIDATE_CONFIGS if c["rows"]]  # tuned for 2 to 8 query heads per KV head only
-    assert rows and all(kv.applies(c, g, 128) != (g in (1, 9, 16)) for c in rows for g in (1, 2, 4, 8, 9, 16))
     q2 = _kv_like((1, 2, 16), seed=1, dtype=torch.bfloat16)  # two query heads per KV head: the one-row loop's error
     with pytest.raises(ValueError, match="one query head per KV head, got 2"):
         kv.decode_attention_triton(q2, *cache, 0.5, config={**one_row, "two_pass": True, "words": True})
@@ -735,7 +731,7 @@ def test_launch_splits_come_from_shapes_and_the_gpu_size(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("loop", [None, *ONE_ROW_LOOPS, "rows"])
+@pytest.mark.parametrize("loop", [None, *ONE_ROW_LOOPS, "tile-two-pass"])
 def test_chunks_divide_the_real_length_not_the_capacity(loop):
     """Sequences far shorter than the capacity, split over more programs than the shortest has token blocks:
     the chunks computed on the device from seq_lens cover every token once (a chunk one block short would drop
@@ -745,10 +741,10 @@ def test_chunks_divide_the_real_length_not_the_capacity(loop):
     k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lens_t = _cache(len(lens), 1, 1024, d, lens, seed=41)
     v_scale = v_scale * torch.where(torch.arange(1024) < 896, 1.0, 16.0).to(v_scale)  # the last tokens count
     cache = (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lens_t)
-    g = 4 if loop == "rows" else 1  # the grouped loop: four query heads per KV head
+    g = 4 if loop == "tile-two-pass" else 1  # the tensor-core loop with four query heads per KV head
     q = _kv_like((len(lens), g, d), seed=42, dtype=torch.bfloat16)
-    if loop == "rows":
-        cfg = {"block_n": 16, **ROWS_LOOP, "splits": 7}
+    if loop == "tile-two-pass":
+        cfg = {"block_n": 16, **TILE_TWO_PASS, "splits": 7}
     else:
         cfg = {"block_n": 16, "mma": loop is None, "flat": loop is not None, **ONE_ROW_LOOPS.get(loop, {}), "splits": 7}
     out = kv.decode_attention_triton(q, *cache, 0.01, config=cfg)  # near-uniform weights: every token counts

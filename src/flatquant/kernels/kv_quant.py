@@ -50,7 +50,7 @@ _LOG2E = math.log2(math.e)
 # (and whether the products run on tensor cores, and the one-query-row CUDA-core loop, see _decode_flat_steps)
 DEFAULT_CONFIG = {
     "block_n": 64, "num_warps": 4, "num_stages": 2, "progs_per_sm": 4, "asm": False, "mma": True, "flat": False,
-    "two_pass": False, "words": False, "prefetch": False, "rows": False,
+    "two_pass": False, "words": False, "prefetch": False,
 }  # fmt: skip
 # On CUDA the launch config is chosen per shape among CANDIDATE_CONFIGS by timing CUDA-graph replays (set
 # False, or FLATQUANT_AUTOTUNE=0, for DEFAULT_CONFIG)
@@ -88,13 +88,13 @@ CANDIDATE_CONFIGS += [
      "two_pass": True, "words": True, "prefetch": pf}
     for bn, w, pps, pf in itertools.product((32, 64), (4, 8), (4, 8), (False, True))
 ]  # fmt: skip
-# grouped-query attention (2 to MAX_G_ROWS query heads per KV head): the two-pass loop over all G query rows on
-# CUDA cores, each code unpacked once for the group (see _decode_rows_two_pass_steps)
-MAX_G_ROWS = 8
+# the tensor-core tile loop in two passes (scores, then values; see _decode_mma_two_pass_steps): no reduction over
+# the tokens (no cross-warp maximum) inside either loop
 CANDIDATE_CONFIGS += [
-    {"block_n": bn, "num_warps": w, "num_stages": 2, "progs_per_sm": pps, "asm": True, "mma": False, "flat": False,
-     "two_pass": True, "rows": True}
-    for bn, w, pps in itertools.product((16, 32), (4, 8), (4, 8))
+    {"block_n": bn, "num_warps": w, "num_stages": 2, "progs_per_sm": pps, "asm": True, "mma": True, "flat": False,
+     "two_pass": True}
+    for bn, w, pps in itertools.product((32, 64, 128), (4, 8), (2, 4, 8))
+    if (bn, w) != (128, 4)
 ]  # fmt: skip
 CANDIDATE_CONFIGS = [{**DEFAULT_CONFIG, **c} for c in CANDIDATE_CONFIGS]  # every key in every candidate
 _TUNED: dict[tuple, dict] = {}  # shape key -> the fastest candidate (see _tuned_config)
@@ -103,16 +103,15 @@ _SKIPPED: dict[tuple, list[tuple[dict, str]]] = {}  # shape key -> candidates th
 
 def applies(config: dict, group: int, head_dim: int | None = None) -> bool:
     """Whether a decode launch config can run ``group`` query heads per KV head (CUDA-core configs take at
-    most MAX_G_CUDA_CORES, the one-row ``flat`` loop exactly one, the grouped ``rows`` loop 2 to MAX_G_ROWS;
-    the ``words`` loop a head_dim that is a multiple of 8, when head_dim is given)."""
-    if config.get("rows", False):
-        rows_ok = config.get("two_pass", False) and not config.get("flat", False) and not config.get("mma", True)
-        return bool(rows_ok and not config.get("words", False) and 2 <= group <= MAX_G_ROWS)
-    if config.get("two_pass", False) and not config.get("flat", False):
+    most MAX_G_CUDA_CORES, the one-row ``flat`` loop exactly one; two passes the ``flat`` or the tensor-core
+    loop; the ``words`` loop a head_dim that is a multiple of 8, when head_dim is given)."""
+    if config.get("two_pass", False) and not (config.get("flat", False) or config.get("mma", True)):
         return False
     if config.get("prefetch", False) and not config.get("words", False):
         return False
-    if config.get("words", False) and (not config.get("two_pass", False) or (head_dim or 8) % 8):
+    if config.get("words", False) and (
+        not (config.get("two_pass", False) and config.get("flat", False)) or (head_dim or 8) % 8
+    ):
         return False
     if config.get("flat", False):
         return group == 1 and not config.get("mma", True)
@@ -586,73 +585,67 @@ if triton is not None:
         return acc_e, acc_o, tl.zeros_like(m_i) + m_f, tl.zeros_like(l_i) + tl.sum(l_slot, 0)
 
     @triton.jit
-    def _decode_rows_two_pass_steps(
+    def _decode_mma_two_pass_steps(
         k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, sc_ptr, q_e, q_o, q_sum, kv_base, sc_base, s_base, s_cap,
-        start, end, stride_kt, qk_scale, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_HD: tl.constexpr, HALF_D: tl.constexpr, INTERPRET: tl.constexpr, ASM: tl.constexpr,
+        start, end, stride_kt, qk_scale, dt: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_HD: tl.constexpr, HALF_D: tl.constexpr, INTERPRET: tl.constexpr,
+        ASM: tl.constexpr,
     ):  # fmt: skip
-        """:func:`_decode_two_pass_steps` for the G query rows of one KV head (grouped-query attention) on CUDA
-        cores: each K and V code is read and unpacked once and used by all G rows (G fmas per code in each
-        pass), pass 1 writes the rows' scores to G scratch rows (``sc_ptr + s_base + g * s_cap``), pass 2 keeps
-        a (G, BLOCK_N, D/2) pair of accumulators summed over the tokens after the loop. No reduction over
-        tokens inside either loop, unlike the tensor-core tile loop, which pads the G rows to 16, stages the
-        unpacked codes through shared memory and reduces the scores over the warps every step.
-
-        Every tile is 3-D (rows, tokens, channels) and every load is made in that shape (a token block as
-        (1, BLOCK_N, BLOCK_HD), per-token values as (1, BLOCK_N, 1)), so that the codes keep their load layout
-        when broadcast over the rows: each thread then holds all G rows of its codes, and nothing moves between
-        threads inside the loops but the row sums of pass 1."""
-        rg3 = tl.arange(0, BLOCK_G)[:, None, None]
-        rn3 = tl.arange(0, BLOCK_N)[None, :, None]
-        rj3 = tl.arange(0, BLOCK_HD)[None, None, :]
-        mg3 = rg3 < G
-        mj3 = rj3 < HALF_D
-        qe = q_e.to(tl.float32)[:, None, :]  # (BLOCK_G, 1, BLOCK_HD), padded rows 0
-        qo = q_o.to(tl.float32)[:, None, :]
-        qs = q_sum[:, None, None]
-        rows3 = s_base + rg3.to(tl.int64) * s_cap  # each query row's scratch row
-        m_slot = tl.full((BLOCK_G, BLOCK_N, 1), -float("inf"), tl.float32)
+        """The tensor-core tile loop (grouped query heads) in two passes, as :func:`_decode_two_pass_steps` does
+        for one row: pass 1 computes the G rows' scores on the tensor cores, writes them to G scratch rows
+        (``sc_ptr + s_base + g * s_cap``) and keeps per-slot maxima of the scores and of the value scales; one
+        reduction gives the chunk's maxima; pass 2 reads V and the scores and accumulates exp2(s - m)-weighted
+        values on the tensor cores with no rescale, the sums of the weights per slot. No reduction over tokens
+        inside either loop (the one-pass loop takes a row maximum over the warps and a value-scale maximum
+        every step)."""
+        rg = tl.arange(0, BLOCK_G)
+        mg = rg < G
+        rows = s_base + rg.to(tl.int64) * s_cap  # (BLOCK_G,): each query row's scratch row
+        m_slot = tl.full((BLOCK_G, BLOCK_N), -float("inf"), tl.float32)
+        vs_slot = tl.zeros((BLOCK_N,), tl.float32)
         for t0 in range(start, end, BLOCK_N):
-            t3 = t0 + rn3
-            mt3 = t3 < end
-            kb = tl.load(k_ptr + kv_base + t3.to(tl.int64) * stride_kt + rj3, mask=mt3 & mj3, other=0)
-            ks = tl.load(ks_ptr + sc_base + t3, mask=mt3, other=0.0)  # (1, BLOCK_N, 1)
-            kz = tl.load(kz_ptr + sc_base + t3, mask=mt3, other=0.0)
-            k_lo, k_hi = _unpack_biased_f32(kb, INTERPRET, ASM)  # (1, BLOCK_N, BLOCK_HD)
-            # centred codes c - 8 (exact; once per code for all G rows): products with the 16-bit query exact and
-            # small, so the row sums lose no precision to the bias (with B + c, they lost up to ~1e-4 relative)
-            k_lo -= F32_BIAS + 8.0
-            k_hi -= F32_BIAS + 8.0
-            qc = tl.sum(tl.fma(k_hi, qo, k_lo * qe), 2, keep_dims=True)  # (BLOCK_G, BLOCK_N, 1)
-            s = (qc - qs * (kz - 8.0)) * (ks * qk_scale)
-            ms = mg3 & mt3
-            _store_in_place(sc_ptr + rows3 + t3, s, ms, INTERPRET, ASM)
+            kb, ks, kz, mt, _, _ = _token_block(
+                k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N, BLOCK_HD, HALF_D
+            )
+            k_lo, k_hi = _unpack_biased(kb, dt, INTERPRET, ASM)
+            qc = _mm(q_e, tl.trans(k_lo), 1, INTERPRET) + _mm(q_o, tl.trans(k_hi), 1, INTERPRET)
+            s = (qc - q_sum[:, None] * (kz + 16.0)[None, :]) * (ks * qk_scale)[None, :]  # (BLOCK_G, BLOCK_N)
+            t = t0 + tl.arange(0, BLOCK_N)
+            ms = mg[:, None] & mt[None, :]
+            _store_in_place(sc_ptr + rows[:, None] + t[None, :], s, ms, INTERPRET, ASM)
             m_slot = tl.maximum(m_slot, tl.where(ms, s, -float("inf")))
-        m_f = tl.max(m_slot, 1, keep_dims=True)  # (BLOCK_G, 1, 1): -inf for an empty chunk and padded rows
+            vs_slot = tl.maximum(vs_slot, tl.load(vs_ptr + sc_base + t, mask=mt, other=0.0))
+        m_f = _row_max(m_slot)  # (BLOCK_G,): -inf for an empty chunk and padded rows
         m_use = tl.where(m_f > -float("inf"), m_f, 0.0)
+        vs_max = tl.maximum(tl.max(vs_slot, 0), 1e-30)  # > 0: pv = p * vs / vs_max lies in [0, 1]
         tl.debug_barrier()  # pass 2 reads scores other threads of the block wrote
-        l_slot = tl.zeros((BLOCK_G, BLOCK_N, 1), tl.float32)
-        pz_slot = tl.zeros((BLOCK_G, BLOCK_N, 1), tl.float32)
-        tile_e = tl.zeros((BLOCK_G, BLOCK_N, BLOCK_HD), tl.float32)
-        tile_o = tl.zeros((BLOCK_G, BLOCK_N, BLOCK_HD), tl.float32)
+        l_slot = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
+        pz_slot = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
+        acc_e = tl.zeros((BLOCK_G, BLOCK_HD), tl.float32)
+        acc_o = tl.zeros((BLOCK_G, BLOCK_HD), tl.float32)
+        rj = tl.arange(0, BLOCK_HD)
         for t0 in range(start, end, BLOCK_N):
-            t3 = t0 + rn3
-            mt3 = t3 < end
-            vb = tl.load(v_ptr + kv_base + t3.to(tl.int64) * stride_kt + rj3, mask=mt3 & mj3, other=0)
-            vs = tl.load(vs_ptr + sc_base + t3, mask=mt3, other=0.0)
-            vz = tl.load(vz_ptr + sc_base + t3, mask=mt3, other=0.0)
-            s = tl.load(sc_ptr + rows3 + t3, mask=mg3 & mt3, other=-float("inf"))  # (BLOCK_G, BLOCK_N, 1)
-            p = tl.exp2(s - m_use)  # <= 1; 0 beyond the sequence and on padded rows
+            t = t0 + tl.arange(0, BLOCK_N)
+            mt = t < end
+            mkv = mt[:, None] & (rj < HALF_D)[None, :]
+            off = kv_base + t.to(tl.int64)[:, None] * stride_kt + rj[None, :]
+            vb, vs, vz = _same_block(v_ptr, vs_ptr, vz_ptr, off, mkv, sc_base, t0, mt, BLOCK_N)
+            s = tl.load(sc_ptr + rows[:, None] + t[None, :], mask=mg[:, None] & mt[None, :], other=-float("inf"))
+            p = tl.exp2(s - m_use[:, None])  # <= 1; 0 beyond the sequence and on padded rows
             l_slot += p
-            pv = p * vs  # p . ((c - z) * s) = sum(p * s * (B + c)) - sum(p * s * (B + z)), B = F32_BIAS
-            pz_slot += pv * (vz + F32_BIAS)
-            v_lo, v_hi = _unpack_biased_f32(vb, INTERPRET, ASM)
-            tile_e = tl.fma(pv, v_lo, tile_e)
-            tile_o = tl.fma(pv, v_hi, tile_o)
-        pz = tl.sum(tl.sum(pz_slot, 2), 1)  # (BLOCK_G,)
-        acc_e = tl.sum(tile_e, 1) - pz[:, None]  # (BLOCK_G, BLOCK_HD)
-        acc_o = tl.sum(tile_o, 1) - pz[:, None]
-        return acc_e, acc_o, tl.max(tl.max(m_f, 2), 1), tl.sum(tl.sum(l_slot, 2), 1)
+            # p . ((c - z) * s) = vs_max * (p * s / vs_max) . (16 + c) - sum(p * s * (16 + z)); p * s / vs_max is
+            # in [0, 1] and goes to the tensor cores as two fp16 halves (~22 significant bits, products exact)
+            pv = p * (vs / vs_max)[None, :]
+            pz_slot += p * (vs * (vz + 16.0))[None, :]
+            v_lo, v_hi = _unpack_biased(vb, tl.float16, INTERPRET, ASM)
+            p_hi = pv.to(tl.float16)
+            p_lo = (pv - p_hi.to(tl.float32)).to(tl.float16)
+            acc_e = _dot(p_lo, v_lo, _dot(p_hi, v_lo, acc_e, INTERPRET), INTERPRET)
+            acc_o = _dot(p_lo, v_hi, _dot(p_hi, v_hi, acc_o, INTERPRET), INTERPRET)
+        pz = _row_sum(pz_slot)
+        acc_e = vs_max * acc_e - pz[:, None]  # (BLOCK_G, BLOCK_HD)
+        acc_o = vs_max * acc_o - pz[:, None]
+        return acc_e, acc_o, m_f, _row_sum(l_slot)
 
     @triton.jit
     def _unpack_words_f32(w, INTERPRET: tl.constexpr, ASM: tl.constexpr):
@@ -838,10 +831,9 @@ if triton is not None:
         INTERPRET: tl.constexpr,
         MMA: tl.constexpr = 1,  # tensor-core products (BLOCK_G >= 16); 0: CUDA cores, BLOCK_G = G padded (G <= 2)
         FLAT: tl.constexpr = 0,  # G == 1 on CUDA cores: per-token row sums, V accumulated per token row (see below)
-        TWO_PASS: tl.constexpr = 0,  # with FLAT: scores first, then values (_decode_two_pass_steps)
+        TWO_PASS: tl.constexpr = 0,  # scores first, then values (_decode_two_pass_steps, with MMA _decode_mma_...)
         WORDS: tl.constexpr = 0,  # with TWO_PASS: the codes as int32 words (_decode_two_pass_words_steps)
         PREFETCH: tl.constexpr = 0,  # with WORDS: load the next token block before computing on this one
-        ROWS: tl.constexpr = 0,  # G query rows on CUDA cores in two passes (_decode_rows_two_pass_steps)
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -871,11 +863,11 @@ if triton is not None:
         l_i = tl.full((BLOCK_G,), 0.0, tl.float32)
         acc_e = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
         acc_o = tl.full((BLOCK_G, BLOCK_HD), 0.0, tl.float32)
-        if ROWS:
-            acc_e, acc_o, m_i, l_i = _decode_rows_two_pass_steps(
+        if MMA and TWO_PASS:
+            acc_e, acc_o, m_i, l_i = _decode_mma_two_pass_steps(
                 k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, sc_ptr, q_e, q_o, q_sum, kv_base, sc_base,
-                bh.to(tl.int64) * G * s_cap, s_cap, start, end, stride_kt, qk_scale, G, BLOCK_G, BLOCK_N, BLOCK_HD,
-                HALF_D, INTERPRET, ASM,
+                bh.to(tl.int64) * G * s_cap, s_cap, start, end, stride_kt, qk_scale, dt, G, BLOCK_G, BLOCK_N,
+                BLOCK_HD, HALF_D, INTERPRET, ASM,
             )  # fmt: skip
         elif FLAT and TWO_PASS and WORDS:
             acc_e, acc_o, m_i, l_i = _decode_two_pass_words_steps(
@@ -1395,16 +1387,12 @@ def decode_attention_triton(
     if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {cfg['block_n']}")
     if not applies(cfg, hq // hkv, d):
-        if cfg.get("rows", False):
-            if not cfg.get("two_pass", False) or cfg["flat"] or cfg["mma"] or cfg.get("words", False):
-                raise ValueError("rows=True takes two_pass=True, flat=False, mma=False and words=False")
-            raise ValueError(f"rows=True takes 2 to {MAX_G_ROWS} query heads per KV head, got {hq // hkv}")
-        if cfg.get("two_pass", False) and not cfg["flat"]:
-            raise ValueError("two_pass=True takes flat=True (the one-row loop) or rows=True (grouped heads)")
+        if cfg.get("two_pass", False) and not (cfg["flat"] or cfg["mma"]):
+            raise ValueError("two_pass=True takes flat=True (the one-row loop) or mma=True (the tensor-core loop)")
         if cfg.get("prefetch", False) and not cfg.get("words", False):
             raise ValueError("prefetch=True takes words=True (the two-pass loop on int32 words)")
-        if cfg.get("words", False) and not cfg.get("two_pass", False):
-            raise ValueError("words=True takes two_pass=True")
+        if cfg.get("words", False) and not (cfg.get("two_pass", False) and cfg["flat"]):
+            raise ValueError("words=True takes two_pass=True and flat=True")
         if cfg.get("words", False) and d % 8:
             raise ValueError(f"words=True takes a head_dim that is a multiple of 8, got {d}")
         if cfg["flat"]:
@@ -1427,8 +1415,7 @@ def decode_attention_triton(
     m = out if single else torch.empty((b * hq, splits), **f32)
     l = out if single else torch.empty((b * hq, splits), **f32)
     interpret = _interpreting()
-    rows = bool(cfg.get("rows", False))
-    two_pass = bool((cfg["flat"] or rows) and cfg.get("two_pass", False))
+    two_pass = bool((cfg["flat"] or cfg["mma"]) and cfg.get("two_pass", False))
     scores = torch.empty((b * hq, s_cap), **f32) if two_pass else k_scale  # any fp32 pointer when unused
     _decode_chunk_kernel[(b * hkv, splits)](
         q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, lens, scores,
@@ -1437,8 +1424,7 @@ def decode_attention_triton(
         k_scale.stride(0), k_scale.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, **shape_meta(g, d, cfg["mma"]), BLOCK_N=bn, SINGLE=single, ASM=cfg["asm"],
         INTERPRET=interpret, MMA=cfg["mma"], FLAT=cfg["flat"], TWO_PASS=two_pass, WORDS=words,
-        PREFETCH=bool(words and cfg.get("prefetch", False)), ROWS=rows, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        PREFETCH=bool(words and cfg.get("prefetch", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if not single:
         _decode_merge_kernel[(b * hq,)](
