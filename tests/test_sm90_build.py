@@ -34,6 +34,15 @@ def test_kernels_build_for_sm90_without_spills(tmp_path):
     two_pass = [r for r in decode if r["two_pass"]]
     assert two_pass and all(r["loop_barriers"][:2] == [0, 0] and sum(r["loop_stores"][:2]) >= 1 for r in two_pass)
     assert all(r["loop_barriers"][0] > 0 for r in decode if not r["two_pass"])
+    # the tensor-core loop in two passes keeps only its operand staging's barriers (no maximum over the warps)
+    tiles = [
+        r
+        for r in records
+        if r["kernel"] == "decode_attention" and r["mma"] and (r["block_n"], r["num_warps"]) == (64, 4)
+    ]
+    one, two = [r for r in tiles if not r["two_pass"]], [r for r in tiles if r["two_pass"]]
+    assert one and two and max(max(r["loop_barriers"][:2]) for r in two) < min(r["loop_barriers"][0] for r in one)
+    assert all(sum(r["loop_stores"][:2]) >= 1 for r in two)  # the scores, written inside pass 1
 
 
 PROBE = """
