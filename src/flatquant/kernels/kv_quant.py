@@ -90,7 +90,7 @@ CANDIDATE_CONFIGS += [
 ]  # fmt: skip
 # the tensor-core tile loop in two passes (scores, then values; see _decode_mma_two_pass_steps): no reduction over
 # the tokens (no cross-warp maximum) inside either loop. Timed on an NVIDIA H200 at LLaMA-3-8B shapes (G = 4) it won
-# at batch 1 with an 8192-token context only (14.3 against 16.3 us) and lost 9-16% at batch 16 and 64, so only its
+# at batch 1 with an 8192-token context only (14.3 against 16.3 us) and lost 9-31% at batch 16 and 64, so only its
 # configs closest to that winner are candidates (docs/kernels-decode-attention.md)
 CANDIDATE_CONFIGS += [
     {"block_n": bn, "num_warps": 4, "num_stages": 2, "progs_per_sm": pps, "asm": True, "mma": True, "flat": False,
