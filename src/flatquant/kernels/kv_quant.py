@@ -520,18 +520,18 @@ if triton is not None:
             )  # fmt: skip
 
     @triton.jit
-    def _keep_scores(
-        sc_ptr, s_base, t0, s, mt, m_slot, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, ASM: tl.constexpr
-    ):
-        """The end of a pass-1 step: the block's scores to the scratch row, folded into the per-slot maxima."""
-        _store_in_place(sc_ptr + s_base + t0 + tl.arange(0, BLOCK_N), s, mt, INTERPRET, ASM)
-        return tl.maximum(m_slot, tl.where(mt, s, -float("inf")))
+    def _keep_scores(ptrs, s, mask, m_slot, INTERPRET: tl.constexpr, ASM: tl.constexpr):
+        """The end of a pass-1 step: the block's scores (where ``mask``) to their scratch addresses ``ptrs``,
+        folded into the per-slot maxima (one scratch row, or one per query row of the tile loop)."""
+        _store_in_place(ptrs, s, mask, INTERPRET, ASM)
+        return tl.maximum(m_slot, tl.where(mask, s, -float("inf")))
 
     @triton.jit
-    def _chunk_max(m_slot):
-        """Between the passes: the chunk's maximum score (-inf for an empty chunk, where no step ran) and the one
-        pass 2 subtracts (0 then); then a barrier, since pass 2 reads scores other threads of the block wrote."""
-        m_f = tl.max(m_slot, 0)
+    def _chunk_max(m_slot, AXIS: tl.constexpr = 0):
+        """Between the passes: the chunk's maximum score over the token slots (axis AXIS; -inf for an empty chunk,
+        where no step ran) and the one pass 2 subtracts (0 then); then a barrier, since pass 2 reads scores other
+        threads of the block wrote."""
+        m_f = tl.max(m_slot, AXIS)
         m_use = tl.where(m_f > -float("inf"), m_f, 0.0)
         tl.debug_barrier()
         return m_f, m_use
@@ -559,20 +559,17 @@ if triton is not None:
                 k_ptr, ks_ptr, kz_ptr, kv_base, sc_base, t0, end, stride_kt, qe, qo, qs, qk_scale, BLOCK_N, BLOCK_HD,
                 HALF_D, INTERPRET, ASM,
             )  # fmt: skip
-            m_slot = _keep_scores(sc_ptr, s_base, t0, s, mt, m_slot, BLOCK_N, INTERPRET, ASM)
+            m_slot = _keep_scores(sc_ptr + s_base + t0 + tl.arange(0, BLOCK_N), s, mt, m_slot, INTERPRET, ASM)
         m_f, m_use = _chunk_max(m_slot)
         l_slot = tl.zeros((BLOCK_N,), tl.float32)
         pz_slot = tl.zeros((BLOCK_N,), tl.float32)
         tile_e = tl.zeros((BLOCK_N, BLOCK_HD), tl.float32)
         tile_o = tl.zeros((BLOCK_N, BLOCK_HD), tl.float32)
-        rj = tl.arange(0, BLOCK_HD)
         for t0 in range(start, end, BLOCK_N):
-            t = t0 + tl.arange(0, BLOCK_N)
-            mt = t < end
-            mkv = mt[:, None] & (rj < HALF_D)[None, :]
-            off = kv_base + t.to(tl.int64)[:, None] * stride_kt + rj[None, :]
-            vb, vs, vz = _same_block(v_ptr, vs_ptr, vz_ptr, off, mkv, sc_base, t0, mt, BLOCK_N)
-            s = tl.load(sc_ptr + s_base + t, mask=mt, other=-float("inf"))
+            vb, vs, vz, mt, _, _ = _token_block(
+                v_ptr, vs_ptr, vz_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N, BLOCK_HD, HALF_D
+            )
+            s = tl.load(sc_ptr + s_base + t0 + tl.arange(0, BLOCK_N), mask=mt, other=-float("inf"))
             p = tl.exp2(s - m_use)  # <= 1; 0 beyond the sequence
             l_slot += p
             pv = p * vs  # p . ((c - z) * s) = sum(p * s * (B + c)) - sum(p * s * (B + z)), B = F32_BIAS
@@ -613,24 +610,19 @@ if triton is not None:
             s = (qc - q_sum[:, None] * (kz + 16.0)[None, :]) * (ks * qk_scale)[None, :]  # (BLOCK_G, BLOCK_N)
             t = t0 + tl.arange(0, BLOCK_N)
             ms = mg[:, None] & mt[None, :]
-            _store_in_place(sc_ptr + rows[:, None] + t[None, :], s, ms, INTERPRET, ASM)
-            m_slot = tl.maximum(m_slot, tl.where(ms, s, -float("inf")))
+            m_slot = _keep_scores(sc_ptr + rows[:, None] + t[None, :], s, ms, m_slot, INTERPRET, ASM)
             vs_slot = tl.maximum(vs_slot, tl.load(vs_ptr + sc_base + t, mask=mt, other=0.0))
-        m_f = _row_max(m_slot)  # (BLOCK_G,): -inf for an empty chunk and padded rows
-        m_use = tl.where(m_f > -float("inf"), m_f, 0.0)
         vs_max = tl.maximum(tl.max(vs_slot, 0), 1e-30)  # > 0: pv = p * vs / vs_max lies in [0, 1]
-        tl.debug_barrier()  # pass 2 reads scores other threads of the block wrote
+        m_f, m_use = _chunk_max(m_slot, 1)  # (BLOCK_G,): -inf for an empty chunk and padded rows
         l_slot = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
         pz_slot = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
         acc_e = tl.zeros((BLOCK_G, BLOCK_HD), tl.float32)
         acc_o = tl.zeros((BLOCK_G, BLOCK_HD), tl.float32)
-        rj = tl.arange(0, BLOCK_HD)
         for t0 in range(start, end, BLOCK_N):
+            vb, vs, vz, mt, _, _ = _token_block(
+                v_ptr, vs_ptr, vz_ptr, kv_base, sc_base, t0, end, stride_kt, BLOCK_N, BLOCK_HD, HALF_D
+            )
             t = t0 + tl.arange(0, BLOCK_N)
-            mt = t < end
-            mkv = mt[:, None] & (rj < HALF_D)[None, :]
-            off = kv_base + t.to(tl.int64)[:, None] * stride_kt + rj[None, :]
-            vb, vs, vz = _same_block(v_ptr, vs_ptr, vz_ptr, off, mkv, sc_base, t0, mt, BLOCK_N)
             s = tl.load(sc_ptr + rows[:, None] + t[None, :], mask=mg[:, None] & mt[None, :], other=-float("inf"))
             p = tl.exp2(s - m_use[:, None])  # <= 1; 0 beyond the sequence and on padded rows
             l_slot += p
@@ -742,7 +734,7 @@ if triton is not None:
             d = tl.fma(l3, qe3[None, :], d)
             d = tl.fma(h3, qo3[None, :], d)
             s = (tl.sum(d, 1) - qs * (kz_c + F32_BIAS)) * (ks_c * qk_scale)
-            m_slot = _keep_scores(sc_ptr, s_base, t0, s, mt_c, m_slot, BLOCK_N, INTERPRET, ASM)
+            m_slot = _keep_scores(sc_ptr + s_base + t0 + tl.arange(0, BLOCK_N), s, mt_c, m_slot, INTERPRET, ASM)
         m_f, m_use = _chunk_max(m_slot)
         l_slot = tl.zeros((BLOCK_N,), tl.float32)
         pz_slot = tl.zeros((BLOCK_N,), tl.float32)
