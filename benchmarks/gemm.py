@@ -122,6 +122,15 @@ def run_shape(k: int, n: int, m: int, paths: list[str]) -> dict:
         except Exception as err:  # a path that fails to compile is reported, not fatal
             print(f"  {path} failed at {k=} {n=} {m=}: {err!r}"[:400])
             rec[f"gemm_{path}_us"] = float("inf")
+    if SMALL_M < m <= gemm_w4a4.MEDIUM_M and "auto" in paths:  # batched decode: also the prefill tiles alone
+        medium, gemm_w4a4.MEDIUM_M = gemm_w4a4.MEDIUM_M, SMALL_M
+        try:
+            rec["gemm_prefill_tiles_us"] = bench(
+                lambda: [w4a4_gemm(codes, x_scale, w, w_scale, impl=impl) for w in packed], nq
+            )
+            rec["gemm_prefill_tiles_config"] = last_config(m) if CUDA else "fixed (interpreter)"
+        finally:
+            gemm_w4a4.MEDIUM_M = medium
     # exactness of the autotuned call (the config chosen above: the tuning key ignores the output dtype)
     ones_m, ones_n = torch.ones(m, device=dev), torch.ones(n, device=dev)
     out = w4a4_gemm(codes, ones_m, packed[0], ones_n, out_dtype=torch.float32, impl=impl, path=paths[0])
@@ -150,6 +159,7 @@ def main() -> None:
     ap.add_argument("--paths", default="auto", help="path arguments to time, comma-separated: auto,int8,fp8")
     ap.add_argument("--budget", type=float, default=210.0, help="seconds; later shapes are skipped past it")
     ap.add_argument("--shapes", default=None, help="K:N pairs to run, comma-separated (default: all LLaMA shapes)")
+    ap.add_argument("--tokens", type=int, nargs="*", default=None, help=f"token counts M (default {TOKENS})")
     args = ap.parse_args()
     start = time.time()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -165,6 +175,10 @@ def main() -> None:
             shapes = [tuple(int(v) for v in pair.split(":")) for pair in args.shapes.split(",")]
         except ValueError:
             raise SystemExit(f"--shapes takes K:N pairs such as 4096:11008,11008:4096, got {args.shapes!r}") from None
+    if args.tokens:
+        if min(args.tokens) < 1:
+            raise SystemExit(f"--tokens takes positive token counts, got {args.tokens}")
+        tokens = args.tokens
     records = []
     hdr = f"{'K':>6} {'N':>6} {'M':>5} {'bf16us':>8} " + " ".join(f"{p + 'us':>8}" for p in paths)
     print(
@@ -172,7 +186,8 @@ def main() -> None:
     )
     name = "gemm_quick.json" if args.quick or not CUDA else "gemm.json"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
-    result = {"device": device, "small_m": SMALL_M, "ceilings": ceil, "records": records, "skipped": []}
+    result = {"device": device, "small_m": SMALL_M, "medium_m": gemm_w4a4.MEDIUM_M, "ceilings": ceil}
+    result.update(records=records, skipped=[])
     for k, n in shapes:
         for m in tokens:
             if time.time() - start > args.budget:
@@ -197,6 +212,10 @@ def main() -> None:
                 f"{rec['gemm_tops']:7.0f} {rec['gemm_gbps']:6.0f}  {rec['exact']!s:>5} {rec['config']}",
                 flush=True,
             )
+            if "gemm_prefill_tiles_us" in rec:
+                us = rec["gemm_prefill_tiles_us"]
+                cfg = rec["gemm_prefill_tiles_config"]
+                print(f"{'':20} prefill tiles alone: {us:8.1f} us ({us / t:.2f}x ours) {cfg}")
             result["seconds"] = round(time.time() - start, 1)
             atomic_write_json(out, result)  # after every record: a run cut short keeps what it measured
     result["kernels"] = _check_ptx() if CUDA else []

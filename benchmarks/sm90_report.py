@@ -5,7 +5,7 @@ No GPU needed: Triton compiles to a cubin with its bundled ptxas, and cuobjdump 
 comes from the compiler's metadata. Use it to drop candidates that spill or exceed shared memory before a
 GPU run. Takes a few seconds per kernel.
 
-    PYTHONPATH=src python benchmarks/sm90_report.py [--kron 112x128,64x64] [--gemm small,large] [--rope 64,128]
+    PYTHONPATH=src python benchmarks/sm90_report.py [--kron 112x128,64x64] [--gemm small,medium,large] [--rope 64,128]
         [--decode 1,4] [--silu 11008] [--int8-head 128,0] [--json PATH]
 """
 
@@ -130,7 +130,7 @@ def gemm_reports(sets: list[str]) -> list[dict]:
     sig |= dict.fromkeys(ints, "i32")
     div16 = ["x_ptr", "w_ptr", "out_ptr", "K", "K2", "N", "stride_xm", "stride_wn", "stride_om"]
     configs = {"large": gw.LARGE_CONFIGS, "small": gw.SMALL_CONFIGS, "large_fp8": gw.LARGE_CONFIGS_FP8}
-    configs["small_fp8"] = gw.SMALL_CONFIGS_FP8
+    configs["small_fp8"], configs["medium"] = gw.SMALL_CONFIGS_FP8, gw.MEDIUM_CONFIGS
     out = []
     for name, res in itertools.product(sets, (False, True)):
         # with the residual epilogue (o_proj, down_proj) only the candidates the autotuner keeps for it
@@ -245,7 +245,7 @@ def _report(rec: dict, build) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kron", default="24x24,64x64,64x128,86x128,112x128,128x148", help="n1xn2 factor pairs")
-    ap.add_argument("--gemm", default="large,small,large_fp8,small_fp8", help="GEMM config sets")
+    ap.add_argument("--gemm", default="large,medium,small,large_fp8,small_fp8", help="GEMM config sets")
     ap.add_argument("--rope", default="64,128", help="head dims of the RoPE kernel")
     ap.add_argument("--decode", default="1,4", help="query heads per KV head of the decode attention kernel (D=128)")
     ap.add_argument("--silu", default="11008", help="row widths (intermediate sizes) of the SiLU * up kernel")

@@ -110,6 +110,23 @@ def test_dispatcher_errors(monkeypatch):
     assert out.dtype == torch.bfloat16 and out.shape == (2, 4)
 
 
+@pytest.mark.parametrize("raw,want", [(None, 128), ("16", 16), ("64", 64), ("8", None), ("big", None)])
+def test_medium_m_setting(monkeypatch, raw, want):
+    """FLATQUANT_MEDIUM_M: the largest token count served by the batched-decode tiles; SMALL_M turns them off;
+    anything else names the value and the range."""
+    import flatquant.kernels.gemm_w4a4 as g
+
+    if raw is None:
+        monkeypatch.delenv("FLATQUANT_MEDIUM_M", raising=False)
+    else:
+        monkeypatch.setenv("FLATQUANT_MEDIUM_M", raw)
+    if want is None:
+        with pytest.raises(ValueError, match=f"FLATQUANT_MEDIUM_M must be an integer in \\[16, 1024\\], got '{raw}'"):
+            g._medium_m_from_env()
+    else:
+        assert g._medium_m_from_env() == want
+
+
 # ------------------------------------------------------------------------------------------ triton kernel
 SMALL_SHAPES = [(1, 40, 70), (5, 37, 129), (16, 96, 256), (33, 50, 190)]  # (M, N, K); tiles 16/32/64
 
@@ -267,12 +284,20 @@ def test_split_k_decode_exact(m, n, k, split_k):
 
 
 @needs_triton
-@pytest.mark.parametrize("m,n,k,split_k", [(5, 70, 1029, 1), (16, 130, 512, 2), (33, 37, 190, 1)])
-def test_swap_ab_exact_with_zero_point_and_bias(m, n, k, split_k):
-    """SWAP_AB (W @ X^T, transposed back in the epilogue): odd N and K, zero point, bias, split-K."""
+@pytest.mark.parametrize(
+    "m,n,k,bm,split_k,swap",
+    [(5, 70, 1029, 16, 1, True), (16, 130, 512, 16, 2, True), (33, 37, 190, 64, 1, True),
+     (40, 70, 1029, 32, 2, False), (100, 37, 600, 64, 4, True)],
+)  # fmt: skip
+def test_swap_ab_and_split_k_exact_with_zero_point_and_bias(m, n, k, bm, split_k, swap):
+    """SWAP_AB (W @ X^T, transposed back in the epilogue) and split-K, in decode (M <= SMALL_M) and batched
+    decode (SMALL_M < M <= MEDIUM_M: several row tiles share each slice's partial sums and arrival counters):
+    odd N and K, zero point, bias; the counters are back at zero afterwards."""
+    import flatquant.kernels.gemm_w4a4 as g
+
+    assert m <= g.MEDIUM_M
     x, w, xs, ws, xz = _operands(m, n, k, asym=True, seed=29 + k)
-    bm = 16 if m <= 16 else 64
-    cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, SPLIT_K=split_k, SWAP_AB=True)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, SPLIT_K=split_k, SWAP_AB=swap)
     if DEV == "cuda":
         cfg.update(num_warps=4, num_stages=3)
     x, xs, wp, ws, xz = (t.to(DEV) for t in (x, xs, pack_int4(w), ws, xz))
@@ -283,11 +308,15 @@ def test_swap_ab_exact_with_zero_point_and_bias(m, n, k, split_k):
     out = w4a4_gemm(x, xs, wp, ws, bias, xz, out_dtype=torch.float32, impl="triton", config=cfg)
     ref = w4a4_gemm_reference(x, xs, wp, ws, bias, xz, out_dtype=torch.float32)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+    if split_k > 1:
+        assert int(g._COUNTERS[x.device].abs().sum()) == 0
 
 
 @needs_triton
 def test_split_k_rejected_where_unsupported():
-    x, w, xs, ws, _ = _operands(40, 8, 64)
+    import flatquant.kernels.gemm_w4a4 as g
+
+    x, w, xs, ws, _ = _operands(g.MEDIUM_M + 1, 8, 64)
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, SPLIT_K=2)
     with pytest.raises(ValueError, match="SPLIT_K=2 needs"):
         w4a4_gemm(x.to(DEV), xs.to(DEV), pack_int4(w).to(DEV), ws.to(DEV), impl="triton", config=cfg)
@@ -307,17 +336,17 @@ def _config_dict(c):
 
 
 @needs_triton
-@pytest.mark.parametrize("which", ["small", "large"])
+@pytest.mark.parametrize("which", ["small", "medium", "large"])
 def test_every_autotune_candidate_exact(which):
     """The autotuner may pick any candidate on the GPU: each one must give the exact integer sums
     (K = 14336 on the GPU: the long-K case that broke the FP8 path)."""
     import flatquant.kernels.gemm_w4a4 as g
 
-    configs = g.SMALL_CONFIGS if which == "small" else g.LARGE_CONFIGS
+    configs = {"small": g.SMALL_CONFIGS, "medium": g.MEDIUM_CONFIGS, "large": g.LARGE_CONFIGS}[which]
     if DEV == "cuda":
-        m, n, k = (16 if which == "small" else 300), 1024, 14336
-    else:
-        m, n, k = (7 if which == "small" else 40), 48, 544  # K: two 256-tiles + a tail
+        m, n, k = {"small": 16, "medium": 100, "large": 300}[which], 1024, 14336
+    else:  # K: two 256-tiles + a tail
+        m, n, k = {"small": 7, "medium": 40, "large": 140}[which], 48, 544
     x, w, _, _, _ = _operands(m, n, k, seed=23)
     xd, wp = x.to(DEV), pack_int4(w).to(DEV)
     ones_m, ones_n = torch.ones(m, device=DEV), torch.ones(n, device=DEV)
@@ -458,13 +487,15 @@ def test_autotuned_plumbing_in_interpreter(monkeypatch):
 
     try:
         large = triton.autotune(g.LARGE_CONFIGS, key=g._KEY, do_bench=bench)(g._kernel)
+        medium = triton.autotune(g.MEDIUM_CONFIGS, key=g._KEY, do_bench=bench)(g._kernel)
         small = triton.autotune(g.SMALL_CONFIGS, key=g._KEY, do_bench=bench)(g._kernel)
     except TypeError:
         pytest.skip("this triton's autotune takes no do_bench")
     monkeypatch.setattr(g, "_large", large)
+    monkeypatch.setattr(g, "_medium", medium)
     monkeypatch.setattr(g, "_small", small)
     monkeypatch.setattr(g, "_use_autotuner", lambda group_size: group_size is None)
-    for m in (3, 40):  # decode and prefill sets
+    for m in (3, 40, 130):  # decode, batched-decode and prefill sets
         x, w, _, _, _ = _operands(m, 36, 200, seed=m)
         ones_m, ones_n = torch.ones(m), torch.ones(36)
         out = g.w4a4_gemm(x, ones_m, pack_int4(w), ones_n, out_dtype=torch.float32, impl="triton")

@@ -49,11 +49,30 @@ __all__ = [
     "last_config",
     "resolve_path",
     "SMALL_M",
+    "MEDIUM_M",
     "FP8_MAX_BLOCK_K",
     "MAX_SPLIT_K",
 ]
 
 SMALL_M = 16  # at or below this many tokens the weight-bandwidth-bound (decode) configs are used
+
+
+def _medium_m_from_env() -> int:
+    """FLATQUANT_MEDIUM_M (default 128): see MEDIUM_M; SMALL_M (16) turns the batched-decode set off."""
+    raw = os.environ.get("FLATQUANT_MEDIUM_M", "128")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not SMALL_M <= value <= 1024:
+        raise ValueError(f"FLATQUANT_MEDIUM_M must be an integer in [{SMALL_M}, 1024], got {raw!r}")
+    return value
+
+
+# above SMALL_M and up to this many tokens (batched decode, short prompts) the INT8 path chooses among tiles that
+# also split K: the weights are still read once for all rows, and 64 x 128 tiles alone give N / 128 CTAs.
+# FLATQUANT_MEDIUM_M=16 sends those token counts to the prefill tiles instead (for comparisons)
+MEDIUM_M = _medium_m_from_env()
 # FP8 path: largest K tile whose partial sum is exact in the FP8 MMA's ~14-bit accumulator (128 * 120 < 2^14)
 FP8_MAX_BLOCK_K = 128
 _X_DTYPES = (torch.int8, torch.float8_e4m3fn)  # activation codes: integers, exact in both
@@ -476,6 +495,24 @@ if _HAS_TRITON:
         _cfg(16, 64, 256, 4, 4, 1, 8),
         _cfg(16, 128, 256, 8, 4, 1, 8, True),
     ]
+    # batched decode (SMALL_M < M <= MEDIUM_M, INT8): the weights are read once for up to 128 token rows, so the
+    # GEMM is still bound by the weight stream at these sizes, but 64 x 128 tiles give only N / 128 CTAs
+    # (32 at N = 4096). The prefill tiles that suit these M, the same with K split in 2 or 4, narrower tiles
+    # (more CTAs), and SWAP_AB tiles with the tokens on wgmma's short side.
+    MEDIUM_CONFIGS = [
+        _cfg(64, 128, 128, 4, 4),
+        _cfg(128, 128, 128, 8, 4),
+        _cfg(64, 64, 256, 4, 4),
+        _cfg(32, 64, 256, 4, 4),
+        _cfg(64, 128, 128, 4, 4, 8, 2),
+        _cfg(64, 128, 128, 4, 4, 8, 4),
+        _cfg(64, 64, 256, 4, 4, 8, 4),
+        _cfg(32, 64, 256, 4, 4, 8, 4),
+        _cfg(64, 128, 128, 4, 4, 8, 1, True),
+        _cfg(64, 128, 256, 8, 3, 8, 2, True),
+        _cfg(64, 128, 128, 4, 4, 8, 4, True),
+        _cfg(128, 128, 128, 8, 3, 8, 2, True),
+    ]
     # decode tiles for the FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K keeps every partial sum exact; no split-K
     SMALL_CONFIGS_FP8 = [
         _cfg(16, 32, 128, 4, 4, 1),
@@ -504,9 +541,11 @@ if _HAS_TRITON:
     _large_fp8 = _autotune(LARGE_CONFIGS_FP8, key=_KEY, prune_configs_by=_PRUNE)(_kernel)
     # decode kernels take a few microseconds: time the candidates under CUDA graphs, not launch overhead
     _small = _autotune(SMALL_CONFIGS, key=_KEY, use_cuda_graph=True)(_kernel)
+    _medium = _autotune(MEDIUM_CONFIGS, key=_KEY, use_cuda_graph=True, prune_configs_by=_PRUNE)(_kernel)
     _small_fp8 = _autotune(SMALL_CONFIGS_FP8, key=_KEY, use_cuda_graph=True)(_kernel)
 
 MAX_SPLIT_K = 8  # the largest SPLIT_K of any config; the partial-sum workspace is sized for it
+MEDIUM_MAX_SPLIT_K = 4  # the largest SPLIT_K above SMALL_M tokens (the workspace is SPLIT_K x M x N int32)
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -522,12 +561,21 @@ def _split_k_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+def _tuned_set(m: int, fp8: bool):
+    """The autotuned kernel that serves ``m`` tokens on the FP8 or the INT8 path."""
+    if m <= SMALL_M:
+        return _small_fp8 if fp8 else _small
+    if m <= MEDIUM_M and not fp8:
+        return _medium
+    return _large_fp8 if fp8 else _large
+
+
 def last_config(m: int, path: str = "auto") -> dict | None:
-    """The tile config the autotuner chose for the last prefill (m > SMALL_M) or decode call on ``path``
-    ("auto"/"int8" or "fp8"), or None."""
+    """The tile config the autotuner chose for the last call on ``path`` ("auto"/"int8" or "fp8") in the set
+    that serves ``m`` tokens (decode: m <= SMALL_M; batched decode: m <= MEDIUM_M on INT8; prefill), or None."""
     if not _HAS_TRITON:
         return None
-    tuned = (_large_fp8 if path == "fp8" else _large) if m > SMALL_M else (_small_fp8 if path == "fp8" else _small)
+    tuned = _tuned_set(m, path == "fp8")
     cfg = getattr(tuned, "best_config", None)
     if cfg is None:
         return None
@@ -576,11 +624,10 @@ def _w4a4_gemm_triton(
             zc = (wg * w_group_scale.to(**f32)).sum(dim=1)
         zc = zc.contiguous()
     gs = w_group_scale.to(**f32).contiguous() if group_size is not None else dummy
-    split_ok = m <= SMALL_M and group_size is None and path != "fp8"
+    split_ok = m <= MEDIUM_M and group_size is None and path != "fp8"
     if split_ok and (config is None or config.get("SPLIT_K", 1) > 1):
-        part = torch.empty(
-            (MAX_SPLIT_K if config is None else config["SPLIT_K"]) * m * n, device=dev, dtype=torch.int32
-        )
+        most = MAX_SPLIT_K if m <= SMALL_M else MEDIUM_MAX_SPLIT_K
+        part = torch.empty((most if config is None else config["SPLIT_K"]) * m * n, device=dev, dtype=torch.int32)
         counters = _split_k_counters(dev, triton.cdiv(m, 16) * triton.cdiv(n, 16))
     else:
         part = counters = dummy
@@ -633,7 +680,7 @@ def _w4a4_gemm_triton(
         if group_size is not None and group_size % bk:
             raise ValueError(f"group_size={group_size} must be a multiple of BLOCK_K={bk} (and of 32)")
         if sk > 1 and not split_ok:
-            raise ValueError(f"SPLIT_K={sk} needs the int8 path without group scales and M <= {SMALL_M}, got {m=}")
+            raise ValueError(f"SPLIT_K={sk} needs the int8 path without group scales and M <= {MEDIUM_M}, got {m=}")
         if not 1 <= sk <= MAX_SPLIT_K:
             raise ValueError(f"SPLIT_K must be in [1, {MAX_SPLIT_K}], got {sk}")
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), sk)
@@ -641,10 +688,7 @@ def _w4a4_gemm_triton(
             config = {k_: v for k_, v in config.items() if k_ not in ("num_warps", "num_stages")}
         _kernel[grid](*args, **flags, **config)
     else:
-        if m > SMALL_M:
-            tuned = _large_fp8 if flags["USE_FP8"] else _large
-        else:
-            tuned = _small_fp8 if flags["USE_FP8"] else _small
+        tuned = _tuned_set(m, flags["USE_FP8"])
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
