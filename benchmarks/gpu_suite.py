@@ -79,6 +79,10 @@ def jobs(args) -> list[Job]:
         Job("decode", [py, bench("decode_attention.py"), "--out", f"{out}/decode_attention.json"], 3),
         Job("kron", [py, bench("kron_quantize.py"), "--out", f"{out}/kron_quantize.json"], 3),
         Job("gemm", [py, bench("gemm.py"), "--out", f"{out}/gemm.json"], 4),
+        # batched decode (17-128 tokens): the batched-decode tiles against the prefill tiles, in one process
+        Job(
+            "gemm-medium", [py, bench("gemm.py"), "--tokens", "32", "64", "128", "--out", f"{out}/gemm_medium.json"], 4
+        ),
         Job("calib-profile", [py, bench("calibration_profile.py"), "--out", f"{out}/calibration_profile.json"], 1),
         Job("host-profile", [py, bench("host_profile.py"), "--out", f"{out}/host_profile.json"], 1),
     ]
@@ -94,6 +98,10 @@ def jobs(args) -> list[Job]:
             listed.append(e2e(f"e2e-{model}-short", model, *short))
             listed.append(e2e(f"e2e-{model}-separate-residual", model, *short, env={"FLATQUANT_FUSE_RESIDUAL": "0"}))
         listed.append(e2e("e2e-llama-3-8b-head8", "llama-3-8b", *short, "--head-bits", "8"))
+        batch64 = ["--prefill-batches", "--decode-batches", "64", "--breakdown-batches", "1", "64"]
+        for medium in ("128", "16"):  # batch-64 decode with and without the batched-decode GEMM tiles
+            env = {"FLATQUANT_MEDIUM_M": medium}
+            listed.append(e2e(f"e2e-llama-2-7b-b64-medium{medium}", "llama-2-7b", *batch64, env=env))
     for item in args.accuracy:
         preset, seed, overrides = parse_accuracy(item)
         calib = [o.split("=", 1)[1] for o in overrides if o.startswith("calib=")]  # a per-run calibration text
@@ -203,7 +211,8 @@ def main(argv=None) -> int:
         "--e2e-variants",
         action="store_true",
         help="also e2e at prefill batch 1 / decode batch 1, 16 with the residual additions as separate launches "
-        "(FLATQUANT_FUSE_RESIDUAL=0), the same without (baseline), and LLaMA-3-8B with the 8-bit head",
+        "(FLATQUANT_FUSE_RESIDUAL=0), the same without (baseline), LLaMA-3-8B with the 8-bit head, and LLaMA-2-7B "
+        "decode at batch 64 with and without the batched-decode GEMM tiles (FLATQUANT_MEDIUM_M=128 / 16)",
     )
     p.add_argument(
         "--accuracy", nargs="*", default=["paper:0", "accurate:0"],
