@@ -512,6 +512,9 @@ if _HAS_TRITON:
         _cfg(64, 128, 256, 8, 3, 8, 2, True),
         _cfg(64, 128, 128, 4, 4, 8, 4, True),
         _cfg(128, 128, 128, 8, 3, 8, 2, True),
+        # added after the first H200 run (not yet timed): all tokens in one row tile, each weight byte read once
+        _cfg(128, 128, 128, 8, 3, 8, 4),
+        _cfg(128, 64, 256, 4, 3, 8, 4, True),
     ]
     # decode tiles for the FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K keeps every partial sum exact; no split-K
     SMALL_CONFIGS_FP8 = [
