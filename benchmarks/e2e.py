@@ -650,6 +650,7 @@ def main(argv=None) -> None:
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k != "out"}
         out = {"device": device_name(device), "seconds": total, "settings": settings, "records": records}
+        out["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("FLATQUANT_")}  # the switches set
         out["decode_attention_configs"] = tuned_decode_configs()
         atomic_write_json(args.out, {**out, "breakdown": breakdowns, **({"stopped": error} if error else {})})
         print(f"wrote {args.out}")

@@ -31,6 +31,9 @@ def _quick_records(script: str, tmp_path) -> list[dict]:
 def test_e2e_quick_writes_prefill_and_decode_records_with_graphed_decode(tmp_path):
     data = _quick_output("e2e.py", tmp_path)
     records = data["records"]
+    env = {k: v for k, v in os.environ.items() if k.startswith("FLATQUANT_")}
+    env.setdefault("FLATQUANT_AUTOTUNE_CACHE", "0")  # the benchmark's own default: tune afresh
+    assert data["env"] == env  # the switches in force are part of the results
     parts = data["breakdown"]["tiny-llama"]
     assert set(parts["w4a4"]) == {"prefill", "decode", "prefill-graph"} and set(parts["bf16"]) == {"prefill", "decode"}
     assert parts["w4a4"]["prefill-graph"]["ms"]["gemm"] > 0
@@ -237,6 +240,10 @@ def test_gpu_suite_e2e_variants_time_a_feature_against_its_absence_in_one_run(ca
     assert sep.env == {"FLATQUANT_FUSE_RESIDUAL": "0"} and listed["e2e-llama-2-7b-short"].env is None
     assert sep.argv[2:][:-2] == listed["e2e-llama-2-7b-short"].argv[2:][:-2]  # same measurements
     assert "--head-bits" in listed["e2e-llama-3-8b-head8"].argv
+    on, off = listed["e2e-llama-2-7b-b64-medium128"], listed["e2e-llama-2-7b-b64-medium16"]
+    assert on.env == {"FLATQUANT_MEDIUM_M": "128"} and off.env == {"FLATQUANT_MEDIUM_M": "16"}
+    assert on.argv[2:][:-2] == off.argv[2:][:-2] and "64" in on.argv  # same measurements, decode batch 64
+    assert "gemm-medium" in listed and "--tokens" in listed["gemm-medium"].argv
     assert not any(
         n.endswith("separate-residual")
         for n in (j.name for j in suite.jobs(types.SimpleNamespace(**{**vars(args), "e2e_variants": False})))
