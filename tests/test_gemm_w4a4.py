@@ -322,6 +322,15 @@ def test_split_k_rejected_where_unsupported():
         w4a4_gemm(x.to(DEV), xs.to(DEV), pack_int4(w).to(DEV), ws.to(DEV), impl="triton", config=cfg)
 
 
+def test_batched_decode_configs_fit_their_workspace():
+    """The autotuned batched-decode launch sizes its partial-sum workspace for MEDIUM_MAX_SPLIT_K slices."""
+    import flatquant.kernels.gemm_w4a4 as g
+
+    splits = [c.kwargs["SPLIT_K"] for c in g.MEDIUM_CONFIGS]
+    assert max(splits) <= g.MEDIUM_MAX_SPLIT_K <= g.MAX_SPLIT_K and min(splits) == 1
+    assert max(c.kwargs["SPLIT_K"] for c in g.SMALL_CONFIGS) <= g.MAX_SPLIT_K
+
+
 def test_fp8_autotune_configs_keep_k_tiles_exact():
     import flatquant.kernels.gemm_w4a4 as g
 

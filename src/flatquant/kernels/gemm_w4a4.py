@@ -297,7 +297,7 @@ if _HAS_TRITON:
         bias_ptr,
         # per-group weight scales (N, G) fp32
         gs_ptr,
-        # split-K (decode): int32 partial sums (SPLIT_K, M, N) and one arrival counter per output tile
+        # split-K (decode, batched decode): int32 partial sums (SPLIT_K, M, N), one arrival counter per output tile
         part_ptr,
         cnt_ptr,
         # residual (M, N) in the output dtype, added after the output's rounding
