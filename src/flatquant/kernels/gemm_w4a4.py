@@ -516,6 +516,8 @@ if _HAS_TRITON:
         _cfg(128, 128, 128, 8, 3, 8, 4),
         _cfg(128, 64, 256, 4, 3, 8, 4, True),
     ]
+    # the partial-sum workspace of an autotuned batched-decode launch (SPLIT_K x M x N int32) holds this many slices
+    MEDIUM_MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MEDIUM_CONFIGS)
     # decode tiles for the FP8 path: BLOCK_K <= FP8_MAX_BLOCK_K keeps every partial sum exact; no split-K
     SMALL_CONFIGS_FP8 = [
         _cfg(16, 32, 128, 4, 4, 1),
@@ -548,7 +550,6 @@ if _HAS_TRITON:
     _small_fp8 = _autotune(SMALL_CONFIGS_FP8, key=_KEY, use_cuda_graph=True)(_kernel)
 
 MAX_SPLIT_K = 8  # the largest SPLIT_K of any config; the partial-sum workspace is sized for it
-MEDIUM_MAX_SPLIT_K = 4  # the largest SPLIT_K above SMALL_M tokens (the workspace is SPLIT_K x M x N int32)
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
