@@ -43,6 +43,7 @@ GPU_TESTS = {
         "test_silu_mul.py",
         "test_int8_linear.py",
         "test_calib_inputs.py",
+        "test_pdl.py",
     ],
 }
 PYTEST = ["-m", "pytest", "-v", "--tb=short", "-rfE", "--durations=12", "-p", "no:cacheprovider"]

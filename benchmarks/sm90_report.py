@@ -35,6 +35,9 @@ from flatquant.kernels import silu_mul as sm  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on H100 (227 KB)
+# every kernel is built as sm_90 launches it: with programmatic dependent launch (kernels/pdl.py), and the GEMM's
+# decode sets with the L2 weight prefetch
+PDL = {"PDL": True}
 
 
 def _jit(fn):
@@ -81,7 +84,11 @@ def resources(kernel) -> dict:
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
     ops = collections.Counter(m.split(".")[0] for m in re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]+)", sass))
     loops = _loops(sass)  # longest first
+    ptx = kernel.asm["ptx"]
     return {
+        # grid dependency control: the wait for the previous kernel and the early launch of the next one
+        "pdl": "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx,
+        "l2_prefetch": "cp.async.bulk.prefetch.L2" in ptx,
         # the longest loop's instructions: per iteration of a warp, a static proxy for an issue-bound kernel's cost
         "loop_instructions": len(loops[0]) if loops else 0,
         "loop_sizes": [len(body) for body in loops],
@@ -110,7 +117,7 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
             for cfg in (c for c in kq.candidate_configs(bn1, bn2, bucket) if not norm or c["BC"] == bn2):
                 const = dict(N1=n1, N2=n2, BN1=bn1, BN2=bn2, HAS_P1=True, HAS_P2=True, SPLIT_Y=True)
                 const |= dict(SYMMETRIC=True, BITS=4, PACK=False, INTERPRET=False, RECIP=True, NORM=norm)
-                const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")}
+                const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")} | PDL
                 opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt", "nw_ptr"]
                 rec = {"kernel": "kron_quantize", "n1": n1, "n2": n2, "bucket": bucket, "norm": norm, **cfg}
@@ -126,7 +133,7 @@ def gemm_reports(sets: list[str]) -> list[dict]:
     types["res_ptr"] = "*bf16"
     sig = {p: types.get(p, "*fp32") for p in ptrs + ["part_ptr", "cnt_ptr", "res_ptr"]}
     ints = ["M", "N", "K", "K2", "M_KEY", "group_size", "stride_xm", "stride_wn", "stride_om", "stride_gn"]
-    ints += ["stride_rm"]
+    ints += ["stride_rm", "pf_bytes"]
     sig |= dict.fromkeys(ints, "i32")
     div16 = ["x_ptr", "w_ptr", "out_ptr", "K", "K2", "N", "stride_xm", "stride_wn", "stride_om"]
     configs = {"large": gw.LARGE_CONFIGS, "small": gw.SMALL_CONFIGS, "large_fp8": gw.LARGE_CONFIGS_FP8}
@@ -137,7 +144,9 @@ def gemm_reports(sets: list[str]) -> list[dict]:
         for c in gw._prune_residual(configs[name], {"HAS_RES": res}):
             fp8 = name.endswith("fp8")
             const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_GROUP=False, HAS_RES=res, USE_FP8=fp8, X_FP8=fp8)
-            const |= dict(USE_ASM=True, EVEN_K=True, **c.kwargs)
+            const |= dict(
+                USE_ASM=True, EVEN_K=True, **c.kwargs, **PDL, PREFETCH=name in ("small", "medium", "small_fp8")
+            )
             opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
             rec = {"kernel": "w4a4_gemm", "set": name, "residual": res, **c.kwargs, "num_warps": c.num_warps}
             rec["num_stages"] = c.num_stages
@@ -152,7 +161,7 @@ def rope_reports(head_dims: list[int]) -> list[dict]:
     sig = dict.fromkeys(ptrs, "*bf16") | dict.fromkeys(ints, "i32")
     out = []
     for d in head_dims:
-        const = rp.kernel_meta(d) | {"INTERPRET": False}
+        const = rp.kernel_meta(d) | {"INTERPRET": False} | PDL
         opts = dict(num_warps=4, enable_fp_fusion=False)
         rec = {"kernel": "rope", "head_dim": d, "BLOCK_H": const["BLOCK_H"]}
         out.append(_report(rec, lambda c=const, o=opts: compile_sm90(rp._rope_kernel, sig, c, ptrs, o)))
@@ -166,7 +175,7 @@ def silu_mul_reports(widths: list[int]) -> list[dict]:
     out = []
     for n in widths:
         block_r, block_c = sm.launch_meta(n)
-        const = {"BLOCK_R": block_r, "BLOCK_C": block_c, "INTERPRET": False}
+        const = {"BLOCK_R": block_r, "BLOCK_C": block_c, "INTERPRET": False} | PDL
         rec = {"kernel": "silu_mul", "n": n, "BLOCK_R": block_r, "BLOCK_C": block_c}
         opts = dict(num_warps=4)
         div16 = ptrs + ["stride_g", "stride_u", "stride_o"]
@@ -185,7 +194,7 @@ def int8_head_reports(groups: list[int]) -> list[dict]:
     for group, bucket in itertools.product(groups, (0, 1)):
         meta = {"GROUP": group or 4096, "GROUPED": bool(group), "M_BUCKET": bucket}
         for c in il._prune(il._configs(), meta):
-            const = dict(meta, INTERPRET=False, **c.kwargs)
+            const = dict(meta, INTERPRET=False, **c.kwargs, **PDL)
             opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
             rec = {"kernel": "int8_head", "group": group, "bucket": bucket, **c.kwargs, "num_warps": c.num_warps}
             rec["num_stages"] = c.num_stages
@@ -212,7 +221,7 @@ def decode_reports(groups: list[int], head_dim: int = 128) -> list[dict]:
         for cfg in (c for c in kv.CANDIDATE_CONFIGS if kv.applies(c, g, head_dim)):
             const = dict(HKV=32 // g, **kv.shape_meta(g, head_dim, cfg["mma"]), BLOCK_N=cfg["block_n"], SINGLE=False)
             const |= dict(ASM=cfg["asm"], INTERPRET=False, MMA=cfg["mma"], FLAT=cfg["flat"], TWO_PASS=cfg["two_pass"])
-            const |= dict(WORDS=cfg["words"], PREFETCH=cfg["prefetch"])
+            const |= dict(WORDS=cfg["words"], PREFETCH=cfg["prefetch"], **PDL)
             opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])  # as launched: fp fusion on
             rec = {"kernel": "decode_attention", "G": g, "head_dim": head_dim, **cfg}
             out.append(_report(rec, lambda c=const, o=opts: compile_sm90(fn, sig, c, DECODE_DIV16, o)))
@@ -236,7 +245,7 @@ def _report(rec: dict, build) -> dict:
         f"mma.sync {rec['mma_sync']:3d} loop {rec['loop_instructions']:5d}"
     )
     measured = ("regs", "stack", "smem", "wgmma", "mma_sync", "instructions", "loop_instructions", "loop_sizes")
-    measured += ("loop_barriers", "loop_stores", "ok")
+    measured += ("loop_barriers", "loop_stores", "ok", "pdl", "l2_prefetch")
     cfg = {k: v for k, v in rec.items() if k not in measured}
     print(f"{flag} {detail}  {cfg}", flush=True)
     return rec

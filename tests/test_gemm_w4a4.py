@@ -208,12 +208,13 @@ from triton.compiler import ASTSource
 from flatquant.kernels.gemm_w4a4 import _w4a4_gemm_kernel as kern
 ptrs = ["x_ptr", "w_ptr", "out_ptr", "xs_ptr", "ws_ptr", "xz_ptr", "zc_ptr", "bias_ptr", "gs_ptr"]
 ptrs += ["part_ptr", "cnt_ptr", "res_ptr"]
-ints = ["M", "N", "K", "K2", "M_KEY", "group_size", "stride_xm", "stride_wn", "stride_om", "stride_gn", "stride_rm"]
+ints = ["M", "N", "K", "K2", "M_KEY", "group_size", "stride_xm", "stride_wn", "stride_om", "stride_gn", "stride_rm",
+        "pf_bytes"]
 sig = {p: "*i8" if p == "x_ptr" else "*u8" if p == "w_ptr" else "*i32" if p in ("part_ptr", "cnt_ptr") else "*fp32"
        for p in ptrs} | dict.fromkeys(ints, "i32")
 const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_GROUP=False, HAS_RES=False, USE_FP8=True, X_FP8=True, USE_ASM=True,
              EVEN_K=True,
-             BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_K=1, SWAP_AB=False)
+             BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_K=1, SWAP_AB=False, PDL=False, PREFETCH=False)
 sig |= dict.fromkeys(const, "constexpr")
 src = ASTSource(kern, sig, constexprs={(list(sig).index(k),): v for k, v in const.items()})
 print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["ttgir"])

@@ -28,6 +28,8 @@ def test_kernels_build_for_sm90_without_spills(tmp_path):
     assert any(not r.get("mma", True) for r in records if r["kernel"] == "decode_attention")  # CUDA-core variant
     bad = [r for r in records if not r["ok"]]
     assert not bad, bad[:3]
+    # built as sm_90 launches them: every kernel waits for the previous one and lets the next one launch
+    assert all(r["pdl"] for r in records)
     # the two-pass one-row loop (scores, then values) has no block barrier in either of its two loops and writes
     # the scores from inside one of them; the one-pass loop it replaces reduces over the block's tokens (barriers)
     decode = [r for r in records if r["kernel"] == "decode_attention" and r.get("flat")]

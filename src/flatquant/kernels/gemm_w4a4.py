@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from . import pdl as _pdl
 from .kron_quantize import autotune as _autotune  # triton.autotune, results cached on disk
 
 try:
@@ -57,22 +58,29 @@ __all__ = [
 SMALL_M = 16  # at or below this many tokens the weight-bandwidth-bound (decode) configs are used
 
 
+def _env_number(name: str, default: str, cast, lo, hi, what: str):
+    """``cast`` of the environment variable ``name`` (``default`` when unset), checked to lie in [lo, hi]; else a
+    ValueError that names the variable, what is allowed and the value given."""
+    raw = os.environ.get(name, default)
+    try:
+        value = cast(raw)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise ValueError(f"{name} must be {what} in [{lo}, {hi}], got {raw!r}")
+    return value
+
+
 def _medium_m_from_env() -> int:
     """FLATQUANT_MEDIUM_M (default 128): see MEDIUM_M; SMALL_M (16) turns the batched-decode set off."""
-    raw = os.environ.get("FLATQUANT_MEDIUM_M", "128")
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if not SMALL_M <= value <= 1024:
-        raise ValueError(f"FLATQUANT_MEDIUM_M must be an integer in [{SMALL_M}, 1024], got {raw!r}")
-    return value
+    return _env_number("FLATQUANT_MEDIUM_M", "128", int, SMALL_M, 1024, "an integer")
 
 
 # above SMALL_M and up to this many tokens (batched decode, short prompts) the INT8 path chooses among tiles that
 # also split K: the weights are still read once for all rows, and 64 x 128 tiles alone give N / 128 CTAs.
 # FLATQUANT_MEDIUM_M=16 sends those token counts to the prefill tiles instead (for comparisons)
 MEDIUM_M = _medium_m_from_env()
+
 # FP8 path: largest K tile whose partial sum is exact in the FP8 MMA's ~14-bit accumulator (128 * 120 < 2^14)
 FP8_MAX_BLOCK_K = 128
 _X_DTYPES = (torch.int8, torch.float8_e4m3fn)  # activation codes: integers, exact in both
@@ -282,6 +290,20 @@ if _HAS_TRITON:
             hi = (hi16 >> 4).to(tl.float16).to(tl.float8e4nv)
         return lo, hi
 
+    @triton.jit
+    def _prefetch_rows(row_ptrs, n_bytes):
+        """L2 prefetch of ``n_bytes`` (int32 tensor like ``row_ptrs``, multiples of 16) from each 16-byte aligned
+        address of ``row_ptrs``: one bulk-prefetch instruction per row (sm_90), no registers or shared memory
+        filled."""
+        tl.inline_asm_elementwise(
+            asm="cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;",
+            constraints="=r,l,r",
+            args=[row_ptrs, n_bytes],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
     # one binary for every token count (no specialisation on 1 or on divisibility by 16: fewer compiles)
     @triton.jit(do_not_specialize=["M", "M_KEY"])
     def _w4a4_gemm_kernel(
@@ -314,6 +336,8 @@ if _HAS_TRITON:
         stride_om,
         stride_gn,
         stride_rm,
+        # PREFETCH: bytes of each weight row of this program's K slice to prefetch into L2 (a multiple of 16)
+        pf_bytes,
         # features
         HAS_ZERO: tl.constexpr,
         HAS_BIAS: tl.constexpr,
@@ -332,6 +356,10 @@ if _HAS_TRITON:
         # INT8 path: compute the transposed tile W @ X^T, so that the weights unpacked in registers feed the
         # tensor cores as the register operand (no shared-memory round trip) and few tokens are the short side
         SWAP_AB: tl.constexpr,
+        # programmatic dependent launch (pdl.py); PREFETCH (with PDL, decode sizes): this program's packed weights
+        # go to L2 while the previous kernel (the transform that makes x) still runs
+        PDL: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False,
     ):
         # grouped launch order: GROUP_M row tiles share the weight tiles they read from L2
         pid = tl.program_id(0)
@@ -362,6 +390,12 @@ if _HAS_TRITON:
         # row offsets in int64: M x K or M x N passes 2^31 at prefill sizes (64 x 2165 tokens x 22016 outputs)
         x_ptrs = x_ptr + rows_x.to(tl.int64)[:, None] * stride_xm + k_lo + offs_k[None, :]  # (BM, BK)
         w_ptrs = w_ptr + rows_w.to(tl.int64)[:, None] * stride_wn + k_lo // 2 + offs_kh[None, :]  # (BN, BK/2)
+        if PREFETCH:
+            # weights are never written by a kernel: fetch them before waiting for the one that writes x
+            pf = (min(pf_bytes // SPLIT_K, (k_hi - k_lo) // 2) // 16) * 16  # pf_bytes: over all of K
+            if pf > 0:
+                _prefetch_rows(w_ptr + rows_w.to(tl.int64) * stride_wn + k_lo // 2, offs_n * 0 + pf)
+        _pdl.wait_previous(PDL)
 
         if USE_FP8:
             acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
@@ -659,7 +693,9 @@ def _w4a4_gemm_triton(
         out.stride(0),
         gs.stride(0) if group_size is not None else 0,
         residual.stride(0) if residual is not None else 0,
+        _prefetch_bytes(w_packed, m, dev),
     )
+    pdl = _pdl.pdl_on(x_codes)
     flags = dict(
         HAS_ZERO=x_zero is not None,
         HAS_BIAS=bias is not None,
@@ -668,6 +704,8 @@ def _w4a4_gemm_triton(
         USE_FP8=path == "fp8" and group_size is None,
         X_FP8=x_fp8,
         USE_ASM=not _interpreting(),
+        PREFETCH=pdl and args[-1] > 0,
+        **_pdl.launch_options(pdl),
     )
     if config is None and not _use_autotuner(group_size):
         # no autotuning in the interpreter; groups need BLOCK_K to divide group_size
@@ -699,6 +737,35 @@ def _w4a4_gemm_triton(
 
         tuned[grid](*args, **flags)
     return out
+
+
+def _prefetch_fraction_from_env() -> float:
+    """FLATQUANT_PREFETCH_L2 (default 0, off): see PREFETCH_L2_FRACTION."""
+    return _env_number("FLATQUANT_PREFETCH_L2", "0", float, 0, 1, "a fraction of the L2 cache")
+
+
+# decode (up to MEDIUM_M tokens) with PDL: at most this fraction of the L2 cache is filled with weights prefetched
+# before the previous kernel ends (the rest of each weight row is read as usual); 0 = no prefetch, the default: on
+# an NVIDIA H200 a LLaMA-2-7B decode step at batch 1 took 3.33 ms without it, 3.37 ms at 0.15 and 3.58 ms at 0.5
+# (docs/kernels-pdl.md)
+PREFETCH_L2_FRACTION = _prefetch_fraction_from_env()
+_L2_BYTES: dict[int, int] = {}
+
+
+def _prefetch_bytes(w_packed: torch.Tensor, m: int, dev: torch.device) -> int:
+    """Bytes of each packed weight row (over all of K) that a launch prefetches into L2 before it waits for the
+    previous kernel (pdl.py): 0 without PDL, above MEDIUM_M tokens (compute-bound: the weights are reread from
+    L2 anyway) or for rows not 16-byte aligned; else the whole row while all rows fit in PREFETCH_L2_FRACTION
+    of the L2 cache, and the leading part of each row that fits when they do not."""
+    if m > MEDIUM_M or PREFETCH_L2_FRACTION == 0 or not _pdl.pdl_on(w_packed):
+        return 0
+    if w_packed.data_ptr() % 16 or w_packed.stride(0) % 16:
+        return 0
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _L2_BYTES:
+        _L2_BYTES[idx] = int(getattr(torch.cuda.get_device_properties(idx), "L2_cache_size", 0))
+    n, k2 = w_packed.shape
+    return min(k2, int(_L2_BYTES[idx] * PREFETCH_L2_FRACTION) // max(n, 1)) // 16 * 16
 
 
 def resolve_path(path: str, group_size: int | None = None) -> str:

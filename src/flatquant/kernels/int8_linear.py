@@ -26,6 +26,7 @@ import torch
 
 from . import kron_quantize as _kq
 from . import kv_quant as _kv
+from . import pdl as _pdl
 
 triton, tl = _kq.triton, _kq.tl
 
@@ -74,8 +75,9 @@ if triton is not None:
     def _int8_linear_kernel(
         x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
         GROUP: tl.constexpr, GROUPED: tl.constexpr, M_BUCKET: tl.constexpr, INTERPRET: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
+        _pdl.wait_previous(PDL)
         # M_BUCKET only keys the autotuner (decode-size and prefill-size calls tune apart)
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -188,7 +190,8 @@ def int8_linear_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
 
-        _int8_linear_tuned[grid](*args, GROUP=group, GROUPED=grouped, M_BUCKET=bucket, INTERPRET=False)
+        pdl = _pdl.launch_options(_pdl.pdl_on(x2))
+        _int8_linear_tuned[grid](*args, GROUP=group, GROUPED=grouped, M_BUCKET=bucket, INTERPRET=False, **pdl)
     else:
         cfg = config or {"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": _block_k(group, grouped)}
         if grouped and group % cfg["BLOCK_K"]:
@@ -198,6 +201,7 @@ def int8_linear_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
             *args, GROUP=group, GROUPED=grouped, M_BUCKET=bucket, INTERPRET=_interpreting(),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+            **_pdl.launch_options(_pdl.pdl_on(x2)),
         )  # fmt: skip
     return out.reshape(*lead, n)
 

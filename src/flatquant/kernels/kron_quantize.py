@@ -33,6 +33,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import pdl as _pdl
+
 try:
     import triton
     import triton.language as tl
@@ -506,6 +508,9 @@ if triton is not None:
         # BC < BN2: X' is built BC columns at a time, twice (max, then codes): tiles too large for registers,
         # or a smaller footprint (more programs per SM) for 128x128 tiles
         BC: tl.constexpr = 0,
+        # programmatic dependent launch (pdl.py): the factors and the norm weight load before the previous kernel
+        # has finished, the tokens after it
+        PDL: tl.constexpr = False,
     ):
         # Persistent: each program loads the factors once and loops over token blocks pid, pid + G, ...
         pid = tl.program_id(0)
@@ -526,6 +531,7 @@ if triton is not None:
                 nw = tl.load(nw_ptr + ra[:, None] * N2 + rb[None, :], mask=mask, other=0.0).to(tl.float32)
             rt = tl.arange(0, BLOCK_T)
             n_blocks = (n_tokens + BLOCK_T - 1) // BLOCK_T
+            _pdl.wait_previous(PDL)
             for i in range(0, (n_blocks - pid + nprog - 1) // nprog):
                 t64 = (pid + i * nprog).to(tl.int64) * BLOCK_T + rt  # (BT,) token indices
                 tmask = t64 < n_tokens
@@ -579,6 +585,7 @@ if triton is not None:
             if NORM:  # full tiles only (the wrapper refuses column chunks with a norm)
                 nw = tl.load(nw_ptr + ra[:, None] * N2 + rb[None, :], mask=mask, other=0.0).to(tl.float32)
 
+            _pdl.wait_previous(PDL)
             for i in range(0, (n_tokens - pid + nprog - 1) // nprog):
                 t64 = (pid + i * nprog).to(tl.int64)  # token index; int64 offsets for huge T * n
                 xrow = t64 * stride_xt
@@ -925,6 +932,7 @@ def kron_quantize_triton(
         args += (n1, n2, bn1, bn2, p1 is not None, p2 is not None, intermediate == "fp32", symmetric, bits, pack)
         args += (_interpreting(), x.is_cuda, norm is not None)
         meta = {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
+        meta.update(_pdl.launch_options(_pdl.pdl_on(x2)))
 
         def grid(m):
             return (max(1, min(triton.cdiv(n_tokens, m["BLOCK_T"]), sms * m["PROGS_PER_SM"])),)

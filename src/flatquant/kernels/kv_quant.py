@@ -26,6 +26,7 @@ import torch
 
 from ..files import atomic_write_json
 from . import kron_quantize as _kq
+from . import pdl as _pdl
 
 triton, tl = _kq.triton, _kq.tl
 
@@ -364,7 +365,9 @@ if triton is not None:
         POS: tl.constexpr,
         TRANSFORM: tl.constexpr,
         INTERPRET: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        _pdl.wait_previous(PDL)
         if TRANSFORM:  # K P_h of the runtime, fused: the 16-bit product rounded as the matmul's output
             xr, r64, rd, mr, m, rb, rh_, rt = _load_rows3(x_ptr, n_rows, H, T, sxb, sxh, sxt, D, BLOCK_R, BLOCK_D, 1)
             mt = (rd[:, None] < D) & (rd[None, :] < D)
@@ -827,7 +830,9 @@ if triton is not None:
         TWO_PASS: tl.constexpr = 0,  # scores first, then values (_decode_two_pass_steps, with MMA _decode_mma_...)
         WORDS: tl.constexpr = 0,  # with TWO_PASS: the codes as int32 words (_decode_two_pass_words_steps)
         PREFETCH: tl.constexpr = 0,  # with WORDS: load the next token block before computing on this one
+        PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
     ):
+        _pdl.wait_previous(PDL)
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // HKV
@@ -944,7 +949,9 @@ if triton is not None:
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
         INTERPRET: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        _pdl.wait_previous(PDL)
         row = tl.program_id(0)
         rs = tl.arange(0, BLOCK_S)
         rd = tl.arange(0, BLOCK_D)
@@ -1079,6 +1086,7 @@ def quantize_kv_triton(
             n_rows, *xs, shape3[1], shape3[2], *cs, *ss, D=d, BLOCK_R=block_r, BLOCK_D=block_d,
             BITS=bits, PACK=pack, RECIP=x.is_cuda, DEQ=deq is not None, POS=positions is not None,
             TRANSFORM=transform is not None, INTERPRET=_interpreting(), num_warps=4, **_no_fp_fusion(),
+            **_pdl.launch_options(_pdl.pdl_on(x2)),
         )  # fmt: skip
         if zero_w is not zero:
             zero.copy_(zero_w)
@@ -1410,6 +1418,7 @@ def decode_attention_triton(
     interpret = _interpreting()
     two_pass = bool((cfg["flat"] or cfg["mma"]) and cfg.get("two_pass", False))
     scores = torch.empty((b * hq, s_cap), **f32) if two_pass else k_scale  # any fp32 pointer when unused
+    pdl = _pdl.launch_options(_pdl.pdl_on(q))
     _decode_chunk_kernel[(b * hkv, splits)](
         q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, lens, scores,
         out, acc, m, l, float(sm_scale) * _LOG2E, s_cap, splits,
@@ -1418,12 +1427,13 @@ def decode_attention_triton(
         HKV=hkv, **shape_meta(g, d, cfg["mma"]), BLOCK_N=bn, SINGLE=single, ASM=cfg["asm"],
         INTERPRET=interpret, MMA=cfg["mma"], FLAT=cfg["flat"], TWO_PASS=two_pass, WORDS=words,
         PREFETCH=bool(words and cfg.get("prefetch", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl,
     )  # fmt: skip
     if not single:
         _decode_merge_kernel[(b * hq,)](
             acc, m, l, out, splits, out.stride(0), out.stride(1),
             HQ=hq, D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=triton.next_power_of_2(d),
-            INTERPRET=interpret, num_warps=4,
+            INTERPRET=interpret, num_warps=4, **pdl,
         )  # fmt: skip
     return out
 

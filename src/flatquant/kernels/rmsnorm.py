@@ -19,6 +19,7 @@ from torch import nn
 
 from . import kron_quantize as _kq
 from . import kv_quant as _kv
+from . import pdl as _pdl
 from .kron_quantize import rms_norm_reference  # the modules' arithmetic, op for op (also the fused norm's)
 
 triton, tl = _kq.triton, _kq.tl
@@ -31,8 +32,9 @@ if triton is not None:
     @triton.jit
     def _rms_norm_kernel(
         x_ptr, w_ptr, out_ptr, n_rows, stride_x, stride_o, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
+        _pdl.wait_previous(PDL)
         x, r64, rd, _, m = _kv._load_rows(x_ptr, n_rows, stride_x, D, BLOCK_R, BLOCK_D)
         var = tl.sum(x * x, 1) / D
         h = x * (1.0 / tl.sqrt_rn(var + eps))[:, None]
@@ -65,6 +67,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
         _rms_norm_kernel[(triton.cdiv(n_rows, block_r),)](
             x2, weight, out, n_rows, x2.stride(0), out.stride(0), float(eps),
             D=d, BLOCK_D=block_d, BLOCK_R=block_r, INTERPRET=_interpreting(), num_warps=4 if block_d <= 4096 else 8,
+            **_pdl.launch_options(_pdl.pdl_on(x2)),
         )  # fmt: skip
     return out.reshape(*x.shape[:-1], d)
 

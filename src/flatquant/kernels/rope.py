@@ -26,6 +26,7 @@ from torch import nn
 
 from . import kron_quantize as _kq
 from . import kv_quant as _kv
+from . import pdl as _pdl
 
 triton, tl = _kq.triton, _kq.tl
 
@@ -73,8 +74,10 @@ if triton is not None:
         q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, T, HQ, HK, NQB,
         sqb, sqh, sqt, skb, skh, skt, scb, sct, soqb, soqh, soqt, sokb, sokh, sokt,
         HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """Program (token b * T + t, head block): the first NQB head blocks are q's, the rest k's."""
+        _pdl.wait_previous(PDL)
         bt = tl.program_id(0)
         hb = tl.program_id(1)
         b = (bt // T).to(tl.int64)
@@ -155,7 +158,7 @@ def _launch(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
             q, k, cos, sin, qo, ko, t, hq, hk, nqb, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             k.stride(2), 0 if cos.shape[0] == 1 else sc[0], sc[1], qo.stride(0), qo.stride(1), qo.stride(2),
             ko.stride(0), ko.stride(1), ko.stride(2), **meta, INTERPRET=_interpreting(), num_warps=4,
-            **_kv._no_fp_fusion(),
+            **_kv._no_fp_fusion(), **_pdl.launch_options(_pdl.pdl_on(q)),
         )  # fmt: skip
     return qo, ko
 

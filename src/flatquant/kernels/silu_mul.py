@@ -26,6 +26,7 @@ from torch import nn
 
 from . import kron_quantize as _kq
 from . import kv_quant as _kv
+from . import pdl as _pdl
 
 triton, tl = _kq.triton, _kq.tl
 
@@ -42,8 +43,9 @@ if triton is not None:
     @triton.jit
     def _silu_mul_kernel(
         g_ptr, u_ptr, out_ptr, n_rows, n_cols, stride_g, stride_u, stride_o,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
+        _pdl.wait_previous(PDL)
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         m = (r < n_rows)[:, None] & (c < n_cols)[None, :]
@@ -91,6 +93,7 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         _silu_mul_kernel[grid](
             g2, u2, out, rows, n, g2.stride(0), u2.stride(0), out.stride(0),
             BLOCK_R=block_r, BLOCK_C=block_c, INTERPRET=_interpreting(), num_warps=4,
+            **_pdl.launch_options(_pdl.pdl_on(g2)),
         )  # fmt: skip
     return out.reshape(gate.shape)
 
