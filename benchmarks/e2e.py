@@ -439,6 +439,8 @@ def measure(name, kind, cfg, args, device, dtype, res: dict) -> dict | None:
         res[("decode_graphed", b)] = _guard(
             graphed, model, b, args.seqlen, args.gen, args.decode_steps, args.warmup_steps, device
         )
+    if args.no_breakdown:
+        return None
     return _guard(breakdown, model, kind, device, *args.breakdown_batches, args.seqlen)
 
 
@@ -446,7 +448,7 @@ def run_model(name, cfg, args, device, dtype) -> tuple[list[dict], dict]:
     """Records of both models; a failure (e.g. a faulting kernel, after which the device is unusable) keeps
     what was measured before it and is returned as text, for the caller to save the records and stop."""
     res, extra, error = {"bf16": {}, "w4a4": {}}, {}, None
-    for kind in ("bf16", "w4a4"):
+    for kind in args.kinds:
         try:
             extra[kind] = measure(name, kind, cfg, args, device, dtype, res[kind])
         except Exception as e:  # noqa: BLE001 - reported with the records, then raised by main
@@ -534,19 +536,29 @@ def _guard(fn, *args):
     return None
 
 
+def _num(v, spec: str) -> str:
+    """``v`` formatted with ``spec``, or n/a in the same width."""
+    return "n/a".rjust(int(spec.split(".")[0])) if v is None else format(v, spec)
+
+
+def _ratio(v, spec: str) -> str:
+    return _num(v, spec) + (" " if v is None else "x")
+
+
 def print_table(records: list[dict]) -> None:
     head = f"{'model':<12}{'phase':<9}{'batch':>6}{'bf16 ms':>11}{'w4a4 ms':>11}{'speed-up':>10}{'KV x':>7}{'W x':>7}"
     print(head + f"{'bf16 graph':>12}{'w4a4 graph':>12}{'speed-up':>10}{'vs best':>9}")
     for r in records:
-        f = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+        f, x = _num, _ratio
         kv = r.get("kv_bytes_bf16") and r.get("kv_bytes_w4a4") and r["kv_bytes_bf16"] / r["kv_bytes_w4a4"]
+        wx = r["weights_bytes_w4a4"] and r["weights_bytes_bf16"] and r["weights_bytes_bf16"] / r["weights_bytes_w4a4"]
         print(
             f"{r['model']:<12}{r['phase']:<9}{r['batch']:>6}{f(r['bf16_ms'], '11.1f')}{f(r['w4a4_ms'], '11.1f')}"
-            f"{f(r['speedup'], '9.2f')}x{f(kv or None, '6.2f') if r['phase'] == 'decode' else '':>7}"
-            f"{f(r['weights_bytes_w4a4'] and r['weights_bytes_bf16'] / r['weights_bytes_w4a4'], '7.2f'):>7}"
+            f"{x(r['speedup'], '9.2f')}{f(kv or None, '6.2f') if r['phase'] == 'decode' else '':>7}"
+            f"{f(wx, '7.2f'):>7}"
             + (
                 f"{f(r.get('bf16_graphed_ms'), '12.1f')}{f(r.get('w4a4_graphed_ms'), '12.1f')}"
-                f"{f(r.get('speedup_graphed'), '9.2f')}x{f(r.get('speedup_best_bf16'), '8.2f')}x"
+                f"{x(r.get('speedup_graphed'), '9.2f')}{x(r.get('speedup_best_bf16'), '8.2f')}"
             )
         )
 
@@ -582,9 +594,14 @@ def main(argv=None) -> None:
     p.add_argument("--prefill-batches", type=int, nargs="*", default=None, help="instead of 1 4 16 (quick: 1 2)")
     p.add_argument("--decode-batches", type=int, nargs="*", default=None, help="instead of 1 16 64 (quick: 1 4)")
     p.add_argument(
+        "--kinds", nargs="+", choices=("bf16", "w4a4"), default=["bf16", "w4a4"],
+        help="models to measure (w4a4 alone: a same-job comparison of a switch, the BF16 baseline from another run)",
+    )  # fmt: skip
+    p.add_argument(
         "--breakdown-batches", type=int, nargs=2, default=None, metavar=("PREFILL", "DECODE"),
         help="batch sizes of the profiled prefill and decode [default 4 16; quick: 2 4]",
     )  # fmt: skip
+    p.add_argument("--no-breakdown", action="store_true", help="skip the profiled per-part breakdown")
     args = p.parse_args(argv)
     if args.sizes:
         rows = [weight_sizes(name) for name in (args.models or CONFIGS)]

@@ -187,6 +187,11 @@ def main() -> None:
     name = "gemm_quick.json" if args.quick or not CUDA else "gemm.json"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     result = {"device": device, "small_m": SMALL_M, "medium_m": gemm_w4a4.MEDIUM_M, "ceilings": ceil}
+    # programmatic dependent launch: back-to-back launches overlap (kernels/pdl.py; FLATQUANT_PDL=0 times them
+    # without); with FLATQUANT_PREFETCH_L2 > 0 the decode-size GEMMs also prefetch weights while the transform runs
+    result["pdl"] = CUDA and gemm_w4a4._pdl.pdl_on(torch.empty(0, device="cuda"))
+    result["prefetch_l2_fraction"] = pf = gemm_w4a4.PREFETCH_L2_FRACTION
+    print(f"programmatic dependent launch: {'on' if result['pdl'] else 'off'}; L2 prefetch {pf}")
     result.update(records=records, skipped=[])
     for k, n in shapes:
         for m in tokens:
