@@ -44,6 +44,7 @@ GPU_TESTS = {
         "test_int8_linear.py",
         "test_calib_inputs.py",
         "test_pdl.py",
+        "test_decode_tuning.py",
     ],
 }
 PYTEST = ["-m", "pytest", "-v", "--tb=short", "-rfE", "--durations=12", "-p", "no:cacheprovider"]

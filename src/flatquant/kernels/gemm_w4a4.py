@@ -614,6 +614,8 @@ def last_config(m: int, path: str = "auto") -> dict | None:
     if not _HAS_TRITON:
         return None
     tuned = _tuned_set(m, path == "fp8")
+    if DECODE_TUNE == "rotate" and id(tuned) in _ROTATE_LAST:
+        return dict(_ROTATE_LAST[id(tuned)])
     cfg = getattr(tuned, "best_config", None)
     if cfg is None:
         return None
@@ -731,6 +733,11 @@ def _w4a4_gemm_triton(
         _kernel[grid](*args, **flags, **config)
     else:
         tuned = _tuned_set(m, flags["USE_FP8"])
+        if DECODE_TUNE == "rotate" and m <= MEDIUM_M and (m <= SMALL_M or not flags["USE_FP8"]):
+            kw = _rotate_choice(tuned, args, flags, m, n)
+            grid = (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]), kw["SPLIT_K"])
+            _kernel[grid](*args, **flags, **kw)
+            return out
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -761,11 +768,92 @@ def _prefetch_bytes(w_packed: torch.Tensor, m: int, dev: torch.device) -> int:
         return 0
     if w_packed.data_ptr() % 16 or w_packed.stride(0) % 16:
         return 0
+    n, k2 = w_packed.shape
+    return min(k2, int(_l2_bytes(dev) * PREFETCH_L2_FRACTION) // max(n, 1)) // 16 * 16
+
+
+def _l2_bytes(dev: torch.device) -> int:
+    """The L2 cache size of a CUDA device (0 where the driver does not say), cached per device index."""
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
     if idx not in _L2_BYTES:
         _L2_BYTES[idx] = int(getattr(torch.cuda.get_device_properties(idx), "L2_cache_size", 0))
-    n, k2 = w_packed.shape
-    return min(k2, int(_L2_BYTES[idx] * PREFETCH_L2_FRACTION) // max(n, 1)) // 16 * 16
+    return _L2_BYTES[idx]
+
+
+def _decode_tune_from_env() -> str:
+    """FLATQUANT_DECODE_TUNE (default "graph"): see DECODE_TUNE."""
+    raw = os.environ.get("FLATQUANT_DECODE_TUNE", "graph")
+    if raw not in ("graph", "rotate"):
+        raise ValueError(f"FLATQUANT_DECODE_TUNE must be 'graph' (the default) or 'rotate', got {raw!r}")
+    return raw
+
+
+# How the decode and batched-decode tiles (up to MEDIUM_M tokens, bound by the weight stream) are chosen.
+# "graph": Triton's autotuner, each candidate timed as CUDA-graph replays of the one call, whose weights (up to
+# ~45 MB) then stay in the 50 MB L2. "rotate": each candidate timed as graph replays that cycle through copies of
+# the weights together larger than three times the L2 (rotating_copies), as benchmarks/gemm.py and
+# benchmarks/decode_tiles.py time them: from HBM, consecutive launches overlapping as a model's layers do
+DECODE_TUNE = _decode_tune_from_env()
+_ROTATE_CHOSEN: dict[tuple, dict] = {}  # tuning key -> launch config (tile sizes, num_warps, num_stages)
+_ROTATE_LAST: dict[int, dict] = {}  # id of the tuned set -> config of its last rotate-tuned launch (last_config)
+
+
+def rotating_copies(weight_bytes: int, l2_bytes: int) -> int:
+    """How many copies of a weight to cycle through so that together they exceed three times the L2 (1..16)."""
+    return max(1, min(16, -(-3 * l2_bytes // max(weight_bytes, 1))))
+
+
+def time_rotating(launch, weights: list[torch.Tensor]) -> float:
+    """Median microseconds of ``launch(w)`` per weight, from CUDA-graph replays that call it for each of
+    ``weights`` in turn (compiled and run once before the capture)."""
+    import triton.testing
+
+    def run():
+        for w in weights:
+            launch(w)
+
+    run()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench_cudagraph(run, rep=20, quantiles=(0.5,))
+    ms = ms[0] if isinstance(ms, (list, tuple)) else ms
+    return 1000.0 * ms / len(weights)
+
+
+def _launch_kwargs(cfg) -> dict:
+    """A triton.Config as the keyword arguments of one launch."""
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _rotate_choice(tuned, args: tuple, flags: dict, m: int, n: int) -> dict:
+    """The config of ``tuned``'s set (tiles up to MEDIUM_M tokens) that runs this call fastest with the weights
+    streamed from HBM (DECODE_TUNE "rotate"), timed once per key and remembered. Inside a CUDA-graph capture
+    (nothing can be timed) an untuned key takes the set's first config, unremembered. Candidates that fail to
+    compile or launch (e.g. out of shared memory) are skipped."""
+    w = args[1]
+    key = (id(tuned), triton.next_power_of_2(m), n, args[14], w.dtype, args[2].dtype, tuple(sorted(flags.items())))
+    best = _ROTATE_CHOSEN.get(key)
+    configs = _prune_residual(list(tuned.configs), {"HAS_RES": flags["HAS_RES"]})
+    if best is None and w.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _launch_kwargs(configs[0])
+    if best is None:
+        copies = [w] + [torch.empty_like(w) for _ in range(rotating_copies(w.numel(), _l2_bytes(w.device)) - 1)]
+        timed = []
+        for i, cfg in enumerate(configs):
+            kw = _launch_kwargs(cfg)
+            grid = (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]), kw["SPLIT_K"])
+
+            def launch(wc, grid=grid, kw=kw):
+                _kernel[grid](args[0], wc, *args[2:], **flags, **kw)
+
+            try:
+                timed.append((time_rotating(launch, copies), i, kw))
+            except Exception:  # noqa: BLE001 - a candidate this GPU cannot run is skipped, as the autotuner does
+                continue
+        if not timed:
+            raise RuntimeError(f"no decode tile config of the W4A4 GEMM could run for M={m}, N={n}, K={args[14]}")
+        best = _ROTATE_CHOSEN[key] = min(timed)[2]
+    _ROTATE_LAST[id(tuned)] = best
+    return best
 
 
 def resolve_path(path: str, group_size: int | None = None) -> str:
