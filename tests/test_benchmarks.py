@@ -75,6 +75,23 @@ def test_e2e_saves_what_it_measured_when_a_model_fails(tmp_path, monkeypatch):
     assert "illegal memory access" in by_phase["decode"]["note"]
 
 
+def test_decode_tiles_quick_times_each_candidate_of_every_layer_gemm(tmp_path):
+    data = _quick_output("decode_tiles.py", tmp_path)
+    records = data["records"]
+    assert [(r["layer"], r["residual"]) for r in records] == [
+        ("qkv", False),
+        ("o", True),
+        ("gate_up", False),
+        ("down", True),
+    ]
+    for r in records:
+        assert len(r["candidates"]) == 2 and all(c["us"] > 0 for c in r["candidates"])
+        assert r["best_us"] == min(c["us"] for c in r["candidates"])
+        assert r["best_config"] in [c["config"] for c in r["candidates"]]
+    qkv = records[0]
+    assert (qkv["K"], qkv["N"]) == (64, 64 + 2 * 2 * 16)  # hidden + 2 x KV heads x head dim
+
+
 def test_kron_quantize_quick_writes_records_naming_their_timing(tmp_path):
     records = _quick_records("kron_quantize.py", tmp_path)
     assert {r["tokens"] for r in records} == {1, 16, 67}
