@@ -85,6 +85,8 @@ def jobs(args) -> list[Job]:
         Job(
             "gemm-medium", [py, bench("gemm.py"), "--tokens", "32", "64", "128", "--out", f"{out}/gemm_medium.json"], 4
         ),
+        # every decode tile of each decode GEMM from HBM, against the tuning modes' picks (FLATQUANT_DECODE_TUNE)
+        Job("decode-tiles", [py, bench("decode_tiles.py"), "--out", f"{out}/decode_tiles.json"], 3),
         Job("calib-profile", [py, bench("calibration_profile.py"), "--out", f"{out}/calibration_profile.json"], 1),
         Job("host-profile", [py, bench("host_profile.py"), "--out", f"{out}/host_profile.json"], 1),
     ]
@@ -104,6 +106,14 @@ def jobs(args) -> list[Job]:
         for medium in ("128", "16"):  # batch-64 decode with and without the batched-decode GEMM tiles
             env = {"FLATQUANT_MEDIUM_M": medium}
             listed.append(e2e(f"e2e-llama-2-7b-b64-medium{medium}", "llama-2-7b", *batch64, env=env))
+        # decode at batch 1 and 16 with the defaults, without programmatic dependent launch, with rotate tuning
+        decode = ["--prefill-batches", "--decode-batches", "1", "16", "--no-breakdown"]
+        for variant, env in (
+            ("base", None),
+            ("pdl0", {"FLATQUANT_PDL": "0"}),
+            ("rotate", {"FLATQUANT_DECODE_TUNE": "rotate"}),
+        ):
+            listed.append(e2e(f"e2e-llama-2-7b-decode-{variant}", "llama-2-7b", *decode, env=env))
     for item in args.accuracy:
         preset, seed, overrides = parse_accuracy(item)
         calib = [o.split("=", 1)[1] for o in overrides if o.startswith("calib=")]  # a per-run calibration text
