@@ -427,6 +427,39 @@ def test_graphed_decoder_replays_equal_eager_static_steps(packed):
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+    reason="needs a GPU of compute capability 9.0+ (programmatic dependent launch)",
+)
+@torch.no_grad()
+def test_graphed_decode_with_programmatic_dependent_launch_equals_serial_launches(packed, monkeypatch):
+    """Every kernel of a decode step (norm + transform + quantize, GEMMs, RoPE, KV append, attention and its
+    merge, SiLU x mul) waits for its predecessor before it reads that one's output: steps replayed from a CUDA
+    graph with PDL give the logits of the same steps without it, bit for bit (a missing wait reads stale data)."""
+    from flatquant.kernels import pdl
+    from flatquant.kvcache import GraphedDecoder
+
+    if not pdl.triton_has_pdl():
+        pytest.skip("this Triton has no grid dependency control")
+    _, _, path = packed["llama"]
+    real = load_packed(path, device="cuda", dtype=torch.bfloat16)
+    prompt, steps = _TOKENS[:, :20].cuda(), 6
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        cache = Int4KVCache(real)
+        logits = real(prompt, **cache_kwargs(real, cache)).logits[:, -1]
+        cache.make_static(prompt.shape[1] + steps)
+        dec = GraphedDecoder(real, cache)
+        seq = []
+        for _ in range(steps):
+            logits = dec.step(logits.argmax(-1, keepdim=True)).clone()
+            seq.append(logits)
+        outs.append(torch.stack(seq))
+        assert dec.graph is not None
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
 def test_generate_with_graph_decoding_equals_transformers_generate(packed):
     """fq.generate (static INT4 cache, decode steps through GraphedDecoder: eager here, graphs on CUDA) picks the
     same greedy tokens as transformers' generate with the regular INT4 cache; eos ends and pads sequences."""
