@@ -13,7 +13,9 @@ depend on the values; never read accuracy from them). The W4A4 model is the pack
 * decode: single-token steps after a prompt, at batch 1, 16, 64. ``--decode-steps`` steps are timed
   (after warm-up steps) with the cache holding about 2048 + 128 tokens, the middle of a 256-token generation
   after a 2048-token prompt, and 256 x the mean step is reported (attention cost grows linearly with the
-  length, so the middle step is the mean). The prompt is written into the cache by a prefill (not timed).
+  length, so the middle step is the mean). The prompt is written into the cache by a prefill (not timed), or
+  with ``--decode-fill random`` as random cache contents (no prefill: a decode-only run then compiles and tunes
+  no prefill-size GEMM; a step's time does not depend on the cached values).
 * memory: bytes of all weights (parameters and buffers) and of the KV cache at 2048 + 256 tokens
   (measured per token on the filled cache), and the peak allocated memory of each decode run.
 * breakdown: a torch.profiler trace of one prefill (batch 4) and a few decode steps (batch 16) of each model,
@@ -174,6 +176,35 @@ def new_cache(model, kind: str, capacity: int):
     return Int4KVCache(model, min_capacity=capacity) if kind == "w4a4" else DynamicCache()
 
 
+_FILL = ["prefill"]  # how decode runs fill their cache with the prompt (--decode-fill)
+
+
+def fill_random(cache, model, kind: str, batch: int, tokens: int, capacity: int, device) -> torch.Tensor:
+    """Write ``tokens`` positions of random contents into every layer of an empty ``cache`` (Int4KVCache: codes,
+    scales and zero points straight into its storage of ``capacity`` tokens; transformers' caches: random K/V
+    through ``update``) instead of prefilling a prompt, and return random next-token ids (batch, 1). A decode
+    step's time does not depend on the cached values, and a decode-only run then compiles and tunes no
+    prefill-size GEMM. The cache stays dynamic (``make_static`` as after a prefill)."""
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if kind == "w4a4":
+        cache.allocate_static(batch, capacity, kv_heads, device)
+        for layer in cache.layers:
+            layer.k_packed.random_(0, 256), layer.v_packed.random_(0, 256)
+            for t in (layer.k_scale, layer.v_scale):
+                t.fill_(0.02)
+            for t in (layer.k_zero, layer.v_zero):
+                t.fill_(7.5)
+            layer.length, layer.lens, layer.dtype = tokens, None, model.dtype
+    else:
+        kw = {"cache_position": torch.arange(tokens, device=device)}
+        for i in range(cfg.num_hidden_layers):
+            k, v = (torch.randn(batch, kv_heads, tokens, head_dim, device=device, dtype=model.dtype) for _ in "kv")
+            cache.update(k, v, i, kw)
+    return torch.randint(0, cfg.vocab_size, (batch, 1), device=device)
+
+
 def kv_bytes(cache, kind: str) -> int:
     if kind == "w4a4":
         return cache.nbytes()
@@ -259,9 +290,11 @@ def decode(model, kind, batch, prompt, gen, steps, warmup, device) -> dict:
     """ms per decode step around the middle of a ``gen``-token generation after ``prompt`` tokens."""
     start = prompt + gen // 2 - steps // 2 - warmup
     cache = new_cache(model, kind, prompt + gen)
-    ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
-    logits = model(ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits
-    nxt = logits[:, -1:].argmax(-1)
+    if _FILL[0] == "random":
+        nxt = fill_random(cache, model, kind, batch, start, prompt + gen, device)
+    else:
+        ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
+        nxt = model(ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
 
     def step():
         nonlocal nxt
@@ -281,8 +314,11 @@ def decode_graphed(model, batch, prompt, gen, steps, warmup, device) -> dict | N
     eager through the same static path off CUDA. None (with the reason printed) if capture fails."""
     start = prompt + gen // 2 - steps // 2 - warmup
     cache = new_cache(model, "w4a4", prompt + gen)
-    ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
-    nxt = model(ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+    if _FILL[0] == "random":
+        nxt = fill_random(cache, model, "w4a4", batch, start, prompt + gen, device)
+    else:
+        ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
+        nxt = model(ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
     cache.make_static(prompt + gen)
     dec = GraphedDecoder(model, cache, use_graph=device.type == "cuda")
     try:
@@ -310,9 +346,13 @@ def decode_graphed_bf16(model, batch, prompt, gen, steps, warmup, device) -> dic
     start = prompt + gen // 2 - steps // 2 - warmup
     cache = StaticCache(config=model.config, max_cache_len=prompt + gen)
     kw = cache_kwargs(model, cache)
-    ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
-    logits = model(ids, cache_position=torch.arange(start, device=device), logits_to_keep=1, **kw).logits
-    static_ids, position = logits[:, -1:].argmax(-1), torch.tensor([start], device=device)
+    if _FILL[0] == "random":
+        static_ids = fill_random(cache, model, "bf16", batch, start, prompt + gen, device)
+    else:
+        ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
+        logits = model(ids, cache_position=torch.arange(start, device=device), logits_to_keep=1, **kw).logits
+        static_ids = logits[:, -1:].argmax(-1)
+    position = torch.tensor([start], device=device)
 
     def forward():
         return model(static_ids, cache_position=position, logits_to_keep=1, **kw).logits[:, -1]
@@ -602,6 +642,11 @@ def main(argv=None) -> None:
         help="batch sizes of the profiled prefill and decode [default 4 16; quick: 2 4]",
     )  # fmt: skip
     p.add_argument("--no-breakdown", action="store_true", help="skip the profiled per-part breakdown")
+    p.add_argument(
+        "--decode-fill", choices=("prefill", "random"), default="prefill",
+        help="decode runs fill the cache by a prefill of random ids, or write random contents (no prefill-size "
+        "GEMM compiles and tuning: faster decode-only runs)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.sizes:
         rows = [weight_sizes(name) for name in (args.models or CONFIGS)]
@@ -620,6 +665,7 @@ def main(argv=None) -> None:
         return
     chosen = args.prefill_batches, args.decode_batches, args.breakdown_batches
     _DEADLINE[0] = time.perf_counter() + args.budget_s
+    _FILL[0] = args.decode_fill
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         configs, dtype = QUICK, torch.bfloat16 if device.type == "cuda" else torch.float32

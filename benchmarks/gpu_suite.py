@@ -107,7 +107,7 @@ def jobs(args) -> list[Job]:
             env = {"FLATQUANT_MEDIUM_M": medium}
             listed.append(e2e(f"e2e-llama-2-7b-b64-medium{medium}", "llama-2-7b", *batch64, env=env))
         # decode at batch 1 and 16 with the defaults, without programmatic dependent launch, with rotate tuning
-        decode = ["--prefill-batches", "--decode-batches", "1", "16", "--no-breakdown"]
+        decode = ["--prefill-batches", "--decode-batches", "1", "16", "--no-breakdown", "--decode-fill", "random"]
         for variant, env in (
             ("base", None),
             ("pdl0", {"FLATQUANT_PDL": "0"}),

@@ -12,11 +12,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _quick_output(script: str, tmp_path):
-    """Run ``benchmarks/<script> --quick`` in a fresh interpreter; the JSON it wrote."""
+def _quick_output(script: str, tmp_path, *extra: str):
+    """Run ``benchmarks/<script> --quick [extra]`` in a fresh interpreter; the JSON it wrote."""
     out = tmp_path / "out.json"
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", "--out", str(out)]
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", "--out", str(out), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -48,6 +48,18 @@ def test_e2e_quick_writes_prefill_and_decode_records_with_graphed_decode(tmp_pat
         assert r["bf16_graphed_ms"] > 0 and r["w4a4_graphed_ms"] > 0 and r["w4a4_graphed_is_graph"] is False
         if r["phase"] == "decode":
             assert r["kv_bytes_bf16"] > 3 * r["kv_bytes_w4a4"]
+
+
+def test_e2e_decode_only_with_random_cache_contents(tmp_path):
+    """--decode-fill random writes the prompt's cache positions directly (no prefill) for every decode run of
+    both models; the steps still run and the cache sizes are those of a filled cache."""
+    data = _quick_output("e2e.py", tmp_path, "--prefill-batches", "--no-breakdown", "--decode-fill", "random")
+    records = data["records"]
+    assert data["settings"]["decode_fill"] == "random" and not any(data["breakdown"]["tiny-llama"].values())
+    assert [r["phase"] for r in records] == ["decode", "decode"]
+    for r in records:
+        assert r["bf16_ms"] > 0 and r["w4a4_ms"] > 0 and r["bf16_graphed_ms"] > 0 and r["w4a4_graphed_ms"] > 0
+        assert r["kv_bytes_bf16"] > 3 * r["kv_bytes_w4a4"] > 0
 
 
 def test_e2e_saves_what_it_measured_when_a_model_fails(tmp_path, monkeypatch):
