@@ -205,6 +205,17 @@ def fill_random(cache, model, kind: str, batch: int, tokens: int, capacity: int,
     return torch.randint(0, cfg.vocab_size, (batch, 1), device=device)
 
 
+def fill_prompt(cache, model, kind, batch, tokens, capacity, device, positions=False) -> torch.Tensor:
+    """``tokens`` prompt positions into the empty ``cache`` as ``--decode-fill`` says: a prefill of random ids
+    (with explicit cache positions when ``positions``, as transformers' StaticCache needs) or random contents
+    (:func:`fill_random`). Returns the next-token ids (batch, 1)."""
+    if _FILL[0] == "random":
+        return fill_random(cache, model, kind, batch, tokens, capacity, device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device=device)
+    kw = {"cache_position": torch.arange(tokens, device=device)} if positions else {}
+    return model(ids, logits_to_keep=1, **kw, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+
+
 def kv_bytes(cache, kind: str) -> int:
     if kind == "w4a4":
         return cache.nbytes()
@@ -290,11 +301,7 @@ def decode(model, kind, batch, prompt, gen, steps, warmup, device) -> dict:
     """ms per decode step around the middle of a ``gen``-token generation after ``prompt`` tokens."""
     start = prompt + gen // 2 - steps // 2 - warmup
     cache = new_cache(model, kind, prompt + gen)
-    if _FILL[0] == "random":
-        nxt = fill_random(cache, model, kind, batch, start, prompt + gen, device)
-    else:
-        ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
-        nxt = model(ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+    nxt = fill_prompt(cache, model, kind, batch, start, prompt + gen, device)
 
     def step():
         nonlocal nxt
@@ -314,11 +321,7 @@ def decode_graphed(model, batch, prompt, gen, steps, warmup, device) -> dict | N
     eager through the same static path off CUDA. None (with the reason printed) if capture fails."""
     start = prompt + gen // 2 - steps // 2 - warmup
     cache = new_cache(model, "w4a4", prompt + gen)
-    if _FILL[0] == "random":
-        nxt = fill_random(cache, model, "w4a4", batch, start, prompt + gen, device)
-    else:
-        ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
-        nxt = model(ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+    nxt = fill_prompt(cache, model, "w4a4", batch, start, prompt + gen, device)
     cache.make_static(prompt + gen)
     dec = GraphedDecoder(model, cache, use_graph=device.type == "cuda")
     try:
@@ -346,12 +349,7 @@ def decode_graphed_bf16(model, batch, prompt, gen, steps, warmup, device) -> dic
     start = prompt + gen // 2 - steps // 2 - warmup
     cache = StaticCache(config=model.config, max_cache_len=prompt + gen)
     kw = cache_kwargs(model, cache)
-    if _FILL[0] == "random":
-        static_ids = fill_random(cache, model, "bf16", batch, start, prompt + gen, device)
-    else:
-        ids = torch.randint(0, model.config.vocab_size, (batch, start), device=device)
-        logits = model(ids, cache_position=torch.arange(start, device=device), logits_to_keep=1, **kw).logits
-        static_ids = logits[:, -1:].argmax(-1)
+    static_ids = fill_prompt(cache, model, "bf16", batch, start, prompt + gen, device, positions=True)
     position = torch.tensor([start], device=device)
 
     def forward():

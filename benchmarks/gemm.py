@@ -16,7 +16,6 @@ from the dispatcher's own rule) and the tile config the autotuner chose.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
@@ -63,7 +62,7 @@ def n_copies(weight_bytes: int) -> int:
     if not CUDA:
         return 1
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
-    return max(1, min(16, math.ceil(3 * l2 / weight_bytes)))
+    return gemm_w4a4.rotating_copies(weight_bytes, l2)
 
 
 def ceilings() -> dict:

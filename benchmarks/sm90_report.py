@@ -36,8 +36,9 @@ from flatquant.kernels import silu_mul as sm  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on H100 (227 KB)
 # every kernel is built as sm_90 launches it: with programmatic dependent launch (kernels/pdl.py), and the GEMM's
-# decode sets with the L2 weight prefetch
+# decode sets with the L2 weight prefetch when FLATQUANT_PREFETCH_L2 turns it on (off by default)
 PDL = {"PDL": True}
+DECODE_PREFETCH = gw.PREFETCH_L2_FRACTION > 0
 
 
 def _jit(fn):
@@ -144,9 +145,8 @@ def gemm_reports(sets: list[str]) -> list[dict]:
         for c in gw._prune_residual(configs[name], {"HAS_RES": res}):
             fp8 = name.endswith("fp8")
             const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_GROUP=False, HAS_RES=res, USE_FP8=fp8, X_FP8=fp8)
-            const |= dict(
-                USE_ASM=True, EVEN_K=True, **c.kwargs, **PDL, PREFETCH=name in ("small", "medium", "small_fp8")
-            )
+            prefetch = DECODE_PREFETCH and name in ("small", "medium", "small_fp8")
+            const |= dict(USE_ASM=True, EVEN_K=True, **c.kwargs, **PDL, PREFETCH=prefetch)
             opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
             rec = {"kernel": "w4a4_gemm", "set": name, "residual": res, **c.kwargs, "num_warps": c.num_warps}
             rec["num_stages"] = c.num_stages

@@ -60,25 +60,22 @@ def test_prefetch_fraction_from_the_environment(monkeypatch):
 
 
 def test_prefetch_bytes(monkeypatch):
-    monkeypatch.setattr(gw._pdl, "pdl_on", lambda t: True)
     monkeypatch.setattr(gw, "PREFETCH_L2_FRACTION", 0.5)
     monkeypatch.setitem(gw._L2_BYTES, 0, 50 * 2**20)
     dev = torch.device("cuda", 0)
     small = torch.zeros(4096, 2048, dtype=torch.uint8)  # 8 MiB: every row in full
-    assert gw._prefetch_bytes(small, 1, dev) == 2048
-    assert gw._prefetch_bytes(small, gw.MEDIUM_M, dev) == 2048
-    assert gw._prefetch_bytes(small, gw.MEDIUM_M + 1, dev) == 0  # prefill sizes: no prefetch
+    assert gw._prefetch_bytes(small, 1, dev, True) == 2048
+    assert gw._prefetch_bytes(small, gw.MEDIUM_M, dev, True) == 2048
+    assert gw._prefetch_bytes(small, gw.MEDIUM_M + 1, dev, True) == 0  # prefill sizes: no prefetch
     big = torch.zeros(22016, 2048, dtype=torch.uint8)  # 43 MiB: the leading bytes of each row that fit
     want = int(50 * 2**20 * gw.PREFETCH_L2_FRACTION) // 22016 // 16 * 16
-    got = gw._prefetch_bytes(big, 1, dev)
+    got = gw._prefetch_bytes(big, 1, dev, True)
     assert got == want and got % 16 == 0 and got * 22016 <= 50 * 2**20 * gw.PREFETCH_L2_FRACTION
-    assert gw._prefetch_bytes(torch.zeros(64, 2050, dtype=torch.uint8)[:, :2049], 1, dev) == 0  # stride not 16x
-    assert gw._prefetch_bytes(torch.zeros(64 * 2048 + 8, dtype=torch.uint8)[8:].view(64, 2048), 1, dev) == 0
-    monkeypatch.setattr(gw._pdl, "pdl_on", lambda t: False)
-    assert gw._prefetch_bytes(small, 1, dev) == 0
-    monkeypatch.setattr(gw._pdl, "pdl_on", lambda t: True)
+    assert gw._prefetch_bytes(torch.zeros(64, 2050, dtype=torch.uint8)[:, :2049], 1, dev, True) == 0  # stride not 16x
+    assert gw._prefetch_bytes(torch.zeros(64 * 2048 + 8, dtype=torch.uint8)[8:].view(64, 2048), 1, dev, True) == 0
+    assert gw._prefetch_bytes(small, 1, dev, False) == 0  # a launch without PDL
     monkeypatch.setattr(gw, "PREFETCH_L2_FRACTION", 0.0)  # the default: no prefetch
-    assert gw._prefetch_bytes(small, 1, dev) == 0
+    assert gw._prefetch_bytes(small, 1, dev, True) == 0
 
 
 _PROBE = """

@@ -671,6 +671,7 @@ def _w4a4_gemm_triton(
         counters = _split_k_counters(dev, triton.cdiv(m, 16) * triton.cdiv(n, 16))
     else:
         part = counters = dummy
+    pdl = _pdl.pdl_on(x_codes)
     args = (
         x_codes.view(torch.int8),  # fp8 codes travel as their bytes (masked loads fill int 0 = fp8 +0)
         w_packed,
@@ -695,9 +696,8 @@ def _w4a4_gemm_triton(
         out.stride(0),
         gs.stride(0) if group_size is not None else 0,
         residual.stride(0) if residual is not None else 0,
-        _prefetch_bytes(w_packed, m, dev),
+        _prefetch_bytes(w_packed, m, dev, pdl),
     )
-    pdl = _pdl.pdl_on(x_codes)
     flags = dict(
         HAS_ZERO=x_zero is not None,
         HAS_BIAS=bias is not None,
@@ -759,12 +759,12 @@ PREFETCH_L2_FRACTION = _prefetch_fraction_from_env()
 _L2_BYTES: dict[int, int] = {}
 
 
-def _prefetch_bytes(w_packed: torch.Tensor, m: int, dev: torch.device) -> int:
+def _prefetch_bytes(w_packed: torch.Tensor, m: int, dev: torch.device, pdl: bool) -> int:
     """Bytes of each packed weight row (over all of K) that a launch prefetches into L2 before it waits for the
-    previous kernel (pdl.py): 0 without PDL, above MEDIUM_M tokens (compute-bound: the weights are reread from
-    L2 anyway) or for rows not 16-byte aligned; else the whole row while all rows fit in PREFETCH_L2_FRACTION
-    of the L2 cache, and the leading part of each row that fits when they do not."""
-    if m > MEDIUM_M or PREFETCH_L2_FRACTION == 0 or not _pdl.pdl_on(w_packed):
+    previous kernel (pdl.py): 0 for a launch without PDL (``pdl``), above MEDIUM_M tokens (compute-bound: the
+    weights are reread from L2 anyway) or for rows not 16-byte aligned; else the whole row while all rows fit in
+    PREFETCH_L2_FRACTION of the L2 cache, and the leading part of each row that fits when they do not."""
+    if m > MEDIUM_M or PREFETCH_L2_FRACTION == 0 or not pdl:
         return 0
     if w_packed.data_ptr() % 16 or w_packed.stride(0) % 16:
         return 0

@@ -47,6 +47,8 @@ def _enabled_from_env() -> bool:
 
 
 ENABLED = _enabled_from_env()
+# the kernels are built for Triton's CPU interpreter when this is set at import (no grid dependency control there)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
@@ -71,9 +73,9 @@ def _capable(index: int) -> bool:
 
 def pdl_on(t: torch.Tensor) -> bool:
     """Whether kernels launched on ``t``'s device use PDL: ``FLATQUANT_PDL`` on (the default), a CUDA tensor on a
-    GPU of compute capability 9.0 or later, compiled Triton (not ``TRITON_INTERPRET=1``) with grid dependency
-    control."""
-    if not (ENABLED and t.is_cuda) or os.environ.get("TRITON_INTERPRET", "0") == "1" or not triton_has_pdl():
+    GPU of compute capability 9.0 or later, compiled Triton (not ``TRITON_INTERPRET=1`` at import) with grid
+    dependency control. Called at every launch: everything but the tensor's device is read once."""
+    if not (ENABLED and t.is_cuda) or _INTERPRET or not triton_has_pdl():
         return False
     return _capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
