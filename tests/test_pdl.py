@@ -98,7 +98,7 @@ def lines(text):
 out = {}
 g = gw.SMALL_CONFIGS[-2]  # split-K 8: the counters are read after the wait too
 gconst = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_GROUP=False, HAS_RES=True, USE_FP8=False, X_FP8=False, USE_ASM=True,
-              EVEN_K=True, **g.kwargs, PREFETCH=True)
+              EVEN_K=True, MASK_M=True, **g.kwargs, PREFETCH=True)
 gtypes = {"x_ptr": "*i8", "w_ptr": "*u8", "out_ptr": "*bf16", "res_ptr": "*bf16", "part_ptr": "*i32", "cnt_ptr": "*i32"}
 for on in (True, False):
     out[f"gemm-{on}"] = lines(ptx(gw._w4a4_gemm_kernel, gtypes, gconst, on, num_stages=g.num_stages))

@@ -207,6 +207,11 @@ def _add_residual(out: torch.Tensor, residual: torch.Tensor | None) -> torch.Ten
 
 
 # ------------------------------------------------------------------------------------------------ triton
+# mask the padding rows of a tile with fewer tokens than BLOCK_M (MASK_M); False clamps them onto row 0 (the
+# kernel before 2026-11-29, kept for benchmarks/decode_tiles.py --compare-rows)
+_MASK_ROWS = True
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -347,6 +352,9 @@ if _HAS_TRITON:
         X_FP8: tl.constexpr,  # x holds float8_e4m3fn bytes (passed as int8)
         USE_ASM: tl.constexpr,
         EVEN_K: tl.constexpr,
+        # fewer tokens than one row tile (decode): padding rows are masked out of the activation loads instead of
+        # clamped onto row 0; 16 lanes loading one address made a 1-token GEMM ~1.6x slower than a 16-token one
+        MASK_M: tl.constexpr,
         # tiles
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -408,10 +416,16 @@ if _HAS_TRITON:
 
         for k0 in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
-                x = tl.load(x_ptrs)  # (BM, BK) int8
+                if MASK_M:
+                    x = tl.load(x_ptrs, mask=mask_m[:, None], other=0)  # (BM, BK) int8
+                else:
+                    x = tl.load(x_ptrs)  # (BM, BK) int8
                 p = tl.load(w_ptrs)  # (BN, BK/2) uint8
             else:
-                x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0)
+                if MASK_M:
+                    x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0)
+                else:
+                    x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0)
                 p = tl.load(w_ptrs, mask=offs_kh[None, :] < K2 - k0 // 2, other=0)
             if USE_FP8:
                 lo, hi = _unpack_fp8(p, USE_ASM)  # (BN, BK/2) e4m3 each, the codes
@@ -486,7 +500,12 @@ if _HAS_TRITON:
             y = (r.to(tl.float32) + y.to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptrs, y, mask=mask_m[:, None] & mask_n[None, :])
 
-    _kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_w4a4_gemm_kernel)
+    _kernel = triton.heuristics(
+        {
+            "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
+            "MASK_M": lambda a: _MASK_ROWS and a["M"] < a["BLOCK_M"],
+        }
+    )(_w4a4_gemm_kernel)
 
     def _cfg(bm, bn, bk, warps, stages, group_m=8, split_k=1, swap=False):
         return triton.Config(
