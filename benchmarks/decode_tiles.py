@@ -4,6 +4,7 @@ Usage:
     PYTHONPATH=src python benchmarks/decode_tiles.py              # CUDA, LLaMA-2-7B and LLaMA-3-8B, 1 and 16 tokens
     PYTHONPATH=src python benchmarks/decode_tiles.py --tokens 1 16 64 --models llama-2-7b
     PYTHONPATH=src python benchmarks/decode_tiles.py --quick      # toy shapes, two configs, CPU interpreter
+    PYTHONPATH=src python benchmarks/decode_tiles.py --rows clamped  # the kernel before it masked padding rows
 
 For each decode GEMM of a model as the packed runtime runs it (q/k/v as one GEMM, o_proj with its residual,
 gate/up as one GEMM, down_proj with its residual) and each token count: every candidate of the tile set that
@@ -120,7 +121,15 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="toy shapes and two configs (the CPU interpreter)")
     p.add_argument("--models", nargs="*", default=None, help=f"subset of {sorted(MODELS)}")
     p.add_argument("--tokens", type=int, nargs="*", default=None, help="token counts M [default 1 16; quick 1]")
+    p.add_argument(
+        "--rows",
+        choices=("masked", "clamped"),
+        default="masked",
+        help="padding rows of a tile with fewer tokens than BLOCK_M: masked (the kernel) or clamped onto row 0 "
+        "(the kernel before 2026-11-29, for comparison)",
+    )
     args = p.parse_args(argv)
+    gw._MASK_ROWS = args.rows == "masked"
     models = QUICK_MODELS if args.quick else {k: MODELS[k] for k in (args.models or MODELS)}
     tokens = args.tokens or ([1] if args.quick else [1, 16])
     bad = [t for t in tokens if not 1 <= t <= gw.MEDIUM_M]
@@ -131,6 +140,7 @@ def main(argv=None) -> None:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "decode_tiles.json")
     device = device_name(torch.device("cuda" if CUDA else "cpu"))
     result = {"device": device, "l2_bytes": _l2(), "pdl": CUDA and gw._pdl.pdl_on(torch.empty(0, device="cuda"))}
+    result["rows"] = args.rows
     result["records"], start = [], time.time()
     print(f"{'model':12}{'layer':8}{'K':>6}{'N':>7}{'M':>4}  {'best us':>8} {'best tile':<26}{'graph us':>9}"
           f" {'graph tile':<26}{'rotate us':>10}")  # fmt: skip

@@ -87,8 +87,10 @@ def test_e2e_saves_what_it_measured_when_a_model_fails(tmp_path, monkeypatch):
     assert "illegal memory access" in by_phase["decode"]["note"]
 
 
-def test_decode_tiles_quick_times_each_candidate_of_every_layer_gemm(tmp_path):
-    data = _quick_output("decode_tiles.py", tmp_path)
+@pytest.mark.parametrize("rows", ["masked", "clamped"])
+def test_decode_tiles_quick_times_each_candidate_of_every_layer_gemm(tmp_path, rows):
+    data = _quick_output("decode_tiles.py", tmp_path, "--rows", rows)
+    assert data["rows"] == rows
     records = data["records"]
     assert [(r["layer"], r["residual"]) for r in records] == [
         ("qkv", False),

@@ -208,7 +208,7 @@ def _add_residual(out: torch.Tensor, residual: torch.Tensor | None) -> torch.Ten
 
 # ------------------------------------------------------------------------------------------------ triton
 # mask the padding rows of a tile with fewer tokens than BLOCK_M (MASK_M); False clamps them onto row 0 (the
-# kernel before 2026-11-29, kept for benchmarks/decode_tiles.py --compare-rows)
+# kernel before 2026-11-29, kept for benchmarks/decode_tiles.py --rows clamped)
 _MASK_ROWS = True
 
 
