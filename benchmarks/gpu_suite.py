@@ -45,6 +45,7 @@ GPU_TESTS = {
         "test_calib_inputs.py",
         "test_pdl.py",
         "test_decode_tuning.py",
+        "test_rows_matmul.py",
     ],
 }
 PYTEST = ["-m", "pytest", "-v", "--tb=short", "-rfE", "--durations=12", "-p", "no:cacheprovider"]
@@ -106,12 +107,13 @@ def jobs(args) -> list[Job]:
         for medium in ("128", "16"):  # batch-64 decode with and without the batched-decode GEMM tiles
             env = {"FLATQUANT_MEDIUM_M": medium}
             listed.append(e2e(f"e2e-llama-2-7b-b64-medium{medium}", "llama-2-7b", *batch64, env=env))
-        # decode at batch 1 and 16 with the defaults, without programmatic dependent launch, with rotate tuning
+        # decode at batch 1 and 16 with the defaults, without programmatic dependent launch, with the queries'
+        # transform as a PDL-launched Triton kernel instead of PyTorch's matmul
         decode = ["--prefill-batches", "--decode-batches", "1", "16", "--no-breakdown", "--decode-fill", "random"]
         for variant, env in (
             ("base", None),
             ("pdl0", {"FLATQUANT_PDL": "0"}),
-            ("rotate", {"FLATQUANT_DECODE_TUNE": "rotate"}),
+            ("qkernel", {"FLATQUANT_QUERY_KERNEL": "1"}),
         ):
             listed.append(e2e(f"e2e-llama-2-7b-decode-{variant}", "llama-2-7b", *decode, env=env))
     for item in args.accuracy:

@@ -83,6 +83,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
 import sm90_report as r
 from flatquant.kernels import gemm_w4a4 as gw, kron_quantize as kq, kv_quant as kv, rmsnorm as rn, silu_mul as sm
+from flatquant.kernels import rows_matmul as rm
 
 def ptx(fn, types, const, pdl, **opts):
     names = r._jit(fn).arg_names
@@ -117,6 +118,8 @@ out["quantize_kv"] = lines(ptx(kv._quantize_kv_kernel, qtypes, dict(D=128, BLOCK
                                RECIP=True, DEQ=False, POS=True, TRANSFORM=False, INTERPRET=False), True))
 out["merge"] = lines(ptx(kv._decode_merge_kernel, {"out_ptr": "*bf16"},
                          dict(HQ=32, D=128, BLOCK_S=8, BLOCK_D=128, INTERPRET=False), True))
+out["rows_matmul"] = lines(ptx(rm._rows_matmul_kernel, {"x_ptr": "*bf16", "m_ptr": "*bf16", "o_ptr": "*bf16"},
+                              dict(D=128, BLOCK_R=16, INTERPRET=False), True))
 print(json.dumps(out))
 """
 
@@ -152,6 +155,14 @@ def test_sm90_transform_loads_factors_before_the_wait_and_tokens_after(sm90_even
     wait = ev.index("griddepcontrol.wait")
     reads = _reads(ev)
     assert min(reads) < wait < max(reads)  # P1, P2, the norm weight before; the token rows after
+    assert min(i for i, e in enumerate(ev) if e == "st.global") > wait
+
+
+def test_sm90_query_transform_loads_its_matrix_before_the_wait_and_rows_after(sm90_events):
+    ev = sm90_events["rows_matmul"]
+    wait = ev.index("griddepcontrol.wait")
+    reads = _reads(ev)
+    assert min(reads) < wait < max(reads)  # P_h^-T before; the query rows after
     assert min(i for i, e in enumerate(ev) if e == "st.global") > wait
 
 

@@ -27,6 +27,7 @@ import torch
 from ..files import atomic_write_json
 from . import kron_quantize as _kq
 from . import pdl as _pdl
+from . import rows_matmul as _rm
 
 triton, tl = _kq.triton, _kq.tl
 
@@ -1261,14 +1262,16 @@ def decode_attention_reference(
     return out.reshape(b, hq, d).to(q.dtype)
 
 
-def _transformed_queries(q: torch.Tensor, q_transform: torch.Tensor | None) -> torch.Tensor:
-    """``q @ q_transform`` in q's dtype (a 16-bit matmul), or q without a transform."""
+def _transformed_queries(q: torch.Tensor, q_transform: torch.Tensor | None, impl: str = "torch") -> torch.Tensor:
+    """``q @ q_transform`` in q's dtype (a 16-bit matmul), or q without a transform. impl: as for
+    :func:`~flatquant.kernels.rows_matmul.rows_matmul` ("auto": its PDL-launched kernel when
+    FLATQUANT_QUERY_KERNEL=1)."""
     if q_transform is None:
         return q
     d = q.shape[-1]
     if q_transform.shape != (d, d):
         raise ValueError(f"q_transform must be ({d}, {d}), got {tuple(q_transform.shape)}")
-    return q @ q_transform.to(device=q.device, dtype=q.dtype)
+    return _rm.rows_matmul(q, q_transform, impl=impl)
 
 
 def _launch_splits(n_kv_programs, s_cap, block_n, device, progs_per_sm, splits=None) -> int:
@@ -1376,7 +1379,7 @@ def decode_attention_triton(
         return out
     # a separate matmul: formed in the kernel's query load instead (an earlier version), q @ T cost 70-100 us per
     # call at LLaMA-2-7B batch 16 on an H100, more than half the attention itself
-    q = _transformed_queries(q, q_transform)
+    q = _transformed_queries(q, q_transform, impl="auto")
     if config is None and AUTOTUNE and not _interpreting():
         args = (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
 
