@@ -147,7 +147,12 @@ def gemm_reports(sets: list[str]) -> list[dict]:
             const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_GROUP=False, HAS_RES=res, USE_FP8=fp8, X_FP8=fp8)
             prefetch = DECODE_PREFETCH and name in ("small", "medium", "small_fp8")
             const |= dict(
-                USE_ASM=True, EVEN_K=True, MASK_M=name in ("small", "small_fp8"), **c.kwargs, **PDL, PREFETCH=prefetch
+                USE_ASM=True,
+                EVEN_K=True,
+                MASK_M=name in ("small", "small_fp8", "medium"),
+                **c.kwargs,
+                **PDL,
+                PREFETCH=prefetch,
             )
             opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
             rec = {"kernel": "w4a4_gemm", "set": name, "residual": res, **c.kwargs, "num_warps": c.num_warps}

@@ -287,12 +287,20 @@ def test_split_k_decode_exact(m, n, k, split_k):
 @needs_triton
 @pytest.mark.parametrize("mask_rows", [True, False])
 @pytest.mark.parametrize(
-    "m,k,swap,split_k", [(1, 70, False, 1), (3, 1029, True, 2), (15, 256, False, 4), (7, 96, True, 1)]
+    "m,k,swap,split_k",
+    [
+        (1, 70, False, 1),
+        (3, 1029, True, 2),
+        (15, 256, False, 4),
+        (7, 96, True, 1),
+        (17, 130, False, 2),
+        (40, 96, True, 1),
+    ],
 )
-def test_tokens_fewer_than_a_row_tile_exact_with_masked_or_clamped_rows(monkeypatch, m, k, swap, split_k, mask_rows):
-    """Fewer tokens than BLOCK_M (decode): the padding rows of the tile are masked out of the activation loads
-    (MASK_M, the default) or clamped onto row 0 (the kernel before); both give the integer product exactly, with
-    odd K (the masked-K loads), SWAP_AB and split-K."""
+def test_partial_row_tiles_exact_with_masked_or_clamped_rows(monkeypatch, m, k, swap, split_k, mask_rows):
+    """Fewer tokens than BLOCK_M (decode), or a partial last tile (17 and 40 tokens on 16-row tiles): the padding
+    rows are masked out of the activation loads (MASK_M, the default) or clamped onto row 0 (the kernel before);
+    both give the integer product exactly, with odd K (the masked-K loads), SWAP_AB and split-K."""
     import flatquant.kernels.gemm_w4a4 as g
 
     monkeypatch.setattr(g, "_MASK_ROWS", mask_rows)
@@ -308,14 +316,16 @@ def test_tokens_fewer_than_a_row_tile_exact_with_masked_or_clamped_rows(monkeypa
 
 
 @needs_triton
-def test_padding_rows_are_masked_only_when_the_tokens_fill_less_than_one_row_tile():
-    """MASK_M is on exactly when M < BLOCK_M (decode on a 16-row tile: 1.6x faster at one token on an NVIDIA
-    H200); larger launches keep their unmasked loads (their last tile's extra rows stay clamped)."""
+def test_padding_rows_are_masked_where_a_decode_size_tile_is_partial():
+    """MASK_M is on when M < BLOCK_M (decode on a 16-row tile: 1.6x faster at one token on an NVIDIA H200) or
+    when a decode-size launch (M <= MEDIUM_M) ends in a partial tile; full tiles and prefill launches keep their
+    unmasked loads (a prefill's partial last tile clamps its extra rows)."""
     import flatquant.kernels.gemm_w4a4 as g
 
     rule = g._kernel.values["MASK_M"]
-    assert [rule({"M": m, "BLOCK_M": 16}) for m in (1, 15, 16, 17, 2048)] == [True, True, False, False, False]
-    assert rule({"M": 64, "BLOCK_M": 128})
+    ms = (1, 15, 16, 17, 32, 40, g.MEDIUM_M, g.MEDIUM_M + 1, 2048, 2049)
+    assert [rule({"M": m, "BLOCK_M": 16}) for m in ms] == [True, True, False, True, False, True, False] + [False] * 3
+    assert rule({"M": 64, "BLOCK_M": 128}) and not rule({"M": 256, "BLOCK_M": 128})
 
 
 @needs_triton
