@@ -31,6 +31,7 @@ from flatquant.kernels import int8_linear as il  # noqa: E402
 from flatquant.kernels import kron_quantize as kq  # noqa: E402
 from flatquant.kernels import kv_quant as kv  # noqa: E402
 from flatquant.kernels import rope as rp  # noqa: E402
+from flatquant.kernels import rows_matmul as rm  # noqa: E402
 from flatquant.kernels import silu_mul as sm  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -190,6 +191,19 @@ def silu_mul_reports(widths: list[int]) -> list[dict]:
     return out
 
 
+def query_transform_reports(head_dims: list[int]) -> list[dict]:
+    """The decode step's query transform (rows_matmul) at each head dim and row block it launches with."""
+    ptrs = ["x_ptr", "m_ptr", "o_ptr"]
+    sig = dict.fromkeys(ptrs, "*bf16") | {"R": "i32"}
+    out = []
+    for d, block_r in itertools.product(head_dims, (16, 32, 64)):
+        const = {"D": d, "BLOCK_R": block_r, "INTERPRET": False} | PDL
+        rec = {"kernel": "query_transform", "head_dim": d, "BLOCK_R": block_r}
+        opts = dict(num_warps=4)
+        out.append(_report(rec, lambda c=const, o=opts: compile_sm90(rm._rows_matmul_kernel, sig, c, ptrs, o)))
+    return out
+
+
 def int8_head_reports(groups: list[int]) -> list[dict]:
     """The 8-bit head's matmul (bf16 x, int8 codes, fp32 scales), every candidate that applies to each scale
     group (0 = per row) at decode and prefill sizes."""
@@ -266,6 +280,7 @@ def main() -> None:
     ap.add_argument("--decode", default="1,4", help="query heads per KV head of the decode attention kernel (D=128)")
     ap.add_argument("--silu", default="11008", help="row widths (intermediate sizes) of the SiLU * up kernel")
     ap.add_argument("--int8-head", default="128,0", help="scale groups of the 8-bit head's matmul (0 = per row)")
+    ap.add_argument("--query", default="64,128", help="head dims of the decode step's query transform kernel")
     ap.add_argument("--json", default=None, help="also write the records here")
     args = ap.parse_args()
     pairs = [tuple(int(v) for v in p.split("x")) for p in args.kron.split(",") if p]
@@ -274,6 +289,7 @@ def main() -> None:
     records += decode_reports([int(g) for g in args.decode.split(",") if g])
     records += silu_mul_reports([int(n) for n in args.silu.split(",") if n])
     records += int8_head_reports([int(g) for g in args.int8_head.split(",") if g])
+    records += query_transform_reports([int(d) for d in args.query.split(",") if d])
     bad = [r for r in records if not r["ok"]]
     print(f"{len(records)} kernels, {len(bad)} with spills, too much shared memory or compile errors")
     if args.json:

@@ -20,11 +20,13 @@ def test_kernels_build_for_sm90_without_spills(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(ROOT, "src"), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "sm90_report.py"), "--kron", "86x128", "--gemm", ""]
-    cmd += ["--rope", "128", "--decode", "1", "--silu", "11008", "--int8-head", "128", "--json", str(out)]
+    cmd += ["--rope", "128", "--decode", "1", "--silu", "11008", "--int8-head", "128", "--query", "128"]
+    cmd += ["--json", str(out)]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     records = json.loads(out.read_text())["records"]
-    assert {r["kernel"] for r in records} == {"kron_quantize", "rope", "decode_attention", "silu_mul", "int8_head"}
+    kernels = {"kron_quantize", "rope", "decode_attention", "silu_mul", "int8_head", "query_transform"}
+    assert {r["kernel"] for r in records} == kernels
     assert any(not r.get("mma", True) for r in records if r["kernel"] == "decode_attention")  # CUDA-core variant
     bad = [r for r in records if not r["ok"]]
     assert not bad, bad[:3]
