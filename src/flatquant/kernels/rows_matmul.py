@@ -45,17 +45,12 @@ def rows_matmul_reference(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return x @ m.to(device=x.device, dtype=x.dtype)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def applies(x: torch.Tensor, m: torch.Tensor) -> str | None:
     """Why the kernel cannot compute ``x @ m`` here, or None if it can."""
     d = x.shape[-1]
-    if triton is None:
-        return "triton is not installed"
-    if not (x.is_cuda or _interpreting()):
-        return f"x is on {x.device.type}; the kernel needs CUDA tensors or TRITON_INTERPRET=1"
+    reason = _kq.triton_unavailable_reason(x)  # built with the transform kernel, in the same mode
+    if reason is not None:
+        return reason
     if x.dtype not in _DTYPES:
         return f"x must be bfloat16 or float16, got {x.dtype}"
     if m.shape != (d, d):
@@ -98,7 +93,7 @@ def rows_matmul_triton(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         pdl = _pdl.pdl_on(rows)
         grid = (triton.cdiv(r, block_r),)
         _rows_matmul_kernel[grid](
-            rows, mat, out, r, D=d, BLOCK_R=block_r, INTERPRET=_interpreting(), **_pdl.launch_options(pdl)
+            rows, mat, out, r, D=d, BLOCK_R=block_r, INTERPRET=_kq._interpreting(), **_pdl.launch_options(pdl)
         )
     return out.view(x.shape)
 
