@@ -118,7 +118,7 @@ def test_auto_takes_pytorch_matmul_unless_switched_on_and_applicable(monkeypatch
 def test_switch_from_the_environment():
     code = "import sys; sys.path.insert(0, sys.argv[1]); from flatquant.kernels import rows_matmul as rm; "
     code += "print(rm.USE_KERNEL)"
-    for value, want in (("1", "True"), ("0", "False"), (None, "False")):
+    for value, want in (("1", "True"), ("0", "False"), (None, "True")):
         env = {k: v for k, v in os.environ.items() if k != rm.ENV}
         if value is not None:
             env[rm.ENV] = value

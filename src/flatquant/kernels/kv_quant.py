@@ -1264,8 +1264,8 @@ def decode_attention_reference(
 
 def _transformed_queries(q: torch.Tensor, q_transform: torch.Tensor | None, impl: str = "torch") -> torch.Tensor:
     """``q @ q_transform`` in q's dtype (a 16-bit matmul), or q without a transform. impl: as for
-    :func:`~flatquant.kernels.rows_matmul.rows_matmul` ("auto": its PDL-launched kernel when
-    FLATQUANT_QUERY_KERNEL=1)."""
+    :func:`~flatquant.kernels.rows_matmul.rows_matmul` ("auto": its PDL-launched kernel where it
+    applies, unless FLATQUANT_QUERY_KERNEL=0)."""
     if q_transform is None:
         return q
     d = q.shape[-1]
