@@ -975,3 +975,48 @@ def test_residual_fusion_on_cuda_gives_the_same_bits(packed, arch, monkeypatch):
         got[env] = (model(tokens).logits, model(tokens[:1, :1]).logits, fq.generate(model, tokens[:, :20], 6))
     for fused, plain in zip(got["1"], got["0"], strict=True):
         assert torch.equal(fused, plain)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@torch.no_grad()
+def test_mlp_activation_runs_inside_the_down_projections_transform(packed, arch, monkeypatch):
+    """load_packed hands each MLP's gate and up to down_proj.forward_gated (SiLU and product inside its
+    transform + quantize launch on CUDA); the logits are bit for bit those of the separate SiLU·mul
+    (FLATQUANT_FUSE_GATE=0), in bf16 (the fused path; its reference on the CPU) and fp32, state dict unchanged."""
+    _, _, path = packed[arch]
+    for dtype in (torch.bfloat16, torch.float32):
+        fused = load_packed(path, device="cpu", dtype=dtype)
+        monkeypatch.setenv("FLATQUANT_FUSE_GATE", "0")
+        plain = load_packed(path, device="cpu", dtype=dtype)
+        monkeypatch.delenv("FLATQUANT_FUSE_GATE")
+        assert all(layer.mlp.into_down for layer in fused.model.layers)
+        assert not any(layer.mlp.into_down for layer in plain.model.layers)
+        assert fused.state_dict().keys() == plain.state_dict().keys()
+        calls = []
+        for layer in fused.model.layers:
+            down = layer.mlp.down_proj
+            down.forward_gated = (lambda f, c=calls: lambda *a, **k: c.append(1) or f(*a, **k))(down.forward_gated)
+        torch.testing.assert_close(fused(_TOKENS).logits, plain(_TOKENS).logits, rtol=0, atol=0)
+        assert len(calls) == len(fused.model.layers)
+    assert not any(layer.mlp.into_down for layer in load_packed(path, device="cpu", fuse=False).model.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (kernels, graph capture)")
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@torch.no_grad()
+def test_mlp_activation_inside_the_transform_on_cuda_gives_the_same_bits(packed, arch, monkeypatch):
+    """On CUDA (the transform + quantize kernel with the gated input, fixed launch configs so that both runs
+    sum X' in one order; CUDA graphs) logits and greedy generations equal those of the separate SiLU·mul."""
+    from flatquant.kernels import kron_quantize as kq
+
+    monkeypatch.setattr(kq, "AUTOTUNE", False)
+    _, _, path = packed[arch]
+    got = {}
+    for env in ("1", "0"):
+        monkeypatch.setenv("FLATQUANT_FUSE_GATE", env)
+        model = load_packed(path, device="cuda", dtype=torch.bfloat16)
+        assert model.model.layers[0].mlp.into_down == (env == "1")
+        tokens = _TOKENS.cuda()
+        got[env] = (model(tokens).logits, model(tokens[:1, :1]).logits, fq.generate(model, tokens[:, :20], 6))
+    for fused, plain in zip(got["1"], got["0"], strict=True):
+        assert torch.equal(fused, plain)
