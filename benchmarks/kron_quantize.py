@@ -13,12 +13,6 @@ Prints a table and writes benchmarks/results/kron_quantize.json (device name in 
 
     PYTHONPATH=src python benchmarks/kron_quantize.py            # CUDA, about 2-3 minutes on an H100
     PYTHONPATH=src python benchmarks/kron_quantize.py --quick    # toy sizes; runs on CPU (interpreter) too
-    PYTHONPATH=src python benchmarks/kron_quantize.py --gated    # down_proj inputs: SiLU(gate) * up in the launch
-
-``--gated`` times, for the down projection's inputs (intermediate sizes), the MLP's SiLU(gate) * up as its own
-launch followed by the transform + quantize (two launches, the product written and read back) against both in
-one launch (``kron_quantize(gate, ..., up=up)``), gate and up being the column halves of one GEMM output; it
-writes benchmarks/results/kron_quantize_gated.json.
 """
 
 import argparse
@@ -37,7 +31,6 @@ from gemm import n_copies  # noqa: E402  (the sibling benchmark: copies that def
 
 from flatquant.files import atomic_write_json  # noqa: E402
 from flatquant.kernels import kron_quantize as kq  # noqa: E402
-from flatquant.kernels import silu_mul as sm  # noqa: E402
 
 # hidden size -> (n1, n2, N of the BF16 GEMM it feeds, which layer)
 SHAPES = {
@@ -144,61 +137,6 @@ def _measure(n, n1, n2, tokens, p1, p2, w, unfused, device, intermediates):
     return rec
 
 
-GATED_SHAPES = {n: SHAPES[n] for n in (11008, 14336)}
-QUICK_GATED_SHAPES = {120: (6, 20, 64, "toy, padded tiles")}
-
-
-def _measure_gated(n, n1, n2, tokens, p1, p2, device):
-    """SiLU(gate) * up then the transform + quantize (two launches) against one launch with the gated input."""
-    both = torch.randn(tokens, 2 * n, device=device, dtype=torch.bfloat16) * 3  # the gate/up GEMM's output
-    copies = _copies(both)
-    sep = kq.kron_quantize_triton(sm.silu_mul(both[:, :n], both[:, n:], impl="triton"), p1, p2, 0.9, 0.9)
-    fused = kq.kron_quantize_triton(both[:, :n], p1, p2, 0.9, 0.9, up=both[:, n:])  # autotune outside timing
-    rec = {"n": n, "n1": n1, "n2": n2, "tokens": tokens, "input_copies": len(copies)}
-    rec["same_codes"] = bool(torch.equal(sep.codes, fused.codes) and torch.equal(sep.scale, fused.scale))
-
-    def separate(t):
-        return kq.kron_quantize_triton(sm.silu_mul(t[:, :n], t[:, n:], impl="triton"), p1, p2, 0.9, 0.9)
-
-    rec["separate_us"] = round(_bench(separate, tokens, copies, "separate"), 2)
-    rec["separate_config"] = _tuned_config()
-    rec["silu_mul_us"] = round(_bench(lambda t: sm.silu_mul(t[:, :n], t[:, n:], impl="triton"), tokens, copies), 2)
-    rec["gated_us"] = round(
-        _bench(lambda t: kq.kron_quantize_triton(t[:, :n], p1, p2, 0.9, 0.9, up=t[:, n:]), tokens, copies, "gated"), 2
-    )
-    rec["gated_config"] = _tuned_config()
-    rec["speedup"] = round(rec["separate_us"] / rec["gated_us"], 3)
-    return rec
-
-
-def main_gated(args, start, dev, device, copy_gbs, out_path):
-    shapes = QUICK_GATED_SHAPES if args.quick or dev == "cpu" else GATED_SHAPES
-    token_counts = QUICK_TOKENS if args.quick or dev == "cpu" else TOKENS
-    records, skipped = [], []
-    result = {"device": device, "copy_gbs": copy_gbs, "records": records, "skipped": skipped}
-    print(f"{'n':>6} {'n1xn2':>8} {'T':>5} {'silu_mul':>9} {'separate':>9} {'gated':>8} {'x':>6} {'same':>5}  config")
-    for n, (n1, n2, _, layer) in shapes.items():
-        p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16)
-        p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16)
-        for tokens in token_counts:
-            if time.time() - start > args.budget:
-                skipped.append({"n": n, "tokens": tokens})
-                continue
-            r = _measure_gated(n, n1, n2, tokens, p1, p2, dev)
-            r.update(layer=layer, device=device)
-            records.append(r)
-            print(
-                f"{n:6d} {f'{n1}x{n2}':>8} {tokens:5d} {r['silu_mul_us']:9.1f} {r['separate_us']:9.1f} "
-                f"{r['gated_us']:8.1f} {r['speedup']:6.2f} {str(r['same_codes']):>5}  {r['gated_config']}",
-                flush=True,
-            )
-            result["seconds"] = round(time.time() - start, 1)
-            atomic_write_json(out_path, result)
-    result["seconds"] = round(time.time() - start, 1)
-    atomic_write_json(out_path, result)
-    print(f"wrote {out_path} ({time.time() - start:.0f} s)")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kron_quantize[_quick].json)")
@@ -208,19 +146,16 @@ def main():
     ap.add_argument(
         "--input-intermediate", action="store_true", help='also time intermediate="input" (more autotuning time)'
     )
-    ap.add_argument("--gated", action="store_true", help="SiLU(gate) * up in the launch against its own launch")
     args = ap.parse_args()
     start = time.time()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
-    name = "kron_quantize" + ("_gated" if args.gated else "") + ("_quick" if args.quick else "") + ".json"
+    name = "kron_quantize_quick.json" if args.quick else "kron_quantize.json"
     out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     torch.manual_seed(0)
     device = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
     copy_gbs = copy_bandwidth_gbs() if cuda else float("nan")
     print(f"device: {device}; copy bandwidth {copy_gbs:.0f} GB/s (read + write, 1 GiB)")
-    if args.gated:
-        return main_gated(args, start, dev, device, copy_gbs, out_path)
     unfused = None
     if cuda and not args.no_unfused:
         for opt in ("recompile_limit", "cache_size_limit"):

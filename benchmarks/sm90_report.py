@@ -107,26 +107,22 @@ def resources(kernel) -> dict:
 
 def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
     """Every candidate of each factor pair and token bucket; for pairs that fit a fused RMSNorm (hidden sizes)
-    also the candidates with the norm (``NORM``, whole token rows), and for pairs that fit the gated MLP's
-    SiLU(gate) * up (intermediate sizes up to 128 x 128 padded) the candidates with it (``GATED``)."""
-    sig = dict.fromkeys(["x_ptr", "p1_ptr", "p2_ptr", "nw_ptr", "u_ptr"], "*bf16") | {"q_ptr": "*i8"}
+    also the candidates with the norm (``NORM``, whole token rows)."""
+    sig = dict.fromkeys(["x_ptr", "p1_ptr", "p2_ptr", "nw_ptr"], "*bf16") | {"q_ptr": "*i8"}
     sig |= dict.fromkeys(["scale_ptr", "zero_ptr"], "*fp32")
     sig |= dict.fromkeys(["clip_max", "clip_min", "inv_qmax", "eps"], "fp32")
-    sig |= dict.fromkeys(["n_tokens", "stride_xt", "stride_ut", "T_BUCKET"], "i32")
+    sig |= dict.fromkeys(["n_tokens", "stride_xt", "T_BUCKET"], "i32")
     out = []
     for n1, n2 in pairs:
         bn1, bn2 = max(16, kq._next_pow2(n1)), max(16, kq._next_pow2(n2))
-        inputs = [(False, False)] + [(True, False)] * kq.fuses_norm(n1, n2) + [(False, True)] * kq.fuses_gate(n1, n2)
-        for bucket, (norm, gated) in itertools.product((0, 1), inputs):
-            whole = norm or gated  # whole token rows in registers: no column chunks
-            for cfg in (c for c in kq.candidate_configs(bn1, bn2, bucket, gated=gated) if not whole or c["BC"] == bn2):
+        for bucket, norm in itertools.product((0, 1), (False, True) if kq.fuses_norm(n1, n2) else (False,)):
+            for cfg in (c for c in kq.candidate_configs(bn1, bn2, bucket) if not norm or c["BC"] == bn2):
                 const = dict(N1=n1, N2=n2, BN1=bn1, BN2=bn2, HAS_P1=True, HAS_P2=True, SPLIT_Y=True)
-                const |= dict(SYMMETRIC=True, BITS=4, PACK=False, INTERPRET=False, RECIP=True, NORM=norm, GATED=gated)
+                const |= dict(SYMMETRIC=True, BITS=4, PACK=False, INTERPRET=False, RECIP=True, NORM=norm)
                 const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")} | PDL
                 opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
-                div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt", "nw_ptr", "u_ptr", "stride_ut"]
-                rec = {"kernel": "kron_quantize", "n1": n1, "n2": n2, "bucket": bucket, "norm": norm, "gated": gated}
-                rec |= cfg
+                div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt", "nw_ptr"]
+                rec = {"kernel": "kron_quantize", "n1": n1, "n2": n2, "bucket": bucket, "norm": norm, **cfg}
                 out.append(
                     _report(rec, lambda c=const, o=opts, d=div16: compile_sm90(kq._kron_quantize_kernel, sig, c, d, o))
                 )

@@ -104,14 +104,10 @@ gtypes = {"x_ptr": "*i8", "w_ptr": "*u8", "out_ptr": "*bf16", "res_ptr": "*bf16"
 for on in (True, False):
     out[f"gemm-{on}"] = lines(ptx(gw._w4a4_gemm_kernel, gtypes, gconst, on, num_stages=g.num_stages))
 kconst = dict(N1=64, N2=64, BN1=64, BN2=64, HAS_P1=True, HAS_P2=True, SPLIT_Y=True, SYMMETRIC=True, BITS=4, PACK=False,
-              INTERPRET=False, RECIP=True, NORM=True, GATED=False, BLOCK_T=1, PROGS_PER_SM=1, P1_FIRST=0, FAST_DIV=0,
-              BC=64)
-ktypes = {"x_ptr": "*bf16", "p1_ptr": "*bf16", "p2_ptr": "*bf16", "nw_ptr": "*bf16", "u_ptr": "*bf16", "q_ptr": "*i8",
+              INTERPRET=False, RECIP=True, NORM=True, BLOCK_T=1, PROGS_PER_SM=1, P1_FIRST=0, FAST_DIV=0, BC=64)
+ktypes = {"x_ptr": "*bf16", "p1_ptr": "*bf16", "p2_ptr": "*bf16", "nw_ptr": "*bf16", "q_ptr": "*i8",
           "clip_max": "fp32", "clip_min": "fp32", "inv_qmax": "fp32", "eps": "fp32"}
 out["kron"] = lines(ptx(kq._kron_quantize_kernel, ktypes, kconst, True, num_stages=1))
-for name, gated in (("kron-plain", False), ("kron-gated", True)):
-    const = dict(kconst, NORM=False, GATED=gated)
-    out[name] = lines(ptx(kq._kron_quantize_kernel, ktypes, const, True, num_stages=1))
 out["silu"] = lines(ptx(sm._silu_mul_kernel, dict.fromkeys(["g_ptr", "u_ptr", "out_ptr"], "*bf16"),
                         dict(BLOCK_R=1, BLOCK_C=1024, INTERPRET=False), True))
 out["rmsnorm"] = lines(ptx(rn._rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32"},
@@ -160,20 +156,6 @@ def test_sm90_transform_loads_factors_before_the_wait_and_tokens_after(sm90_even
     reads = _reads(ev)
     assert min(reads) < wait < max(reads)  # P1, P2, the norm weight before; the token rows after
     assert min(i for i, e in enumerate(ev) if e == "st.global") > wait
-
-
-def test_sm90_transform_loads_the_gated_mlps_up_after_the_wait(sm90_events):
-    """With the gated input (SiLU(gate) * up) the kernel reads the factors before the wait, as without it, and
-    both halves of the token (gate and up, written by the gate/up GEMM) after it."""
-    plain, gated = sm90_events["kron-plain"], sm90_events["kron-gated"]
-
-    def split(ev):
-        wait = ev.index("griddepcontrol.wait")
-        reads = _reads(ev)
-        return sum(i < wait for i in reads), sum(i > wait for i in reads)
-
-    (before_p, after_p), (before_g, after_g) = split(plain), split(gated)
-    assert before_g == before_p > 0 and after_g > after_p > 0
 
 
 def test_sm90_query_transform_loads_its_matrix_before_the_wait_and_rows_after(sm90_events):

@@ -418,10 +418,9 @@ def finish_packed_model(model: nn.Module, device: torch.device | str, fuse: bool
     RMSNorm modules for :class:`~flatquant.kernels.rmsnorm.FusedRMSNorm`, rotate q and k in one launch
     (:func:`~flatquant.kernels.rope.fuse_rotary`), run the MLP's SiLU and product in one
     (:func:`~flatquant.kernels.silu_mul.fuse_silu_mul`); with
-    ``fuse``, the linears of a shared input (q/k/v, gate/up) run as one GEMM (``SharedInputQuant.fuse``),
+    ``fuse``, the linears of a shared input (q/k/v, gate/up) run as one GEMM (``SharedInputQuant.fuse``) and
     each decoder layer's two norms run inside the transform + quantize of the input they feed
-    (:func:`defer_norms`; environment ``FLATQUANT_FUSE_NORMS=0`` keeps them separate) and the MLP's SiLU and
-    product inside down_proj's (``FLATQUANT_FUSE_GATE=0`` keeps their own launch)."""
+    (:func:`defer_norms`; environment ``FLATQUANT_FUSE_NORMS=0`` keeps them separate)."""
     if getattr(model.config, "tie_word_embeddings", False):
         emb, out = model.get_input_embeddings(), model.get_output_embeddings()
         if isinstance(emb, Int8Embedding):  # one int8 matrix for both
@@ -439,10 +438,7 @@ def finish_packed_model(model: nn.Module, device: torch.device | str, fuse: bool
     use_packed_attention(model)
     fuse_rms_norms(model)  # one launch per norm on CUDA (same arithmetic; the reference elsewhere)
     fuse_rotary(model)  # one launch for RoPE of q and k on CUDA (same bits; transformers' function elsewhere)
-    # SiLU(gate) * up in one launch on CUDA (the reference elsewhere); with fuse, inside down_proj's transform +
-    # quantize launch (environment FLATQUANT_FUSE_GATE=0: a launch of its own)
-    into_down = fuse and os.environ.get("FLATQUANT_FUSE_GATE", "1") != "0"
-    fuse_silu_mul(model, spec_for(model).mlp, into_down=into_down)
+    fuse_silu_mul(model, spec_for(model).mlp)  # SiLU(gate) * up in one launch on CUDA (the reference elsewhere)
     if fuse:
         if os.environ.get("FLATQUANT_FUSE_NORMS", "1") != "0":  # 0: separate norm launches (comparisons)
             defer_norms(model)

@@ -24,9 +24,6 @@ Contract shared by the kernel and the reference (the rest of the library depends
   when symmetric); fp32 scale (...,); fp32 zero point (...,) when asymmetric, else None.
 - ``p2=None`` means identity over n2 (the P_o transform: heads x heads factor, identity over head_dim,
   ``n2 = n // n1``); ``p1=None`` likewise means identity over n1.
-- Inputs computed inside the launch (the tensor that would otherwise be written and read back): ``norm``
-  (the decoder layer's RMSNorm of x) or ``up`` (the gated MLP's ``SiLU(x) * up``, x being the gate: the
-  down projection's input); each with its module's arithmetic and roundings to x.dtype.
 """
 
 from __future__ import annotations
@@ -117,24 +114,6 @@ def _check_norm(x: torch.Tensor, norm) -> None:
         raise ValueError(f"norm eps must be >= 0, got {eps!r}")
 
 
-def _check_up(x: torch.Tensor, up: torch.Tensor | None, norm) -> None:
-    """The gated MLP's ``up`` (same shape, dtype and device as the gate x); not together with a norm."""
-    if up is None:
-        return
-    if up.shape != x.shape or up.dtype != x.dtype or up.device != x.device:
-        raise ValueError(
-            f"up must match the gate x: {tuple(x.shape)} {x.dtype} {x.device}, got {tuple(up.shape)} {up.dtype} "
-            f"{up.device}"
-        )
-    if norm is not None:
-        raise ValueError("norm and up exclude each other (an RMSNorm of SiLU(gate) * up is not a layer's input)")
-
-
-def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The Llama / Mistral / Qwen MLP's ``act_fn(gate) * up`` with SiLU, op for op (two roundings to the dtype)."""
-    return torch.nn.functional.silu(gate) * up
-
-
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The Llama / Mistral / Qwen RMSNorm modules' arithmetic, op for op (upcast, mean of squares, rsqrt,
     downcast, times the weight)."""
@@ -161,7 +140,6 @@ def kron_quantize_reference(
     pack: bool = False,
     intermediate: str = "fp32",
     norm: tuple[torch.Tensor, float] | None = None,
-    up: torch.Tensor | None = None,
 ) -> KronQuantized:
     """Plain PyTorch reference of :func:`kron_quantize` (any device; same contract, see module doc).
 
@@ -171,11 +149,8 @@ def kron_quantize_reference(
     """
     n1, n2 = _check_args(x, p1, p2, bits, symmetric, pack, intermediate)
     _check_norm(x, norm)
-    _check_up(x, up, norm)
     if norm is not None:
         x = rms_norm_reference(x, *norm)
-    if up is not None:
-        x = silu_mul_reference(x, up)
     lead = x.shape[:-1]
     z = x.reshape(-1, n1, n2).double()  # (T, n1, n2)
     if p2 is not None:
@@ -272,14 +247,6 @@ if triton is not None:
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             y = bits.to(tl.float32, bitcast=True)
         return y.to(dt)
-
-    @triton.jit
-    def _silu_mul(g, u, dt: tl.constexpr, INTERPRET: tl.constexpr):
-        """SiLU(g) * u for 16-bit tiles as the MLP computes them: fp32 math, SiLU's output rounded to dt, the
-        product rounded to dt (returned in dt). The one copy of this arithmetic (silu_mul.py's kernel calls it)."""
-        gf = g.to(tl.float32)
-        s = _round_to(tl.div_rn(gf, 1.0 + tl.exp(-gf)), dt, INTERPRET).to(tl.float32)
-        return _round_to(s * u.to(tl.float32), dt, INTERPRET)
 
     @triton.jit
     def _left_factor(y, p1t, dt: tl.constexpr, HAS_P1: tl.constexpr, SPLIT_Y: tl.constexpr, INTERPRET):
@@ -507,7 +474,6 @@ if triton is not None:
         scale_ptr,
         zero_ptr,
         nw_ptr,  # (N1 * N2,) RMSNorm weight in x's dtype when NORM (else unused)
-        u_ptr,  # (T, n) the gated MLP's up when GATED (x is then the gate), row stride stride_ut (else unused)
         # runtime scalars
         clip_max,
         clip_min,
@@ -515,7 +481,6 @@ if triton is not None:
         eps,  # RMSNorm epsilon when NORM
         n_tokens,
         stride_xt,
-        stride_ut,
         T_BUCKET,  # token-count bucket: an autotune key, unused in the body
         # shapes: the token tile is (BN1, BN2) = (N1, N2) padded to powers of two >= 16
         N1: tl.constexpr,
@@ -532,7 +497,6 @@ if triton is not None:
         INTERPRET: tl.constexpr,  # CPU interpreter workarounds
         RECIP: tl.constexpr,  # CUDA: scale = range * fp32(1 / qmax), as the reference computes it there
         NORM: tl.constexpr,  # RMSNorm each token first (the decoder layer's norm), as the modules compute it
-        GATED: tl.constexpr,  # the token is SiLU(x) * up (the down projection's input), as the MLP computes it
         # launch config (autotuned): tokens stacked per iteration, programs per SM (read by the grid only)
         BLOCK_T: tl.constexpr,
         PROGS_PER_SM: tl.constexpr,
@@ -574,9 +538,6 @@ if triton is not None:
                 m3 = tmask[:, None, None] & mask[None, :, :]  # (BT, BN1, BN2)
                 offs = t64[:, None, None] * stride_xt + ra[None, :, None] * N2 + rb[None, None, :]
                 x = tl.load(x_ptr + offs, mask=m3, other=0.0)  # (BT, BN1, BN2)
-                if GATED:
-                    u_offs = t64[:, None, None] * stride_ut + ra[None, :, None] * N2 + rb[None, None, :]
-                    x = _silu_mul(x, tl.load(u_ptr + u_offs, mask=m3, other=0.0), dt, INTERPRET)
                 if NORM:  # as the norm module: fp32 mean of squares, x * 1 / sqrt, to dt, times the weight, to dt
                     xf = x.to(tl.float32)
                     ss = tl.reduce(tl.reduce(xf * xf, 2, tl.standard._sum_combine), 1, tl.standard._sum_combine)
@@ -630,9 +591,6 @@ if triton is not None:
                 xrow = t64 * stride_xt
                 if BC == BN2:
                     x = tl.load(x_ptr + xrow + ra[:, None] * N2 + rb[None, :], mask=mask, other=0.0)
-                    if GATED:
-                        u_offs = t64 * stride_ut + ra[:, None] * N2 + rb[None, :]
-                        x = _silu_mul(x, tl.load(u_ptr + u_offs, mask=mask, other=0.0), dt, INTERPRET)
                     if NORM:
                         xf = x.to(tl.float32)
                         ss = tl.reduce(tl.reduce(xf * xf, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
@@ -780,13 +738,11 @@ def _token_bucket(n_tokens: int) -> int:
     return 1 if n_tokens <= 512 else 2 if n_tokens <= 4096 else 3
 
 
-def _default_config(bn1: int, bn2: int, n_tokens: int, gated: bool = False) -> dict:
+def _default_config(bn1: int, bn2: int, n_tokens: int) -> dict:
     """The fixed launch config (interpreter, FLATQUANT_AUTOTUNE=0): the previous H100 sweep's best one
     token per iteration config (4 warps up to 64x128 tiles, 8 above; 3 stages except 2 at 64x128;
-    4 programs per SM). gated: at most 2 stages on 128x128 tiles (see :func:`candidate_configs`)."""
+    4 programs per SM)."""
     tile = bn1 * bn2
-    if gated and tile >= _GATED_STAGES_TILE:
-        return dict(_default_config(bn1, bn2, n_tokens), num_stages=2)
     return {
         "BLOCK_T": 1,
         "P1_FIRST": 0,
@@ -798,28 +754,8 @@ def _default_config(bn1: int, bn2: int, n_tokens: int, gated: bool = False) -> d
     }
 
 
-# token tiles from which the gated input (gate and up loaded per stage: twice the X buffers) keeps to 2 stages:
-# 3 stages of a 128x128 tile with X @ P2 first need 256 KB of shared memory (sm_90 build), over the 227 KB
-_GATED_STAGES_TILE = 128 * 128
-
-
-def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True, gated: bool = False) -> list[dict]:
+def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) -> list[dict]:
     """The launch configs the autotuner chooses among for a (BN1, BN2) tile and token bucket.
-
-    gated (the input is SiLU(gate) * up, loaded as two tiles): whole token rows only (no column chunks) and at
-    most 2 pipeline stages on tiles of 128x128 padded elements.
-    """
-    out = _candidates(bn1, bn2, bucket, p1_first)
-    if not gated:
-        return out
-    capped = [c for c in out if c["BC"] == bn2]
-    if bn1 * bn2 >= _GATED_STAGES_TILE:
-        capped = [dict(c, num_stages=min(2, c["num_stages"])) for c in capped]
-    return [dict(t) for t in dict.fromkeys(tuple(sorted(c.items())) for c in capped)]  # first of each, in order
-
-
-def _candidates(bn1: int, bn2: int, bucket: int, p1_first: bool) -> list[dict]:
-    """:func:`candidate_configs` for tokens read from memory (no gated input).
 
     Latency path (bucket 0): one token per program, 4 or 8 warps, both product orders, IEEE divisions or the
     reciprocal multiply (``FAST_DIV``). Throughput path:
@@ -877,14 +813,13 @@ if triton is not None:
         for bn1 in (16, 32, 64, 128, 256)
         for bn2 in (16, 32, 64, 128, 256)
         for bucket in (0, 1)
-        for gated in (False, True)
-        for c in candidate_configs(bn1, bn2, bucket, True, gated)
+        for c in candidate_configs(bn1, bn2, bucket, True)
     }
 
     def _prune(configs, named_args, **kwargs):
         a = {**named_args, **kwargs}
         p1_first = a["SPLIT_Y"] and a["HAS_P1"] and a["HAS_P2"]
-        keep = candidate_configs(a["BN1"], a["BN2"], a["T_BUCKET"], p1_first, a["GATED"])
+        keep = candidate_configs(a["BN1"], a["BN2"], a["T_BUCKET"], p1_first)
         if a["NORM"]:  # the fused norm needs whole token rows in registers: no column chunks
             keep = [c for c in keep if c["BC"] == a["BN2"]]
         want = [tuple(sorted(c.items())) for c in keep]
@@ -905,7 +840,7 @@ if triton is not None:
 
     _TUNE = dict(
         configs=[_as_triton_config(c) for c in _ALL_CONFIGS.values()],
-        key=["N1", "N2", "T_BUCKET", "HAS_P1", "HAS_P2", "SPLIT_Y", "SYMMETRIC", "PACK", "NORM", "GATED"],
+        key=["N1", "N2", "T_BUCKET", "HAS_P1", "HAS_P2", "SPLIT_Y", "SYMMETRIC", "PACK", "NORM"],
         prune_configs_by={"early_config_prune": _prune},
     )
     try:
@@ -918,13 +853,6 @@ def fuses_norm(n1: int, n2: int) -> bool:
     """Whether the Triton kernel can apply an RMSNorm to tokens of n1 x n2 (whole padded rows in registers:
     every hidden size up to 8192, e.g. 4096 = 64 x 64 and 8192 = 64 x 128)."""
     return max(16, _next_pow2(n1)) * max(16, _next_pow2(n2)) < _MAX_TILE
-
-
-def fuses_gate(n1: int, n2: int) -> bool:
-    """Whether the Triton kernel can compute the gated MLP's SiLU(gate) * up of tokens of n1 x n2 in the launch
-    (whole padded tokens of at most 128 x 128: every LLaMA / Mistral / Qwen intermediate size up to 16384, e.g.
-    11008 = 86 x 128 and 14336 = 112 x 128; larger tiles are built in column chunks)."""
-    return max(16, _next_pow2(n1)) * max(16, _next_pow2(n2)) <= _MAX_TILE
 
 
 def _use_autotuner(config: dict | None) -> bool:
@@ -954,7 +882,6 @@ def kron_quantize_triton(
     intermediate: str = "fp32",
     config: dict | None = None,
     norm: tuple[torch.Tensor, float] | None = None,
-    up: torch.Tensor | None = None,
 ) -> KronQuantized:
     """The fused Triton kernel (one launch); same contract as :func:`kron_quantize_reference`.
 
@@ -972,18 +899,13 @@ def kron_quantize_triton(
             f"a fused norm needs token tiles of at most {_MAX_TILE - 1} padded elements, got {n1}x{n2} "
             "(run the norm separately)"
         )
-    _check_up(x, up, norm)
-    if up is not None and not fuses_gate(n1, n2):
-        raise ValueError(
-            f"SiLU(gate) * up inside the launch needs token tiles of at most {_MAX_TILE} padded elements, got "
-            f"{n1}x{n2} (run silu_mul separately)"
-        )
     if pack and n2 % 2:
         raise ValueError(f"the Triton kernel packs pairs within a row and needs an even n2, got {n2=}")
     n = n1 * n2
     lead = x.shape[:-1]
-    x2 = _unit_stride_rows(x.reshape(-1, n))  # the gate and up column halves of one GEMM output stay views
-    u2 = _unit_stride_rows(up.reshape(-1, n)) if up is not None else x2
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     n_tokens = x2.shape[0]
     p1c = p1.to(device=x.device, dtype=x.dtype).contiguous() if p1 is not None else x2
     p2c = p2.to(device=x.device, dtype=x.dtype).contiguous() if p2 is not None else x2
@@ -995,7 +917,7 @@ def kron_quantize_triton(
         sms = _sm_count(x.device)
         bucket = _token_bucket(n_tokens)
         nw = norm[0].contiguous() if norm is not None else x2
-        args = (x2, p1c, p2c, codes, scale, zero if zero is not None else scale, nw, u2)
+        args = (x2, p1c, p2c, codes, scale, zero if zero is not None else scale, nw)
         args += (
             float(clip_max),
             float(clip_min),
@@ -1003,13 +925,12 @@ def kron_quantize_triton(
             float(norm[1]) if norm is not None else 0.0,
             n_tokens,
             x2.stride(0),
-            u2.stride(0),
             bucket,
         )
         # the shape and variant constexprs go positionally (N1 ... INTERPRET), so that the autotuner's key and
         # its config pruning see them among the named arguments in every Triton version
         args += (n1, n2, bn1, bn2, p1 is not None, p2 is not None, intermediate == "fp32", symmetric, bits, pack)
-        args += (_interpreting(), x.is_cuda, norm is not None, up is not None)
+        args += (_interpreting(), x.is_cuda, norm is not None)
         meta = {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
         meta.update(_pdl.launch_options(_pdl.pdl_on(x2)))
 
@@ -1019,7 +940,7 @@ def kron_quantize_triton(
         if _use_autotuner(config):
             _kron_quantize_tuned[grid](*args, **meta)
         else:
-            cfg = _default_config(bn1, bn2, n_tokens, gated=up is not None)
+            cfg = _default_config(bn1, bn2, n_tokens)
             cfg.update({_CONFIG_ALIASES.get(k, k): v for k, v in (config or {}).items()})
             bc = cfg["BC"]
             if bc not in [2**k for k in range(4, 9)] or bc > bn2 or (bc == bn2 and bn1 * bn2 > _MAX_TILE):
@@ -1027,9 +948,8 @@ def kron_quantize_triton(
                     f"BC={bc} must be a power of two from 16 to the padded n2 ({bn2}), and below it for tiles over "
                     f"{_MAX_TILE} elements (a {bn1}x{bn2} tile here)"
                 )
-            if (norm is not None or up is not None) and bc != bn2:
-                what = "a fused norm" if norm is not None else "SiLU(gate) * up inside the launch"
-                raise ValueError(f"BC={bc}: {what} needs whole token rows (BC = the padded n2, {bn2})")
+            if norm is not None and bc != bn2:
+                raise ValueError(f"BC={bc}: a fused norm needs whole token rows (BC = the padded n2, {bn2})")
             if cfg["BLOCK_T"] > 1 and (bc != bn2 or cfg["BLOCK_T"] * bn1 * bn2 > _MAX_STACK):
                 raise ValueError(
                     f"BLOCK_T={cfg['BLOCK_T']} stacks tokens only for tiles up to {_MAX_STACK} elements in all "
@@ -1040,10 +960,6 @@ def kron_quantize_triton(
             _kron_quantize_kernel[grid({**cfg})](*args, **meta, **cfg)
     codes = codes.reshape(*lead, codes.shape[-1])
     return KronQuantized(codes, scale.reshape(lead), None if zero is None else zero.reshape(lead))
-
-
-def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def kron_quantize(
@@ -1059,7 +975,6 @@ def kron_quantize(
     pack: bool = False,
     intermediate: str = "fp32",
     norm: tuple[torch.Tensor, float] | None = None,
-    up: torch.Tensor | None = None,
 ) -> KronQuantized:
     """Transform each token by P1 (x) P2 and quantize it per token (see the module doc for the contract).
 
@@ -1071,14 +986,10 @@ def kron_quantize(
     zero fp32 (...,) or None).
     norm: ``(weight, eps)`` to RMSNorm each token first, as the decoder layer's norm module would (weight (n,)
     in x's dtype; the Triton kernel takes tiles below 128 x 128 padded elements, see :func:`fuses_norm`).
-    up: the gated MLP's up projection (x's shape and dtype): the tokens are then ``SiLU(x) * up`` (x is the gate),
-    computed as the MLP computes it (see :func:`silu_mul_reference`; the Triton kernel takes tiles up to 128 x 128
-    padded elements, see :func:`fuses_gate`). Not together with ``norm``.
     """
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl=}")
     if impl == "auto":
         impl = "triton" if x.device.type == "cuda" and triton is not None else "torch"
     fn = kron_quantize_triton if impl == "triton" else kron_quantize_reference
-    kw = dict(pack=pack, intermediate=intermediate, norm=norm, up=up)
-    return fn(x, p1, p2, clip_max, clip_min, bits, symmetric, **kw)
+    return fn(x, p1, p2, clip_max, clip_min, bits, symmetric, pack=pack, intermediate=intermediate, norm=norm)

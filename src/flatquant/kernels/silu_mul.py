@@ -33,7 +33,9 @@ triton, tl = _kq.triton, _kq.tl
 __all__ = ["FusedGatedMLP", "fuse_silu_mul", "silu_mul", "silu_mul_reference", "silu_mul_triton"]
 
 
-silu_mul_reference = _kq.silu_mul_reference  # the MLP's arithmetic, op for op (see the module doc)
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The MLP's arithmetic, op for op (see the module doc)."""
+    return torch.nn.functional.silu(gate) * up
 
 
 if triton is not None:
@@ -48,9 +50,11 @@ if triton is not None:
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         m = (r < n_rows)[:, None] & (c < n_cols)[None, :]
         r64 = r.to(tl.int64)[:, None]
-        g = tl.load(g_ptr + r64 * stride_g + c[None, :], mask=m, other=0.0)
-        u = tl.load(u_ptr + r64 * stride_u + c[None, :], mask=m, other=0.0)
-        h = _kq._silu_mul(g, u, out_ptr.dtype.element_ty, INTERPRET)  # the arithmetic the transform kernel fuses
+        g = tl.load(g_ptr + r64 * stride_g + c[None, :], mask=m, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + r64 * stride_u + c[None, :], mask=m, other=0.0).to(tl.float32)
+        s = tl.div_rn(g, 1.0 + tl.exp(-g))
+        s = _kq._round_to(s, g_ptr.dtype.element_ty, INTERPRET).to(tl.float32)  # silu's output in dt
+        h = _kq._round_to(s * u, out_ptr.dtype.element_ty, INTERPRET)
         tl.store(out_ptr + r64 * stride_o + c[None, :], h, mask=m)
 
 
@@ -107,20 +111,14 @@ class FusedGatedMLP(nn.Module):
     projection modules (same names, so the state dict is unchanged), activation and product in one launch on
     CUDA. :func:`fuse_silu_mul` swaps it in."""
 
-    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, into_down: bool = False):
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
-        # hand gate and up to down_proj.forward_gated (a W4A4 linear: SiLU and product inside its transform +
-        # quantize launch) instead of computing the product here
-        self.into_down = into_down and callable(getattr(down_proj, "forward_gated", None))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The MLP's output; with ``residual``, ``residual + output`` (by down_proj where it takes a residual,
         e.g. a W4A4 linear adding it in its GEMM's epilogue)."""
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.into_down:
-            return self.down_proj.forward_gated(gate, up, residual=residual)
-        h = silu_mul(gate, up)
+        h = silu_mul(self.gate_proj(x), self.up_proj(x))
         if residual is None:
             return self.down_proj(h)
         takes = self.__dict__.get("_down_takes_residual")
@@ -134,11 +132,10 @@ def _is_silu(act) -> bool:
     return type(act) is nn.SiLU or type(act).__name__ == "SiLUActivation"
 
 
-def fuse_silu_mul(model: nn.Module, mlp_name: str = "mlp", into_down: bool = False) -> int:
+def fuse_silu_mul(model: nn.Module, mlp_name: str = "mlp") -> int:
     """Swap every module called ``mlp_name`` that is a gated-SiLU MLP (``gate_proj``, ``up_proj``,
     ``down_proj`` and a SiLU ``act_fn``) for :class:`FusedGatedMLP`; other
-    activations are left alone. ``into_down``: where down_proj has ``forward_gated`` (a W4A4 linear), the
-    activation and product run inside its transform + quantize launch. Returns how many were swapped."""
+    activations are left alone. Returns how many were swapped."""
     swapped = 0
     for name, mod in list(model.named_modules()):
         if name.rpartition(".")[2] != mlp_name or isinstance(mod, FusedGatedMLP):
@@ -146,6 +143,6 @@ def fuse_silu_mul(model: nn.Module, mlp_name: str = "mlp", into_down: bool = Fal
         parts = [getattr(mod, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
         if _is_silu(getattr(mod, "act_fn", None)) and all(isinstance(p, nn.Module) for p in parts):
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, FusedGatedMLP(*parts, into_down=into_down))
+            setattr(model.get_submodule(parent), attr, FusedGatedMLP(*parts))
             swapped += 1
     return swapped

@@ -17,13 +17,11 @@ from torch import nn
 from flatquant.kernels.gemm_w4a4 import SMALL_M, pack_int4, w4a4_gemm
 
 try:  # the fused transform + quantize kernel; the torch fallback below has the same numerics
-    from flatquant.kernels.kron_quantize import fuses_gate as _fuses_gate
     from flatquant.kernels.kron_quantize import fuses_norm as _fuses_norm
     from flatquant.kernels.kron_quantize import kron_quantize as _kron_quantize
 except ImportError:
-    _kron_quantize = _fuses_norm = _fuses_gate = None
+    _kron_quantize = _fuses_norm = None
 from flatquant.kernels.rmsnorm import rms_norm as _rms_norm
-from flatquant.kernels.silu_mul import silu_mul as _silu_mul
 
 __all__ = ["W4A4Linear", "kron_quantize_torch", "operand_gemm", "quantize_operand", "quantize_weight_rtn"]
 
@@ -80,7 +78,6 @@ def quantize_operand(
     symmetric: bool = True,
     act_impl: str = "auto",
     norm: tuple[torch.Tensor, float] | None = None,
-    up: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """x (..., K) float -> 4-bit GEMM operand (codes int8 (..., K), scale fp32 (...,)[, zero fp32 (...,)]).
 
@@ -88,28 +85,21 @@ def quantize_operand(
     :func:`kron_quantize_torch`; several layers reading one input share the result. norm: ``(weight, eps)`` of
     the RMSNorm that produces this input, applied first (inside the fused kernel where it can take it: 16-bit x,
     the weight in x's dtype, token tiles below 128 x 128; else as a separate step, with the same arithmetic).
-    up: the gated MLP's up projection: the input is then ``SiLU(x) * up`` (x being the gate; inside the fused
-    kernel for tiles up to 128 x 128, else by ``silu_mul`` first, with the same arithmetic). Not with ``norm``.
     """
     kw = dict(clip_max=clip_max, clip_min=clip_min, bits=4, symmetric=symmetric)
     if _kron_quantize is not None and act_impl == "auto" and x.dtype in (torch.bfloat16, torch.float16):
-        if norm is not None and (norm[0].dtype != x.dtype or not _tile_takes(_fuses_norm, x.shape[-1], p1, p2)):
+        if norm is not None and (norm[0].dtype != x.dtype or not _tile_takes_norm(x.shape[-1], p1, p2)):
             x, norm = _rms_norm(x, *norm), None
-        if up is not None and (up.dtype != x.dtype or not _tile_takes(_fuses_gate, x.shape[-1], p1, p2)):
-            x, up = _silu_mul(x, up), None
-        codes, scale, zero = _kron_quantize(x, p1, p2, **kw, norm=norm, up=up)
+        codes, scale, zero = _kron_quantize(x, p1, p2, **kw, norm=norm)
         return (codes, scale) if zero is None else (codes, scale, zero)
     if norm is not None:
         x = _rms_norm(x, *norm)
-    if up is not None:
-        x = _silu_mul(x, up)
     return kron_quantize_torch(x, p1, p2, **kw)
 
 
-def _tile_takes(fuses, n: int, p1: torch.Tensor | None, p2: torch.Tensor | None) -> bool:
-    """Whether the fused kernel takes an input computed in the launch (``fuses``: fuses_norm or fuses_gate)."""
+def _tile_takes_norm(n: int, p1: torch.Tensor | None, p2: torch.Tensor | None) -> bool:
     n1 = p1.shape[0] if p1 is not None else (n // p2.shape[0] if p2 is not None else 1)
-    return fuses is not None and fuses(n1, n // n1)
+    return _fuses_norm is not None and _fuses_norm(n1, n // n1)
 
 
 def quantize_weight_rtn(weight: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, ...]:
@@ -265,25 +255,13 @@ class W4A4Linear(nn.Module):
         layer.act_clip_max, layer.act_clip_min = float(clip[0]), float(clip[1])
         return layer
 
-    def quantize_input(self, x: torch.Tensor, up: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """x (..., K) float -> operand tuple (codes int8 (..., K), scale fp32 (...,)[, zero fp32 (...,)]);
-        with ``up``, the input is the gated MLP's ``SiLU(x) * up`` (x the gate), see :func:`quantize_operand`."""
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (..., K) float -> operand tuple (codes int8 (..., K), scale fp32 (...,)[, zero fp32 (...,)])."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         return quantize_operand(
-            x, self.p1, self.p2, self.act_clip_max, self.act_clip_min, self.act_symmetric, self.act_impl, up=up
+            x, self.p1, self.p2, self.act_clip_max, self.act_clip_min, self.act_symmetric, self.act_impl
         )
-
-    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``forward(SiLU(gate) * up, residual)`` (a down projection), the activation and product computed inside
-        the transform + quantize launch where the kernel takes them: the same result without writing the
-        product to memory and reading it back."""
-        if residual is None and self.next_residual is not None:
-            residual, self.next_residual = self.next_residual, None
-        out_dtype = gate.dtype if gate.dtype in (torch.bfloat16, torch.float16, torch.float32) else self.out_dtype
-        op = self.quantize_input(gate, up)
-        w, ws, b = self.w_packed, self.w_scale, self.bias
-        return operand_gemm(op, w, ws, b, out_dtype, self.gemm_impl, self.prefill_fp8, residual)
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...], residual: torch.Tensor | None = None) -> torch.Tensor:
         if residual is None and self.next_residual is not None:
