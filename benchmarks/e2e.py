@@ -20,7 +20,11 @@ depend on the values; never read accuracy from them). The W4A4 model is the pack
   (measured per token on the filled cache), and the peak allocated memory of each decode run.
 * breakdown: a torch.profiler trace of one prefill (batch 4) and a few decode steps (batch 16) of each model,
   device time summed by kernel name into GEMM / transform+quantize / attention / other; for W4A4 also one
-  prefill replayed from its CUDA graph (``prefill-graph``: the kernels as served).
+  prefill replayed from its CUDA graph (``prefill-graph``: the kernels as served) and 4 decode steps replayed
+  from theirs (``decode-graph``, as served: with programmatic dependent launch a kernel starts while its
+  predecessor finishes and waits inside, so the kernels' spans overlap and their sum exceeds the step; and
+  ``decode-graph-serial``, the same steps captured without it: each kernel's own time, summing to about the
+  step). ``--breakdown-phases decode`` profiles the decode steps only (no prefill-size tuning).
 
 Eager PyTorch for both models (what ``generate()`` runs), so decode at small batch includes Python launch
 overhead. Decode is also timed replayed from CUDA graphs, for both models: W4A4 through
@@ -48,6 +52,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig  # noqa: E402
 
 from flatquant.files import atomic_write_json  # noqa: E402
+from flatquant.kernels import pdl as _pdl  # noqa: E402
 from flatquant.kernels.rope import unfuse_rotary  # noqa: E402
 from flatquant.kvcache import GraphedDecoder, GraphedPrefill, Int4KVCache, cache_kwargs  # noqa: E402
 from flatquant.packed import HEAD_GROUP, finish_packed_model, head_group_for, packed_skeleton  # noqa: E402
@@ -421,16 +426,50 @@ def _profile_parts(run, model, device, steps: int) -> dict:
     return out
 
 
-def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
-    """Device (or CPU) time by category for one prefill and 4 decode steps; for W4A4 also one prefill replayed
-    from its CUDA graph (``prefill-graph``: the kernels as served, which can differ from the eager ones, e.g.
-    when transformers builds an attention mask during the capture; eager on the CPU)."""
+def _graph_decode_parts(model, batch, seqlen, device, pdl: bool) -> dict:
+    """4 decode steps of the W4A4 model replayed from a CUDA graph captured with programmatic dependent launch
+    on or off (eager through the same static path off CUDA), profiled as :func:`_profile_parts`."""
+    prev = _pdl.ENABLED
+    _pdl.ENABLED = pdl and prev  # read per launch: the capture below records the kernels with or without it
+    try:
+        capacity = seqlen + 32  # warm-up, one timed and one profiled run of 4 steps each
+        cache = new_cache(model, "w4a4", capacity)
+        nxt = fill_prompt(cache, model, "w4a4", batch, seqlen, capacity, device)
+        cache.make_static(capacity)
+        dec = GraphedDecoder(model, cache, use_graph=device.type == "cuda")
+        for _ in range(dec.warmup_steps + 1):
+            nxt = dec.step(nxt).argmax(-1, keepdim=True)
+
+        def run():
+            nonlocal nxt
+            for _ in range(4):
+                nxt = dec.step(nxt).argmax(-1, keepdim=True)
+
+        out = _profile_parts(run, model, device, 4)
+        out["pdl"] = _pdl.pdl_on(torch.empty(0, device=device))  # as launched: off on the CPU and older GPUs
+        return out
+    finally:
+        _pdl.ENABLED = prev
+
+
+def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen, phases=("prefill", "decode")) -> dict:
+    """Device (or CPU) time by category for one prefill and 4 decode steps (``phases``: either or both); for
+    W4A4 also one prefill replayed from its CUDA graph (``prefill-graph``: the kernels as served, which can
+    differ from the eager ones, e.g. when transformers builds an attention mask during the capture; eager on the
+    CPU) and 4 decode steps replayed from graphs with and without programmatic dependent launch
+    (``decode-graph``, ``decode-graph-serial``; see the module doc)."""
     out = {}
     for phase, batch in (("prefill", batch_prefill), ("decode", batch_decode)):
+        if phase not in phases:
+            continue
         with torch.no_grad():
             cache = new_cache(model, kind, seqlen + 8)
-            ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=device)
-            nxt = model(ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+            if phase == "prefill":
+                ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=device)
+                model(ids, logits_to_keep=1, **cache_kwargs(model, cache))
+            else:
+                ids = None
+                nxt = fill_prompt(cache, model, kind, batch, seqlen, seqlen + 8, device)
 
             def run(phase=phase, ids=ids, cache=cache):  # this iteration's (called within it)
                 nonlocal nxt
@@ -443,8 +482,13 @@ def breakdown(model, kind, device, batch_prefill, batch_decode, seqlen) -> dict:
             out[phase] = {"batch": batch, **_profile_parts(run, model, device, 1 if phase == "prefill" else 4)}
     if kind == "w4a4":
         with torch.no_grad():
-            pre, ids = _warm_graphed_prefill(model, batch_prefill, seqlen, device)
-            out["prefill-graph"] = {"batch": batch_prefill, **_profile_parts(lambda: pre(ids), model, device, 1)}
+            if "prefill" in phases:
+                pre, ids = _warm_graphed_prefill(model, batch_prefill, seqlen, device)
+                out["prefill-graph"] = {"batch": batch_prefill, **_profile_parts(lambda: pre(ids), model, device, 1)}
+            if "decode" in phases:
+                for name, pdl in (("decode-graph", True), ("decode-graph-serial", False)):
+                    parts = _graph_decode_parts(model, batch_decode, seqlen, device, pdl)
+                    out[name] = {"batch": batch_decode, **parts}
     return out
 
 
@@ -479,7 +523,7 @@ def measure(name, kind, cfg, args, device, dtype, res: dict) -> dict | None:
         )
     if args.no_breakdown:
         return None
-    return _guard(breakdown, model, kind, device, *args.breakdown_batches, args.seqlen)
+    return _guard(breakdown, model, kind, device, *args.breakdown_batches, args.seqlen, args.breakdown_phases)
 
 
 def run_model(name, cfg, args, device, dtype) -> tuple[list[dict], dict]:
@@ -640,6 +684,10 @@ def main(argv=None) -> None:
         help="batch sizes of the profiled prefill and decode [default 4 16; quick: 2 4]",
     )  # fmt: skip
     p.add_argument("--no-breakdown", action="store_true", help="skip the profiled per-part breakdown")
+    p.add_argument(
+        "--breakdown-phases", nargs="+", choices=("prefill", "decode"), default=["prefill", "decode"],
+        help="phases the breakdown profiles (decode alone: no prefill-size GEMM tuning with --decode-fill random)",
+    )  # fmt: skip
     p.add_argument(
         "--decode-fill", choices=("prefill", "random"), default="prefill",
         help="decode runs fill the cache by a prefill of random ids, or write random contents (no prefill-size "

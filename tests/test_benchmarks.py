@@ -35,7 +35,10 @@ def test_e2e_quick_writes_prefill_and_decode_records_with_graphed_decode(tmp_pat
     env.setdefault("FLATQUANT_AUTOTUNE_CACHE", "0")  # the benchmark's own default: tune afresh
     assert data["env"] == env  # the switches in force are part of the results
     parts = data["breakdown"]["tiny-llama"]
-    assert set(parts["w4a4"]) == {"prefill", "decode", "prefill-graph"} and set(parts["bf16"]) == {"prefill", "decode"}
+    graphs = {"prefill-graph", "decode-graph", "decode-graph-serial"}
+    assert set(parts["w4a4"]) == {"prefill", "decode", *graphs} and set(parts["bf16"]) == {"prefill", "decode"}
+    assert parts["w4a4"]["decode-graph"]["pdl"] is False  # no PDL off CUDA; on CUDA the as-served capture has it
+    assert parts["w4a4"]["decode-graph-serial"]["ms"]["gemm"] > 0 and parts["w4a4"]["decode-graph"]["steps"] == 4
     assert parts["w4a4"]["prefill-graph"]["ms"]["gemm"] > 0
     for r in records:  # against the faster BF16 run
         best = min(r["bf16_ms"], r["bf16_graphed_ms"])
@@ -60,6 +63,17 @@ def test_e2e_decode_only_with_random_cache_contents(tmp_path):
     for r in records:
         assert r["bf16_ms"] > 0 and r["w4a4_ms"] > 0 and r["bf16_graphed_ms"] > 0 and r["w4a4_graphed_ms"] > 0
         assert r["kv_bytes_bf16"] > 3 * r["kv_bytes_w4a4"] > 0
+
+
+def test_e2e_breakdown_of_the_decode_phase_alone(tmp_path):
+    """--breakdown-phases decode profiles the decode steps (eager, and replayed from graphs with and without
+    programmatic dependent launch) and no prefill."""
+    args = ("--prefill-batches", "--decode-batches", "1", "--breakdown-phases", "decode", "--decode-fill", "random")
+    parts = _quick_output("e2e.py", tmp_path, *args)["breakdown"]["tiny-llama"]
+    assert set(parts["w4a4"]) == {"decode", "decode-graph", "decode-graph-serial"} and set(parts["bf16"]) == {"decode"}
+    for p in parts["w4a4"].values():
+        assert p["batch"] == 4 and p["steps"] == 4 and p["ms"]["gemm"] > 0
+        assert p["launches_per_layer_step"]["gemm"] == parts["w4a4"]["decode"]["launches_per_layer_step"]["gemm"]
 
 
 def test_e2e_saves_what_it_measured_when_a_model_fails(tmp_path, monkeypatch):

@@ -633,6 +633,57 @@ def test_quantize_at_device_positions_writes_only_those_rows(impl, bits, t):
         kv.quantize_kv_at(x, bits, 1.0, 1.0, (codes, scale.double(), zero), positions, impl=impl)
 
 
+def _empty_cache(b, h, cap, d, bits, transposed=False):
+    width = d // 2 if bits == 4 else d
+    codes = torch.full((b, h, cap, width), 0x5A, dtype=torch.uint8, device=DEVICE)
+    scale = torch.full((b, h, cap), -1.0, device=DEVICE)
+    if transposed:  # another layout of the same shapes: (b, cap, h) storage
+        codes = codes.transpose(1, 2).contiguous().transpose(1, 2)
+        scale = scale.transpose(1, 2).contiguous().transpose(1, 2)
+    return codes, scale, scale.clone() - 1.0
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("bits,t,with_transform", [(4, 1, True), (4, 1, False), (3, 2, True)])
+def test_append_of_k_and_v_in_one_launch_equals_two(impl, bits, t, with_transform, monkeypatch):
+    """append_kv_at (K with P_h, and V, in one launch where they share shapes and cache strides) writes exactly
+    what quantize_kv_at writes for K and V in two launches: codes, scales and zero points, and nothing else;
+    caches of different strides take two launches, with the same result."""
+    b, h, cap, d = 3, 2, 12, 32
+    k = _kv_like((b, h, t, d), seed=3, dtype=torch.bfloat16)
+    v = _kv_like((b, t, h, d), seed=4, dtype=torch.bfloat16).transpose(1, 2)  # a head-transposed view
+    ph = (torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(5)))[0]).to(DEVICE)
+    transform = ph.to(torch.bfloat16) if with_transform else None
+    positions = torch.tensor([0, 7, cap - t], dtype=torch.int32, device=DEVICE)
+    want_k, want_v = _empty_cache(b, h, cap, d, bits), _empty_cache(b, h, cap, d, bits)
+    kv.quantize_kv_at(k, bits, 0.9, 0.8, want_k, positions, impl=impl, transform=transform)
+    kv.quantize_kv_at(v, bits, 0.7, 0.6, want_v, positions, impl=impl)
+    launches = []
+    if impl == "triton":
+        real = kv._append_kv_kernel
+
+        class Counting:
+            def __getitem__(self, grid):
+                launches.append(grid)
+                return real[grid]
+
+        monkeypatch.setattr(kv, "_append_kv_kernel", Counting())
+    for transposed_v in (False, True):
+        got_k, got_v = _empty_cache(b, h, cap, d, bits), _empty_cache(b, h, cap, d, bits, transposed_v)
+        kv.append_kv_at(k, v, bits, (0.9, 0.8), (0.7, 0.6), got_k, got_v, positions, impl=impl, transform=transform)
+        for got, want in ((got_k, want_k), (got_v, want_v)):
+            for g, w in zip(got, want, strict=True):
+                assert torch.equal(g, w)
+    if impl == "triton":  # one launch of both halves where the caches share strides, none where they do not
+        assert len(launches) == 1 and launches[0][1] == 2
+    with pytest.raises(ValueError, match="positions must be int32"):
+        kv.append_kv_at(k, v, bits, (1, 1), (1, 1), got_k, got_v, positions.long(), impl=impl)
+    with pytest.raises(ValueError, match="cache must be uint8 codes"):
+        kv.append_kv_at(
+            k, v, bits, (1, 1), (1, 1), got_k, (got_v[0], got_v[1].double(), got_v[2]), positions, impl=impl
+        )
+
+
 def test_decode_tuning_persists_across_processes(monkeypatch, tmp_path):
     """A tuned shape is written to FLATQUANT_CACHE_DIR and a later process (fresh memory) reuses it untimed."""
     monkeypatch.setenv("FLATQUANT_CACHE_DIR", str(tmp_path))

@@ -116,6 +116,10 @@ qtypes = {"x_ptr": "*bf16", "code_ptr": "*u8", "deq_ptr": "*bf16", "pos_ptr": "*
           "clip_max": "fp32", "clip_min": "fp32", "inv_qmax": "fp32"}
 out["quantize_kv"] = lines(ptx(kv._quantize_kv_kernel, qtypes, dict(D=128, BLOCK_R=16, BLOCK_D=128, BITS=4, PACK=True,
                                RECIP=True, DEQ=False, POS=True, TRANSFORM=False, INTERPRET=False), True))
+atypes = {"k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*u8", "vc_ptr": "*u8", "pos_ptr": "*i32", "t_ptr": "*bf16"}
+atypes |= dict.fromkeys(["k_clip_max", "k_clip_min", "v_clip_max", "v_clip_min", "inv_qmax"], "fp32")
+out["append_kv"] = lines(ptx(kv._append_kv_kernel, atypes, dict(D=128, BLOCK_R=16, BLOCK_D=128, BITS=4, PACK=True,
+                             RECIP=True, TRANSFORM=True, INTERPRET=False), True))
 out["merge"] = lines(ptx(kv._decode_merge_kernel, {"out_ptr": "*bf16"},
                          dict(HQ=32, D=128, BLOCK_S=8, BLOCK_D=128, INTERPRET=False), True))
 out["rows_matmul"] = lines(ptx(rm._rows_matmul_kernel, {"x_ptr": "*bf16", "m_ptr": "*bf16", "o_ptr": "*bf16"},
@@ -166,7 +170,7 @@ def test_sm90_query_transform_loads_its_matrix_before_the_wait_and_rows_after(sm
     assert min(i for i, e in enumerate(ev) if e == "st.global") > wait
 
 
-@pytest.mark.parametrize("kernel", ["silu", "rmsnorm", "quantize_kv", "merge"])
+@pytest.mark.parametrize("kernel", ["silu", "rmsnorm", "quantize_kv", "append_kv", "merge"])
 def test_sm90_kernels_wait_before_their_first_read(sm90_events, kernel):
     ev = sm90_events[kernel]
     wait = ev.index("griddepcontrol.wait")

@@ -28,11 +28,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .kernels.int8_linear import int8_linear
 from .kernels.kron_quantize import fuses_norm
 from .kernels.kv_quant import (
+    append_kv_at,
     decode_attention,
     dequantize_kv,
     quantize_dequantize_kv,
     quantize_kv,
-    quantize_kv_at,
 )
 from .kernels.rmsnorm import FusedRMSNorm
 from .kernels.w4a4_linear import W4A4Linear, operand_gemm, quantize_operand
@@ -374,10 +374,10 @@ class KVQuant(nn.Module):
 
     def quantize_at(self, k: torch.Tensor, v: torch.Tensor, cache: list, positions: torch.Tensor) -> None:
         """Quantize K (untransformed: P_h is applied by the launch) and V into the whole cache (K's codes, scale,
-        zero, then V's) at the device-side positions (B,): one launch each on CUDA (:func:`quantize_kv_at`)."""
+        zero, then V's) at the device-side positions (B,): one launch for both on CUDA (:func:`append_kv_at`)."""
         kt = self.key_transform(k.dtype)
-        quantize_kv_at(k, self.bits, *self.k_clip, tuple(cache[:3]), positions, transform=kt)
-        quantize_kv_at(v, self.bits, *self.v_clip, tuple(cache[3:]), positions)
+        args = (tuple(cache[:3]), tuple(cache[3:]), positions)
+        append_kv_at(k, v, self.bits, self.k_clip, self.v_clip, *args, transform=kt)
 
     def quantize_dequantize(
         self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, out: tuple | None = None

@@ -32,6 +32,7 @@ from . import rows_matmul as _rm
 triton, tl = _kq.triton, _kq.tl
 
 __all__ = [
+    "append_kv_at",
     "decode_attention",
     "decode_attention_reference",
     "decode_attention_triton",
@@ -333,7 +334,7 @@ if triton is not None:
         return (x if RAW else x.to(tl.float32)), r64, rd, mr, m, rb, rh, rt
 
     @triton.jit
-    def _quantize_kv_kernel(
+    def _quantize_rows(
         x_ptr,  # (B, H, T, D) rows at strides sxb, sxh, sxt; row r is (b, h, t) = (r // (H*T), r // T % H, r % T)
         code_ptr,  # uint8 (B, H, T, D // 2) packed when PACK, else (..., D); strides csb, csh, cst, 1
         scale_ptr,  # fp32 (B, H, T), strides ssb, ssh, sst; zero_ptr alike
@@ -366,9 +367,8 @@ if triton is not None:
         POS: tl.constexpr,
         TRANSFORM: tl.constexpr,
         INTERPRET: tl.constexpr,
-        PDL: tl.constexpr = False,
     ):
-        _pdl.wait_previous(PDL)
+        """The quantize kernels' body: this program's BLOCK_R rows (see :func:`_quantize_kv_kernel`)."""
         if TRANSFORM:  # K P_h of the runtime, fused: the 16-bit product rounded as the matmul's output
             xr, r64, rd, mr, m, rb, rh_, rt = _load_rows3(x_ptr, n_rows, H, T, sxb, sxh, sxt, D, BLOCK_R, BLOCK_D, 1)
             mt = (rd[:, None] < D) & (rd[None, :] < D)
@@ -406,6 +406,49 @@ if triton is not None:
             tl.store(code_ptr + c_row[:, None] + rd[None, :], q.to(tl.uint8), mask=m)
         tl.store(scale_ptr + s_row, scale, mask=mr)
         tl.store(zero_ptr + s_row, zero, mask=mr)
+
+    @triton.jit
+    def _quantize_kv_kernel(
+        x_ptr, code_ptr, scale_ptr, zero_ptr, deq_ptr, pos_ptr, t_ptr, clip_max, clip_min, inv_qmax, n_rows,
+        sxb, sxh, sxt, H, T, csb, csh, cst, ssb, ssh, sst,
+        D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr, PACK: tl.constexpr,
+        RECIP: tl.constexpr, DEQ: tl.constexpr, POS: tl.constexpr, TRANSFORM: tl.constexpr,
+        INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
+    ):  # fmt: skip
+        """Rows of K or V quantized (arguments as :func:`_quantize_rows`), after the previous kernel (PDL)."""
+        _pdl.wait_previous(PDL)
+        _quantize_rows(
+            x_ptr, code_ptr, scale_ptr, zero_ptr, deq_ptr, pos_ptr, t_ptr, clip_max, clip_min, inv_qmax, n_rows,
+            sxb, sxh, sxt, H, T, csb, csh, cst, ssb, ssh, sst, D, BLOCK_R, BLOCK_D, BITS, PACK, RECIP, DEQ, POS,
+            TRANSFORM, INTERPRET,
+        )  # fmt: skip
+
+    @triton.jit
+    def _append_kv_kernel(
+        k_ptr, v_ptr,  # (B, H, T, D) at strides skb, skh, skt and svb, svh, svt
+        kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,  # the whole caches (codes, scale, zero), one set of strides
+        pos_ptr,  # int32 (B,): row (b, h, t) goes to position pos[b] + t
+        t_ptr,  # (D, D) P_h in k's dtype when TRANSFORM (K is quantized as k @ P_h)
+        k_clip_max, k_clip_min, v_clip_max, v_clip_min, inv_qmax, n_rows, skb, skh, skt, svb, svh, svt, H, T,
+        csb, csh, cst, ssb, ssh, sst,
+        D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr, PACK: tl.constexpr,
+        RECIP: tl.constexpr, TRANSFORM: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
+    ):  # fmt: skip
+        """A decode step's K and V appended to the cache in one launch: programs (row block, 0) quantize K,
+        (row block, 1) V, each as :func:`_quantize_kv_kernel` with POS (same arithmetic, same bits)."""
+        _pdl.wait_previous(PDL)
+        if tl.program_id(1) == 0:
+            _quantize_rows(
+                k_ptr, kc_ptr, ks_ptr, kz_ptr, k_ptr, pos_ptr, t_ptr, k_clip_max, k_clip_min, inv_qmax, n_rows,
+                skb, skh, skt, H, T, csb, csh, cst, ssb, ssh, sst, D, BLOCK_R, BLOCK_D, BITS, PACK, RECIP, False, True,
+                TRANSFORM, INTERPRET,
+            )  # fmt: skip
+        else:
+            _quantize_rows(
+                v_ptr, vc_ptr, vs_ptr, vz_ptr, v_ptr, pos_ptr, t_ptr, v_clip_max, v_clip_min, inv_qmax, n_rows,
+                svb, svh, svt, H, T, csb, csh, cst, ssb, ssh, sst, D, BLOCK_R, BLOCK_D, BITS, PACK, RECIP, False, True,
+                False, INTERPRET,
+            )  # fmt: skip
 
     @triton.jit
     def _token_block(
@@ -1136,23 +1179,10 @@ def quantize_kv(
     return tuple(out)
 
 
-def quantize_kv_at(
-    x: torch.Tensor,
-    bits: int,
-    clip_max: float,
-    clip_min: float,
-    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    positions: torch.Tensor,
-    *,
-    impl: str = "auto",
-    transform: torch.Tensor | None = None,
-) -> None:
-    """Quantize x (B, H, T, D) as :func:`quantize_kv` into ``cache`` = (codes (B, H, S_cap, W), scale, zero
-    (B, H, S_cap)) at positions ``positions[b] + t`` (int32 (B,) on x's device): a static cache's decode step
-    appends at device-side lengths, so that it can be captured in a CUDA graph. One launch on CUDA; the
-    reference and a scatter elsewhere. Positions past S_cap are not checked (the caller keeps them in range).
-    transform: as for :func:`quantize_kv`."""
-    b, h, t, d = x.shape
+def _check_cache(x: torch.Tensor, bits: int, cache: tuple, positions: torch.Tensor) -> None:
+    """``cache`` = (codes (B, H, S_cap, W), scale, zero (B, H, S_cap)) and int32 ``positions`` (B,) for x (B, H,
+    T, D), as :func:`quantize_kv_at` takes them."""
+    b, h, _, d = x.shape
     codes, scale, zero = cache
     width = d // 2 if bits == 4 else d
     if (
@@ -1171,6 +1201,75 @@ def quantize_kv_at(
         raise ValueError(
             f"positions must be int32 ({b},) on {x.device}, got {positions.dtype} {tuple(positions.shape)}"
         )
+
+
+APPEND_PAIR = True  # append_kv_at: K and V in one launch (False: two, for same-job comparisons)
+
+
+def append_kv_at(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bits: int,
+    k_clip: tuple[float, float],
+    v_clip: tuple[float, float],
+    k_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    v_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    positions: torch.Tensor,
+    *,
+    impl: str = "auto",
+    transform: torch.Tensor | None = None,
+) -> None:
+    """:func:`quantize_kv_at` of K (with ``transform``: P_h) into ``k_cache`` and of V into ``v_cache`` (clip
+    ratios (max, min) each): one launch on CUDA where K and V have one shape and dtype and their caches one set of
+    strides (a decode step's append: one kernel per layer fewer), with the same bits as two; two launches (or
+    the reference) otherwise."""
+    _check_cache(k, bits, k_cache, positions)
+    _check_cache(v, bits, v_cache, positions)
+    pair = APPEND_PAIR and _pick(impl, k) == "triton" and k.shape == v.shape and k.dtype == v.dtype
+    pair = pair and all(a.stride() == b.stride() for a, b in zip(k_cache, v_cache, strict=True))
+    if not pair or triton_unavailable_reason(k) is not None:
+        quantize_kv_at(k, bits, *k_clip, k_cache, positions, impl=impl, transform=transform)
+        quantize_kv_at(v, bits, *v_clip, v_cache, positions, impl=impl)
+        return
+    b, h, t, d = k.shape
+    n_rows = b * h * t
+    if not n_rows:
+        return
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    if transform is not None:
+        if transform.shape != (d, d):
+            raise ValueError(f"transform must be ({d}, {d}), got {tuple(transform.shape)}")
+        transform = transform.to(device=k.device, dtype=k.dtype).contiguous()
+    codes, scale, _ = k_cache
+    block_d = max(2 if transform is None else 16, triton.next_power_of_2(d))  # as quantize_kv_triton's launches
+    block_r = max(1 if transform is None else 16, min(16, 4096 // block_d))
+    _append_kv_kernel[(triton.cdiv(n_rows, block_r), 2)](
+        k, v, *k_cache, *v_cache, positions, k if transform is None else transform, float(k_clip[0]),
+        float(k_clip[1]), float(v_clip[0]), float(v_clip[1]), _kq._INV_QMAX[(bits, False)], n_rows,
+        *k.stride()[:3], *v.stride()[:3], h, t, *codes.stride()[:3], *scale.stride(), D=d, BLOCK_R=block_r,
+        BLOCK_D=block_d, BITS=bits, PACK=bits == 4, RECIP=k.is_cuda, TRANSFORM=transform is not None,
+        INTERPRET=_interpreting(), num_warps=4, **_no_fp_fusion(), **_pdl.launch_options(_pdl.pdl_on(k)),
+    )  # fmt: skip
+
+
+def quantize_kv_at(
+    x: torch.Tensor,
+    bits: int,
+    clip_max: float,
+    clip_min: float,
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    positions: torch.Tensor,
+    *,
+    impl: str = "auto",
+    transform: torch.Tensor | None = None,
+) -> None:
+    """Quantize x (B, H, T, D) as :func:`quantize_kv` into ``cache`` = (codes (B, H, S_cap, W), scale, zero
+    (B, H, S_cap)) at positions ``positions[b] + t`` (int32 (B,) on x's device): a static cache's decode step
+    appends at device-side lengths, so that it can be captured in a CUDA graph. One launch on CUDA; the
+    reference and a scatter elsewhere. Positions past S_cap are not checked (the caller keeps them in range).
+    transform: as for :func:`quantize_kv`."""
+    _check_cache(x, bits, cache, positions)
+    b, t = x.shape[0], x.shape[2]
     if _pick(impl, x) == "triton":
         quantize_kv_triton(x, bits, clip_max, clip_min, out=cache, positions=positions, transform=transform)
         return
