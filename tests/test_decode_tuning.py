@@ -31,7 +31,9 @@ def test_switch_from_the_environment(monkeypatch):
     monkeypatch.setenv("FLATQUANT_DECODE_TUNE", "rotate")
     assert gw._decode_tune_from_env() == "rotate"
     monkeypatch.setenv("FLATQUANT_DECODE_TUNE", "cold")
-    with pytest.raises(ValueError, match=r"FLATQUANT_DECODE_TUNE must be 'graph' .* or 'rotate', got 'cold'"):
+    with pytest.raises(
+        ValueError, match=r"FLATQUANT_DECODE_TUNE must be one of 'graph' \(the default\), 'rotate', got 'cold'"
+    ):
         gw._decode_tune_from_env()
 
 

@@ -32,6 +32,7 @@ from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import envflags
 from .arch import spec_for
 from .config import FlatQuantConfig
 from .files import atomic_write, atomic_write_json
@@ -270,7 +271,7 @@ def _lr_lambda(total_steps: int):
 # factor solve runs on cuSOLVER inside the calibration (fusion.fused_calibration): MAGMA, PyTorch's default for
 # batches of small matrices, synchronises with the host and cannot be captured. A step that still cannot be
 # captured runs eagerly, and the warning names the innermost frames of the failure.
-CALIB_GRAPH = os.environ.get("FLATQUANT_CALIB_GRAPH", "1") == "1"
+CALIB_GRAPH = envflags.switch("FLATQUANT_CALIB_GRAPH", True, "eager steps", "CUDA-graph replays")
 _GRAPH_WARMUP_STEPS = 3  # eager steps (compilation, optimiser state) before the capture
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import warnings
 
 import torch
+
+from . import envflags
 
 _ENABLED = False
 _DEVICE_TYPES = {"cuda"}  # where compiling pays off; tests may add "cpu"
@@ -43,10 +44,7 @@ def linalg_backend(device: torch.device) -> str | None:
     """The linear-algebra backend a calibration on ``device`` uses (None: not a CUDA device, left alone)."""
     if device.type != "cuda":
         return None
-    backend = os.environ.get("FLATQUANT_LINALG", "cusolver")
-    if backend not in _LINALG_BACKENDS:
-        raise ValueError(f"FLATQUANT_LINALG={backend!r} is not one of {_LINALG_BACKENDS}")
-    return backend
+    return envflags.choice("FLATQUANT_LINALG", "cusolver", _LINALG_BACKENDS)
 
 
 @contextlib.contextmanager
@@ -59,7 +57,7 @@ def fused_calibration(device: torch.device):
     ``FLATQUANT_LINALG=default`` (or ``magma``) keeps PyTorch's choice.
     """
     global _ENABLED
-    wanted = device.type in _DEVICE_TYPES and os.environ.get("FLATQUANT_COMPILE", "1") != "0"
+    wanted = device.type in _DEVICE_TYPES and envflags.switch("FLATQUANT_COMPILE", True, "eager", "compiled")
     if wanted:
         dynamo = torch._dynamo.config
         for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):

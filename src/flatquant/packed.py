@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from . import envflags
 from .arch import (
     BUILTIN_ARCHITECTURES,
     ArchSpec,
@@ -440,9 +441,9 @@ def finish_packed_model(model: nn.Module, device: torch.device | str, fuse: bool
     fuse_rotary(model)  # one launch for RoPE of q and k on CUDA (same bits; transformers' function elsewhere)
     fuse_silu_mul(model, spec_for(model).mlp)  # SiLU(gate) * up in one launch on CUDA (the reference elsewhere)
     if fuse:
-        if os.environ.get("FLATQUANT_FUSE_NORMS", "1") != "0":  # 0: separate norm launches (comparisons)
+        if envflags.switch("FLATQUANT_FUSE_NORMS", True, "separate norm launches", "norms in the transform"):
             defer_norms(model)
-        if os.environ.get("FLATQUANT_FUSE_RESIDUAL", "1") != "0":  # 0: separate residual additions
+        if envflags.switch("FLATQUANT_FUSE_RESIDUAL", True, "separate additions", "in the GEMM epilogues"):
             fuse_residuals(model)
         consumers: dict[int, list[SharedInputLinear]] = {}
         for mod in model.modules():

@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from .. import envflags as _envflags
 from . import pdl as _pdl
 from .kron_quantize import autotune as _autotune  # triton.autotune, results cached on disk
 
@@ -58,22 +59,9 @@ __all__ = [
 SMALL_M = 16  # at or below this many tokens the weight-bandwidth-bound (decode) configs are used
 
 
-def _env_number(name: str, default: str, cast, lo, hi, what: str):
-    """``cast`` of the environment variable ``name`` (``default`` when unset), checked to lie in [lo, hi]; else a
-    ValueError that names the variable, what is allowed and the value given."""
-    raw = os.environ.get(name, default)
-    try:
-        value = cast(raw)
-    except ValueError:
-        value = None
-    if value is None or not lo <= value <= hi:
-        raise ValueError(f"{name} must be {what} in [{lo}, {hi}], got {raw!r}")
-    return value
-
-
 def _medium_m_from_env() -> int:
     """FLATQUANT_MEDIUM_M (default 128): see MEDIUM_M; SMALL_M (16) turns the batched-decode set off."""
-    return _env_number("FLATQUANT_MEDIUM_M", "128", int, SMALL_M, 1024, "an integer")
+    return _envflags.number("FLATQUANT_MEDIUM_M", 128, int, SMALL_M, 1024, "an integer")
 
 
 # above SMALL_M and up to this many tokens (batched decode, short prompts) the INT8 path chooses among tiles that
@@ -775,7 +763,7 @@ def _w4a4_gemm_triton(
 
 def _prefetch_fraction_from_env() -> float:
     """FLATQUANT_PREFETCH_L2 (default 0, off): see PREFETCH_L2_FRACTION."""
-    return _env_number("FLATQUANT_PREFETCH_L2", "0", float, 0, 1, "a fraction of the L2 cache")
+    return _envflags.number("FLATQUANT_PREFETCH_L2", 0.0, float, 0, 1, "a fraction of the L2 cache")
 
 
 # decode (up to MEDIUM_M tokens) with PDL: at most this fraction of the L2 cache is filled with weights prefetched
@@ -809,10 +797,7 @@ def _l2_bytes(dev: torch.device) -> int:
 
 def _decode_tune_from_env() -> str:
     """FLATQUANT_DECODE_TUNE (default "graph"): see DECODE_TUNE."""
-    raw = os.environ.get("FLATQUANT_DECODE_TUNE", "graph")
-    if raw not in ("graph", "rotate"):
-        raise ValueError(f"FLATQUANT_DECODE_TUNE must be 'graph' (the default) or 'rotate', got {raw!r}")
-    return raw
+    return _envflags.choice("FLATQUANT_DECODE_TUNE", "graph", ("graph", "rotate"))
 
 
 # How the decode and batched-decode tiles (up to MEDIUM_M tokens, bound by the weight stream) are chosen.

@@ -28,11 +28,11 @@ Contract shared by the kernel and the reference (the rest of the library depends
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
+from .. import envflags as _envflags
 from . import pdl as _pdl
 
 try:
@@ -651,10 +651,10 @@ SMALL_TOKENS = 64  # at or below: the latency path (one token per program, no to
 # Register budget of the stacked path: BLOCK_T * BN1 * BN2 fp32 elements of X' per iteration
 _MAX_STACK = 128 * 128
 # Autotuning on CUDA (set False, or FLATQUANT_AUTOTUNE=0, for the fixed heuristic config)
-AUTOTUNE = os.environ.get("FLATQUANT_AUTOTUNE", "1") != "0"
+AUTOTUNE = _envflags.switch("FLATQUANT_AUTOTUNE", True, "fixed configs", "autotuned")
 # Tuning results kept on disk across processes (Triton's cache directory for the autotuned kernels); the
 # benchmarks set FLATQUANT_AUTOTUNE_CACHE=0 to tune afresh
-AUTOTUNE_CACHE = os.environ.get("FLATQUANT_AUTOTUNE_CACHE", "1") != "0"
+AUTOTUNE_CACHE = _envflags.switch("FLATQUANT_AUTOTUNE_CACHE", True, "tune afresh", "reuse results")
 
 
 def autotune(configs, key, **kwargs):

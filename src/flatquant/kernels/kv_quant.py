@@ -57,7 +57,7 @@ DEFAULT_CONFIG = {
 }  # fmt: skip
 # On CUDA the launch config is chosen per shape among CANDIDATE_CONFIGS by timing CUDA-graph replays (set
 # False, or FLATQUANT_AUTOTUNE=0, for DEFAULT_CONFIG)
-AUTOTUNE = os.environ.get("FLATQUANT_AUTOTUNE", "1") != "0"
+AUTOTUNE = _kq.AUTOTUNE  # FLATQUANT_AUTOTUNE, read once for all kernels
 CANDIDATE_CONFIGS = [DEFAULT_CONFIG] + [
     {"block_n": bn, "num_warps": w, "num_stages": st, "progs_per_sm": pps, "asm": asm, "mma": True, "flat": False}
     for bn, w, st, pps, asm in itertools.product((32, 64, 128), (4, 8), (2,), (2, 4, 8), (False, True))

@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from .. import envflags as _envflags
+
 try:
     import triton
     import triton.language as tl
@@ -40,10 +42,7 @@ ENV = "FLATQUANT_PDL"
 
 
 def _enabled_from_env() -> bool:
-    raw = os.environ.get(ENV, "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"{ENV} must be 0 (off) or 1 (on, the default), got {raw!r}")
-    return raw == "1"
+    return _envflags.switch(ENV, True, "off", "on")
 
 
 ENABLED = _enabled_from_env()

@@ -17,10 +17,9 @@ one job (docs/kernels-pdl.md). Head dims that are powers of two from 16 to 256 (
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .. import envflags as _envflags
 from . import kron_quantize as _kq
 from . import pdl as _pdl
 
@@ -33,10 +32,7 @@ _DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _use_kernel_from_env() -> bool:
-    raw = os.environ.get(ENV, "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"{ENV} must be 0 (PyTorch's matmul) or 1 (the Triton kernel, the default), got {raw!r}")
-    return raw == "1"
+    return _envflags.switch(ENV, True, "PyTorch's matmul", "the Triton kernel")
 
 
 USE_KERNEL = _use_kernel_from_env()
