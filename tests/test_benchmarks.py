@@ -292,6 +292,7 @@ def test_gpu_suite_e2e_variants_time_a_feature_against_its_absence_in_one_run(ca
     base, pdl0, qkernel = (listed[f"e2e-llama-2-7b-decode-{v}"] for v in ("base", "pdl0", "qkernel0"))
     assert base.env is None and pdl0.env == {"FLATQUANT_PDL": "0"} and qkernel.env == {"FLATQUANT_QUERY_KERNEL": "0"}
     assert base.argv[2:][:-2] == pdl0.argv[2:][:-2] == qkernel.argv[2:][:-2] and "--no-breakdown" in base.argv
+    assert listed["e2e-llama-2-7b-decode-append0"].env == {"FLATQUANT_FUSE_KV_APPEND": "0"}
     assert "decode-tiles" in listed
     assert not any(
         n.endswith("separate-residual")

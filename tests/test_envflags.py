@@ -50,6 +50,7 @@ def test_number_and_choice_check_their_range_and_options(monkeypatch):
         ("FLATQUANT_AUTOTUNE_CACHE", "flatquant.kernels.kron_quantize"),
         ("FLATQUANT_CALIB_GRAPH", "flatquant.calibrate"),
         ("FLATQUANT_PDL", "flatquant.kernels.pdl"),
+        ("FLATQUANT_FUSE_KV_APPEND", "flatquant.kernels.kv_quant"),
     ],
 )
 def test_the_library_refuses_a_switch_it_would_have_misread(name, module):

@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from .. import envflags as _envflags
 from ..files import atomic_write_json
 from . import kron_quantize as _kq
 from . import pdl as _pdl
@@ -1203,7 +1204,8 @@ def _check_cache(x: torch.Tensor, bits: int, cache: tuple, positions: torch.Tens
         )
 
 
-APPEND_PAIR = True  # append_kv_at: K and V in one launch (False: two, for same-job comparisons)
+# append_kv_at: K and V in one launch (FLATQUANT_FUSE_KV_APPEND=0 or False here: two, for same-job comparisons)
+APPEND_PAIR = _envflags.switch("FLATQUANT_FUSE_KV_APPEND", True, "two launches", "one launch")
 
 
 def append_kv_at(
