@@ -126,7 +126,7 @@ class Int4KVLayer(CacheLayerMixin):
         if self.length + 1 > self.capacity:
             raise RuntimeError(f"static INT4 cache is full ({self.capacity} tokens); make_static a larger capacity")
         kvq = self.kv_quant
-        # written at rows lens[b] of every head of sequence b: one launch each for K and V on CUDA
+        # written at rows lens[b] of every head of sequence b: one launch for K and V on CUDA (append_kv_at)
         kvq.quantize_at(key_states, value_states, [getattr(self, n) for n in _NAMES], self.lens)
         self.lens += 1
         self.length += 1  # host bookkeeping (a graph replay does not run this line: see GraphedDecoder)
