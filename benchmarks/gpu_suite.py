@@ -117,6 +117,11 @@ def jobs(args) -> list[Job]:
             ("append0", {"FLATQUANT_FUSE_KV_APPEND": "0"}),
         ):
             listed.append(e2e(f"e2e-llama-2-7b-decode-{variant}", "llama-2-7b", *decode, env=env))
+        # where a W4A4 decode step's time goes at batch 1 and 16: kernels profiled from CUDA graphs, no timing runs
+        for b in ("1", "16"):
+            profile = ["--kinds", "w4a4", "--prefill-batches", "--decode-batches", "--breakdown-phases", "decode"]
+            profile += ["--breakdown-batches", "1", b, "--decode-fill", "random"]
+            listed.append(e2e(f"e2e-llama-2-7b-decode-profile-b{b}", "llama-2-7b", *profile, minutes=2))
     for item in args.accuracy:
         preset, seed, overrides = parse_accuracy(item)
         calib = [o.split("=", 1)[1] for o in overrides if o.startswith("calib=")]  # a per-run calibration text

@@ -43,21 +43,45 @@ def test_number_and_choice_check_their_range_and_options(monkeypatch):
         envflags.choice("FQ_TEST_CHOICE", "graph", ("graph", "rotate"))
 
 
-@pytest.mark.parametrize(
-    "name,module",
-    [
-        ("FLATQUANT_AUTOTUNE", "flatquant.kernels.kron_quantize"),
-        ("FLATQUANT_AUTOTUNE_CACHE", "flatquant.kernels.kron_quantize"),
-        ("FLATQUANT_CALIB_GRAPH", "flatquant.calibrate"),
-        ("FLATQUANT_PDL", "flatquant.kernels.pdl"),
-        ("FLATQUANT_FUSE_KV_APPEND", "flatquant.kernels.kv_quant"),
-    ],
-)
-def test_the_library_refuses_a_switch_it_would_have_misread(name, module):
+SWITCHES = [
+    ("FLATQUANT_AUTOTUNE", "flatquant.kernels.kron_quantize"),
+    ("FLATQUANT_AUTOTUNE_CACHE", "flatquant.kernels.kron_quantize"),
+    ("FLATQUANT_CALIB_GRAPH", "flatquant.calibrate"),
+    ("FLATQUANT_PDL", "flatquant.kernels.pdl"),
+    ("FLATQUANT_FUSE_KV_APPEND", "flatquant.kernels.kv_quant"),
+]
+
+_PROBE = """
+import importlib, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch, transformers  # the heavy imports once; flatquant is imported afresh for every switch
+out = {}
+for name, module in json.loads(sys.argv[2]):
+    for m in [m for m in sys.modules if m == "flatquant" or m.startswith("flatquant.")]:
+        del sys.modules[m]
+    os.environ[name] = "off"
+    try:
+        importlib.import_module(module)
+        out[name] = None
+    except ValueError as err:
+        out[name] = str(err)
+    del os.environ[name]
+print(json.dumps(out))
+"""
+
+
+def test_the_library_refuses_a_switch_it_would_have_misread():
     """A value such as "off" used to mean "on" for some switches (anything but 0) and "off" for others (anything
-    but 1); importing the library with it now fails and says which variable and what it takes."""
-    env = {**os.environ, name: "off", "PYTHONPATH": SRC}
-    run = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True, text=True)
-    assert run.returncode != 0 and f"{name} must be 0 (" in run.stderr and "got 'off'" in run.stderr
-    env[name] = "0"
-    assert subprocess.run([sys.executable, "-c", f"import {module}"], env=env).returncode == 0
+    but 1); importing the library with it now fails and says which variable and what it takes (one process,
+    flatquant imported afresh for each switch)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLATQUANT_")}
+    run = subprocess.run(
+        [sys.executable, "-c", _PROBE, SRC, json.dumps(SWITCHES)], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    errors = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, _ in SWITCHES:
+        assert errors[name] is not None and errors[name].startswith(f"{name} must be 0 ("), (name, errors[name])
+        assert errors[name].endswith("got 'off'")
