@@ -6,7 +6,6 @@ key, failing candidates skipped). On a GPU: rotate-tuned launches give the integ
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -35,15 +34,6 @@ def test_switch_from_the_environment(monkeypatch):
         ValueError, match=r"FLATQUANT_DECODE_TUNE must be one of 'graph' \(the default\), 'rotate', got 'cold'"
     ):
         gw._decode_tune_from_env()
-
-
-def test_bad_value_stops_the_import():
-    env = {**os.environ, "FLATQUANT_DECODE_TUNE": "1", "PYTHONPATH": SRC}
-    done = subprocess.run(
-        [sys.executable, "-c", "import flatquant.kernels.gemm_w4a4"], capture_output=True, text=True, env=env,
-        timeout=300,
-    )  # fmt: skip
-    assert done.returncode != 0 and "FLATQUANT_DECODE_TUNE must be" in done.stderr and "'1'" in done.stderr
 
 
 def test_rotating_copies_exceed_three_times_l2():

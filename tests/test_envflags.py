@@ -43,45 +43,63 @@ def test_number_and_choice_check_their_range_and_options(monkeypatch):
         envflags.choice("FQ_TEST_CHOICE", "graph", ("graph", "rotate"))
 
 
-SWITCHES = [
-    ("FLATQUANT_AUTOTUNE", "flatquant.kernels.kron_quantize"),
-    ("FLATQUANT_AUTOTUNE_CACHE", "flatquant.kernels.kron_quantize"),
-    ("FLATQUANT_CALIB_GRAPH", "flatquant.calibrate"),
-    ("FLATQUANT_PDL", "flatquant.kernels.pdl"),
-    ("FLATQUANT_FUSE_KV_APPEND", "flatquant.kernels.kv_quant"),
+K, KV, G = "flatquant.kernels.kron_quantize", "flatquant.kernels.kv_quant", "flatquant.kernels.gemm_w4a4"
+# (variable, value, module, attribute, the attribute's repr then; None: the import fails, naming both)
+CASES = [
+    ("FLATQUANT_AUTOTUNE", "off", K, "AUTOTUNE", None),
+    ("FLATQUANT_AUTOTUNE", "0", K, "AUTOTUNE", "False"),
+    ("FLATQUANT_AUTOTUNE_CACHE", "off", K, "AUTOTUNE_CACHE", None),
+    ("FLATQUANT_CALIB_GRAPH", "true", "flatquant.calibrate", "CALIB_GRAPH", None),
+    ("FLATQUANT_CALIB_GRAPH", "0", "flatquant.calibrate", "CALIB_GRAPH", "False"),
+    ("FLATQUANT_PDL", "off", "flatquant.kernels.pdl", "ENABLED", None),
+    ("FLATQUANT_PDL", "0", "flatquant.kernels.pdl", "ENABLED", "False"),
+    ("FLATQUANT_PDL", None, "flatquant.kernels.pdl", "ENABLED", "True"),
+    ("FLATQUANT_QUERY_KERNEL", "yes", "flatquant.kernels.rows_matmul", "USE_KERNEL", None),
+    ("FLATQUANT_QUERY_KERNEL", "0", "flatquant.kernels.rows_matmul", "USE_KERNEL", "False"),
+    ("FLATQUANT_QUERY_KERNEL", None, "flatquant.kernels.rows_matmul", "USE_KERNEL", "True"),
+    ("FLATQUANT_FUSE_KV_APPEND", "off", KV, "APPEND_PAIR", None),
+    ("FLATQUANT_FUSE_KV_APPEND", "0", KV, "APPEND_PAIR", "False"),
+    ("FLATQUANT_DECODE_TUNE", "1", G, "DECODE_TUNE", None),
+    ("FLATQUANT_DECODE_TUNE", "rotate", G, "DECODE_TUNE", "'rotate'"),
+    ("FLATQUANT_MEDIUM_M", "4096", G, "MEDIUM_M", None),
+    ("FLATQUANT_MEDIUM_M", "64", G, "MEDIUM_M", "64"),
 ]
 
 _PROBE = """
 import importlib, json, os, sys
 sys.path.insert(0, sys.argv[1])
-import torch, transformers  # the heavy imports once; flatquant is imported afresh for every switch
-out = {}
-for name, module in json.loads(sys.argv[2]):
+import torch, transformers  # the heavy imports once; flatquant is imported afresh for every case
+out = []
+for name, value, module, attribute in json.loads(sys.argv[2]):
     for m in [m for m in sys.modules if m == "flatquant" or m.startswith("flatquant.")]:
         del sys.modules[m]
-    os.environ[name] = "off"
+    os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
     try:
-        importlib.import_module(module)
-        out[name] = None
+        out.append(repr(getattr(importlib.import_module(module), attribute)))
     except ValueError as err:
-        out[name] = str(err)
-    del os.environ[name]
+        out.append("error " + str(err))
+    os.environ.pop(name, None)
 print(json.dumps(out))
 """
 
 
-def test_the_library_refuses_a_switch_it_would_have_misread():
-    """A value such as "off" used to mean "on" for some switches (anything but 0) and "off" for others (anything
-    but 1); importing the library with it now fails and says which variable and what it takes (one process,
-    flatquant imported afresh for each switch)."""
+def test_each_module_reads_its_switch_at_import_and_refuses_a_value_it_would_have_misread():
+    """What each module makes of its variable, imported afresh in one process per case: 0 / 1 / unset as
+    documented, and a value such as "off" (which used to mean "on" for some switches, anything but 0, and "off"
+    for others, anything but 1) stops the import with an error that names the variable and the value."""
     import json
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLATQUANT_")}
+    cases = [case[:4] for case in CASES]
     run = subprocess.run(
-        [sys.executable, "-c", _PROBE, SRC, json.dumps(SWITCHES)], env=env, capture_output=True, text=True
+        [sys.executable, "-c", _PROBE, SRC, json.dumps(cases)], env=env, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    errors = json.loads(run.stdout.strip().splitlines()[-1])
-    for name, _ in SWITCHES:
-        assert errors[name] is not None and errors[name].startswith(f"{name} must be 0 ("), (name, errors[name])
-        assert errors[name].endswith("got 'off'")
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    for (name, value, _, _, want), seen in zip(CASES, got, strict=True):
+        if want is None:
+            assert seen.startswith(f"error {name} must be") and seen.endswith(f"got {value!r}"), (name, value, seen)
+        else:
+            assert seen == want, (name, value, seen)

@@ -26,17 +26,17 @@ from flatquant.kernels import gemm_w4a4 as gw  # noqa: E402
 from flatquant.kernels import pdl  # noqa: E402
 
 
-def _import_with(value: str) -> subprocess.CompletedProcess:
-    code = "import flatquant.kernels.pdl as p; print(p.ENABLED)"
-    env = {**os.environ, pdl.ENV: value, "PYTHONPATH": SRC}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-
-
-def test_switch_from_the_environment():
-    assert _import_with("0").stdout.strip() == "False"
-    assert _import_with("1").stdout.strip() == "True"
-    bad = _import_with("yes")
-    assert bad.returncode != 0 and "FLATQUANT_PDL must be 0" in bad.stderr and "'yes'" in bad.stderr
+def test_switch_from_the_environment(monkeypatch):
+    """FLATQUANT_PDL as read at import (the import itself: tests/test_envflags.py)."""
+    for value, want in (("0", False), ("1", True), (None, True)):
+        if value is None:
+            monkeypatch.delenv(pdl.ENV, raising=False)
+        else:
+            monkeypatch.setenv(pdl.ENV, value)
+        assert pdl._enabled_from_env() is want
+    monkeypatch.setenv(pdl.ENV, "yes")
+    with pytest.raises(ValueError, match=r"FLATQUANT_PDL must be 0 \(off\) or 1 \(on, the default\), got 'yes'"):
+        pdl._enabled_from_env()
 
 
 def test_launch_options_pair_the_attribute_with_the_wait():

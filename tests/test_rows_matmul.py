@@ -4,7 +4,6 @@ Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, small
 """
 
 import os
-import subprocess
 import sys
 
 import torch
@@ -115,15 +114,14 @@ def test_auto_takes_pytorch_matmul_unless_switched_on_and_applicable(monkeypatch
         assert calls == [(2, 64)]
 
 
-def test_switch_from_the_environment():
-    code = "import sys; sys.path.insert(0, sys.argv[1]); from flatquant.kernels import rows_matmul as rm; "
-    code += "print(rm.USE_KERNEL)"
-    for value, want in (("1", "True"), ("0", "False"), (None, "True")):
-        env = {k: v for k, v in os.environ.items() if k != rm.ENV}
-        if value is not None:
-            env[rm.ENV] = value
-        run = subprocess.run([sys.executable, "-c", code, SRC], capture_output=True, text=True, env=env)
-        assert run.returncode == 0 and run.stdout.strip() == want, run.stderr[-500:]
-    env = {**os.environ, rm.ENV: "yes"}
-    run = subprocess.run([sys.executable, "-c", code, SRC], capture_output=True, text=True, env=env)
-    assert run.returncode != 0 and "FLATQUANT_QUERY_KERNEL must be 0" in run.stderr
+def test_switch_from_the_environment(monkeypatch):
+    """FLATQUANT_QUERY_KERNEL as read at import (the import itself: tests/test_envflags.py)."""
+    for value, want in (("1", True), ("0", False), (None, True)):
+        if value is None:
+            monkeypatch.delenv(rm.ENV, raising=False)
+        else:
+            monkeypatch.setenv(rm.ENV, value)
+        assert rm._use_kernel_from_env() is want
+    monkeypatch.setenv(rm.ENV, "yes")
+    with pytest.raises(ValueError, match="FLATQUANT_QUERY_KERNEL must be 0"):
+        rm._use_kernel_from_env()
