@@ -97,8 +97,8 @@ def rows_matmul_triton(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def rows_matmul(x: torch.Tensor, m: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """``x @ m``: the Triton kernel (``impl="triton"``, or "auto" with ``FLATQUANT_QUERY_KERNEL=1`` where it
-    applies) or PyTorch's matmul ("torch", or "auto" otherwise)."""
+    """``x @ m``: the Triton kernel (``impl="triton"``, or "auto" where it applies, unless
+    ``FLATQUANT_QUERY_KERNEL=0``) or PyTorch's matmul ("torch", or "auto" otherwise)."""
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     if impl == "triton" or (impl == "auto" and USE_KERNEL and applies(x, m) is None):
