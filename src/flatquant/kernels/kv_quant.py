@@ -1060,6 +1060,23 @@ def _check_out(out, x: torch.Tensor, bits: int) -> None:
         raise ValueError("out codes must have unit stride over the code bytes")
 
 
+def _transform_operand(transform: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The (D, D) transform of x's rows (K's P_h) as the quantize kernels read it: x's device and dtype,
+    contiguous; None stays None."""
+    if transform is None:
+        return None
+    d = x.shape[-1]
+    if transform.shape != (d, d):
+        raise ValueError(f"transform must be ({d}, {d}), got {tuple(transform.shape)}")
+    return transform.to(device=x.device, dtype=x.dtype).contiguous()
+
+
+def _row_blocks(d: int, transform: bool) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D) of the quantize kernels for rows of d elements (tl.dot with a transform: dims >= 16)."""
+    block_d = max(16 if transform else 2, triton.next_power_of_2(d))
+    return max(16 if transform else 1, min(16, 4096 // block_d)), block_d
+
+
 def quantize_kv_triton(
     x: torch.Tensor,
     bits: int = 4,
@@ -1115,13 +1132,9 @@ def quantize_kv_triton(
     xs = (0,) * (3 - len(dims)) + tuple(x2.stride()[:-1])
     cs = (0,) * (3 - len(dims)) + tuple(codes.stride()[:-1])
     ss = (0,) * (3 - len(dims)) + tuple(scale.stride())
-    if transform is not None:
-        if transform.shape != (d, d):
-            raise ValueError(f"transform must be ({d}, {d}), got {tuple(transform.shape)}")
-        transform = transform.to(device=x.device, dtype=x.dtype).contiguous()
+    transform = _transform_operand(transform, x)
     if n_rows:
-        block_d = max(2 if transform is None else 16, triton.next_power_of_2(d))  # tl.dot: dims >= 16
-        block_r = max(1 if transform is None else 16, min(16, 4096 // block_d))
+        block_r, block_d = _row_blocks(d, transform is not None)
         grid = (triton.cdiv(n_rows, block_r),)
         # the reference's ``range / qmax`` is a true division on the CPU and a multiply by the fp32
         # reciprocal on CUDA (PyTorch's scalar-divisor path); follow the device so the results are equal
@@ -1230,21 +1243,17 @@ def append_kv_at(
     pair = APPEND_PAIR and _pick(impl, k) == "triton" and k.shape == v.shape and k.dtype == v.dtype
     pair = pair and all(a.stride() == b.stride() for a, b in zip(k_cache, v_cache, strict=True))
     if not pair or triton_unavailable_reason(k) is not None:
-        quantize_kv_at(k, bits, *k_clip, k_cache, positions, impl=impl, transform=transform)
-        quantize_kv_at(v, bits, *v_clip, v_cache, positions, impl=impl)
+        _quantize_kv_at(k, bits, *k_clip, k_cache, positions, impl, transform)
+        _quantize_kv_at(v, bits, *v_clip, v_cache, positions, impl, None)
         return
     b, h, t, d = k.shape
     n_rows = b * h * t
     if not n_rows:
         return
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
-    if transform is not None:
-        if transform.shape != (d, d):
-            raise ValueError(f"transform must be ({d}, {d}), got {tuple(transform.shape)}")
-        transform = transform.to(device=k.device, dtype=k.dtype).contiguous()
+    transform = _transform_operand(transform, k)
     codes, scale, _ = k_cache
-    block_d = max(2 if transform is None else 16, triton.next_power_of_2(d))  # as quantize_kv_triton's launches
-    block_r = max(1 if transform is None else 16, min(16, 4096 // block_d))
+    block_r, block_d = _row_blocks(d, transform is not None)  # as quantize_kv_triton's launches: the same bits
     _append_kv_kernel[(triton.cdiv(n_rows, block_r), 2)](
         k, v, *k_cache, *v_cache, positions, k if transform is None else transform, float(k_clip[0]),
         float(k_clip[1]), float(v_clip[0]), float(v_clip[1]), _kq._INV_QMAX[(bits, False)], n_rows,
@@ -1271,6 +1280,11 @@ def quantize_kv_at(
     reference and a scatter elsewhere. Positions past S_cap are not checked (the caller keeps them in range).
     transform: as for :func:`quantize_kv`."""
     _check_cache(x, bits, cache, positions)
+    _quantize_kv_at(x, bits, clip_max, clip_min, cache, positions, impl, transform)
+
+
+def _quantize_kv_at(x, bits, clip_max, clip_min, cache, positions, impl, transform) -> None:
+    """:func:`quantize_kv_at` for a cache and positions already checked (:func:`_check_cache`)."""
     b, t = x.shape[0], x.shape[2]
     if _pick(impl, x) == "triton":
         quantize_kv_triton(x, bits, clip_max, clip_min, out=cache, positions=positions, transform=transform)
