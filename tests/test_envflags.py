@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from flatquant import envflags
+from flatquant.kernels import pdl
+from flatquant.kernels import rows_matmul as rm
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
@@ -41,6 +43,30 @@ def test_number_and_choice_check_their_range_and_options(monkeypatch):
     monkeypatch.setenv("FQ_TEST_CHOICE", "cold")
     with pytest.raises(ValueError, match=r"must be one of 'graph' \(the default\), 'rotate', got 'cold'"):
         envflags.choice("FQ_TEST_CHOICE", "graph", ("graph", "rotate"))
+
+
+@pytest.mark.parametrize(
+    "read,name,bad",
+    [
+        (
+            pdl._enabled_from_env,
+            "FLATQUANT_PDL",
+            r"FLATQUANT_PDL must be 0 \(off\) or 1 \(on, the default\), got 'yes'",
+        ),
+        (rm._use_kernel_from_env, "FLATQUANT_QUERY_KERNEL", "FLATQUANT_QUERY_KERNEL must be 0"),
+    ],
+)
+def test_module_switches_read_0_1_and_unset(monkeypatch, read, name, bad):
+    """The readers the modules call at import (the import itself: the probe below), both on by default."""
+    for value, want in (("0", False), ("1", True), (None, True)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        assert read() is want
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=bad):
+        read()
 
 
 K, KV, G = "flatquant.kernels.kron_quantize", "flatquant.kernels.kv_quant", "flatquant.kernels.gemm_w4a4"

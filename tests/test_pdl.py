@@ -26,19 +26,6 @@ from flatquant.kernels import gemm_w4a4 as gw  # noqa: E402
 from flatquant.kernels import pdl  # noqa: E402
 
 
-def test_switch_from_the_environment(monkeypatch):
-    """FLATQUANT_PDL as read at import (the import itself: tests/test_envflags.py)."""
-    for value, want in (("0", False), ("1", True), (None, True)):
-        if value is None:
-            monkeypatch.delenv(pdl.ENV, raising=False)
-        else:
-            monkeypatch.setenv(pdl.ENV, value)
-        assert pdl._enabled_from_env() is want
-    monkeypatch.setenv(pdl.ENV, "yes")
-    with pytest.raises(ValueError, match=r"FLATQUANT_PDL must be 0 \(off\) or 1 \(on, the default\), got 'yes'"):
-        pdl._enabled_from_env()
-
-
 def test_launch_options_pair_the_attribute_with_the_wait():
     assert pdl.launch_options(True) == {"PDL": True, "launch_pdl": True}
     assert pdl.launch_options(False) == {"PDL": False}  # no launch attribute without the wait

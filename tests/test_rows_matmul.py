@@ -112,16 +112,3 @@ def test_auto_takes_pytorch_matmul_unless_switched_on_and_applicable(monkeypatch
     if rm.applies(x[:, :64], m[:64, :64]) is None:
         rm.rows_matmul(x[:, :64], m[:64, :64])
         assert calls == [(2, 64)]
-
-
-def test_switch_from_the_environment(monkeypatch):
-    """FLATQUANT_QUERY_KERNEL as read at import (the import itself: tests/test_envflags.py)."""
-    for value, want in (("1", True), ("0", False), (None, True)):
-        if value is None:
-            monkeypatch.delenv(rm.ENV, raising=False)
-        else:
-            monkeypatch.setenv(rm.ENV, value)
-        assert rm._use_kernel_from_env() is want
-    monkeypatch.setenv(rm.ENV, "yes")
-    with pytest.raises(ValueError, match="FLATQUANT_QUERY_KERNEL must be 0"):
-        rm._use_kernel_from_env()
