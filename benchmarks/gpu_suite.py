@@ -46,6 +46,7 @@ GPU_TESTS = {
         "test_pdl.py",
         "test_decode_tuning.py",
         "test_rows_matmul.py",
+        "test_envflags.py",
     ],
 }
 PYTEST = ["-m", "pytest", "-v", "--tb=short", "-rfE", "--durations=12", "-p", "no:cacheprovider"]
