@@ -1,6 +1,7 @@
 """Benchmark the fused Kronecker transform + per-token 4-bit quantization kernel.
 
-For each hidden size and token count: the fused kernel (int8 codes; fp32 and 16-bit intermediate), the
+For each hidden size and token count: the fused kernel (int8 codes; fp32 and 16-bit intermediate; where the
+pieces kernel applies, e.g. 86x128, also the padded power-of-two tile in the same run), the
 unfused torch.compile path and the BF16 GEMM the operand feeds, with the device copy bandwidth measured in the
 same run. Every time is a median of CUDA-graph replays (triton.testing.do_bench_cudagraph), so the host's
 launch cost is out of the figures, as when a model runs under graphs: a host busy with other work had
@@ -40,7 +41,7 @@ SHAPES = {
     8192: (64, 128, 8192, "LLaMA-2/3-70B hidden -> q_proj (8192->8192)"),
 }
 TOKENS = (1, 16, 2048, 8192)
-QUICK_SHAPES = {256: (16, 16, 64, "toy"), 480: (20, 24, 64, "toy, padded tiles")}
+QUICK_SHAPES = {256: (16, 16, 64, "toy"), 480: (20, 24, 64, "toy, padded tiles"), 5120: (40, 128, 64, "toy, pieces")}
 QUICK_TOKENS = (1, 16, 67)
 GRAPH_TOKENS = 16  # at or below (decode sizes): one input, no copies to defeat the L2 cache
 
@@ -97,8 +98,9 @@ def copy_bandwidth_gbs(nbytes=1 << 30):
     return 2 * nbytes / (_bench(lambda _: dst.copy_(src), 1) * 1e-6) / 1e9
 
 
-def _tuned_config():
-    cfg = getattr(getattr(kq, "_kron_quantize_tuned", None), "best_config", None)
+def _tuned_config(pieces: bool = False):
+    tuner = "_kron_quantize_pieces_tuned" if pieces else "_kron_quantize_tuned"
+    cfg = getattr(getattr(kq, tuner, None), "best_config", None)
     if cfg is None or not kq.AUTOTUNE or not torch.cuda.is_available():
         return "fixed"
     return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
@@ -109,18 +111,26 @@ def _measure(n, n1, n2, tokens, p1, p2, w, unfused, device, intermediates):
     xs = _copies(x)
     n_fallbacks = len(FALLBACKS)
     rec = {"n": n, "n1": n1, "n2": n2, "tokens": tokens, "kernel_input_intermediate_us": float("nan")}
-    for name, inter in (("kernel_us", "fp32"), ("kernel_input_intermediate_us", "input")):
+    pieces = kq.uses_pieces(n1, n2, True, True, "fp32", None)
+    rec["kernel_path"] = "pieces" if pieces else "padded"
+    variants = [("kernel_us", "fp32", pieces), ("kernel_input_intermediate_us", "input", False)]
+    if pieces:  # the padded power-of-two tile in the same run, for comparison
+        variants.append(("kernel_padded_us", "fp32", False))
+    default = kq.PIECES
+    for name, inter, use_pieces in variants:
         if inter not in intermediates:
             continue
-        out = kq.kron_quantize_triton(x, p1, p2, 0.9, 0.9, intermediate=inter)  # autotune outside timing
-        ref = kq.kron_quantize_reference(x[:64], p1, p2, 0.9, 0.9, intermediate=inter)
-        mismatch = (out.codes[:64] != ref.codes).float().mean().item()  # ties only: ~1e-5 or less
-        rec[name] = round(
-            _bench(lambda xi, i=inter: kq.kron_quantize_triton(xi, p1, p2, 0.9, 0.9, intermediate=i), tokens, xs, name),
-            2,
-        )
-        rec[name.replace("_us", "_config")] = _tuned_config()
-        rec[name.replace("_us", "_code_mismatch")] = mismatch
+        kq.PIECES = use_pieces
+        try:
+            out = kq.kron_quantize_triton(x, p1, p2, 0.9, 0.9, intermediate=inter)  # autotune outside timing
+            ref = kq.kron_quantize_reference(x[:64], p1, p2, 0.9, 0.9, intermediate=inter)
+            mismatch = (out.codes[:64] != ref.codes).float().mean().item()  # ties only: ~1e-5 or less
+            fn = lambda xi, i=inter: kq.kron_quantize_triton(xi, p1, p2, 0.9, 0.9, intermediate=i)  # noqa: E731
+            rec[name] = round(_bench(fn, tokens, xs, name), 2)
+            rec[name.replace("_us", "_config")] = _tuned_config(use_pieces)
+            rec[name.replace("_us", "_code_mismatch")] = mismatch
+        finally:
+            kq.PIECES = default
     if unfused is not None:
         unfused(x, p1, p2, 0.9, 0.9)
         rec["unfused_us"] = round(_bench(lambda xi: unfused(xi, p1, p2, 0.9, 0.9), tokens, xs, "unfused"), 2)
@@ -169,7 +179,7 @@ def main():
     result = {"device": device, "copy_gbs": copy_gbs, "records": records, "skipped": skipped}
     print(
         f"{'n':>6} {'n1xn2':>8} {'T':>5} {'kernel':>8} {'k16':>8} {'unfused':>8} {'gemm':>8} {'%gemm':>6} "
-        f"{'x unf':>6} {'GB/s':>6}  config"
+        f"{'x unf':>6} {'GB/s':>6} {'padded':>8}  config"
     )
     for n, (n1, n2, gemm_n, layer) in shapes.items():
         p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16)
@@ -188,7 +198,7 @@ def main():
                 f"{n:6d} {f'{n1}x{n2}':>8} {tokens:5d} {r['kernel_us']:8.1f} "
                 f"{r['kernel_input_intermediate_us']:8.1f} {r['unfused_us']:8.1f} {r['gemm_bf16_us']:8.1f} "
                 f"{100 * r['kernel_us'] / r['gemm_bf16_us']:5.1f}% {r['unfused_us'] / r['kernel_us']:6.2f} "
-                f"{r['achieved_gbs']:6.0f}  {r['kernel_config']}",
+                f"{r['achieved_gbs']:6.0f} {r.get('kernel_padded_us', float('nan')):8.1f}  {r['kernel_config']}",
                 flush=True,
             )
             result["seconds"] = round(time.time() - start, 1)

@@ -129,6 +129,31 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
     return out
 
 
+def kron_pieces_reports(pairs: list[tuple[int, int]]) -> list[dict]:
+    """Every candidate of the pieces kernel (n1 cut in power-of-two pieces) for the pairs it applies to, in both
+    token buckets."""
+    sig = dict.fromkeys(["x_ptr", "p1_ptr", "p2_ptr"], "*bf16") | {"q_ptr": "*i8"}
+    sig |= dict.fromkeys(["scale_ptr", "zero_ptr"], "*fp32")
+    sig |= dict.fromkeys(["clip_max", "clip_min", "inv_qmax"], "fp32")
+    sig |= dict.fromkeys(["n_tokens", "stride_xt", "T_BUCKET"], "i32")
+    fn = kq._kron_quantize_pieces_kernel
+    out = []
+    for n1, n2 in pairs:
+        pieces = kq.pieces_of(n1, n2)
+        if pieces is None:
+            continue
+        r = pieces + (0,) * (3 - len(pieces))
+        for bucket in (0, 1):
+            for cfg in kq.pieces_candidate_configs(bucket):
+                const = dict(N1=n1, N2=n2, R0=r[0], R1=r[1], R2=r[2], SYMMETRIC=True, BITS=4, PACK=False)
+                const |= dict(INTERPRET=False, RECIP=True) | {k: cfg[k] for k in ("PROGS_PER_SM", "FAST_DIV")} | PDL
+                opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
+                div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt"]
+                rec = {"kernel": "kron_quantize_pieces", "n1": n1, "n2": n2, "bucket": bucket, **cfg}
+                out.append(_report(rec, lambda c=const, o=opts, d=div16: compile_sm90(fn, sig, c, d, o)))
+    return out
+
+
 def gemm_reports(sets: list[str]) -> list[dict]:
     ptrs = ["x_ptr", "w_ptr", "out_ptr", "xs_ptr", "ws_ptr", "xz_ptr", "zc_ptr", "bias_ptr", "gs_ptr"]
     types = {"x_ptr": "*i8", "w_ptr": "*u8", "out_ptr": "*bf16", "part_ptr": "*i32", "cnt_ptr": "*i32"}
@@ -284,7 +309,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the records here")
     args = ap.parse_args()
     pairs = [tuple(int(v) for v in p.split("x")) for p in args.kron.split(",") if p]
-    records = kron_reports(pairs) + gemm_reports([s for s in args.gemm.split(",") if s])
+    records = kron_reports(pairs) + kron_pieces_reports(pairs) + gemm_reports([s for s in args.gemm.split(",") if s])
     records += rope_reports([int(d) for d in args.rope.split(",") if d])
     records += decode_reports([int(g) for g in args.decode.split(",") if g])
     records += silu_mul_reports([int(n) for n in args.silu.split(",") if n])

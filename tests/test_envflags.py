@@ -83,6 +83,8 @@ CASES = [
     ("FLATQUANT_QUERY_KERNEL", "yes", "flatquant.kernels.rows_matmul", "USE_KERNEL", None),
     ("FLATQUANT_QUERY_KERNEL", "0", "flatquant.kernels.rows_matmul", "USE_KERNEL", "False"),
     ("FLATQUANT_QUERY_KERNEL", None, "flatquant.kernels.rows_matmul", "USE_KERNEL", "True"),
+    ("FLATQUANT_KRON_PIECES", "no", K, "PIECES", None),
+    ("FLATQUANT_KRON_PIECES", "0", K, "PIECES", "False"),
     ("FLATQUANT_FUSE_KV_APPEND", "off", KV, "APPEND_PAIR", None),
     ("FLATQUANT_FUSE_KV_APPEND", "0", KV, "APPEND_PAIR", "False"),
     ("FLATQUANT_DECODE_TUNE", "1", G, "DECODE_TUNE", None),

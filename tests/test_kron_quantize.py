@@ -596,3 +596,72 @@ def test_autotuned_launch_with_a_fused_norm(n1, n2):
         out = kq.kron_quantize(x, p1, p2, 0.9, 0.9, norm=(w, eps))
         xn = kq.rms_norm_reference(x, w, eps)
         _assert_same(out, kq.kron_quantize_reference(xn, p1, p2, 0.9, 0.9), xn, p1, p2)
+
+
+# ---- the pieces kernel: n1 cut in power-of-two pieces (86 -> 64 + 32) for n2 = 128 ----
+PIECE_PAIRS = [(86, 128), (108, 128), (112, 128)] if CUDA else [(40, 128), (86, 128), (112, 128)]
+
+
+def test_piece_sizes_and_which_launches_take_them():
+    assert [kq.piece_sizes(n) for n in (86, 112, 108, 80, 48, 148, 224)] == [
+        (64, 32), (64, 32, 16), (64, 32, 16), (64, 16), (32, 16), (128, 32), (128, 64, 32)
+    ]  # fmt: skip
+    assert [kq.piece_sizes(n) for n in (16, 24, 64, 120, 240)] == [None] * 5  # no padding saved
+    assert kq.pieces_of(86, 128) == (64, 32) and kq.pieces_of(112, 128) == (64, 32, 16)
+    assert kq.pieces_of(86, 64) is None and kq.pieces_of(64, 80) is None  # n2 must be 128
+    assert kq.pieces_of(148, 128) is None  # 128 x 160 elements: over the register budget
+    assert kq.uses_pieces(86, 128, True, True, "fp32", None) == kq.PIECES
+    assert not kq.uses_pieces(112, 128, True, True, "fp32", None)  # three pieces: no faster than padding
+    assert not kq.uses_pieces(86, 128, True, True, "input", None)
+    assert not kq.uses_pieces(86, 128, True, False, "fp32", None)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric,pack", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("n1,n2", PIECE_PAIRS)
+def test_pieces_kernel_matches_reference(n1, n2, symmetric, pack, dtype):
+    p1, p2 = _factors(n1, n2, seed=21)
+    tokens = 333 if CUDA else 3
+    x = _inputs(tokens, 2 * n1 * n2, dtype, seed=22)[:, : n1 * n2]  # row stride 2n
+    x[1] = 0
+    kw = dict(clip_max=0.9, clip_min=0.85, symmetric=symmetric, pack=pack)
+    out = kq.kron_quantize_triton(x, p1, p2, config={"PIECES": 1}, **kw)
+    ref = kq.kron_quantize_reference(x, p1, p2, **kw)
+    assert out.scale[1].item() == pytest.approx(1e-8)
+    _assert_same(out, ref, x, p1, p2, symmetric, pack)
+
+
+@needs_triton
+@pytest.mark.parametrize("n1,n2", PIECE_PAIRS[1:] if CUDA else PIECE_PAIRS[:1])
+def test_every_pieces_candidate_config(n1, n2):
+    p1, p2 = _factors(n1, n2, seed=23)
+    for bucket, tokens in ((0, 5), (1, 70)):
+        x = _inputs(tokens, n1 * n2, torch.bfloat16, seed=bucket)
+        ref = kq.kron_quantize_reference(x, p1, p2, 0.9, 0.8)
+        for cfg in kq.pieces_candidate_configs(bucket):
+            out = kq.kron_quantize_triton(x, p1, p2, 0.9, 0.8, config=dict(cfg, PIECES=1))
+            _assert_same(out, ref, x, p1, p2)
+
+
+@needs_triton
+def test_pieces_dispatch_and_errors(monkeypatch):
+    """Without a fixed config the pieces kernel runs where it applies and FLATQUANT_KRON_PIECES allows it; a
+    forced PIECES=1 that cannot run, or a padded-kernel key given to it, is refused with the reason."""
+    calls = []
+    launch = kq._launch_pieces
+    monkeypatch.setattr(kq, "_launch_pieces", lambda *a: calls.append(a[7:9]) or launch(*a))
+    n1, n2 = 86, 128
+    p1, p2 = _factors(n1, n2, seed=24)
+    x = _inputs(2, n1 * n2, torch.bfloat16, seed=25)
+    ref = kq.kron_quantize_reference(x, p1, p2)
+    for on in (True, False):
+        monkeypatch.setattr(kq, "PIECES", on)
+        _assert_same(kq.kron_quantize_triton(x, p1, p2), ref, x, p1, p2)
+    assert calls == [(n1, n2)]  # only with the switch on
+    _assert_same(kq.kron_quantize_triton(x, p1, p2, config={"BLOCK_T": 1}), ref, x, p1, p2)  # padded kernel's
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="PIECES=1 needs"):
+        kq.kron_quantize_triton(_inputs(2, 256, torch.bfloat16), *_factors(16, 16), config={"PIECES": 1})
+    with pytest.raises(ValueError, match="BLOCK_T"):
+        kq.kron_quantize_triton(x, p1, p2, config={"PIECES": 1, "BLOCK_T": 2})
