@@ -109,13 +109,15 @@ def jobs(args) -> list[Job]:
             env = {"FLATQUANT_MEDIUM_M": medium}
             listed.append(e2e(f"e2e-llama-2-7b-b64-medium{medium}", "llama-2-7b", *batch64, env=env))
         # decode at batch 1 and 16 with the defaults, without programmatic dependent launch, with the queries'
-        # transform as PyTorch's matmul instead of the PDL-launched Triton kernel, with K and V appended in two launches
+        # transform as PyTorch's matmul instead of the PDL-launched Triton kernel, with K and V appended in two
+        # launches, with the down projection's input on the padded 128 x 128 tile instead of its 64 + 32 pieces
         decode = ["--prefill-batches", "--decode-batches", "1", "16", "--no-breakdown", "--decode-fill", "random"]
         for variant, env in (
             ("base", None),
             ("pdl0", {"FLATQUANT_PDL": "0"}),
             ("qkernel0", {"FLATQUANT_QUERY_KERNEL": "0"}),
             ("append0", {"FLATQUANT_FUSE_KV_APPEND": "0"}),
+            ("pieces0", {"FLATQUANT_KRON_PIECES": "0"}),
         ):
             listed.append(e2e(f"e2e-llama-2-7b-decode-{variant}", "llama-2-7b", *decode, env=env))
         # where a W4A4 decode step's time goes at batch 1 and 16: kernels profiled from CUDA graphs, no timing runs

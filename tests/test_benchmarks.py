@@ -293,6 +293,7 @@ def test_gpu_suite_e2e_variants_time_a_feature_against_its_absence_in_one_run(ca
     assert base.env is None and pdl0.env == {"FLATQUANT_PDL": "0"} and qkernel.env == {"FLATQUANT_QUERY_KERNEL": "0"}
     assert base.argv[2:][:-2] == pdl0.argv[2:][:-2] == qkernel.argv[2:][:-2] and "--no-breakdown" in base.argv
     assert listed["e2e-llama-2-7b-decode-append0"].env == {"FLATQUANT_FUSE_KV_APPEND": "0"}
+    assert listed["e2e-llama-2-7b-decode-pieces0"].env == {"FLATQUANT_KRON_PIECES": "0"}
     for b in ("1", "16"):  # decode-only profiles from CUDA graphs
         argv = listed[f"e2e-llama-2-7b-decode-profile-b{b}"].argv
         assert (
