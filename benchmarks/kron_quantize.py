@@ -103,7 +103,10 @@ def _tuned_config(pieces: bool = False):
     cfg = getattr(getattr(kq, tuner, None), "best_config", None)
     if cfg is None or not kq.AUTOTUNE or not torch.cuda.is_available():
         return "fixed"
-    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    out = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if getattr(cfg, "maxnreg", None) is not None:
+        out["maxnreg"] = cfg.maxnreg
+    return out
 
 
 def _measure(n, n1, n2, tokens, p1, p2, w, unfused, device, intermediates):
@@ -153,6 +156,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="toy sizes (runs on CPU through the interpreter)")
     ap.add_argument("--no-unfused", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--budget", type=float, default=210.0, help="seconds; later shapes are skipped past it")
+    ap.add_argument("--hidden", type=int, nargs="*", default=None, help=f"only these hidden sizes (of {list(SHAPES)})")
     ap.add_argument(
         "--input-intermediate", action="store_true", help='also time intermediate="input" (more autotuning time)'
     )
@@ -175,6 +179,11 @@ def main():
     elif not cuda:
         unfused = _unfused
     shapes, token_counts = (QUICK_SHAPES, QUICK_TOKENS) if args.quick or not cuda else (SHAPES, TOKENS)
+    if args.hidden:
+        unknown = sorted(set(args.hidden) - set(shapes))
+        if unknown:
+            ap.error(f"--hidden {unknown}: not among the benchmark's hidden sizes {sorted(shapes)}")
+        shapes = {n: shapes[n] for n in args.hidden}
     records, skipped = [], []
     result = {"device": device, "copy_gbs": copy_gbs, "records": records, "skipped": skipped}
     print(

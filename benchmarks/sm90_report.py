@@ -121,6 +121,8 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
                 const |= dict(SYMMETRIC=True, BITS=4, PACK=False, INTERPRET=False, RECIP=True, NORM=norm)
                 const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")} | PDL
                 opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
+                if cfg["maxnreg"] is not None:
+                    opts["maxnreg"] = cfg["maxnreg"]
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt", "nw_ptr"]
                 rec = {"kernel": "kron_quantize", "n1": n1, "n2": n2, "bucket": bucket, "norm": norm, **cfg}
                 out.append(
@@ -148,6 +150,8 @@ def kron_pieces_reports(pairs: list[tuple[int, int]]) -> list[dict]:
                 const = dict(N1=n1, N2=n2, R0=r[0], R1=r[1], R2=r[2], SYMMETRIC=True, BITS=4, PACK=False)
                 const |= dict(INTERPRET=False, RECIP=True) | {k: cfg[k] for k in ("PROGS_PER_SM", "FAST_DIV")} | PDL
                 opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
+                if cfg["maxnreg"] is not None:
+                    opts["maxnreg"] = cfg["maxnreg"]
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt"]
                 rec = {"kernel": "kron_quantize_pieces", "n1": n1, "n2": n2, "bucket": bucket, **cfg}
                 out.append(_report(rec, lambda c=const, o=opts, d=div16: compile_sm90(fn, sig, c, d, o)))
@@ -282,7 +286,8 @@ def decode_reports(groups: list[int], head_dim: int = 128) -> list[dict]:
 def _report(rec: dict, build) -> dict:
     try:
         rec.update(resources(build()))
-        rec["ok"] = rec["stack"] == 0 and rec["smem"] <= SMEM_LIMIT
+        # a spill is a defect, except in a candidate that caps its registers on purpose (maxnreg: two CTAs per SM)
+        rec["ok"] = (rec["stack"] == 0 or bool(rec.get("maxnreg"))) and rec["smem"] <= SMEM_LIMIT
     except Exception as err:  # a candidate that does not compile is a finding, not a crash
         rec.update(ok=False, error=f"{type(err).__name__}: {str(err)[:300]}")
     flag = "ok " if rec["ok"] else "BAD"

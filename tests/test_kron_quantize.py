@@ -369,7 +369,7 @@ def test_autotuned_plumbing_in_interpreter(monkeypatch):
 
     def prune(configs, named_args, **kwargs):
         out = kq._prune(configs, named_args, **kwargs)
-        pruned.append([{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in out])
+        pruned.append([kq.config_items(c) for c in out])
         return out
 
     def bench(fn, quantiles=None, **kwargs):
@@ -633,7 +633,7 @@ def test_pieces_kernel_matches_reference(n1, n2, symmetric, pack, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("n1,n2", PIECE_PAIRS[1:] if CUDA else PIECE_PAIRS[:1])
+@pytest.mark.parametrize("n1,n2", PIECE_PAIRS[::2] if CUDA else PIECE_PAIRS[:1])
 def test_every_pieces_candidate_config(n1, n2):
     p1, p2 = _factors(n1, n2, seed=23)
     for bucket, tokens in ((0, 5), (1, 70)):

@@ -902,6 +902,7 @@ def _default_config(bn1: int, bn2: int, n_tokens: int) -> dict:
         "PROGS_PER_SM": 4,
         "num_warps": 4 if tile <= 8192 else 8,
         "num_stages": 2 if tile == 8192 else 3,
+        "maxnreg": None,  # a register cap per thread (None: the compiler's choice)
     }
 
 
@@ -941,7 +942,9 @@ def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) ->
         # column chunks of 64: a quarter of the fp32 tile in registers and less shared memory, so that two
         # programs fit on an SM, at the price of building X' twice
         chunked = [dict(default, BC=64, num_stages=2, PROGS_PER_SM=2, num_warps=w) for w in (4, 8)]
-        return out + [dict(default, num_stages=2, PROGS_PER_SM=2)] + chunked
+        # or the whole tile with registers capped at 128 and one stage (96 KB): two programs per SM, spilling
+        capped = [dict(default, P1_FIRST=1, num_stages=1, PROGS_PER_SM=2, maxnreg=128)] if p1_first else []
+        return out + [dict(default, num_stages=2, PROGS_PER_SM=2)] + chunked + capped
     for bt in (2, 4, 8):
         if bt * tile <= _MAX_STACK:
             warps = 4 if bt * tile <= 4096 else 8
@@ -993,21 +996,38 @@ def uses_pieces(n1: int, n2: int, has_p1: bool, has_p2: bool, intermediate: str,
 
 def _pieces_default_config(bucket: int) -> dict:
     """Fixed launch config of the pieces kernel (interpreter, FLATQUANT_AUTOTUNE=0)."""
-    return {"PROGS_PER_SM": 1, "FAST_DIV": 0, "num_warps": 8, "num_stages": 1 if bucket == 0 else 2}
+    return {"PROGS_PER_SM": 1, "FAST_DIV": 0, "num_warps": 8, "num_stages": 1 if bucket == 0 else 2, "maxnreg": None}
 
 
 def pieces_candidate_configs(bucket: int) -> list[dict]:
     """Launch configs the autotuner chooses among for the pieces kernel: 8 warps (the 128-row products), IEEE
-    divisions or the reciprocal multiply, and above SMALL_TOKENS pipeline stages and programs per SM."""
+    divisions or the reciprocal multiply, and above SMALL_TOKENS pipeline stages and programs per SM; with
+    ``maxnreg=128`` two programs fit on an SM (166-175 registers a thread otherwise), so that one's products can
+    overlap the other's quantizer, at the price of spilling (128 bytes a thread in the sm_90 build)."""
     default = _pieces_default_config(bucket)
     if bucket == 0:
         return [default, dict(default, FAST_DIV=1)]
-    return [default, dict(default, FAST_DIV=1), dict(default, num_stages=3), dict(default, PROGS_PER_SM=2)]
+    two = [dict(default, PROGS_PER_SM=2, maxnreg=128, num_stages=s) for s in (1, 2)]
+    return [default, dict(default, FAST_DIV=1), dict(default, num_stages=3), dict(default, PROGS_PER_SM=2)] + two
+
+
+_LAUNCH_KEYS = ("num_warps", "num_stages", "maxnreg")  # a config's compile options; the other keys are constexprs
 
 
 def _as_triton_config(cfg: dict):
-    meta = {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")}
-    return triton.Config(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    meta = {k: v for k, v in cfg.items() if k not in _LAUNCH_KEYS}
+    return triton.Config(meta, **{k: cfg[k] for k in _LAUNCH_KEYS})
+
+
+def config_items(config) -> dict:
+    """A triton.Config as the dict ``candidate_configs`` describes it in (constexprs and compile options)."""
+    return {**config.kwargs, **{k: getattr(config, k, None) for k in _LAUNCH_KEYS}}
+
+
+def _keep(configs, candidates: list[dict]) -> list:
+    """The triton.Configs among ``configs`` that are in ``candidates`` (an autotuner's early prune)."""
+    want = [tuple(sorted(c.items())) for c in candidates]
+    return [c for c in configs if tuple(sorted(config_items(c).items())) in want] or configs[:1]
 
 
 if triton is not None:
@@ -1026,13 +1046,7 @@ if triton is not None:
         keep = candidate_configs(a["BN1"], a["BN2"], a["T_BUCKET"], p1_first)
         if a["NORM"]:  # the fused norm needs whole token rows in registers: no column chunks
             keep = [c for c in keep if c["BC"] == a["BN2"]]
-        want = [tuple(sorted(c.items())) for c in keep]
-        got = [
-            c
-            for c in configs
-            if tuple(sorted({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}.items())) in want
-        ]
-        return got or configs[:1]
+        return _keep(configs, keep)
 
     def graph_bench(kernel_call, quantiles):
         """Candidates timed as CUDA-graph replays (as the W4A4 GEMM's decode configs): event timing counts the
@@ -1057,23 +1071,10 @@ if triton is not None:
     _ALL_PIECES_CONFIGS = {tuple(sorted(c.items())): c for bucket in (0, 1) for c in pieces_candidate_configs(bucket)}
 
     def _prune_pieces(configs, named_args, **kwargs):
-        a = {**named_args, **kwargs}
-        keep = pieces_candidate_configs(a["T_BUCKET"])
-        want = [tuple(sorted(c.items())) for c in keep]
-        got = [
-            c
-            for c in configs
-            if tuple(sorted({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}.items())) in want
-        ]
-        return got or configs[:1]
+        return _keep(configs, pieces_candidate_configs({**named_args, **kwargs}["T_BUCKET"]))
 
     _TUNE_PIECES = dict(
-        configs=[
-            triton.Config(
-                {k: c[k] for k in ("PROGS_PER_SM", "FAST_DIV")}, num_warps=c["num_warps"], num_stages=c["num_stages"]
-            )
-            for c in _ALL_PIECES_CONFIGS.values()
-        ],
+        configs=[_as_triton_config(c) for c in _ALL_PIECES_CONFIGS.values()],
         key=["N1", "N2", "T_BUCKET", "SYMMETRIC", "PACK"],
         prune_configs_by={"early_config_prune": _prune_pieces},
     )
@@ -1196,11 +1197,16 @@ def kron_quantize_triton(
                     f"BLOCK_T={cfg['BLOCK_T']} stacks tokens only for tiles up to {_MAX_STACK} elements in all "
                     f"(BLOCK_T * BN1 * BN2), got a {bn1}x{bn2} tile"
                 )
-            if _interpreting():
-                cfg.pop("num_warps"), cfg.pop("num_stages")
-            _kron_quantize_kernel[grid({**cfg})](*args, **meta, **cfg)
+            _kron_quantize_kernel[grid({**cfg})](*args, **meta, **_compile_options(cfg))
     codes = codes.reshape(*lead, codes.shape[-1])
     return KronQuantized(codes, scale.reshape(lead), None if zero is None else zero.reshape(lead))
+
+
+def _compile_options(cfg: dict) -> dict:
+    """A fixed config as launch keywords: without the compile options under the interpreter, without an unset
+    register cap."""
+    drop = _LAUNCH_KEYS if _interpreting() else ("maxnreg",) if cfg.get("maxnreg") is None else ()
+    return {k: v for k, v in cfg.items() if k not in drop}
 
 
 def _launch_pieces(x2, p1c, p2c, codes, scale, zero, scalars, n1, n2, symmetric, bits, pack, fixed, config, meta):
@@ -1229,9 +1235,7 @@ def _launch_pieces(x2, p1c, p2c, codes, scale, zero, scalars, n1, n2, symmetric,
     if unknown:
         raise ValueError(f"the pieces kernel takes config keys {sorted(cfg)} (and PIECES), got {sorted(unknown)}")
     cfg.update(fixed)
-    if _interpreting():
-        cfg.pop("num_warps"), cfg.pop("num_stages")
-    _kron_quantize_pieces_kernel[grid(cfg)](*args, **meta, **cfg)
+    _kron_quantize_pieces_kernel[grid(cfg)](*args, **meta, **_compile_options(cfg))
 
 
 def kron_quantize(
