@@ -25,8 +25,11 @@ def test_kernels_build_for_sm90_without_spills(tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     records = json.loads(out.read_text())["records"]
-    kernels = {"kron_quantize", "rope", "decode_attention", "silu_mul", "int8_head", "query_transform"}
-    assert {r["kernel"] for r in records} == kernels
+    kernels = {"kron_quantize", "kron_quantize_pieces", "rope", "decode_attention", "silu_mul", "int8_head"}
+    assert {r["kernel"] for r in records} == kernels | {"query_transform"}
+    capped = [r for r in records if r.get("maxnreg")]  # two programs per SM: the cap holds, spills allowed
+    assert {r["kernel"] for r in capped} == {"kron_quantize", "kron_quantize_pieces"}
+    assert all(r["regs"] <= r["maxnreg"] for r in capped)
     assert any(not r.get("mma", True) for r in records if r["kernel"] == "decode_attention")  # CUDA-core variant
     bad = [r for r in records if not r["ok"]]
     assert not bad, bad[:3]
