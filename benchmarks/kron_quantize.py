@@ -31,6 +31,7 @@ import triton.testing  # noqa: E402
 from gemm import n_copies  # noqa: E402  (the sibling benchmark: copies that defeat the L2 cache)
 
 from flatquant.files import atomic_write_json  # noqa: E402
+from flatquant.kernels import kron_pieces as kp  # noqa: E402
 from flatquant.kernels import kron_quantize as kq  # noqa: E402
 
 # hidden size -> (n1, n2, N of the BF16 GEMM it feeds, which layer)
@@ -99,8 +100,8 @@ def copy_bandwidth_gbs(nbytes=1 << 30):
 
 
 def _tuned_config(pieces: bool = False):
-    tuner = "_kron_quantize_pieces_tuned" if pieces else "_kron_quantize_tuned"
-    cfg = getattr(getattr(kq, tuner, None), "best_config", None)
+    tuner = getattr(kp, "_kron_quantize_pieces_tuned", None) if pieces else getattr(kq, "_kron_quantize_tuned", None)
+    cfg = getattr(tuner, "best_config", None)
     if cfg is None or not kq.AUTOTUNE or not torch.cuda.is_available():
         return "fixed"
     out = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
@@ -114,16 +115,16 @@ def _measure(n, n1, n2, tokens, p1, p2, w, unfused, device, intermediates):
     xs = _copies(x)
     n_fallbacks = len(FALLBACKS)
     rec = {"n": n, "n1": n1, "n2": n2, "tokens": tokens, "kernel_input_intermediate_us": float("nan")}
-    pieces = kq.uses_pieces(n1, n2, True, True, "fp32", None)
+    pieces = kp.uses_pieces(n1, n2, True, True, "fp32", None)
     rec["kernel_path"] = "pieces" if pieces else "padded"
     variants = [("kernel_us", "fp32", pieces), ("kernel_input_intermediate_us", "input", False)]
     if pieces:  # the padded power-of-two tile in the same run, for comparison
         variants.append(("kernel_padded_us", "fp32", False))
-    default = kq.PIECES
+    default = kp.PIECES
     for name, inter, use_pieces in variants:
         if inter not in intermediates:
             continue
-        kq.PIECES = use_pieces
+        kp.PIECES = use_pieces
         try:
             out = kq.kron_quantize_triton(x, p1, p2, 0.9, 0.9, intermediate=inter)  # autotune outside timing
             ref = kq.kron_quantize_reference(x[:64], p1, p2, 0.9, 0.9, intermediate=inter)
@@ -133,7 +134,7 @@ def _measure(n, n1, n2, tokens, p1, p2, w, unfused, device, intermediates):
             rec[name.replace("_us", "_config")] = _tuned_config(use_pieces)
             rec[name.replace("_us", "_code_mismatch")] = mismatch
         finally:
-            kq.PIECES = default
+            kp.PIECES = default
     if unfused is not None:
         unfused(x, p1, p2, 0.9, 0.9)
         rec["unfused_us"] = round(_bench(lambda xi: unfused(xi, p1, p2, 0.9, 0.9), tokens, xs, "unfused"), 2)

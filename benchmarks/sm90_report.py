@@ -28,6 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from flatquant.files import atomic_write_json  # noqa: E402
 from flatquant.kernels import gemm_w4a4 as gw  # noqa: E402
 from flatquant.kernels import int8_linear as il  # noqa: E402
+from flatquant.kernels import kron_pieces as kp  # noqa: E402
 from flatquant.kernels import kron_quantize as kq  # noqa: E402
 from flatquant.kernels import kv_quant as kv  # noqa: E402
 from flatquant.kernels import rope as rp  # noqa: E402
@@ -138,15 +139,15 @@ def kron_pieces_reports(pairs: list[tuple[int, int]]) -> list[dict]:
     sig |= dict.fromkeys(["scale_ptr", "zero_ptr"], "*fp32")
     sig |= dict.fromkeys(["clip_max", "clip_min", "inv_qmax"], "fp32")
     sig |= dict.fromkeys(["n_tokens", "stride_xt", "T_BUCKET"], "i32")
-    fn = kq._kron_quantize_pieces_kernel
+    fn = kp._kron_quantize_pieces_kernel
     out = []
     for n1, n2 in pairs:
-        pieces = kq.pieces_of(n1, n2)
+        pieces = kp.pieces_of(n1, n2)
         if pieces is None:
             continue
         r = pieces + (0,) * (3 - len(pieces))
         for bucket in (0, 1):
-            for cfg in kq.pieces_candidate_configs(bucket):
+            for cfg in kp.pieces_candidate_configs(bucket):
                 const = dict(N1=n1, N2=n2, R0=r[0], R1=r[1], R2=r[2], SYMMETRIC=True, BITS=4, PACK=False)
                 const |= dict(INTERPRET=False, RECIP=True) | {k: cfg[k] for k in ("PROGS_PER_SM", "FAST_DIV")} | PDL
                 opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)

@@ -126,6 +126,10 @@ def test_kron_quantize_quick_writes_records_naming_their_timing(tmp_path):
     for r in records:
         assert r["kernel_us"] > 0 and r["gemm_bf16_us"] > 0 and r["input_copies"] >= 1
         assert r["timing"].startswith("wall clock") and "do_bench" not in r["timing"]
+    # the 40 x 128 toy shape runs the pieces kernel and times the padded tile beside it
+    pieces = [r for r in records if (r["n1"], r["n2"]) == (40, 128)]
+    assert len(pieces) == 3 and all(r["kernel_path"] == "pieces" and r["kernel_padded_us"] > 0 for r in pieces)
+    assert all(r["kernel_path"] == "padded" and "kernel_padded_us" not in r for r in records if r not in pieces)
 
 
 def _load(script: str):

@@ -18,8 +18,11 @@ import pytest  # noqa: E402
 import flatquant.kernels.kron_quantize as kq  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+import flatquant.kernels.kron_pieces as kp  # noqa: E402
+
 if not CUDA and kq.triton is not None and not kq._interpreting():
     kq = importlib.reload(kq)  # imported before TRITON_INTERPRET was set: rebuild it for the interpreter
+    kp = importlib.reload(kp)
 DEVICE = "cuda" if CUDA else "cpu"
 needs_triton = pytest.mark.skipif(
     kq.triton is None or not (CUDA or kq._interpreting()),
@@ -603,17 +606,17 @@ PIECE_PAIRS = [(86, 128), (108, 128), (112, 128)] if CUDA else [(40, 128), (86, 
 
 
 def test_piece_sizes_and_which_launches_take_them():
-    assert [kq.piece_sizes(n) for n in (86, 112, 108, 80, 48, 148, 224)] == [
+    assert [kp.piece_sizes(n) for n in (86, 112, 108, 80, 48, 148, 224)] == [
         (64, 32), (64, 32, 16), (64, 32, 16), (64, 16), (32, 16), (128, 32), (128, 64, 32)
     ]  # fmt: skip
-    assert [kq.piece_sizes(n) for n in (16, 24, 64, 120, 240)] == [None] * 5  # no padding saved
-    assert kq.pieces_of(86, 128) == (64, 32) and kq.pieces_of(112, 128) == (64, 32, 16)
-    assert kq.pieces_of(86, 64) is None and kq.pieces_of(64, 80) is None  # n2 must be 128
-    assert kq.pieces_of(148, 128) is None  # 128 x 160 elements: over the register budget
-    assert kq.uses_pieces(86, 128, True, True, "fp32", None) == kq.PIECES
-    assert not kq.uses_pieces(112, 128, True, True, "fp32", None)  # three pieces: no faster than padding
-    assert not kq.uses_pieces(86, 128, True, True, "input", None)
-    assert not kq.uses_pieces(86, 128, True, False, "fp32", None)
+    assert [kp.piece_sizes(n) for n in (16, 24, 64, 120, 240)] == [None] * 5  # no padding saved
+    assert kp.pieces_of(86, 128) == (64, 32) and kp.pieces_of(112, 128) == (64, 32, 16)
+    assert kp.pieces_of(86, 64) is None and kp.pieces_of(64, 80) is None  # n2 must be 128
+    assert kp.pieces_of(148, 128) is None  # 128 x 160 elements: over the register budget
+    assert kp.uses_pieces(86, 128, True, True, "fp32", None) == kp.PIECES
+    assert not kp.uses_pieces(112, 128, True, True, "fp32", None)  # three pieces: no faster than padding
+    assert not kp.uses_pieces(86, 128, True, True, "input", None)
+    assert not kp.uses_pieces(86, 128, True, False, "fp32", None)
 
 
 @needs_triton
@@ -639,7 +642,7 @@ def test_every_pieces_candidate_config(n1, n2):
     for bucket, tokens in ((0, 5), (1, 70)):
         x = _inputs(tokens, n1 * n2, torch.bfloat16, seed=bucket)
         ref = kq.kron_quantize_reference(x, p1, p2, 0.9, 0.8)
-        for cfg in kq.pieces_candidate_configs(bucket):
+        for cfg in kp.pieces_candidate_configs(bucket):
             out = kq.kron_quantize_triton(x, p1, p2, 0.9, 0.8, config=dict(cfg, PIECES=1))
             _assert_same(out, ref, x, p1, p2)
 
@@ -649,14 +652,14 @@ def test_pieces_dispatch_and_errors(monkeypatch):
     """Without a fixed config the pieces kernel runs where it applies and FLATQUANT_KRON_PIECES allows it; a
     forced PIECES=1 that cannot run, or a padded-kernel key given to it, is refused with the reason."""
     calls = []
-    launch = kq._launch_pieces
-    monkeypatch.setattr(kq, "_launch_pieces", lambda *a: calls.append(a[7:9]) or launch(*a))
+    launch = kp.launch_pieces
+    monkeypatch.setattr(kp, "launch_pieces", lambda *a: calls.append(a[7:9]) or launch(*a))
     n1, n2 = 86, 128
     p1, p2 = _factors(n1, n2, seed=24)
     x = _inputs(2, n1 * n2, torch.bfloat16, seed=25)
     ref = kq.kron_quantize_reference(x, p1, p2)
     for on in (True, False):
-        monkeypatch.setattr(kq, "PIECES", on)
+        monkeypatch.setattr(kp, "PIECES", on)
         _assert_same(kq.kron_quantize_triton(x, p1, p2), ref, x, p1, p2)
     assert calls == [(n1, n2)]  # only with the switch on
     _assert_same(kq.kron_quantize_triton(x, p1, p2, config={"BLOCK_T": 1}), ref, x, p1, p2)  # padded kernel's
