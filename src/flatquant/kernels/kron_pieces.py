@@ -242,7 +242,12 @@ if triton is not None:
 
 
 def launch_pieces(x2, p1c, p2c, codes, scale, zero, scalars, n1, n2, symmetric, bits, pack, fixed, config, meta):
-    """Launch the pieces kernel (``_kron_quantize_pieces_kernel``) for both factors and the fp32 intermediate."""
+    """Launch the pieces kernel (``_kron_quantize_pieces_kernel``) for both factors and the fp32 intermediate.
+
+    x2 (T, n), p1c / p2c the factors in x's dtype (x2 itself where a factor is absent: refused), codes / scale / zero
+    the outputs ``kron_quantize_triton`` allocated; scalars = (clip_max, clip_min, inv_qmax, eps, T, row stride);
+    fixed: the caller's fixed config without ``PIECES`` (``config`` None: autotuned); meta: compile and PDL
+    options of the launch."""
     pieces = pieces_of(n1, n2)
     if pieces is None or p1c is x2 or p2c is x2:
         raise ValueError(
