@@ -12,6 +12,8 @@ dispatches here (``uses_pieces``). Design and timings: docs/kernels-kron-quantiz
 
 from __future__ import annotations
 
+import functools
+
 from .. import envflags as _envflags
 from . import kron_quantize as _kq
 from . import pdl as _pdl
@@ -23,6 +25,7 @@ __all__ = ["PIECES", "launch_pieces", "piece_sizes", "pieces_candidate_configs",
 PIECES = _envflags.switch("FLATQUANT_KRON_PIECES", True, "padded power-of-two tiles", "pieces where they apply")
 
 
+@functools.cache  # asked on every launch
 def piece_sizes(n: int) -> tuple[int, ...] | None:
     """Powers of two >= 16, largest first, at most three, covering n with less padding than the next power of
     two (86 -> (64, 32), 112 -> (64, 32, 16)); None where they would not (powers of two, n <= 16)."""
