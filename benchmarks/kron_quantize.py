@@ -104,10 +104,7 @@ def _tuned_config(pieces: bool = False):
     cfg = getattr(tuner, "best_config", None)
     if cfg is None or not kq.AUTOTUNE or not torch.cuda.is_available():
         return "fixed"
-    out = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    if getattr(cfg, "maxnreg", None) is not None:
-        out["maxnreg"] = cfg.maxnreg
-    return out
+    return {k: v for k, v in kq.config_items(cfg).items() if v is not None}  # no register cap: no maxnreg key
 
 
 def _measure(n, n1, n2, tokens, p1, p2, w, unfused, device, intermediates):

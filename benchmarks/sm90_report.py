@@ -106,6 +106,13 @@ def resources(kernel) -> dict:
     }
 
 
+def _kron_options(cfg: dict) -> dict:
+    """Compile options of a transform candidate as the kernels launch it: no fp contraction, the register cap
+    where the candidate sets one."""
+    opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
+    return opts | ({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] is not None else {})
+
+
 def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
     """Every candidate of each factor pair and token bucket; for pairs that fit a fused RMSNorm (hidden sizes)
     also the candidates with the norm (``NORM``, whole token rows)."""
@@ -121,9 +128,7 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
                 const = dict(N1=n1, N2=n2, BN1=bn1, BN2=bn2, HAS_P1=True, HAS_P2=True, SPLIT_Y=True)
                 const |= dict(SYMMETRIC=True, BITS=4, PACK=False, INTERPRET=False, RECIP=True, NORM=norm)
                 const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")} | PDL
-                opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
-                if cfg["maxnreg"] is not None:
-                    opts["maxnreg"] = cfg["maxnreg"]
+                opts = _kron_options(cfg)
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt", "nw_ptr"]
                 rec = {"kernel": "kron_quantize", "n1": n1, "n2": n2, "bucket": bucket, "norm": norm, **cfg}
                 out.append(
@@ -150,9 +155,7 @@ def kron_pieces_reports(pairs: list[tuple[int, int]]) -> list[dict]:
             for cfg in kp.pieces_candidate_configs(bucket):
                 const = dict(N1=n1, N2=n2, R0=r[0], R1=r[1], R2=r[2], SYMMETRIC=True, BITS=4, PACK=False)
                 const |= dict(INTERPRET=False, RECIP=True) | {k: cfg[k] for k in ("PROGS_PER_SM", "FAST_DIV")} | PDL
-                opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
-                if cfg["maxnreg"] is not None:
-                    opts["maxnreg"] = cfg["maxnreg"]
+                opts = _kron_options(cfg)
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt"]
                 rec = {"kernel": "kron_quantize_pieces", "n1": n1, "n2": n2, "bucket": bucket, **cfg}
                 out.append(_report(rec, lambda c=const, o=opts, d=div16: compile_sm90(fn, sig, c, d, o)))

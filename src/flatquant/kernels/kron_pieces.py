@@ -237,11 +237,7 @@ if triton is not None:
         key=["N1", "N2", "T_BUCKET", "SYMMETRIC", "PACK"],
         prune_configs_by={"early_config_prune": _prune_pieces},
     )
-    try:
-        _tuner = _kq.autotune(**_TUNE_PIECES, do_bench=_kq.graph_bench)
-    except TypeError:  # a triton before the do_bench argument
-        _tuner = _kq.autotune(**_TUNE_PIECES, use_cuda_graph=True)
-    _kron_quantize_pieces_tuned = _tuner(_kron_quantize_pieces_kernel)
+    _kron_quantize_pieces_tuned = _kq.graph_autotune(_kron_quantize_pieces_kernel, **_TUNE_PIECES)
 
 
 def launch_pieces(x2, p1c, p2c, codes, scale, zero, scalars, n1, n2, symmetric, bits, pack, fixed, config, meta):

@@ -858,10 +858,16 @@ if triton is not None:
         key=["N1", "N2", "T_BUCKET", "HAS_P1", "HAS_P2", "SPLIT_Y", "SYMMETRIC", "PACK", "NORM"],
         prune_configs_by={"early_config_prune": _prune},
     )
-    try:
-        _kron_quantize_tuned = autotune(**_TUNE, do_bench=graph_bench)(_kron_quantize_kernel)
-    except TypeError:  # a triton before the do_bench argument: its own CUDA-graph timing
-        _kron_quantize_tuned = autotune(**_TUNE, use_cuda_graph=True)(_kron_quantize_kernel)
+
+    def graph_autotune(kernel, **tune):
+        """``autotune`` of ``kernel`` with candidates timed by :func:`graph_bench` (on a Triton before the
+        do_bench argument: its own CUDA-graph timing)."""
+        try:
+            return autotune(**tune, do_bench=graph_bench)(kernel)
+        except TypeError:
+            return autotune(**tune, use_cuda_graph=True)(kernel)
+
+    _kron_quantize_tuned = graph_autotune(_kron_quantize_kernel, **_TUNE)
 
 
 def fuses_norm(n1: int, n2: int) -> bool:
