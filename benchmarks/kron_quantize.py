@@ -155,6 +155,7 @@ def main():
     ap.add_argument("--no-unfused", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--budget", type=float, default=210.0, help="seconds; later shapes are skipped past it")
     ap.add_argument("--hidden", type=int, nargs="*", default=None, help=f"only these hidden sizes (of {list(SHAPES)})")
+    ap.add_argument("--tokens", type=int, nargs="*", default=None, help="only these token counts (of the default list)")
     ap.add_argument(
         "--input-intermediate", action="store_true", help='also time intermediate="input" (more autotuning time)'
     )
@@ -182,6 +183,11 @@ def main():
         if unknown:
             ap.error(f"--hidden {unknown}: not among the benchmark's hidden sizes {sorted(shapes)}")
         shapes = {n: shapes[n] for n in args.hidden}
+    if args.tokens:
+        unknown = sorted(set(args.tokens) - set(token_counts))
+        if unknown:
+            ap.error(f"--tokens {unknown}: not among the benchmark's token counts {list(token_counts)}")
+        token_counts = tuple(t for t in token_counts if t in args.tokens)
     records, skipped = [], []
     result = {"device": device, "copy_gbs": copy_gbs, "records": records, "skipped": skipped}
     print(

@@ -132,6 +132,15 @@ def test_kron_quantize_quick_writes_records_naming_their_timing(tmp_path):
     assert all(r["kernel_path"] == "padded" and "kernel_padded_us" not in r for r in records if r not in pieces)
 
 
+def test_kron_quantize_quick_filters_hidden_sizes_and_token_counts(tmp_path):
+    records = _quick_output("kron_quantize.py", tmp_path, "--hidden", "256", "--tokens", "1", "16")["records"]
+    assert [(r["n"], r["tokens"]) for r in records] == [(256, 1), (256, 16)]
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "kron_quantize.py"), "--quick", "--tokens", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "--tokens [2]: not among" in proc.stderr
+
+
 def _load(script: str):
     spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), os.path.join(ROOT, "benchmarks", script))
     mod = importlib.util.module_from_spec(spec)

@@ -668,3 +668,5 @@ def test_pieces_dispatch_and_errors(monkeypatch):
         kq.kron_quantize_triton(_inputs(2, 256, torch.bfloat16), *_factors(16, 16), config={"PIECES": 1})
     with pytest.raises(ValueError, match="BLOCK_T"):
         kq.kron_quantize_triton(x, p1, p2, config={"PIECES": 1, "BLOCK_T": 2})
+    with pytest.raises(ValueError, match="fp32 intermediate"):  # would have run the fp32 intermediate silently
+        kq.kron_quantize_triton(x, p1, p2, intermediate="input", config={"PIECES": 1})

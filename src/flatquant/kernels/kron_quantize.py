@@ -965,6 +965,11 @@ def kron_quantize_triton(
         if pieces is None:  # a fixed config without PIECES is the padded kernel's
             factors = (p1 is not None, p2 is not None)
             pieces = config is None and kron_pieces.uses_pieces(n1, n2, *factors, intermediate, norm)
+        if pieces and (norm is not None or intermediate != "fp32"):  # the pieces kernel computes neither
+            raise ValueError(
+                "PIECES=1 runs with the fp32 intermediate and without a fused norm only, "
+                f"got {intermediate=} and {'a' if norm is not None else 'no'} norm"
+            )
         if pieces:
             shape = (n1, n2, symmetric, bits, pack)
             kron_pieces.launch_pieces(x2, p1c, p2c, codes, scale, zero, args[7:13], *shape, fixed, config, meta)
