@@ -318,6 +318,36 @@ def test_candidate_configs_respect_limits():
 
 
 @needs_triton
+def test_fixed_config_keys_and_values_are_checked():
+    """A fixed config with a key the kernel does not take, or a value outside its range, stops with an error that
+    names it (instead of a silent ignore, a division by zero or a compiler error)."""
+    p1, p2 = _factors(16, 16)
+    x = _inputs(3, 256, torch.bfloat16)
+    for cfg, match in (
+        ({"FOO": 1}, r"takes config keys .*got \['FOO'\]"),
+        ({"BLOCK_T": 0}, "BLOCK_T=0 is not one of 1, 2, 4"),
+        ({"BLOCK_T": 3}, "BLOCK_T=3"),
+        ({"PROGS_PER_SM": 0}, "PROGS_PER_SM=0 is not one of 1-64"),
+        ({"num_warps": 3}, "num_warps=3 is not one of 1, 2, 4, 8, 16"),
+        ({"num_stages": 0}, "num_stages=0"),
+        ({"FAST_DIV": 2}, "FAST_DIV=2"),
+        ({"maxnreg": 8}, "maxnreg=8 must be None or a register count"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            kq.kron_quantize_triton(x, p1, p2, config=cfg)
+    xp = _inputs(2, 86 * 128, torch.bfloat16)
+    with pytest.raises(ValueError, match="num_warps=5"):
+        kq.kron_quantize_triton(xp, *_factors(86, 128), config={"PIECES": 1, "num_warps": 5})
+    _assert_same(
+        kq.kron_quantize_triton(x, p1, p2, config={"num_warps": 8, "maxnreg": 128}),
+        kq.kron_quantize_reference(x, p1, p2),
+        x,
+        p1,
+        p2,
+    )
+
+
+@needs_triton
 def test_stacked_config_rejected_on_large_tiles():
     p1, p2 = _factors(16, 16)
     x = _inputs(3, 256, torch.bfloat16)

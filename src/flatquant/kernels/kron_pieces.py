@@ -271,4 +271,5 @@ def launch_pieces(x2, p1c, p2c, codes, scale, zero, scalars, n1, n2, symmetric, 
     if unknown:
         raise ValueError(f"the pieces kernel takes config keys {sorted(cfg)} (and PIECES), got {sorted(unknown)}")
     cfg.update(fixed)
+    _kq._check_launch_values(cfg)
     _kron_quantize_pieces_kernel[grid(cfg)](*args, **meta, **_kq._compile_options(cfg))

@@ -977,7 +977,13 @@ def kron_quantize_triton(
             _kron_quantize_tuned[grid](*args, **meta)
         else:
             cfg = _default_config(bn1, bn2, n_tokens)
+            unknown = set(fixed) - set(cfg)
+            if unknown:
+                raise ValueError(
+                    f"the padded kernel takes config keys {sorted(cfg)} (or PIECES=1), got {sorted(unknown)}"
+                )
             cfg.update(fixed)
+            _check_launch_values(cfg)
             bc = cfg["BC"]
             if bc not in [2**k for k in range(4, 9)] or bc > bn2 or (bc == bn2 and bn1 * bn2 > _MAX_TILE):
                 raise ValueError(
@@ -994,6 +1000,19 @@ def kron_quantize_triton(
             _kron_quantize_kernel[grid({**cfg})](*args, **meta, **_compile_options(cfg))
     codes = codes.reshape(*lead, codes.shape[-1])
     return KronQuantized(codes, scale.reshape(lead), None if zero is None else zero.reshape(lead))
+
+
+def _check_launch_values(cfg: dict) -> None:
+    """The values of a fixed config that every transform kernel shares, checked before a launch."""
+    pow2 = [1 << k for k in range(8)]
+    allowed = {"BLOCK_T": pow2, "PROGS_PER_SM": range(1, 65), "num_warps": (1, 2, 4, 8, 16), "num_stages": range(1, 9)}
+    allowed |= {"FAST_DIV": (0, 1, False, True), "P1_FIRST": (0, 1, False, True)}
+    for key, values in allowed.items():
+        if key in cfg and cfg[key] not in values:
+            shown = f"{values.start}-{values.stop - 1}" if isinstance(values, range) else ", ".join(map(str, values))
+            raise ValueError(f"config {key}={cfg[key]!r} is not one of {shown}")
+    if cfg.get("maxnreg") is not None and not 24 <= cfg["maxnreg"] <= 255:
+        raise ValueError(f"config maxnreg={cfg['maxnreg']!r} must be None or a register count from 24 to 255")
 
 
 def _compile_options(cfg: dict) -> dict:
