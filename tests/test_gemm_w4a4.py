@@ -367,6 +367,29 @@ def test_split_k_rejected_where_unsupported():
         w4a4_gemm(x.to(DEV), xs.to(DEV), pack_int4(w).to(DEV), ws.to(DEV), impl="triton", config=cfg)
 
 
+@needs_triton
+def test_fixed_config_keys_and_values_are_checked():
+    """A fixed tile config missing a key, with a key the kernel does not take or with a tile that is not a power of
+    two stops with an error naming it (instead of a KeyError or a compiler failure)."""
+    x, w, xs, ws, _ = _operands(3, 8, 64)
+    args = (x.to(DEV), xs.to(DEV), pack_int4(w).to(DEV), ws.to(DEV))
+    base = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1)
+    for cfg, match in (
+        ({k: v for k, v in base.items() if k != "BLOCK_N"}, r"missing \['BLOCK_N'\], unknown \[\]"),
+        (dict(base, BLOCK=4), r"unknown \['BLOCK'\]"),
+        (dict(base, BLOCK_N=48), "BLOCK_N=48 must be a power of two >= 16"),
+        (dict(base, BLOCK_K=16), "BLOCK_K=16 must be a power of two >= 32"),
+        (dict(base, GROUP_M=0), "GROUP_M=0"),
+        (dict(base, num_warps=3), "num_warps=3"),
+        (dict(base, num_stages=0), "num_stages=0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            w4a4_gemm(*args, impl="triton", config=cfg)
+    ones_m, ones_n = torch.ones(3, device=DEV), torch.ones(8, device=DEV)
+    out = w4a4_gemm(args[0], ones_m, args[2], ones_n, out_dtype=torch.float32, impl="triton", config=base)
+    assert torch.equal(out.double().cpu(), x.double() @ w.double().T)  # the checked config still runs
+
+
 def test_batched_decode_configs_fit_their_workspace():
     """The autotuned batched-decode launch sizes its partial-sum workspace for MEDIUM_MAX_SPLIT_K slices."""
     import flatquant.kernels.gemm_w4a4 as g

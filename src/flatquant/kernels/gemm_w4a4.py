@@ -733,6 +733,7 @@ def _w4a4_gemm_triton(
             config.update(num_warps=4, num_stages=3)
     if config is not None:
         config = {"SPLIT_K": 1, "SWAP_AB": False, **config}
+        _check_config(config)
         bm, bn, bk, sk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
         if flags["USE_FP8"] and bk > FP8_MAX_BLOCK_K:
             raise ValueError(f"the fp8 path needs BLOCK_K <= {FP8_MAX_BLOCK_K} for exact sums, got BLOCK_K={bk}")
@@ -759,6 +760,30 @@ def _w4a4_gemm_triton(
 
         tuned[grid](*args, **flags)
     return out
+
+
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "SWAP_AB", "num_warps", "num_stages")
+
+
+def _check_config(config: dict) -> None:
+    """A fixed tile config's keys and values, before the launch (a clear error instead of a KeyError or a compiler
+    failure): BLOCK_M / BLOCK_N / BLOCK_K powers of two from 16 (BLOCK_K from 32: the packed pairs), GROUP_M >= 1,
+    num_warps a power of two up to 16, num_stages >= 1."""
+    missing = [k for k in _CONFIG_KEYS[:4] if k not in config]
+    unknown = sorted(set(config) - set(_CONFIG_KEYS))
+    if missing or unknown:
+        raise ValueError(f"a fixed config takes the keys {list(_CONFIG_KEYS)} (the first four required); "
+                         f"missing {missing}, unknown {unknown}")  # fmt: skip
+    for key, low in (("BLOCK_M", 16), ("BLOCK_N", 16), ("BLOCK_K", 32)):
+        v = config[key]
+        if not isinstance(v, int) or v < low or v & (v - 1):
+            raise ValueError(f"{key}={v!r} must be a power of two >= {low}")
+    if not isinstance(config["GROUP_M"], int) or config["GROUP_M"] < 1:
+        raise ValueError(f"GROUP_M={config['GROUP_M']!r} must be an integer >= 1")
+    if config.get("num_warps", 4) not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps={config['num_warps']!r} must be 1, 2, 4, 8 or 16")
+    if not isinstance(config.get("num_stages", 1), int) or config.get("num_stages", 1) < 1:
+        raise ValueError(f"num_stages={config['num_stages']!r} must be an integer >= 1")
 
 
 def _prefetch_fraction_from_env() -> float:
