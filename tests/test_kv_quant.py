@@ -246,6 +246,8 @@ def test_kernel_rejects_bad_block():
     q = _kv_like((1, 1, 16), seed=1, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="block_n"):
         kv.decode_attention_triton(q, *cache, 0.5, config={"block_n": 24})
+    with pytest.raises(ValueError, match=r"config takes the keys .*got \['blockn'\]"):  # a typo is not ignored
+        kv.decode_attention_triton(q, *cache, 0.5, config={"blockn": 32})
     with pytest.raises(ValueError, match="two_pass=True takes flat=True .* or mma=True"):
         kv.decode_attention_triton(q, *cache, 0.5, config={"two_pass": True, "mma": False})
     one_row = {"mma": False, "flat": True}

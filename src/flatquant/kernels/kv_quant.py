@@ -1502,6 +1502,9 @@ def decode_attention_triton(
             return decode_attention_triton(q, *args, sm_scale, config=c)
 
         config = _tuned_config(q, k_packed, run)
+    unknown = sorted(set(config or {}) - set(DEFAULT_CONFIG) - {"splits"})
+    if unknown:
+        raise ValueError(f"config takes the keys {sorted(DEFAULT_CONFIG)} and 'splits', got {unknown}")
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {cfg['block_n']}")
