@@ -1,4 +1,4 @@
-"""Command line: ``flatquant quantize``, ``flatquant pack``, ``flatquant eval`` and ``flatquant report``.
+"""Command line: ``flatquant quantize``, ``pack``, ``eval``, ``generate`` and ``report``.
 
 The quantization options are generated from :class:`FlatQuantConfig`'s fields, so defaults live in one
 place (the dataclass and its presets); an option left out takes the preset's value.
