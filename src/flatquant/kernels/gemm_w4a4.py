@@ -733,7 +733,6 @@ def _w4a4_gemm_triton(
             config.update(num_warps=4, num_stages=3)
     if config is not None:
         config = {"SPLIT_K": 1, "SWAP_AB": False, **config}
-        _check_config(config)
         bm, bn, bk, sk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
         if flags["USE_FP8"] and bk > FP8_MAX_BLOCK_K:
             raise ValueError(f"the fp8 path needs BLOCK_K <= {FP8_MAX_BLOCK_K} for exact sums, got BLOCK_K={bk}")
@@ -939,6 +938,8 @@ def w4a4_gemm(
         raise ValueError(f"path must be 'auto', 'int8' or 'fp8', got {path=}")
     _check_operands(x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype)
     _check_residual(residual, x_codes.shape[0], w_packed.shape[0], out_dtype)
+    if config is not None:  # the caller's; the defaults and the autotuner's candidates are valid by construction
+        _check_config(config)
     reason = _triton_unavailable_reason(x_codes)
     if impl == "auto":
         impl = "triton" if reason is None and x_codes.device.type == "cuda" else "reference"

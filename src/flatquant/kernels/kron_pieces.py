@@ -266,10 +266,5 @@ def launch_pieces(x2, p1c, p2c, codes, scale, zero, scalars, n1, n2, symmetric, 
     if _kq._use_autotuner(config):
         _kron_quantize_pieces_tuned[grid](*args, **meta)
         return
-    cfg = _pieces_default_config(bucket)
-    unknown = set(fixed) - set(cfg)
-    if unknown:
-        raise ValueError(f"the pieces kernel takes config keys {sorted(cfg)} (and PIECES), got {sorted(unknown)}")
-    cfg.update(fixed)
-    _kq._check_launch_values(cfg)
+    cfg = _kq._fixed_config(_pieces_default_config(bucket), fixed, "the pieces kernel", "and PIECES")
     _kron_quantize_pieces_kernel[grid(cfg)](*args, **meta, **_kq._compile_options(cfg))

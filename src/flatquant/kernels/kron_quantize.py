@@ -976,14 +976,7 @@ def kron_quantize_triton(
         elif _use_autotuner(config):
             _kron_quantize_tuned[grid](*args, **meta)
         else:
-            cfg = _default_config(bn1, bn2, n_tokens)
-            unknown = set(fixed) - set(cfg)
-            if unknown:
-                raise ValueError(
-                    f"the padded kernel takes config keys {sorted(cfg)} (or PIECES=1), got {sorted(unknown)}"
-                )
-            cfg.update(fixed)
-            _check_launch_values(cfg)
+            cfg = _fixed_config(_default_config(bn1, bn2, n_tokens), fixed, "the padded kernel", "or PIECES=1")
             bc = cfg["BC"]
             if bc not in [2**k for k in range(4, 9)] or bc > bn2 or (bc == bn2 and bn1 * bn2 > _MAX_TILE):
                 raise ValueError(
@@ -1000,6 +993,17 @@ def kron_quantize_triton(
             _kron_quantize_kernel[grid({**cfg})](*args, **meta, **_compile_options(cfg))
     codes = codes.reshape(*lead, codes.shape[-1])
     return KronQuantized(codes, scale.reshape(lead), None if zero is None else zero.reshape(lead))
+
+
+def _fixed_config(default: dict, fixed: dict, kernel: str, also: str) -> dict:
+    """``default`` updated with a caller's ``fixed`` config, its keys and shared values checked (``kernel`` and
+    ``also``, the other keys it takes, name them in the error)."""
+    unknown = set(fixed) - set(default)
+    if unknown:
+        raise ValueError(f"{kernel} takes config keys {sorted(default)} ({also}), got {sorted(unknown)}")
+    cfg = {**default, **fixed}
+    _check_launch_values(cfg)
+    return cfg
 
 
 def _check_launch_values(cfg: dict) -> None:

@@ -1495,6 +1495,9 @@ def decode_attention_triton(
     # a separate matmul: formed in the kernel's query load instead (an earlier version), q @ T cost 70-100 us per
     # call at LLaMA-2-7B batch 16 on an H100, more than half the attention itself
     q = _transformed_queries(q, q_transform, impl="auto")
+    unknown = sorted(set(config or {}) - set(DEFAULT_CONFIG) - {"splits"})  # the caller's config, not a tuned one
+    if unknown:
+        raise ValueError(f"config takes the keys {sorted(DEFAULT_CONFIG)} and 'splits', got {unknown}")
     if config is None and AUTOTUNE and not _interpreting():
         args = (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, seq_lens)
 
@@ -1502,9 +1505,6 @@ def decode_attention_triton(
             return decode_attention_triton(q, *args, sm_scale, config=c)
 
         config = _tuned_config(q, k_packed, run)
-    unknown = sorted(set(config or {}) - set(DEFAULT_CONFIG) - {"splits"})
-    if unknown:
-        raise ValueError(f"config takes the keys {sorted(DEFAULT_CONFIG)} and 'splits', got {unknown}")
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     if cfg["block_n"] < 16 or cfg["block_n"] & (cfg["block_n"] - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {cfg['block_n']}")
