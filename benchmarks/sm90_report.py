@@ -89,8 +89,10 @@ def resources(kernel) -> dict:
     loops = _loops(sass)  # longest first
     ptx = kernel.asm["ptx"]
     return {
-        # grid dependency control: the wait for the previous kernel and the early launch of the next one
-        "pdl": "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx,
+        # grid dependency control: the wait for the previous kernel; the early launch of the next one (the transform
+        # leaves it to its programs' exit above kron_quantize.PDL_EARLY_TOKENS)
+        "pdl": "griddepcontrol.wait" in ptx,
+        "pdl_early": "griddepcontrol.launch_dependents" in ptx,
         "l2_prefetch": "cp.async.bulk.prefetch.L2" in ptx,
         # the longest loop's instructions: per iteration of a warp, a static proxy for an issue-bound kernel's cost
         "loop_instructions": len(loops[0]) if loops else 0,
@@ -128,6 +130,7 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
                 const = dict(N1=n1, N2=n2, BN1=bn1, BN2=bn2, HAS_P1=True, HAS_P2=True, SPLIT_Y=True)
                 const |= dict(SYMMETRIC=True, BITS=4, PACK=False, INTERPRET=False, RECIP=True, NORM=norm)
                 const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")} | PDL
+                const["PDL_EARLY"] = kq.pdl_early(1 if bucket == 0 else kq.SMALL_TOKENS + 1)  # as launched
                 opts = _kron_options(cfg)
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt", "nw_ptr"]
                 rec = {"kernel": "kron_quantize", "n1": n1, "n2": n2, "bucket": bucket, "norm": norm, **cfg}
@@ -155,6 +158,7 @@ def kron_pieces_reports(pairs: list[tuple[int, int]]) -> list[dict]:
             for cfg in kp.pieces_candidate_configs(bucket):
                 const = dict(N1=n1, N2=n2, R0=r[0], R1=r[1], R2=r[2], SYMMETRIC=True, BITS=4, PACK=False)
                 const |= dict(INTERPRET=False, RECIP=True) | {k: cfg[k] for k in ("PROGS_PER_SM", "FAST_DIV")} | PDL
+                const["PDL_EARLY"] = kq.pdl_early(1 if bucket == 0 else kq.SMALL_TOKENS + 1)  # as launched
                 opts = _kron_options(cfg)
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt"]
                 rec = {"kernel": "kron_quantize_pieces", "n1": n1, "n2": n2, "bucket": bucket, **cfg}
@@ -300,7 +304,7 @@ def _report(rec: dict, build) -> dict:
         f"mma.sync {rec['mma_sync']:3d} loop {rec['loop_instructions']:5d}"
     )
     measured = ("regs", "stack", "smem", "wgmma", "mma_sync", "instructions", "loop_instructions", "loop_sizes")
-    measured += ("loop_barriers", "loop_stores", "ok", "pdl", "l2_prefetch")
+    measured += ("loop_barriers", "loop_stores", "ok", "pdl", "pdl_early", "l2_prefetch")
     cfg = {k: v for k, v in rec.items() if k not in measured}
     print(f"{flag} {detail}  {cfg}", flush=True)
     return rec

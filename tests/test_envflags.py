@@ -91,6 +91,9 @@ CASES = [
     ("FLATQUANT_DECODE_TUNE", "rotate", G, "DECODE_TUNE", "'rotate'"),
     ("FLATQUANT_MEDIUM_M", "4096", G, "MEDIUM_M", None),
     ("FLATQUANT_MEDIUM_M", "64", G, "MEDIUM_M", "64"),
+    ("FLATQUANT_PDL_EARLY_TOKENS", "-3", "flatquant.kernels.kron_quantize", "PDL_EARLY_TOKENS", None),
+    ("FLATQUANT_PDL_EARLY_TOKENS", "0", "flatquant.kernels.kron_quantize", "PDL_EARLY_TOKENS", "0"),
+    ("FLATQUANT_PDL_EARLY_TOKENS", None, "flatquant.kernels.kron_quantize", "PDL_EARLY_TOKENS", "64"),
 ]
 
 _PROBE = """

@@ -35,6 +35,16 @@ def test_off_without_a_gpu():
     assert not pdl.pdl_on(torch.zeros(1))
 
 
+def test_transform_lets_the_next_kernel_launch_early_only_up_to_pdl_early_tokens(monkeypatch):
+    from flatquant.kernels import kron_quantize as kq
+
+    assert kq.PDL_EARLY_TOKENS == 64 or "FLATQUANT_PDL_EARLY_TOKENS" in os.environ  # the measured default
+    monkeypatch.setattr(kq, "PDL_EARLY_TOKENS", 64)
+    assert kq.pdl_early(1) and kq.pdl_early(64) and not kq.pdl_early(65) and not kq.pdl_early(8192)
+    monkeypatch.setattr(kq, "PDL_EARLY_TOKENS", 0)
+    assert not kq.pdl_early(1)
+
+
 def test_prefetch_fraction_from_the_environment(monkeypatch):
     monkeypatch.delenv("FLATQUANT_PREFETCH_L2", raising=False)
     assert gw._prefetch_fraction_from_env() == 0.0  # off unless asked for
@@ -94,7 +104,8 @@ kconst = dict(N1=64, N2=64, BN1=64, BN2=64, HAS_P1=True, HAS_P2=True, SPLIT_Y=Tr
               INTERPRET=False, RECIP=True, NORM=True, BLOCK_T=1, PROGS_PER_SM=1, P1_FIRST=0, FAST_DIV=0, BC=64)
 ktypes = {"x_ptr": "*bf16", "p1_ptr": "*bf16", "p2_ptr": "*bf16", "nw_ptr": "*bf16", "q_ptr": "*i8",
           "clip_max": "fp32", "clip_min": "fp32", "inv_qmax": "fp32", "eps": "fp32"}
-out["kron"] = lines(ptx(kq._kron_quantize_kernel, ktypes, kconst, True, num_stages=1))
+out["kron"] = lines(ptx(kq._kron_quantize_kernel, ktypes, {**kconst, "PDL_EARLY": True}, True, num_stages=1))
+out["kron-late"] = lines(ptx(kq._kron_quantize_kernel, ktypes, {**kconst, "PDL_EARLY": False}, True, num_stages=1))
 out["silu"] = lines(ptx(sm._silu_mul_kernel, dict.fromkeys(["g_ptr", "u_ptr", "out_ptr"], "*bf16"),
                         dict(BLOCK_R=1, BLOCK_C=1024, INTERPRET=False), True))
 out["rmsnorm"] = lines(ptx(rn._rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32"},
@@ -149,6 +160,14 @@ def test_sm90_transform_loads_factors_before_the_wait_and_tokens_after(sm90_even
     assert min(i for i, e in enumerate(ev) if e == "st.global") > wait
 
 
+def test_sm90_transform_with_a_late_trigger_waits_and_leaves_the_launch_to_its_exit(sm90_events):
+    early, late = sm90_events["kron"], sm90_events["kron-late"]
+    assert early.index("griddepcontrol.wait") < early.index("griddepcontrol.launch_dependents")
+    assert "griddepcontrol.wait" in late and "griddepcontrol.launch_dependents" not in late
+    wait = late.index("griddepcontrol.wait")
+    assert min(i for i, e in enumerate(late) if e == "st.global") > wait
+
+
 def test_sm90_query_transform_loads_its_matrix_before_the_wait_and_rows_after(sm90_events):
     ev = sm90_events["rows_matmul"]
     wait = ev.index("griddepcontrol.wait")
@@ -173,7 +192,7 @@ needs_hopper = pytest.mark.skipif(
 
 @needs_hopper
 @pytest.mark.parametrize("prefetch", [0.0, 0.5])
-@pytest.mark.parametrize("tokens", [1, 16, 64])
+@pytest.mark.parametrize("tokens", [1, 16, 64, 128])  # 128: the transform's late trigger (PDL_EARLY_TOKENS)
 def test_gpu_graph_chain_with_pdl_equals_serial_launches(monkeypatch, tokens, prefetch):
     """Eight layers of RMSNorm + transform + quantize, then the GEMM with its residual (split-K at decode sizes):
     each launch reads what the previous one wrote. Replayed from a CUDA graph with PDL (with and without the

@@ -33,8 +33,12 @@ def test_kernels_build_for_sm90_without_spills(tmp_path):
     assert any(not r.get("mma", True) for r in records if r["kernel"] == "decode_attention")  # CUDA-core variant
     bad = [r for r in records if not r["ok"]]
     assert not bad, bad[:3]
-    # built as sm_90 launches them: every kernel waits for the previous one and lets the next one launch
+    # built as sm_90 launches them: every kernel waits for the previous one and lets the next one launch right
+    # after, except the transform above 64 tokens (bucket 1: as its programs exit, kron_quantize.PDL_EARLY_TOKENS)
     assert all(r["pdl"] for r in records)
+    late = [r for r in records if r["kernel"].startswith("kron_quantize") and r["bucket"] == 1]
+    assert late and not any(r["pdl_early"] for r in late)
+    assert all(r["pdl_early"] for r in records if r not in late)
     # the two-pass one-row loop (scores, then values) has no block barrier in either of its two loops and writes
     # the scores from inside one of them; the one-pass loop it replaces reduces over the block's tokens (barriers)
     decode = [r for r in records if r["kernel"] == "decode_attention" and r.get("flat")]

@@ -170,6 +170,7 @@ if triton is not None:
         PROGS_PER_SM: tl.constexpr,
         FAST_DIV: tl.constexpr = 0,
         PDL: tl.constexpr = False,
+        PDL_EARLY: tl.constexpr = True,  # as in _kron_quantize_kernel
     ):
         # X'^T = (P2^T X^T) P1 = (X P2)^T P1: W_j = P2^T @ (piece j of X^T) is exact (16-bit products, fp32 sums)
         # and is split into hi + lo halves, the left (register) operand of the products with P1's blocks.
@@ -190,7 +191,7 @@ if triton is not None:
             r20 = _block(p1_ptr, O2, 0, R2, R0, N1)
             r21 = _block(p1_ptr, O2, O1, R2, R1, N1)
             r22 = _block(p1_ptr, O2, O2, R2, R2, N1)
-        _pdl.wait_previous(PDL)
+        _pdl.wait_previous(PDL, PDL_EARLY)
         for i in range(0, (n_tokens - pid + nprog - 1) // nprog):
             t64 = (pid + i * nprog).to(tl.int64)
             xrow = t64 * stride_xt

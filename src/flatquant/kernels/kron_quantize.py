@@ -515,6 +515,8 @@ if triton is not None:
         # programmatic dependent launch (pdl.py): the factors and the norm weight load before the previous kernel
         # has finished, the tokens after it
         PDL: tl.constexpr = False,
+        # with PDL: let the next kernel launch right after the wait (else as this kernel's programs exit)
+        PDL_EARLY: tl.constexpr = True,
     ):
         # Persistent: each program loads the factors once and loops over token blocks pid, pid + G, ...
         pid = tl.program_id(0)
@@ -535,7 +537,7 @@ if triton is not None:
                 nw = tl.load(nw_ptr + ra[:, None] * N2 + rb[None, :], mask=mask, other=0.0).to(tl.float32)
             rt = tl.arange(0, BLOCK_T)
             n_blocks = (n_tokens + BLOCK_T - 1) // BLOCK_T
-            _pdl.wait_previous(PDL)
+            _pdl.wait_previous(PDL, PDL_EARLY)
             for i in range(0, (n_blocks - pid + nprog - 1) // nprog):
                 t64 = (pid + i * nprog).to(tl.int64) * BLOCK_T + rt  # (BT,) token indices
                 tmask = t64 < n_tokens
@@ -589,7 +591,7 @@ if triton is not None:
             if NORM:  # full tiles only (the wrapper refuses column chunks with a norm)
                 nw = tl.load(nw_ptr + ra[:, None] * N2 + rb[None, :], mask=mask, other=0.0).to(tl.float32)
 
-            _pdl.wait_previous(PDL)
+            _pdl.wait_previous(PDL, PDL_EARLY)
             for i in range(0, (n_tokens - pid + nprog - 1) // nprog):
                 t64 = (pid + i * nprog).to(tl.int64)  # token index; int64 offsets for huge T * n
                 xrow = t64 * stride_xt
@@ -651,6 +653,12 @@ def _interpreting() -> bool:
 
 _CONFIG_ALIASES = {"progs_per_sm": "PROGS_PER_SM", "block_t": "BLOCK_T"}
 _SM_COUNT: dict[int, int] = {}
+# With PDL (pdl.py), up to this many tokens the transform lets the kernel after it (the GEMM) launch right after its
+# own wait; above, only as its programs exit. Launched early, a GEMM of about one wave of programs was placed
+# unevenly on the SMs beside the running transform (two programs on some SMs, none on others): on an NVIDIA H200 the
+# 14336 -> 4096 layer at 256 tokens took 126.8 us with the early launch, 74.5 us with the late one and 76.8 us without
+# PDL (docs/kernels-pdl.md). FLATQUANT_PDL_EARLY_TOKENS (read at import) sets it; 0: always late.
+PDL_EARLY_TOKENS = _envflags.number("FLATQUANT_PDL_EARLY_TOKENS", 64, int, 0, 1 << 31, "a token count")
 SMALL_TOKENS = 64  # at or below: the latency path (one token per program, no token stacking)
 # Register budget of the stacked path: BLOCK_T * BN1 * BN2 fp32 elements of X' per iteration
 _MAX_STACK = 128 * 128
@@ -733,6 +741,11 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+def pdl_early(n_tokens: int) -> bool:
+    """Whether a PDL launch for ``n_tokens`` lets its successor launch right after its wait (PDL_EARLY_TOKENS)."""
+    return n_tokens <= PDL_EARLY_TOKENS
+
+
 def _token_bucket(n_tokens: int) -> int:
     """Autotune key for the token count: 0 = latency path (<= SMALL_TOKENS); 1, 2, 3 = throughput path up to
     512, up to 4096 and above (the same candidates, tuned apart: a config that wins at 8192 tokens, with
@@ -766,7 +779,8 @@ def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) ->
     reciprocal multiply (``FAST_DIV``). Throughput path:
     the fixed default; (P1^T X) P2 order (``P1_FIRST``, the split fp32 intermediate stays in registers);
     token stacking (BLOCK_T tokens per iteration, up to _MAX_STACK elements); fewer pipeline stages and
-    programs per SM (less shared memory); for the throughput path also the reciprocal-multiply codes
+    programs per SM (less shared memory); below 128x128 tiles also one token per program with one stage, as the
+    latency path; for the throughput path also the reciprocal-multiply codes
     (``FAST_DIV``, see ``_quotient``). p1_first: whether P1_FIRST changes anything for the call (fp32
     intermediate and both factors); when not, its configs are left out.
     """
@@ -798,6 +812,10 @@ def candidate_configs(bn1: int, bn2: int, bucket: int, p1_first: bool = True) ->
         # or the whole tile with registers capped at 128 and one stage (96 KB): two programs per SM, spilling
         capped = [dict(default, P1_FIRST=1, num_stages=1, PROGS_PER_SM=2, maxnreg=128)] if p1_first else []
         return out + [dict(default, num_stages=2, PROGS_PER_SM=2)] + chunked + capped
+    # one token per program with one pipeline stage (less shared memory, more programs resident), as the latency
+    # path: forced in benchmarks/kron_tokens.py on an NVIDIA H200 it beat the candidates above at 384-512 tokens
+    # (64x64 at 512: 8.8 against 10.4 us; 64x128 at 384: 13.2 against 16.7 us)
+    out += [dict(default, num_stages=1, P1_FIRST=o) for o in orders]
     for bt in (2, 4, 8):
         if bt * tile <= _MAX_STACK:
             warps = 4 if bt * tile <= 4096 else 8
@@ -953,7 +971,8 @@ def kron_quantize_triton(
         args += (n1, n2, bn1, bn2, p1 is not None, p2 is not None, intermediate == "fp32", symmetric, bits, pack)
         args += (_interpreting(), x.is_cuda, norm is not None)
         meta = {} if _interpreting() else {"enable_fp_fusion": False}  # keep the reference's roundings
-        meta.update(_pdl.launch_options(_pdl.pdl_on(x2)))
+        pdl = _pdl.pdl_on(x2)  # PDL_EARLY means nothing without PDL: one build then
+        meta.update(_pdl.launch_options(pdl), PDL_EARLY=pdl and pdl_early(n_tokens))
 
         def grid(m):
             return (max(1, min(triton.cdiv(n_tokens, m["BLOCK_T"]), sms * m["PROGS_PER_SM"])),)

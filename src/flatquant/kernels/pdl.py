@@ -88,9 +88,11 @@ def launch_options(on: bool) -> dict:
 if triton is not None:
 
     @triton.jit
-    def wait_previous(PDL: tl.constexpr):
+    def wait_previous(PDL: tl.constexpr, ALLOW_NEXT: tl.constexpr = True):
         """Block until the previous kernel on the stream has completed (its writes visible), then let the next
-        kernel launch. No code without PDL."""
+        kernel launch (``ALLOW_NEXT``; without it the next kernel launches as this one's programs exit). No code
+        without PDL."""
         if PDL:
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            if ALLOW_NEXT:
+                tl.extra.cuda.gdc_launch_dependents()
