@@ -87,6 +87,8 @@ def jobs(args) -> list[Job]:
         Job(
             "gemm-medium", [py, bench("gemm.py"), "--tokens", "32", "64", "128", "--out", f"{out}/gemm_medium.json"], 4
         ),
+        # the transform's configs at 32-512 tokens; the layer against its parts (docs/kernels-pdl.md)
+        Job("kron-tokens", [py, bench("kron_tokens.py"), "--out", f"{out}/kron_tokens.json"], 3),
         # every decode tile of each decode GEMM from HBM, against the tuning modes' picks (FLATQUANT_DECODE_TUNE)
         Job("decode-tiles", [py, bench("decode_tiles.py"), "--out", f"{out}/decode_tiles.json"], 3),
         Job("calib-profile", [py, bench("calibration_profile.py"), "--out", f"{out}/calibration_profile.json"], 1),
@@ -110,7 +112,8 @@ def jobs(args) -> list[Job]:
             listed.append(e2e(f"e2e-llama-2-7b-b64-medium{medium}", "llama-2-7b", *batch64, env=env))
         # decode at batch 1 and 16 with the defaults, without programmatic dependent launch, with the queries'
         # transform as PyTorch's matmul instead of the PDL-launched Triton kernel, with K and V appended in two
-        # launches, with the down projection's input on the padded 128 x 128 tile instead of its 64 + 32 pieces
+        # launches, with the down projection's input on the padded 128 x 128 tile instead of its 64 + 32 pieces, with
+        # the transform letting the GEMM launch only as its programs exit at every token count (docs/kernels-pdl.md)
         decode = ["--prefill-batches", "--decode-batches", "1", "16", "--no-breakdown", "--decode-fill", "random"]
         for variant, env in (
             ("base", None),
@@ -118,6 +121,7 @@ def jobs(args) -> list[Job]:
             ("qkernel0", {"FLATQUANT_QUERY_KERNEL": "0"}),
             ("append0", {"FLATQUANT_FUSE_KV_APPEND": "0"}),
             ("pieces0", {"FLATQUANT_KRON_PIECES": "0"}),
+            ("pdllate", {"FLATQUANT_PDL_EARLY_TOKENS": "0"}),
         ):
             listed.append(e2e(f"e2e-llama-2-7b-decode-{variant}", "llama-2-7b", *decode, env=env))
         # where a W4A4 decode step's time goes at batch 1 and 16: kernels profiled from CUDA graphs, no timing runs

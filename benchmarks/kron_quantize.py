@@ -148,6 +148,16 @@ def _measure(n, n1, n2, tokens, p1, p2, w, unfused, device, intermediates):
     return rec
 
 
+def pick_hidden(ap: argparse.ArgumentParser, shapes: dict, hidden: list[int] | None) -> dict:
+    """The ``shapes`` entries of the ``--hidden`` sizes (all without it); an unknown size stops with an error."""
+    if not hidden:
+        return shapes
+    unknown = sorted(set(hidden) - set(shapes))
+    if unknown:
+        ap.error(f"--hidden {unknown}: not among the benchmark's hidden sizes {sorted(shapes)}")
+    return {n: shapes[n] for n in hidden}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kron_quantize[_quick].json)")
@@ -178,11 +188,7 @@ def main():
     elif not cuda:
         unfused = _unfused
     shapes, token_counts = (QUICK_SHAPES, QUICK_TOKENS) if args.quick or not cuda else (SHAPES, TOKENS)
-    if args.hidden:
-        unknown = sorted(set(args.hidden) - set(shapes))
-        if unknown:
-            ap.error(f"--hidden {unknown}: not among the benchmark's hidden sizes {sorted(shapes)}")
-        shapes = {n: shapes[n] for n in args.hidden}
+    shapes = pick_hidden(ap, shapes, args.hidden)
     if args.tokens:
         unknown = sorted(set(args.tokens) - set(token_counts))
         if unknown:

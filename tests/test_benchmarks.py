@@ -141,6 +141,23 @@ def test_kron_quantize_quick_filters_hidden_sizes_and_token_counts(tmp_path):
     assert proc.returncode == 2 and "--tokens [2]: not among" in proc.stderr
 
 
+def test_kron_tokens_quick_times_every_candidate_of_both_paths(tmp_path):
+    from flatquant.kernels import kron_quantize as kq
+
+    data = _quick_output("kron_tokens.py", tmp_path, "--hidden", "256", "--tokens", "3", "--pdl-early-tokens", "0")
+    assert data["pdl_early_tokens"] == 0 and data["layers"] == []  # no layer table without a GPU
+    (rec,) = data["records"]
+    assert (rec["n"], rec["tokens"], rec["bucket"]) == (256, 3, 0)
+    want = [("latency", c) for c in kq.candidate_configs(16, 16, 0)] + [
+        ("throughput", c) for c in kq.candidate_configs(16, 16, 1)
+    ]
+    got = [(c["path"], c["config"]) for c in rec["configs"]]
+    assert got == [(p, {k: v for k, v in c.items() if v is not None}) for p, c in want]
+    assert all(c["us"] > 0 and c["code_mismatch"] < 0.01 for c in rec["configs"])
+    assert rec["best_latency_us"] == min(c["us"] for c in rec["configs"] if c["path"] == "latency")
+    assert rec["tuned_us"] > 0
+
+
 def _load(script: str):
     spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), os.path.join(ROOT, "benchmarks", script))
     mod = importlib.util.module_from_spec(spec)
@@ -307,6 +324,8 @@ def test_gpu_suite_e2e_variants_time_a_feature_against_its_absence_in_one_run(ca
     assert base.argv[2:][:-2] == pdl0.argv[2:][:-2] == qkernel.argv[2:][:-2] and "--no-breakdown" in base.argv
     assert listed["e2e-llama-2-7b-decode-append0"].env == {"FLATQUANT_FUSE_KV_APPEND": "0"}
     assert listed["e2e-llama-2-7b-decode-pieces0"].env == {"FLATQUANT_KRON_PIECES": "0"}
+    assert listed["e2e-llama-2-7b-decode-pdllate"].env == {"FLATQUANT_PDL_EARLY_TOKENS": "0"}
+    assert "kron-tokens" in listed and "kron_tokens.py" in listed["kron-tokens"].argv[1]
     for b in ("1", "16"):  # decode-only profiles from CUDA graphs
         argv = listed[f"e2e-llama-2-7b-decode-profile-b{b}"].argv
         assert (
