@@ -31,9 +31,9 @@ from gemm import n_copies  # noqa: E402  (the sibling benchmark: copies that def
 from kron_quantize import SHAPES, _bench, _copies, pick_hidden  # noqa: E402
 
 from flatquant.files import atomic_write_json  # noqa: E402
+from flatquant.kernels import gemm_w4a4, pdl  # noqa: E402
 from flatquant.kernels import kron_pieces as kp  # noqa: E402
 from flatquant.kernels import kron_quantize as kq  # noqa: E402
-from flatquant.kernels import pdl  # noqa: E402
 from flatquant.kernels.w4a4_linear import W4A4Linear, operand_gemm  # noqa: E402
 
 TOKENS = (32, 64, 65, 96, 128, 192, 256, 384, 512)
@@ -68,6 +68,13 @@ def _short(cfg: dict) -> str:
     keys = ("PIECES", "BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC", "num_warps", "num_stages", "maxnreg")
     names = {"PROGS_PER_SM": "pps", "num_warps": "w", "num_stages": "s", "FAST_DIV": "fd", "P1_FIRST": "p1f"}
     return " ".join(f"{names.get(k, k)}={cfg[k]}" for k in keys if k in cfg)
+
+
+def _gemm_short(cfg: dict | None) -> str:
+    if not cfg:
+        return "-"
+    tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} {cfg['num_warps']}w {cfg['num_stages']}s"
+    return tile + (f" split-K {cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else "") + (" swap" * cfg["SWAP_AB"])
 
 
 def sweep_shape(n, n1, n2, tokens, dev) -> dict:
@@ -116,6 +123,7 @@ def layer_parts(k: int, n: int, n1: int, n2: int, m: int, dev: str, profile: boo
                 lay(x)
 
         rec["gemm_us"] = round(_bench(gemms, 1) / nq, 2)
+        rec["gemm_config"] = gemm_w4a4.last_config(m)  # the tile the autotuner chose for this process
         rec["layer_us"] = round(_bench(whole, 1) / nq, 2)
         lins = [torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16) for _ in range(n_copies(2 * n * k))]
         rec["bf16_us"] = round(_bench(lambda _: [lin(x) for lin in lins], 1) / len(lins), 2)
@@ -160,10 +168,17 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="*", default=None, help=f"token counts (default {list(TOKENS)})")
     ap.add_argument("--no-layer", action="store_true", help="skip the layer-against-parts table")
     ap.add_argument("--no-sweep", action="store_true", help="skip the config sweep (the layer table only)")
-    ap.add_argument("--profile", action="store_true", help="also each kernel's GPU time in the layer (profiler)")
-    ap.add_argument("--layer-tokens", type=int, nargs="*", default=list(LAYER_TOKENS), help="M of the layer table")
     ap.add_argument(
-        "--layer-shapes", nargs="*", default=["4096:4096"], help="K:N of the layer table (K among the hidden sizes)"
+        "--profile",
+        action="store_true",
+        help="also each kernel's GPU time in the layer (profiler; under PDL a kernel's span includes its wait)",
+    )
+    ap.add_argument("--layer-tokens", type=int, nargs="*", default=None, help=f"M of the layer table {LAYER_TOKENS}")
+    ap.add_argument(
+        "--layer-shapes",
+        nargs="*",
+        default=None,
+        help="K:N of the layer table (K a hidden size; 4096:4096)",
     )
     ap.add_argument(
         "--pdl-early-tokens",
@@ -175,18 +190,18 @@ def main():
     start = time.time()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
-    shapes, token_counts = (QUICK_SHAPES, QUICK_TOKENS) if args.quick or not cuda else (SHAPES, TOKENS)
-    shapes = pick_hidden(ap, shapes, args.hidden)
+    all_shapes, token_counts = (QUICK_SHAPES, QUICK_TOKENS) if args.quick or not cuda else (SHAPES, TOKENS)
+    shapes = pick_hidden(ap, all_shapes, args.hidden)
     if args.tokens:
         bad = [t for t in args.tokens if t < 1]
         if bad:
             ap.error(f"--tokens {bad}: token counts must be at least 1")
         token_counts = tuple(args.tokens)
     layer_shapes = []
-    for spec in args.layer_shapes:
+    for spec in args.layer_shapes or (["4096:4096"] if all_shapes is SHAPES else ["256:64"]):
         k, _, n = spec.partition(":")
-        if not (k.isdigit() and n.isdigit()) or int(k) not in SHAPES:
-            ap.error(f"--layer-shapes {spec!r}: expected K:N with K among {sorted(SHAPES)}")
+        if not (k.isdigit() and n.isdigit()) or int(k) not in all_shapes:
+            ap.error(f"--layer-shapes {spec!r}: expected K:N with K among {sorted(all_shapes)}")
         layer_shapes.append((int(k), int(n)))
     if args.pdl_early_tokens is not None:
         if args.pdl_early_tokens < 0:
@@ -219,23 +234,24 @@ def main():
                 flush=True,
             )
             atomic_write_json(out_path, result)  # after every record: a run cut short keeps what it measured
-    if not args.no_layer and cuda:
-        print(f"{'K':>6} {'N':>6} {'M':>5} {'bf16':>7} {'layer':>7} {'transf':>7} {'gemm':>7} {'layer-parts':>11}")
+    if not args.no_layer:  # on the CPU (quick) the layer's reference ops, wall clock: the code path only
+        head = f"{'K':>6} {'N':>6} {'M':>5} {'bf16':>7} {'layer':>7} {'transf':>7} {'gemm':>7} {'layer-parts':>11}"
+        print(head + "  gemm tile")
         for k, n in layer_shapes:
-            n1, n2 = SHAPES[k][:2]
-            for m in args.layer_tokens:
+            n1, n2 = all_shapes[k][:2]
+            for m in args.layer_tokens or (LAYER_TOKENS if cuda else QUICK_TOKENS[:1]):
                 if time.time() - start > args.budget:
                     skipped.append({"layer_K": k, "M": m})
                     continue
-                r = layer_parts(k, n, n1, n2, m, dev, args.profile)
+                r = layer_parts(k, n, n1, n2, m, dev, args.profile and cuda)
                 r["device"] = device
                 layer_records.append(r)
                 print(
                     f"{k:6d} {n:6d} {m:5d} {r['bf16_us']:7.1f} {r['layer_us']:7.1f} {r['transform_us']:7.1f} "
-                    f"{r['gemm_us']:7.1f} {r['layer_minus_parts_us']:11.1f}",
+                    f"{r['gemm_us']:7.1f} {r['layer_minus_parts_us']:11.1f}  {_gemm_short(r['gemm_config'])}",
                     flush=True,
                 )
-                for part in ("layer_kernels", "parts_kernels") if args.profile else ():
+                for part in ("layer_kernels", "parts_kernels") if args.profile and cuda else ():
                     for kname, v in sorted(r[part].items(), key=lambda kv: -kv[1]["us_per_call"]):
                         print(f"    {part[:-8]:6s} {v['us_per_call']:7.2f} us x{v['calls']:<4d} {kname}")
                 atomic_write_json(out_path, result)

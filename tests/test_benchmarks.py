@@ -145,7 +145,11 @@ def test_kron_tokens_quick_times_every_candidate_of_both_paths(tmp_path):
     from flatquant.kernels import kron_quantize as kq
 
     data = _quick_output("kron_tokens.py", tmp_path, "--hidden", "256", "--tokens", "3", "--pdl-early-tokens", "0")
-    assert data["pdl_early_tokens"] == 0 and data["layers"] == []  # no layer table without a GPU
+    assert data["pdl_early_tokens"] == 0
+    (layer,) = data["layers"]  # the layer table's code path on the CPU (reference ops): 256 -> 64 at 3 tokens
+    assert (layer["K"], layer["N"], layer["M"]) == (256, 64, 3)
+    assert all(layer[k] > 0 for k in ("bf16_us", "layer_us", "transform_us", "gemm_us"))
+    assert layer["layer_minus_parts_us"] == round(layer["layer_us"] - layer["transform_us"] - layer["gemm_us"], 2)
     (rec,) = data["records"]
     assert (rec["n"], rec["tokens"], rec["bucket"]) == (256, 3, 0)
     want = [("latency", c) for c in kq.candidate_configs(16, 16, 0)] + [
