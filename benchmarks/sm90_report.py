@@ -43,6 +43,12 @@ PDL = {"PDL": True}
 DECODE_PREFETCH = gw.PREFETCH_L2_FRACTION > 0
 
 
+def _pdl_early(bucket: int) -> bool:
+    """Whether a transform launch of token bucket 0 (latency path) or 1 (throughput path) lets its successor launch
+    right after its wait, as kron_quantize launches it (``kron_quantize.pdl_early`` of a token count in the bucket)."""
+    return kq.pdl_early(1 if bucket == 0 else kq.SMALL_TOKENS + 1)
+
+
 def _jit(fn):
     """The @triton.jit function under autotuners / heuristics."""
     while not hasattr(fn, "arg_names"):
@@ -130,7 +136,7 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
                 const = dict(N1=n1, N2=n2, BN1=bn1, BN2=bn2, HAS_P1=True, HAS_P2=True, SPLIT_Y=True)
                 const |= dict(SYMMETRIC=True, BITS=4, PACK=False, INTERPRET=False, RECIP=True, NORM=norm)
                 const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")} | PDL
-                const["PDL_EARLY"] = kq.pdl_early(1 if bucket == 0 else kq.SMALL_TOKENS + 1)  # as launched
+                const["PDL_EARLY"] = _pdl_early(bucket)
                 opts = _kron_options(cfg)
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt", "nw_ptr"]
                 rec = {"kernel": "kron_quantize", "n1": n1, "n2": n2, "bucket": bucket, "norm": norm, **cfg}
@@ -158,7 +164,7 @@ def kron_pieces_reports(pairs: list[tuple[int, int]]) -> list[dict]:
             for cfg in kp.pieces_candidate_configs(bucket):
                 const = dict(N1=n1, N2=n2, R0=r[0], R1=r[1], R2=r[2], SYMMETRIC=True, BITS=4, PACK=False)
                 const |= dict(INTERPRET=False, RECIP=True) | {k: cfg[k] for k in ("PROGS_PER_SM", "FAST_DIV")} | PDL
-                const["PDL_EARLY"] = kq.pdl_early(1 if bucket == 0 else kq.SMALL_TOKENS + 1)  # as launched
+                const["PDL_EARLY"] = _pdl_early(bucket)
                 opts = _kron_options(cfg)
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt"]
                 rec = {"kernel": "kron_quantize_pieces", "n1": n1, "n2": n2, "bucket": bucket, **cfg}
