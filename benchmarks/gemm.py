@@ -29,8 +29,8 @@ import triton  # noqa: E402
 from torch import nn  # noqa: E402
 
 from flatquant.files import atomic_write_json  # noqa: E402
-from flatquant.kernels import gemm_w4a4  # noqa: E402
-from flatquant.kernels.gemm_w4a4 import SMALL_M, last_config, pack_int4, resolve_path, w4a4_gemm  # noqa: E402
+from flatquant.kernels import gemm_dense, gemm_w4a4  # noqa: E402
+from flatquant.kernels.gemm_w4a4 import SMALL_M, last_config, last_path, pack_int4, resolve_path, w4a4_gemm  # noqa: E402
 from flatquant.kernels.w4a4_linear import W4A4Linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096), (4096, 12288)]  # K -> N
@@ -111,16 +111,28 @@ def run_shape(k: int, n: int, m: int, paths: list[str]) -> dict:
     packed = [pack_int4(torch.randint(-8, 8, (n, k), device=dev, dtype=torch.int8)) for _ in range(nq)]
     rec = {"K": k, "N": n, "M": m, "bf16_us": bf16_us}
     impl = "triton"
+    e4m3 = codes.to(torch.float8_e4m3fn)
     for path in paths:
-        xin = codes.to(torch.float8_e4m3fn) if path == "fp8" else codes  # each path's native operand
+        # each path's native operand, as the transform writes it (e4m3 where "auto" takes the dense FP8 path)
+        fp8_codes = path in ("fp8", "dense") or (path == "auto" and gemm_dense.wants_e4m3_codes(m, k, codes.device))
+        xin = e4m3 if fp8_codes else codes
         try:
             rec[f"gemm_{path}_us"] = bench(
                 lambda p=path, xin=xin: [w4a4_gemm(xin, x_scale, w, w_scale, impl=impl, path=p) for w in packed], nq
             )
-            rec[f"gemm_{path}_config"] = last_config(m, path) if CUDA else "fixed (interpreter)"
+            rec[f"gemm_{path}_taken"] = taken = last_path() or resolve_path(path)
+            dense = "cuBLAS FP8 on the weights unpacked to e4m3"
+            rec[f"gemm_{path}_config"] = dense if taken == "dense" else last_config(m, path) if CUDA else "interpreter"
         except Exception as err:  # a path that fails to compile is reported, not fatal
             print(f"  {path} failed at {k=} {n=} {m=}: {err!r}"[:400])
             rec[f"gemm_{path}_us"] = float("inf")
+    if rec.get("gemm_auto_taken") == "dense" and "int8" not in paths:  # the INT8 kernel it replaces, same run
+        rec["gemm_int8_kernel_us"] = bench(
+            lambda: [w4a4_gemm(codes, x_scale, w, w_scale, impl=impl, path="int8") for w in packed], nq
+        )
+        rec["gemm_int8_kernel_config"] = last_config(m) if CUDA else "interpreter"
+        scratch = torch.empty(n, k, device=dev, dtype=torch.float8_e4m3fn)
+        rec["unpack_e4m3_us"] = bench(lambda: [gemm_dense.unpack_int4_e4m3(w, k, out=scratch) for w in packed], nq)
     if SMALL_M < m <= gemm_w4a4.MEDIUM_M and "auto" in paths:  # batched decode: also the prefill tiles alone
         medium, gemm_w4a4.MEDIUM_M = gemm_w4a4.MEDIUM_M, SMALL_M
         try:
@@ -202,7 +214,8 @@ def main() -> None:
             first = paths[0]  # the headline: the first path argument (default "auto", the dispatcher's choice)
             best = min(paths, key=lambda p: rec[f"gemm_{p}_us"])
             t = rec[f"gemm_{first}_us"]
-            rec.update(path=resolve_path(first), path_arg=first, best_path=resolve_path(best), gemm_us=t)
+            taken = {p: rec.get(f"gemm_{p}_taken") or resolve_path(p) for p in paths}
+            rec.update(path=taken[first], path_arg=first, best_path=taken[best], gemm_us=t)
             rec.update(config=rec.get(f"gemm_{first}_config"), decode=m <= SMALL_M, device=device)
             rec["gemm_tops"] = 2 * m * n * k / t / 1e6
             rec["gemm_gbps"] = (n * k / 2 + m * k + 2 * m * n + 4 * (m + n)) / t / 1e3
@@ -220,6 +233,10 @@ def main() -> None:
                 us = rec["gemm_prefill_tiles_us"]
                 cfg = rec["gemm_prefill_tiles_config"]
                 print(f"{'':20} prefill tiles alone: {us:8.1f} us ({us / t:.2f}x ours) {cfg}")
+            if "gemm_int8_kernel_us" in rec:
+                us, cfg = rec["gemm_int8_kernel_us"], rec["gemm_int8_kernel_config"]
+                print(f"{'':20} INT8 kernel instead: {us:8.1f} us ({us / t:.2f}x ours); unpack alone "
+                      f"{rec['unpack_e4m3_us']:.1f} us; {cfg}")  # fmt: skip
             result["seconds"] = round(time.time() - start, 1)
             atomic_write_json(out, result)  # after every record: a run cut short keeps what it measured
     result["kernels"] = _check_ptx() if CUDA else []

@@ -36,7 +36,7 @@ from flatquant.files import atomic_write_json  # noqa: E402
 GPU_TESTS = {
     "tests-kron": ["test_kron_quantize.py"],
     "tests-kv": ["test_kv_quant.py"],
-    "tests-gemm-packed": ["test_gemm_w4a4.py", "test_packed.py"],
+    "tests-gemm-packed": ["test_gemm_w4a4.py", "test_gemm_dense.py", "test_packed.py"],
     "tests-small": [
         "test_rope.py",
         "test_rmsnorm.py",
@@ -83,6 +83,8 @@ def jobs(args) -> list[Job]:
         Job("decode", [py, bench("decode_attention.py"), "--out", f"{out}/decode_attention.json"], 3),
         Job("kron", [py, bench("kron_quantize.py"), "--out", f"{out}/kron_quantize.json"], 3),
         Job("gemm", [py, bench("gemm.py"), "--out", f"{out}/gemm.json"], 4),
+        # the dense FP8 path against the INT8 kernel around DENSE_M, and cuBLAS FP8's exactness on 4-bit codes
+        Job("dense-crossover", [py, bench("dense_crossover.py"), "--out", f"{out}/dense_crossover.json"], 2),
         # batched decode (17-128 tokens): the batched-decode tiles against the prefill tiles, in one process
         Job(
             "gemm-medium", [py, bench("gemm.py"), "--tokens", "32", "64", "128", "--out", f"{out}/gemm_medium.json"], 4

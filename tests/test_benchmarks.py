@@ -162,6 +162,19 @@ def test_kron_tokens_quick_times_every_candidate_of_both_paths(tmp_path):
     assert rec["tuned_us"] > 0
 
 
+def test_dense_crossover_quick_checks_exactness_and_times_both_paths(tmp_path):
+    data = _quick_output("dense_crossover.py", tmp_path, "--tokens", "5")
+    assert {(r["K"], r["codes"], r["use_fast_accum"]) for r in data["exactness"]} == {
+        (k, c, f) for k in (64, 160) for c in ("random", "largest") for f in (False, True)
+    }
+    assert all(r["exact"] for r in data["exactness"] if not r["use_fast_accum"])
+    recs = data["records"]
+    assert [(r["K"], r["N"], r["M"]) for r in recs] == [(96, 32, 5), (160, 32, 5), (96, 48, 5)]
+    for r in recs:
+        assert all(r[k] > 0 for k in ("bf16_us", "int8_us", "dense_us"))
+        assert ("dense_residual_us" in r) == (r["N"] == 32)  # the residual rows: the first shape's N
+
+
 def _load(script: str):
     spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), os.path.join(ROOT, "benchmarks", script))
     mod = importlib.util.module_from_spec(spec)

@@ -110,23 +110,6 @@ def test_dispatcher_errors(monkeypatch):
     assert out.dtype == torch.bfloat16 and out.shape == (2, 4)
 
 
-@pytest.mark.parametrize("raw,want", [(None, 128), ("16", 16), ("64", 64), ("8", None), ("big", None)])
-def test_medium_m_setting(monkeypatch, raw, want):
-    """FLATQUANT_MEDIUM_M: the largest token count served by the batched-decode tiles; SMALL_M turns them off;
-    anything else names the value and the range."""
-    import flatquant.kernels.gemm_w4a4 as g
-
-    if raw is None:
-        monkeypatch.delenv("FLATQUANT_MEDIUM_M", raising=False)
-    else:
-        monkeypatch.setenv("FLATQUANT_MEDIUM_M", raw)
-    if want is None:
-        with pytest.raises(ValueError, match=f"FLATQUANT_MEDIUM_M must be an integer in \\[16, 1024\\], got '{raw}'"):
-            g._medium_m_from_env()
-    else:
-        assert g._medium_m_from_env() == want
-
-
 # ------------------------------------------------------------------------------------------ triton kernel
 SMALL_SHAPES = [(1, 40, 70), (5, 37, 129), (16, 96, 256), (33, 50, 190)]  # (M, N, K); tiles 16/32/64
 
@@ -582,7 +565,8 @@ def test_autotuned_plumbing_in_interpreter(monkeypatch):
 
 @needs_cuda
 @torch.no_grad()
-def test_outputs_past_two_to_the_31_elements():
+@pytest.mark.parametrize("path", ["int8", "auto"])  # auto: the dense FP8 path at this size (gemm_dense)
+def test_outputs_past_two_to_the_31_elements(path):
     """M x N > 2^31 (a prefill of 64 x 2165 tokens into the fused gate/up of LLaMA-2-7B is 3e9): the row
     offsets must not wrap in int32 (they did: an illegal memory access). The last rows equal the reference."""
     k, n = 64, 22016
@@ -591,7 +575,7 @@ def test_outputs_past_two_to_the_31_elements():
     x = torch.randint(-8, 8, (m, k), device=DEV, dtype=torch.int8, generator=g)
     w = torch.randint(-8, 8, (n, k), device=DEV, dtype=torch.int8, generator=g)
     xs, ws = torch.rand(m, device=DEV, generator=g), torch.rand(n, device=DEV, generator=g) / 64
-    out = w4a4_gemm(x, xs, pack_int4(w), ws)
+    out = w4a4_gemm(x, xs, pack_int4(w), ws, path=path)
     torch.cuda.synchronize()
     tail = slice(m - 80, m)
     want = w4a4_gemm_reference(x[tail], xs[tail], pack_int4(w), ws)
@@ -642,10 +626,11 @@ def test_layer_adds_a_residual_of_another_dtype_separately():
 @needs_cuda
 @pytest.mark.parametrize("m", [1, 16, 2048])
 def test_gpu_autotuned_residual_epilogue(m):
-    """The autotuner's residual candidates (128 x 128 output tiles at most) at an o_proj shape, bf16."""
+    """The autotuner's residual candidates (128 x 128 output tiles at most) at an o_proj shape, bf16 (the INT8
+    kernel: from 512 tokens path="auto" takes the dense FP8 path, tests/test_gemm_dense.py)."""
     k = n = 4096
     x, w, xs, ws, _ = _operands(m, n, k, seed=m)
     args = [t.to(DEV) for t in (x, xs, pack_int4(w), ws)]
     residual = torch.randn(m, n, generator=_gen(11)).to(DEV, torch.bfloat16)
-    out = w4a4_gemm(*args, out_dtype=torch.bfloat16)
-    assert torch.equal(w4a4_gemm(*args, out_dtype=torch.bfloat16, residual=residual), residual + out)
+    out = w4a4_gemm(*args, out_dtype=torch.bfloat16, path="int8")
+    assert torch.equal(w4a4_gemm(*args, out_dtype=torch.bfloat16, residual=residual, path="int8"), residual + out)

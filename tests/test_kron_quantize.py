@@ -700,3 +700,36 @@ def test_pieces_dispatch_and_errors(monkeypatch):
         kq.kron_quantize_triton(x, p1, p2, config={"PIECES": 1, "BLOCK_T": 2})
     with pytest.raises(ValueError, match="fp32 intermediate"):  # would have run the fp32 intermediate silently
         kq.kron_quantize_triton(x, p1, p2, intermediate="input", config={"PIECES": 1})
+
+
+@needs_triton
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("kernel", ["padded", "pieces"])
+def test_e4m3_codes_are_the_int8_codes(kernel, symmetric):
+    """codes_dtype=float8_e4m3fn writes the same integers as e4m3 bytes (the dense FP8 GEMM's operand), from both
+    Triton kernels and the reference; scales and zero points unchanged."""
+    n1, n2 = CONFIG_PAIRS[0] if kernel == "padded" else PIECE_PAIRS[0]
+    p1, p2 = _factors(n1, n2, seed=31)
+    x = _inputs(333 if CUDA else 5, n1 * n2, torch.bfloat16, seed=32)
+    config = {"PIECES": 1} if kernel == "pieces" else None
+    kw = dict(clip_max=0.9, clip_min=0.85, symmetric=symmetric)
+    base = kq.kron_quantize_triton(x, p1, p2, config=config, **kw)
+    fp8 = kq.kron_quantize_triton(x, p1, p2, config=config, codes_dtype=torch.float8_e4m3fn, **kw)
+    ref = kq.kron_quantize_reference(x, p1, p2, codes_dtype=torch.float8_e4m3fn, **kw)
+    assert fp8.codes.dtype == ref.codes.dtype == torch.float8_e4m3fn and base.codes.dtype == torch.int8
+    assert torch.equal(fp8.codes.float(), base.codes.float())
+    assert torch.equal(fp8.scale, base.scale)
+    _assert_same(kq.KronQuantized(ref.codes.to(torch.int8), ref.scale, ref.zero), base, x, p1, p2, symmetric)
+    if not symmetric:
+        assert torch.equal(fp8.zero, base.zero)
+
+
+def test_codes_dtype_errors():
+    x = _inputs(2, 64, torch.bfloat16)
+    p1, p2 = _factors(8, 8)
+    with pytest.raises(ValueError, match="codes_dtype must be torch.int8 or torch.float8_e4m3fn"):
+        kq.kron_quantize(x, p1, p2, codes_dtype=torch.float16)
+    with pytest.raises(ValueError, match="pack=True .* must stay int8"):
+        kq.kron_quantize(x, p1, p2, pack=True, codes_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="bits must be <= 4"):
+        kq.kron_quantize(x, p1, p2, bits=6, codes_dtype=torch.float8_e4m3fn)

@@ -50,6 +50,7 @@ __all__ = [
     "w4a4_gemm_reference",
     "last_config",
     "resolve_path",
+    "last_path",
     "SMALL_M",
     "MEDIUM_M",
     "FP8_MAX_BLOCK_K",
@@ -892,12 +893,25 @@ def _rotate_choice(tuned, args: tuple, flags: dict, m: int, n: int) -> dict:
     return best
 
 
+_PATHS = ("auto", "int8", "fp8", "dense")
+_LAST_PATH: list[str] = []  # the path the last w4a4_gemm call on the GPU kernels took (benchmarks read it)
+
+
 def resolve_path(path: str, group_size: int | None = None) -> str:
     """The tensor-core path the Triton kernel really takes for a ``path`` argument: "auto" is "int8" (faster
-    than fp8 at every shape measured on H100, docs/kernels-gemm.md); group scales always run on "int8"."""
-    if path not in ("auto", "int8", "fp8"):
-        raise ValueError(f"path must be 'auto', 'int8' or 'fp8', got {path=}")
+    than fp8 at every shape measured on H100, docs/kernels-gemm.md); group scales always run on "int8".
+    (From ``gemm_dense.DENSE_M`` tokens on, ``w4a4_gemm(path="auto")`` takes the dense FP8 path instead where it
+    can; :func:`last_path` says which path a call took.)"""
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, got {path=}")
+    if path == "dense":
+        return path
     return "int8" if path == "auto" or group_size is not None else path
+
+
+def last_path() -> str | None:
+    """The path ("int8", "fp8" or "dense") the last non-reference ``w4a4_gemm`` call took, or None."""
+    return _LAST_PATH[-1] if _LAST_PATH else None
 
 
 def w4a4_gemm(
@@ -920,8 +934,10 @@ def w4a4_gemm(
     Args:
         impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" (raises RuntimeError saying why
             when it cannot run) or "reference".
-        path: tensor-core path of the Triton kernel: "int8", "fp8", or "auto" = "int8" (float8_e4m3fn codes
-            are converted to int8, exactly). The INT8 path was faster than the FP8 one at every shape and M
+        path: "int8" or "fp8" (tensor-core path of the Triton kernel), "dense" (the weights unpacked to e4m3,
+            then cuBLAS's FP8 GEMM: ``gemm_dense``; symmetric codes, no group scales), or "auto" = "dense" from
+            ``gemm_dense.DENSE_M`` tokens on where it can run, else "int8" (codes in the other dtype are
+            converted, exactly). The INT8 path was faster than the FP8 one at every shape and M
             measured on an H100 (docs/kernels-gemm.md). Both give exact integer sums; the FP8 one promotes
             each K tile's sum to fp32 (the FP8 MMA accumulator keeps ~14 bits), exact while
             |sum| < 2^24 (K <= 139,810 for 4-bit codes) and only on configs with BLOCK_K <= FP8_MAX_BLOCK_K.
@@ -934,8 +950,8 @@ def w4a4_gemm(
     """
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl=}")
-    if path not in ("auto", "int8", "fp8"):
-        raise ValueError(f"path must be 'auto', 'int8' or 'fp8', got {path=}")
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, got {path=}")
     _check_operands(x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype)
     _check_residual(residual, x_codes.shape[0], w_packed.shape[0], out_dtype)
     if config is not None:  # the caller's; the defaults and the autotuner's candidates are valid by construction
@@ -949,7 +965,20 @@ def w4a4_gemm(
         )
     if reason is not None:
         raise RuntimeError(f"w4a4_gemm(impl='triton') cannot run: {reason}")
+    from . import gemm_dense as _dense  # imports this module's unpack_int4 lazily
+
+    if path == "dense":
+        why = _dense.dense_unavailable_reason(x_codes, w_packed, bias, x_zero, w_group_scale, out_dtype)
+        if why is not None:
+            raise ValueError(f"w4a4_gemm(path='dense') cannot run: {why}")
+    dense = path == "dense"
+    if path == "auto" and config is None:  # a fixed config is the Triton kernel's
+        dense = _dense.takes_dense(x_codes, w_packed, bias, x_zero, w_group_scale, out_dtype)
+    if dense:
+        _LAST_PATH[:] = ["dense"]
+        return _dense.dense_gemm(x_codes, x_scale, w_packed, w_scale, bias, out_dtype, residual)
     path = resolve_path(path, group_size)
+    _LAST_PATH[:] = [path]
     if path == "int8" and x_codes.dtype != torch.int8:
         x_codes = x_codes.to(torch.int8)  # exact: the codes are small integers
     return _w4a4_gemm_triton(

@@ -79,7 +79,7 @@ def pieces_candidate_configs(bucket: int) -> list[dict]:
 
 
 if triton is not None:
-    from .kron_quantize import _codes, _dot, _halves, _real, _scale_zero, _tile_max, _tile_min
+    from .kron_quantize import _code_bytes, _codes, _dot, _halves, _real, _scale_zero, _tile_max, _tile_min
 
     @triton.jit
     def _piece(x_ptr, xrow, O0: tl.constexpr, R: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr):
@@ -136,7 +136,7 @@ if triton is not None:
         else:
             rm = tl.arange(0, N2)
             mask = (ro[None, :] < N1) & (rm[:, None] < N2)
-            tl.store(q_ptr + qrow + rm[:, None] + ro[None, :] * N2, qi.to(tl.int8), mask=mask)
+            tl.store(q_ptr + qrow + rm[:, None] + ro[None, :] * N2, _code_bytes(qi, q_ptr), mask=mask)
 
     @triton.jit(do_not_specialize=["n_tokens", "T_BUCKET"])
     def _kron_quantize_pieces_kernel(

@@ -19,7 +19,8 @@ Contract shared by the kernel and the reference (the rest of the library depends
 - ``round`` is round-half-to-even (``torch.round``); the kernel uses IEEE division and an exact
   round-half-to-even, so codes differ from the reference only where ``X' / scale`` lies within a few
   fp32 ulps of a half-integer (the two compute X' with different fp32 summation orders).
-- Output: int8 codes (..., n), one code per byte (the W4A4 GEMM operand layout), or with ``pack=True``
+- Output: int8 codes (..., n), one code per byte (the W4A4 GEMM operand layout; ``codes_dtype=float8_e4m3fn``
+  writes the same integers as e4m3 bytes, exact, the operand of the dense FP8 prefill GEMM), or with ``pack=True``
   uint8 (..., n // 2) holding two 4-bit codes per byte, low nibble = even index (two's complement nibble
   when symmetric); fp32 scale (...,); fp32 zero point (...,) when asymmetric, else None.
 - ``p2=None`` means identity over n2 (the P_o transform: heads x heads factor, identity over head_dim,
@@ -53,6 +54,7 @@ __all__ = ["KronQuantized", "kron_quantize", "kron_quantize_reference", "kron_qu
 _EPS = 1e-8
 _IMPLS = ("auto", "triton", "torch")
 _INTERMEDIATES = ("fp32", "input")
+_CODES_DTYPES = (torch.int8, torch.float8_e4m3fn)  # one code per byte: both hold 4-bit integers exactly
 _MAX_TILE = 128 * 128  # larger token tiles are built in column chunks, twice (max, then codes)
 # fp32 1 / qmax per (bits, symmetric): PyTorch on CUDA divides a tensor by a Python scalar as a multiply by
 # the scalar's fp32 reciprocal, so the reference's scale on CUDA is range * this value (on the CPU: a division)
@@ -66,7 +68,7 @@ _INV_QMAX = {
 class KronQuantized(NamedTuple):
     """Result of :func:`kron_quantize`.
 
-    codes: int8 (..., n), or uint8 (..., n // 2) when packed. scale: fp32 (...,).
+    codes: int8 (..., n) (float8_e4m3fn with ``codes_dtype``), or uint8 (..., n // 2) when packed. scale: fp32 (...,).
     zero: fp32 (...,) when asymmetric, else None.
     """
 
@@ -75,10 +77,16 @@ class KronQuantized(NamedTuple):
     zero: torch.Tensor | None
 
 
-def _check_args(x, p1, p2, bits, symmetric, pack, intermediate) -> tuple[int, int]:
+def _check_args(x, p1, p2, bits, symmetric, pack, intermediate, codes_dtype=torch.int8) -> tuple[int, int]:
     """Validate the arguments; return (n1, n2)."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"x must be bfloat16 or float16, got {x.dtype=}")
+    if codes_dtype not in _CODES_DTYPES:
+        raise ValueError(f"codes_dtype must be torch.int8 or torch.float8_e4m3fn, got {codes_dtype=}")
+    if pack and codes_dtype != torch.int8:
+        raise ValueError(f"pack=True writes two codes per byte (uint8); codes_dtype must stay int8, got {codes_dtype}")
+    if codes_dtype != torch.int8 and bits > 4:
+        raise ValueError(f"float8_e4m3fn codes hold integers up to 16 exactly: bits must be <= 4, got {bits=}")
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in [2, 8], got {bits=}")
     if pack and bits > 4:
@@ -143,6 +151,7 @@ def kron_quantize_reference(
     pack: bool = False,
     intermediate: str = "fp32",
     norm: tuple[torch.Tensor, float] | None = None,
+    codes_dtype: torch.dtype = torch.int8,
 ) -> KronQuantized:
     """Plain PyTorch reference of :func:`kron_quantize` (any device; same contract, see module doc).
 
@@ -150,7 +159,7 @@ def kron_quantize_reference(
     X' is computed in float64 from the x.dtype-rounded operands and rounded once to fp32, i.e. the
     fp32-accumulated result without summation-order error; the quantizer then runs in fp32.
     """
-    n1, n2 = _check_args(x, p1, p2, bits, symmetric, pack, intermediate)
+    n1, n2 = _check_args(x, p1, p2, bits, symmetric, pack, intermediate, codes_dtype)
     _check_norm(x, norm)
     if norm is not None:
         x = rms_norm_reference(x, *norm)
@@ -182,6 +191,8 @@ def kron_quantize_reference(
     codes = codes.to(torch.int8).reshape(*lead, n1 * n2)
     if pack:
         codes = _pack_int4(codes)
+    elif codes_dtype != torch.int8:
+        codes = codes.to(codes_dtype)  # exact: small integers
     return KronQuantized(codes, scale.reshape(lead), zero)
 
 
@@ -359,6 +370,14 @@ if triton is not None:
         return q.to(tl.int32)
 
     @triton.jit
+    def _code_bytes(qi, q_ptr):
+        """int32 codes as the bytes ``q_ptr`` holds: int8, or e4m3 (exact for 4-bit codes, via fp32)."""
+        if q_ptr.dtype.element_ty == tl.float8e4nv:
+            return qi.to(tl.float32).to(tl.float8e4nv)
+        else:
+            return qi.to(tl.int8)
+
+    @triton.jit
     def _quantize_store(
         z,
         scale,
@@ -390,7 +409,7 @@ if triton is not None:
         else:
             rb = col0 + tl.arange(0, BC)
             m = (ra[:, None] < N1) & (rb[None, :] < N2)
-            tl.store(q_ptr + row0 + ra[:, None] * N2 + rb[None, :], qi.to(tl.int8), mask=m)
+            tl.store(q_ptr + row0 + ra[:, None] * N2 + rb[None, :], _code_bytes(qi, q_ptr), mask=m)
 
     @triton.jit
     def _quantize_store_tokens(
@@ -424,7 +443,7 @@ if triton is not None:
         else:
             rb = tl.arange(0, BN2)
             offs = base[:, None, None] + ra[None, :, None] * N2 + rb[None, None, :]
-            tl.store(q_ptr + offs, qi.to(tl.int8), mask=mt & (rb[None, None, :] < N2))
+            tl.store(q_ptr + offs, _code_bytes(qi, q_ptr), mask=mt & (rb[None, None, :] < N2))
 
     @triton.jit
     def _column_chunk(
@@ -921,6 +940,7 @@ def kron_quantize_triton(
     intermediate: str = "fp32",
     config: dict | None = None,
     norm: tuple[torch.Tensor, float] | None = None,
+    codes_dtype: torch.dtype = torch.int8,
 ) -> KronQuantized:
     """The fused Triton kernel (one launch); same contract as :func:`kron_quantize_reference`.
 
@@ -931,7 +951,7 @@ def kron_quantize_triton(
     reason = triton_unavailable_reason(x)
     if reason is not None:
         raise RuntimeError(f"kron_quantize triton kernel cannot run: {reason}")
-    n1, n2 = _check_args(x, p1, p2, bits, symmetric, pack, intermediate)
+    n1, n2 = _check_args(x, p1, p2, bits, symmetric, pack, intermediate, codes_dtype)
     _check_norm(x, norm)
     if norm is not None and not fuses_norm(n1, n2):
         raise ValueError(
@@ -948,7 +968,7 @@ def kron_quantize_triton(
     n_tokens = x2.shape[0]
     p1c = p1.to(device=x.device, dtype=x.dtype).contiguous() if p1 is not None else x2
     p2c = p2.to(device=x.device, dtype=x.dtype).contiguous() if p2 is not None else x2
-    codes = torch.empty((n_tokens, n // 2 if pack else n), device=x.device, dtype=torch.uint8 if pack else torch.int8)
+    codes = torch.empty((n_tokens, n // 2 if pack else n), device=x.device, dtype=torch.uint8 if pack else codes_dtype)
     scale = torch.empty(n_tokens, device=x.device, dtype=torch.float32)
     zero = None if symmetric else torch.empty(n_tokens, device=x.device, dtype=torch.float32)
     if n_tokens > 0:
@@ -1058,6 +1078,7 @@ def kron_quantize(
     pack: bool = False,
     intermediate: str = "fp32",
     norm: tuple[torch.Tensor, float] | None = None,
+    codes_dtype: torch.dtype = torch.int8,
 ) -> KronQuantized:
     """Transform each token by P1 (x) P2 and quantize it per token (see the module doc for the contract).
 
@@ -1069,10 +1090,13 @@ def kron_quantize(
     zero fp32 (...,) or None).
     norm: ``(weight, eps)`` to RMSNorm each token first, as the decoder layer's norm module would (weight (n,)
     in x's dtype; the Triton kernel takes tiles below 128 x 128 padded elements, see :func:`fuses_norm`).
+    codes_dtype: torch.int8 (default) or torch.float8_e4m3fn: the same integer codes as e4m3 bytes (exact for
+    bits <= 4), the operand the dense FP8 prefill path of the W4A4 GEMM reads without a conversion.
     """
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl=}")
     if impl == "auto":
         impl = "triton" if x.device.type == "cuda" and triton is not None else "torch"
     fn = kron_quantize_triton if impl == "triton" else kron_quantize_reference
-    return fn(x, p1, p2, clip_max, clip_min, bits, symmetric, pack=pack, intermediate=intermediate, norm=norm)
+    kw = dict(pack=pack, intermediate=intermediate, norm=norm, codes_dtype=codes_dtype)
+    return fn(x, p1, p2, clip_max, clip_min, bits, symmetric, **kw)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flatquant.kernels.gemm_dense import wants_e4m3_codes
 from flatquant.kernels.gemm_w4a4 import SMALL_M, pack_int4, w4a4_gemm
 
 try:  # the fused transform + quantize kernel; the torch fallback below has the same numerics
@@ -79,8 +80,10 @@ def quantize_operand(
     act_impl: str = "auto",
     norm: tuple[torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """x (..., K) float -> 4-bit GEMM operand (codes int8 (..., K), scale fp32 (...,)[, zero fp32 (...,)]).
+    """x (..., K) float -> 4-bit GEMM operand (codes (..., K), scale fp32 (...,)[, zero fp32 (...,)]).
 
+    The codes are int8, or float8_e4m3fn where the GEMM will take its dense FP8 path (``gemm_dense``: from
+    ``DENSE_M`` tokens on a CUDA device with FP8 tensor cores, symmetric codes), so that it reads them as they are.
     The fused kernel (its reference off CUDA) for bf16/fp16 with ``act_impl="auto"``, else
     :func:`kron_quantize_torch`; several layers reading one input share the result. norm: ``(weight, eps)`` of
     the RMSNorm that produces this input, applied first (inside the fused kernel where it can take it: 16-bit x,
@@ -90,7 +93,10 @@ def quantize_operand(
     if _kron_quantize is not None and act_impl == "auto" and x.dtype in (torch.bfloat16, torch.float16):
         if norm is not None and (norm[0].dtype != x.dtype or not _tile_takes_norm(x.shape[-1], p1, p2)):
             x, norm = _rms_norm(x, *norm), None
-        codes, scale, zero = _kron_quantize(x, p1, p2, **kw, norm=norm)
+        k = x.shape[-1]
+        e4m3 = wants_e4m3_codes(x.numel() // max(k, 1), k, x.device, symmetric)
+        codes_dtype = torch.float8_e4m3fn if e4m3 else torch.int8
+        codes, scale, zero = _kron_quantize(x, p1, p2, **kw, norm=norm, codes_dtype=codes_dtype)
         return (codes, scale) if zero is None else (codes, scale, zero)
     if norm is not None:
         x = _rms_norm(x, *norm)
@@ -132,9 +138,9 @@ def operand_gemm(
     zero = op[2] if len(op) > 2 else None  # None for symmetric activations
     lead = codes.shape[:-1]
     codes = codes.reshape(-1, codes.shape[-1])  # (T, K)
-    path = "auto"  # the INT8 path
-    if prefill_fp8 and codes.is_cuda and codes.dtype == torch.int8 and codes.shape[0] > SMALL_M:
-        codes, path = codes.to(torch.float8_e4m3fn), "fp8"  # exact for 4-bit codes
+    path = "auto"  # the INT8 Triton kernel, or the dense FP8 path for long inputs (w4a4_gemm)
+    if prefill_fp8 and codes.is_cuda and codes.shape[0] > SMALL_M:
+        codes, path = codes.to(torch.float8_e4m3fn), "fp8"  # the FP8 Triton kernel; exact for 4-bit codes
     n = w_packed.shape[0]
     fused = residual is not None and residual.dtype == out_dtype and residual.shape == (*lead, n)
     fused = fused and residual.device == codes.device
