@@ -75,10 +75,22 @@ QUICK = {
         num_hidden_layers=2, vocab_size=512, max_position_embeddings=1024,
     )
 }  # fmt: skip
-CATEGORIES = {  # substrings of kernel (CUDA) or op (CPU) names, checked in this order
+CATEGORIES = {  # substrings of kernel (CUDA) or op (CPU) names, checked in this order (unpack_e4m3: the dense FP8
+    # path's weight unpacking, part of its GEMM)
     "attention": ("attention", "attn", "flash", "fmha", "sdpa", "softmax", "decode"),
     "transform+quantize": ("kron", "quantize", "round"),
-    "gemm": ("w4a4", "gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::bmm", "aten::addmm"),
+    "gemm": (
+        "w4a4",
+        "gemm",
+        "unpack_e4m3",
+        "nvjet",
+        "cutlass",
+        "xmma",
+        "cublas",
+        "aten::mm",
+        "aten::bmm",
+        "aten::addmm",
+    ),
 }
 
 
