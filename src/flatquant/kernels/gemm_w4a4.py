@@ -30,6 +30,7 @@ import os
 import torch
 
 from .. import envflags as _envflags
+from . import gemm_dense as _dense  # the dense FP8 path (it imports this module's unpack_int4 lazily)
 from . import pdl as _pdl
 from .kron_quantize import autotune as _autotune  # triton.autotune, results cached on disk
 
@@ -965,8 +966,6 @@ def w4a4_gemm(
         )
     if reason is not None:
         raise RuntimeError(f"w4a4_gemm(impl='triton') cannot run: {reason}")
-    from . import gemm_dense as _dense  # imports this module's unpack_int4 lazily
-
     if path == "dense":
         why = _dense.dense_unavailable_reason(x_codes, w_packed, bias, x_zero, w_group_scale, out_dtype)
         if why is not None:
