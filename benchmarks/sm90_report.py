@@ -6,7 +6,7 @@ comes from the compiler's metadata. Use it to drop candidates that spill or exce
 GPU run. Takes a few seconds per kernel.
 
     PYTHONPATH=src python benchmarks/sm90_report.py [--kron 112x128,64x64] [--gemm small,medium,large] [--rope 64,128]
-        [--decode 1,4] [--silu 11008] [--int8-head 128,0] [--json PATH]
+        [--decode 1,4] [--silu 11008] [--int8-head 128,0] [--dense-unpack 1] [--json PATH]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from flatquant.files import atomic_write_json  # noqa: E402
+from flatquant.kernels import gemm_dense as gd  # noqa: E402
 from flatquant.kernels import gemm_w4a4 as gw  # noqa: E402
 from flatquant.kernels import int8_linear as il  # noqa: E402
 from flatquant.kernels import kron_pieces as kp  # noqa: E402
@@ -132,7 +133,10 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
     for n1, n2 in pairs:
         bn1, bn2 = max(16, kq._next_pow2(n1)), max(16, kq._next_pow2(n2))
         for bucket, norm in itertools.product((0, 1), (False, True) if kq.fuses_norm(n1, n2) else (False,)):
-            for cfg in (c for c in kq.candidate_configs(bn1, bn2, bucket) if not norm or c["BC"] == bn2):
+            cands = [c for c in kq.candidate_configs(bn1, bn2, bucket) if not norm or c["BC"] == bn2]
+            # every candidate with int8 codes; the first also with e4m3 codes (the dense GEMM path's operand)
+            for cfg, codes in [(c, "*i8") for c in cands] + [(cands[0], "*fp8e4nv")]:
+                sig["q_ptr"] = codes
                 const = dict(N1=n1, N2=n2, BN1=bn1, BN2=bn2, HAS_P1=True, HAS_P2=True, SPLIT_Y=True)
                 const |= dict(SYMMETRIC=True, BITS=4, PACK=False, INTERPRET=False, RECIP=True, NORM=norm)
                 const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")} | PDL
@@ -140,9 +144,9 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
                 opts = _kron_options(cfg)
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt", "nw_ptr"]
                 rec = {"kernel": "kron_quantize", "n1": n1, "n2": n2, "bucket": bucket, "norm": norm, **cfg}
-                out.append(
-                    _report(rec, lambda c=const, o=opts, d=div16: compile_sm90(kq._kron_quantize_kernel, sig, c, d, o))
-                )
+                rec["codes"] = "e4m3" if codes == "*fp8e4nv" else "int8"
+                build = lambda c=const, o=opts, d=div16, g=dict(sig): compile_sm90(kq._kron_quantize_kernel, g, c, d, o)  # noqa: E731
+                out.append(_report(rec, build))
     return out
 
 
@@ -161,15 +165,26 @@ def kron_pieces_reports(pairs: list[tuple[int, int]]) -> list[dict]:
             continue
         r = pieces + (0,) * (3 - len(pieces))
         for bucket in (0, 1):
-            for cfg in kp.pieces_candidate_configs(bucket):
+            cands = kp.pieces_candidate_configs(bucket)
+            for cfg, codes in [(c, "*i8") for c in cands] + [(cands[0], "*fp8e4nv")]:  # e4m3: the first only
+                sig["q_ptr"] = codes
                 const = dict(N1=n1, N2=n2, R0=r[0], R1=r[1], R2=r[2], SYMMETRIC=True, BITS=4, PACK=False)
                 const |= dict(INTERPRET=False, RECIP=True) | {k: cfg[k] for k in ("PROGS_PER_SM", "FAST_DIV")} | PDL
                 const["PDL_EARLY"] = _pdl_early(bucket)
                 opts = _kron_options(cfg)
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt"]
                 rec = {"kernel": "kron_quantize_pieces", "n1": n1, "n2": n2, "bucket": bucket, **cfg}
-                out.append(_report(rec, lambda c=const, o=opts, d=div16: compile_sm90(fn, sig, c, d, o)))
+                rec["codes"] = "e4m3" if codes == "*fp8e4nv" else "int8"
+                out.append(_report(rec, lambda c=const, o=opts, d=div16, g=dict(sig): compile_sm90(fn, g, c, d, o)))
     return out
+
+
+def dense_unpack_reports() -> list[dict]:
+    """The dense FP8 path's weight unpacking (packed int4 -> e4m3), as ``gemm_dense`` launches it."""
+    sig = {"src": "*u8", "dst": "*fp8e4nv", "total": "i32"}
+    rec = {"kernel": "dense_unpack", "BLOCK": 4096, "num_warps": 8}
+    build = lambda: compile_sm90(gd._unpack_e4m3_kernel, sig, {"BLOCK": 4096}, ["src", "dst"], {"num_warps": 8})  # noqa: E731
+    return [_report(rec, build)]
 
 
 def gemm_reports(sets: list[str]) -> list[dict]:
@@ -325,6 +340,7 @@ def main() -> None:
     ap.add_argument("--silu", default="11008", help="row widths (intermediate sizes) of the SiLU * up kernel")
     ap.add_argument("--int8-head", default="128,0", help="scale groups of the 8-bit head's matmul (0 = per row)")
     ap.add_argument("--query", default="64,128", help="head dims of the decode step's query transform kernel")
+    ap.add_argument("--dense-unpack", type=int, default=1, help="1: also the dense FP8 path's unpacking kernel")
     ap.add_argument("--json", default=None, help="also write the records here")
     args = ap.parse_args()
     pairs = [tuple(int(v) for v in p.split("x")) for p in args.kron.split(",") if p]
@@ -334,6 +350,7 @@ def main() -> None:
     records += silu_mul_reports([int(n) for n in args.silu.split(",") if n])
     records += int8_head_reports([int(g) for g in args.int8_head.split(",") if g])
     records += query_transform_reports([int(d) for d in args.query.split(",") if d])
+    records += dense_unpack_reports() if args.dense_unpack else []
     bad = [r for r in records if not r["ok"]]
     print(f"{len(records)} kernels, {len(bad)} with spills, too much shared memory or compile errors")
     if args.json:

@@ -26,13 +26,17 @@ def test_kernels_build_for_sm90_without_spills(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     records = json.loads(out.read_text())["records"]
     kernels = {"kron_quantize", "kron_quantize_pieces", "rope", "decode_attention", "silu_mul", "int8_head"}
-    assert {r["kernel"] for r in records} == kernels | {"query_transform"}
+    assert {r["kernel"] for r in records} == kernels | {"query_transform", "dense_unpack"}
+    # the transform kernels also build with e4m3 codes (the dense FP8 GEMM path's operand), in both token buckets
+    e4m3 = {(r["kernel"], r["bucket"]) for r in records if r.get("codes") == "e4m3"}
+    assert e4m3 == {(k, b) for k in ("kron_quantize", "kron_quantize_pieces") for b in (0, 1)}
     capped = [r for r in records if r.get("maxnreg")]  # two programs per SM: the cap holds, spills allowed
     assert {r["kernel"] for r in capped} == {"kron_quantize", "kron_quantize_pieces"}
     assert all(r["regs"] <= r["maxnreg"] for r in capped)
     assert any(not r.get("mma", True) for r in records if r["kernel"] == "decode_attention")  # CUDA-core variant
     bad = [r for r in records if not r["ok"]]
     assert not bad, bad[:3]
+    records = [r for r in records if r["kernel"] != "dense_unpack"]  # launched without PDL (before cuBLAS)
     # built as sm_90 launches them: every kernel waits for the previous one and lets the next one launch right
     # after, except the transform above 64 tokens (bucket 1: as its programs exit, kron_quantize.PDL_EARLY_TOKENS)
     assert all(r["pdl"] for r in records)
