@@ -975,3 +975,34 @@ def test_residual_fusion_on_cuda_gives_the_same_bits(packed, arch, monkeypatch):
         got[env] = (model(tokens).logits, model(tokens[:1, :1]).logits, fq.generate(model, tokens[:, :20], 6))
     for fused, plain in zip(got["1"], got["0"], strict=True):
         assert torch.equal(fused, plain)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="forces the path on the CPU; on a GPU: test_gemm_dense.py")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_prefill_on_the_dense_fp8_gemm_path(packed, dtype, monkeypatch):
+    """The runtime on the dense FP8 GEMM path (forced here on the CPU: Triton's interpreter unpacks, PyTorch's CPU
+    _scaled_mm multiplies): every W4A4 GEMM of the prefill takes it, a bf16 model's transform hands it e4m3 codes,
+    and the logits equal those of the reference GEMM up to the epilogue's rounding."""
+    from flatquant.kernels import gemm_dense as gd
+    from flatquant.kernels import gemm_w4a4 as gw
+
+    _, _, path = packed["llama"]
+    real = load_packed(path, device="cpu", dtype=dtype)
+    reference_calls = []
+    reference = gw.w4a4_gemm_reference
+    monkeypatch.setattr(gw, "w4a4_gemm_reference", lambda *a, **k: reference_calls.append(1) or reference(*a, **k))
+    base = real(_TOKENS).logits.float()
+    monkeypatch.setattr(gd, "_auto_device", lambda device: True)  # as on a GPU with FP8 tensor cores
+    monkeypatch.setattr(gd, "DENSE_M", 8)
+    for module in real.modules():
+        if hasattr(module, "gemm_impl"):
+            module.gemm_impl = "triton"
+    dense_codes = []
+    dense_gemm = gd.dense_gemm
+    monkeypatch.setattr(gd, "dense_gemm", lambda x, *a: dense_codes.append(x.dtype) or dense_gemm(x, *a))
+    out = real(_TOKENS).logits.float()
+    assert reference_calls and len(dense_codes) == len(reference_calls)  # every GEMM, none left on the reference
+    assert set(dense_codes) == {torch.int8 if dtype == torch.float32 else torch.float8_e4m3fn}
+    rel = ((out - base).norm() / base.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel  # fp32: ~2e-7; bf16: a few output roundings
