@@ -22,6 +22,8 @@ measurements.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import envflags as _envflags
@@ -49,8 +51,6 @@ DENSE_M = _dense_m_from_env()
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
