@@ -136,7 +136,6 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
             cands = [c for c in kq.candidate_configs(bn1, bn2, bucket) if not norm or c["BC"] == bn2]
             # every candidate with int8 codes; the first also with e4m3 codes (the dense GEMM path's operand)
             for cfg, codes in [(c, "*i8") for c in cands] + [(cands[0], "*fp8e4nv")]:
-                sig["q_ptr"] = codes
                 const = dict(N1=n1, N2=n2, BN1=bn1, BN2=bn2, HAS_P1=True, HAS_P2=True, SPLIT_Y=True)
                 const |= dict(SYMMETRIC=True, BITS=4, PACK=False, INTERPRET=False, RECIP=True, NORM=norm)
                 const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")} | PDL
@@ -145,7 +144,8 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt", "nw_ptr"]
                 rec = {"kernel": "kron_quantize", "n1": n1, "n2": n2, "bucket": bucket, "norm": norm, **cfg}
                 rec["codes"] = "e4m3" if codes == "*fp8e4nv" else "int8"
-                build = lambda c=const, o=opts, d=div16, g=dict(sig): compile_sm90(kq._kron_quantize_kernel, g, c, d, o)  # noqa: E731
+                g = sig | {"q_ptr": codes}
+                build = lambda c=const, o=opts, d=div16, g=g: compile_sm90(kq._kron_quantize_kernel, g, c, d, o)  # noqa: E731
                 out.append(_report(rec, build))
     return out
 
@@ -167,7 +167,6 @@ def kron_pieces_reports(pairs: list[tuple[int, int]]) -> list[dict]:
         for bucket in (0, 1):
             cands = kp.pieces_candidate_configs(bucket)
             for cfg, codes in [(c, "*i8") for c in cands] + [(cands[0], "*fp8e4nv")]:  # e4m3: the first only
-                sig["q_ptr"] = codes
                 const = dict(N1=n1, N2=n2, R0=r[0], R1=r[1], R2=r[2], SYMMETRIC=True, BITS=4, PACK=False)
                 const |= dict(INTERPRET=False, RECIP=True) | {k: cfg[k] for k in ("PROGS_PER_SM", "FAST_DIV")} | PDL
                 const["PDL_EARLY"] = _pdl_early(bucket)
@@ -175,7 +174,8 @@ def kron_pieces_reports(pairs: list[tuple[int, int]]) -> list[dict]:
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt"]
                 rec = {"kernel": "kron_quantize_pieces", "n1": n1, "n2": n2, "bucket": bucket, **cfg}
                 rec["codes"] = "e4m3" if codes == "*fp8e4nv" else "int8"
-                out.append(_report(rec, lambda c=const, o=opts, d=div16, g=dict(sig): compile_sm90(fn, g, c, d, o)))
+                g = sig | {"q_ptr": codes}
+                out.append(_report(rec, lambda c=const, o=opts, d=div16, g=g: compile_sm90(fn, g, c, d, o)))
     return out
 
 

@@ -22,8 +22,6 @@ measurements.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import envflags as _envflags
@@ -46,12 +44,9 @@ def _dense_m_from_env() -> int:
 
 
 # from this many tokens on, path="auto" takes the dense FP8 path where it can run (measured crossover on an NVIDIA
-# H200: at 256 tokens the INT8 kernel is faster at every LLaMA shape, from 512 the dense path wins or ties)
+# H200: at 256 tokens the INT8 kernel is faster at every LLaMA shape, from 512 the dense path wins or ties at most
+# shapes, from 1024 at every shape timed; docs/kernels-gemm.md)
 DENSE_M = _dense_m_from_env()
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 if triton is not None:
@@ -67,6 +62,14 @@ if triton is not None:
         codes = tl.reshape(tl.join(lo, hi), [2 * BLOCK])  # lo, hi interleaved: the k order
         o = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
         tl.store(dst + o, codes.to(tl.float32).to(tl.float8e4nv), mask=o < 2 * total)
+
+
+def _triton_runs(t: torch.Tensor) -> bool:
+    """Whether the unpacking kernel can run on ``t``: a CUDA tensor, or any when it was built for the interpreter
+    (TRITON_INTERPRET=1 at import, as the other kernel modules decide)."""
+    if triton is None:
+        return False
+    return t.is_cuda or type(_unpack_e4m3_kernel).__name__ == "InterpretedFunction"
 
 
 def unpack_int4_e4m3(
@@ -89,7 +92,7 @@ def unpack_int4_e4m3(
         raise ValueError(f"out must be a contiguous float8_e4m3fn ({n}, {k}) tensor on {w_packed.device}")
     if impl == "auto":
         impl = "triton" if triton is not None and w_packed.is_cuda else "torch"
-    if impl == "triton" and (triton is None or not (w_packed.is_cuda or _interpreting())):
+    if impl == "triton" and not _triton_runs(w_packed):
         raise RuntimeError("unpack_int4_e4m3(impl='triton') needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
     if impl == "torch":
         from .gemm_w4a4 import unpack_int4
@@ -159,9 +162,7 @@ def dense_gemm(
     """The W4A4 GEMM on the dense FP8 path (operands as ``w4a4_gemm``'s, already checked; symmetric codes)."""
     m, k = x_codes.shape
     x = x_codes if x_codes.dtype == _E4M3 else x_codes.to(_E4M3)  # exact for 4-bit codes
-    w = unpack_int4_e4m3(
-        w_packed, k, impl="triton" if triton is not None and (x.is_cuda or _interpreting()) else "torch"
-    )
+    w = unpack_int4_e4m3(w_packed, k, impl="triton" if _triton_runs(w_packed) else "torch")
     sa = x_scale.to(torch.float32).reshape(m, 1).contiguous()
     sb = w_scale.to(torch.float32).reshape(1, -1).contiguous()
     out = torch._scaled_mm(x.contiguous(), w.T, sa, sb, bias=bias, out_dtype=out_dtype, use_fast_accum=False)
