@@ -53,6 +53,22 @@ def test_missing_model_and_checkpoint_exit_with_code_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_eval_data_none_skips_and_an_unknown_text_fails_before_loading(tmp_path, monkeypatch, capsys):
+    args = _args("--eval-data", "none")
+    cli._check_eval_data(args)
+    assert args.eval_data == []
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the evaluation text was checked")
+
+    monkeypatch.setattr(cli, "load_model", no_load)
+    missing = str(tmp_path / "nope.txt")
+    assert cli.main(["quantize", "--output", str(tmp_path / "ck"), "--eval-data", "wiki", missing]) == 2
+    err = capsys.readouterr().err
+    assert "nope.txt" in err and "neither a known name" in err
+    assert not (tmp_path / "ck").exists()
+
+
 def test_quantize_and_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

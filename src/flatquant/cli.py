@@ -23,7 +23,15 @@ import torch
 from . import distributed
 from .checkpoint import apply_calibration, load_quantized, save_quantized, write_calibration
 from .config import PRESETS, FlatQuantConfig, calibration_for, describe_overrides, preset
-from .data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, calibration_mixture, eval_windows, load_text, tokenize
+from .data import (
+    DEFAULT_CALIBRATION,
+    DEFAULT_EVALUATION,
+    calibration_mixture,
+    check_text,
+    eval_windows,
+    load_text,
+    tokenize,
+)
 from .evaluate import perplexity
 from .files import atomic_write_json
 from .loading import DEFAULT_MODEL, eos_token_ids, load_model, load_tokenizer
@@ -545,6 +553,18 @@ def _check_tasks(args) -> None:
         task_manager(args.tasks, args.tasks_path)
 
 
+def _check_eval_data(args) -> None:
+    """``--eval-data none`` (or no value) skips evaluation; any other text must exist before calibration starts."""
+    names = getattr(args, "eval_data", None)
+    if not names:
+        return
+    if names == ["none"] and not os.path.isfile("none"):
+        args.eval_data = []
+        return
+    for name in names:
+        check_text(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "calib_data", "") is None:  # the preset's own calibration text
@@ -555,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return cmd_generate(args)
         _check_tasks(args)
+        _check_eval_data(args)
         commands = {"quantize": cmd_quantize, "pack": cmd_pack, "eval": cmd_eval}
         records = commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, distributed.DistributedCalibrationError) as e:

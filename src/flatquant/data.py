@@ -82,15 +82,21 @@ def _read_hub(name: str) -> str:
     return " ".join(ds[:1100]["text"])
 
 
+def check_text(name: str) -> None:
+    """Raise ValueError unless ``name`` is a known dataset name or an existing file (before any long work)."""
+    if name not in _OFFLINE and name not in _HUB and not os.path.isfile(name):
+        known = sorted(_OFFLINE) + list(_HUB)
+        raise ValueError(f"dataset {name!r} is neither a known name {known} nor an existing file")
+
+
 def load_text(name: str) -> str:
     """Raw text of a named dataset or a local file."""
+    check_text(name)
     if name in _OFFLINE:
         return _read_local(package_file(*_OFFLINE[name]))
     if name in _HUB:
         return _read_hub(name)
-    if os.path.isfile(name):
-        return _read_local(name)
-    raise ValueError(f"dataset {name!r} is neither a known name {sorted(_OFFLINE) + list(_HUB)} nor an existing file")
+    return _read_local(name)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
