@@ -4,8 +4,9 @@ Usage:
     PYTHONPATH=src python benchmarks/dense_crossover.py            # CUDA, about 2 minutes on an H100 / H200
     PYTHONPATH=src python benchmarks/dense_crossover.py --quick    # toy sizes; runs on CPU (interpreter) too
 
-1. Exactness: ``torch._scaled_mm`` on 4-bit integer codes (random, and the largest same-sign sums) at K = 4096,
-   11008 and 14336, with ``use_fast_accum`` False (what ``gemm_dense`` calls) and True, against a float64 product.
+1. Exactness: ``torch._scaled_mm`` on 4-bit integer codes (random, and the largest same-sign sums) and on centred
+   asymmetric codes (code - zero in [-15, 15]: random, and +-15 against -8, products up to 120) at K = 4096, 11008
+   and 14336, with ``use_fast_accum`` False (what ``gemm_dense`` calls) and True, against a float64 product.
 2. Timing, one process: for LLaMA layer shapes and token counts around ``gemm_dense.DENSE_M``, BF16 ``F.linear``
    (cuBLAS), the INT8 Triton kernel (``path="int8"``) and the dense path (``path="dense"``, e4m3 codes as the
    transform writes them), and for N = 4096 (o_proj, down_proj) both again with a residual added. Times are
@@ -40,15 +41,19 @@ def exactness(dev: str, ks: list[int]) -> list[dict]:
     """Does ``_scaled_mm`` return the exact integer sums of 4-bit codes (unit scales, fp32 output)?"""
     records = []
     for k in ks:
-        for case in ("random", "largest"):
+        for case in ("random", "largest", "centred-random", "centred-largest"):
             m, n = (256, 512) if CUDA else (8, 16)
             g = torch.Generator(device=dev).manual_seed(k)
+            b = torch.randint(-8, 8, (n, k), device=dev, dtype=torch.int8, generator=g)
             if case == "random":
                 a = torch.randint(-8, 8, (m, k), device=dev, dtype=torch.int8, generator=g)
-                b = torch.randint(-8, 8, (n, k), device=dev, dtype=torch.int8, generator=g)
-            else:  # -8 * -8 and 7 * -8 everywhere: the largest sums of either sign
-                a = torch.full((m, k), -8, device=dev, dtype=torch.int8)
-                a[1::2] = 7
+            elif case == "centred-random":  # q - z, q and the per-token zero point z in [0, 15]
+                a = torch.randint(0, 16, (m, k), device=dev, dtype=torch.int8, generator=g)
+                a -= torch.randint(0, 16, (m, 1), device=dev, dtype=torch.int8, generator=g)
+            else:  # -8 * -8 and 7 * -8 (or +-15 * -8) everywhere: the largest sums of either sign
+                lo, hi = (-8, 7) if case == "largest" else (-15, 15)
+                a = torch.full((m, k), lo, device=dev, dtype=torch.int8)
+                a[1::2] = hi
                 b = torch.full((n, k), -8, device=dev, dtype=torch.int8)
             want = a.double() @ b.double().T
             one = torch.ones((), device=dev)
@@ -56,7 +61,7 @@ def exactness(dev: str, ks: list[int]) -> list[dict]:
                 got = torch._scaled_mm(a.to(E4M3), b.to(E4M3).T, one, one, out_dtype=torch.float32, use_fast_accum=fast)
                 err = float((got.double() - want).abs().max())
                 records.append({"K": k, "codes": case, "use_fast_accum": fast, "exact": err == 0.0, "max_abs_err": err})
-                print(f"  K={k:6d} {case:8s} use_fast_accum={fast!s:5}: exact {err == 0.0!s:5} (max error {err:.0f})")
+                print(f"  K={k:6d} {case:15s} use_fast_accum={fast!s:5}: exact {err == 0.0!s:5} (max error {err:.0f})")
     return records
 
 

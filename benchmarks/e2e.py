@@ -129,7 +129,7 @@ def bf16_model(cfg: dict, device, dtype):
         return AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=dtype, attn_implementation="sdpa").eval()
 
 
-def _transforms(cfg: dict) -> dict:
+def _transforms(cfg: dict, act_symmetric: bool = True) -> dict:
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     return {
         "qkv": list(kron_factors(cfg["hidden_size"])),
@@ -137,7 +137,7 @@ def _transforms(cfg: dict) -> dict:
         "down": list(kron_factors(cfg["intermediate_size"])),
         "o": [cfg["num_attention_heads"], head_dim],
         "p_h": True,
-        "act_symmetric": True,
+        "act_symmetric": act_symmetric,
     }
 
 
@@ -159,12 +159,22 @@ def weight_sizes(name: str, dtype=torch.bfloat16) -> dict:
 
 
 @torch.no_grad()
-def w4a4_model(cfg: dict, device, dtype, seed: int = 0, head_bits: int = 16, head_group: int | None = HEAD_GROUP):
+def w4a4_model(
+    cfg: dict,
+    device,
+    dtype,
+    seed: int = 0,
+    head_bits: int = 16,
+    head_group: int | None = HEAD_GROUP,
+    act_symmetric: bool = True,
+):
     """The packed runtime for ``cfg`` with random 4-bit codes, scales, orthogonal factors and embeddings
-    (head_bits=8: the embedding and lm_head as random int8 codes and scales, one per head_group columns)."""
+    (head_bits=8: the embedding and lm_head as random int8 codes and scales, one per head_group columns;
+    act_symmetric=False: per-token asymmetric activations, as ``--preset accurate`` calibrates)."""
     config = LlamaConfig(**cfg)
     group = head_group_for(cfg["hidden_size"], head_group) if head_bits == 8 else None
-    skeleton = packed_skeleton(config, _transforms(cfg), dtype, head_bits=head_bits, head_group=group)
+    transforms = _transforms(cfg, act_symmetric)
+    skeleton = packed_skeleton(config, transforms, dtype, head_bits=head_bits, head_group=group)
     model = skeleton.to_empty(device=device)
     g = torch.Generator().manual_seed(seed)  # small factors on the CPU; big tensors drawn on the device
     torch.manual_seed(seed)
@@ -514,7 +524,14 @@ def measure(name, kind, cfg, args, device, dtype, res: dict) -> dict | None:
     model = (
         bf16_model(cfg, device, dtype)
         if kind == "bf16"
-        else w4a4_model(cfg, device, dtype, head_bits=args.head_bits, head_group=args.head_group or None)
+        else w4a4_model(
+            cfg,
+            device,
+            dtype,
+            head_bits=args.head_bits,
+            head_group=args.head_group or None,
+            act_symmetric=not args.act_asymmetric,
+        )
     )
     res["weights_bytes"] = model_bytes(model)
     print(f"{name} {kind}: built in {time.perf_counter() - t0:.1f} s, {res['weights_bytes'] / 2**30:.2f} GiB")
@@ -678,6 +695,9 @@ def main(argv=None) -> None:
     p.add_argument("--head-bits", type=int, choices=(8, 16), default=16, help="W4A4 embedding and lm_head bits")
     p.add_argument(
         "--head-group", type=int, default=HEAD_GROUP, help="with --head-bits 8: columns per scale, 0 = per row"
+    )
+    p.add_argument(
+        "--act-asymmetric", action="store_true", help="W4A4 with per-token asymmetric activations (--preset accurate)"
     )
     p.add_argument("--sizes", action="store_true", help="only the weight bytes (meta device, no GPU), with 8-bit heads")
     p.add_argument("--models", nargs="*", default=None, help=f"subset of {sorted(CONFIGS)}")

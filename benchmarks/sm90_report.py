@@ -134,16 +134,19 @@ def kron_reports(pairs: list[tuple[int, int]]) -> list[dict]:
         bn1, bn2 = max(16, kq._next_pow2(n1)), max(16, kq._next_pow2(n2))
         for bucket, norm in itertools.product((0, 1), (False, True) if kq.fuses_norm(n1, n2) else (False,)):
             cands = [c for c in kq.candidate_configs(bn1, bn2, bucket) if not norm or c["BC"] == bn2]
-            # every candidate with int8 codes; the first also with e4m3 codes (the dense GEMM path's operand)
-            for cfg, codes in [(c, "*i8") for c in cands] + [(cands[0], "*fp8e4nv")]:
+            # every candidate with int8 codes; the first also with e4m3 codes (the dense GEMM path's operand),
+            # symmetric and asymmetric (centred codes)
+            for cfg, codes, sym in [(c, "*i8", True) for c in cands] + [
+                (cands[0], "*fp8e4nv", b) for b in (True, False)
+            ]:
                 const = dict(N1=n1, N2=n2, BN1=bn1, BN2=bn2, HAS_P1=True, HAS_P2=True, SPLIT_Y=True)
-                const |= dict(SYMMETRIC=True, BITS=4, PACK=False, INTERPRET=False, RECIP=True, NORM=norm)
+                const |= dict(SYMMETRIC=sym, BITS=4, PACK=False, INTERPRET=False, RECIP=True, NORM=norm)
                 const |= {k: cfg[k] for k in ("BLOCK_T", "PROGS_PER_SM", "P1_FIRST", "FAST_DIV", "BC")} | PDL
                 const["PDL_EARLY"] = _pdl_early(bucket)
                 opts = _kron_options(cfg)
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt", "nw_ptr"]
                 rec = {"kernel": "kron_quantize", "n1": n1, "n2": n2, "bucket": bucket, "norm": norm, **cfg}
-                rec["codes"] = "e4m3" if codes == "*fp8e4nv" else "int8"
+                rec["codes"], rec["symmetric"] = "e4m3" if codes == "*fp8e4nv" else "int8", sym
                 g = sig | {"q_ptr": codes}
                 build = lambda c=const, o=opts, d=div16, g=g: compile_sm90(kq._kron_quantize_kernel, g, c, d, o)  # noqa: E731
                 out.append(_report(rec, build))
@@ -166,14 +169,17 @@ def kron_pieces_reports(pairs: list[tuple[int, int]]) -> list[dict]:
         r = pieces + (0,) * (3 - len(pieces))
         for bucket in (0, 1):
             cands = kp.pieces_candidate_configs(bucket)
-            for cfg, codes in [(c, "*i8") for c in cands] + [(cands[0], "*fp8e4nv")]:  # e4m3: the first only
-                const = dict(N1=n1, N2=n2, R0=r[0], R1=r[1], R2=r[2], SYMMETRIC=True, BITS=4, PACK=False)
+            # e4m3: the first only, symmetric and asymmetric
+            for cfg, codes, sym in [(c, "*i8", True) for c in cands] + [
+                (cands[0], "*fp8e4nv", b) for b in (True, False)
+            ]:
+                const = dict(N1=n1, N2=n2, R0=r[0], R1=r[1], R2=r[2], SYMMETRIC=sym, BITS=4, PACK=False)
                 const |= dict(INTERPRET=False, RECIP=True) | {k: cfg[k] for k in ("PROGS_PER_SM", "FAST_DIV")} | PDL
                 const["PDL_EARLY"] = _pdl_early(bucket)
                 opts = _kron_options(cfg)
                 div16 = ["x_ptr", "p1_ptr", "p2_ptr", "q_ptr", "stride_xt"]
                 rec = {"kernel": "kron_quantize_pieces", "n1": n1, "n2": n2, "bucket": bucket, **cfg}
-                rec["codes"] = "e4m3" if codes == "*fp8e4nv" else "int8"
+                rec["codes"], rec["symmetric"] = "e4m3" if codes == "*fp8e4nv" else "int8", sym
                 g = sig | {"q_ptr": codes}
                 out.append(_report(rec, lambda c=const, o=opts, d=div16, g=g: compile_sm90(fn, g, c, d, o)))
     return out

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,6 +75,24 @@ def test_e2e_breakdown_of_the_decode_phase_alone(tmp_path):
     for p in parts["w4a4"].values():
         assert p["batch"] == 4 and p["steps"] == 4 and p["ms"]["gemm"] > 0
         assert p["launches_per_layer_step"]["gemm"] == parts["w4a4"]["decode"]["launches_per_layer_step"]["gemm"]
+
+
+def test_e2e_asymmetric_activations_build_an_asymmetric_runtime(tmp_path):
+    """--act-asymmetric times the packed runtime with per-token asymmetric activations (as ``--preset accurate``
+    calibrates): every W4A4 linear quantizes asymmetrically, the run records the setting, and it runs."""
+    spec = importlib.util.spec_from_file_location("e2e_bench", os.path.join(ROOT, "benchmarks", "e2e.py"))
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    for sym in (True, False):
+        model = e2e.w4a4_model(e2e.QUICK["tiny-llama"], "cpu", torch.float32, act_symmetric=sym)
+        flags = {m.act_symmetric for m in model.modules() if hasattr(m, "act_symmetric")}
+        assert flags == {sym}
+    out = tmp_path / "e2e.json"
+    e2e.main(["--quick", "--out", str(out), "--act-asymmetric", "--kinds", "w4a4", "--decode-batches", "1",
+              "--prefill-batches", "1", "--no-breakdown"])  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["settings"]["act_asymmetric"] is True
+    assert all(r["w4a4_ms"] > 0 for r in data["records"])
 
 
 def test_e2e_saves_what_it_measured_when_a_model_fails(tmp_path, monkeypatch):
@@ -165,7 +184,10 @@ def test_kron_tokens_quick_times_every_candidate_of_both_paths(tmp_path):
 def test_dense_crossover_quick_checks_exactness_and_times_both_paths(tmp_path):
     data = _quick_output("dense_crossover.py", tmp_path, "--tokens", "5")
     assert {(r["K"], r["codes"], r["use_fast_accum"]) for r in data["exactness"]} == {
-        (k, c, f) for k in (64, 160) for c in ("random", "largest") for f in (False, True)
+        (k, c, f)
+        for k in (64, 160)
+        for c in ("random", "largest", "centred-random", "centred-largest")
+        for f in (False, True)
     }
     assert all(r["exact"] for r in data["exactness"] if not r["use_fast_accum"])
     recs = data["records"]

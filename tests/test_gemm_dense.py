@@ -91,12 +91,41 @@ def test_dense_scaled_output_bias_and_residual(m, n, k, out_dtype):
     assert torch.equal(fused, residual + out)
 
 
+def _centred(m, k, seed):
+    """Asymmetric codes q in [0, 15] with per-token zero points z in [0, 15] (the ends included), and q - z."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (m, k), generator=g, dtype=torch.int8)
+    z = torch.randint(0, 16, (m,), generator=g).float()
+    q[0], z[0] = 15, 0.0  # q - z = 15 everywhere
+    q[1], z[1] = 0, 15.0  # q - z = -15 everywhere
+    return q, z, (q.float() - z[:, None]).to(E4M3)
+
+
+@needs_triton
+@pytest.mark.parametrize("m,n,k", DENSE_SHAPES)
+def test_dense_centred_asymmetric_codes_exact(m, n, k):
+    """Asymmetric activations reach the dense path as centred e4m3 codes (q - z, integers in [-15, 15], exact in
+    e4m3): its sums equal the reference GEMM's on the int8 codes with their zero points, exactly, the largest
+    products (15 * -8) included."""
+    q, z, centred = _centred(max(m, 2), k, seed=m + k)
+    _, w, _, _ = _operands(max(m, 2), n, k, seed=n)
+    w[:, : k // 2] = -8
+    assert torch.equal(centred.float(), q.float() - z[:, None])
+    ones_m, ones_n = torch.ones(len(q), device=DEV), torch.ones(n, device=DEV)
+    wp = pack_int4(w).to(DEV)
+    out = w4a4_gemm(centred.to(DEV), ones_m, wp, ones_n, out_dtype=torch.float32, impl="triton", path="dense")
+    assert gw.last_path() == "dense"
+    ref = w4a4_gemm_reference(q, ones_m.cpu(), wp.cpu(), ones_n.cpu(), x_zero=z, out_dtype=torch.float32)
+    assert torch.equal(out.double().cpu(), ref.double())
+    assert torch.equal(out.double().cpu(), (q.double() - z.double()[:, None]) @ w.double().T)
+
+
 @needs_triton
 def test_dense_path_refuses_what_it_cannot_compute():
     x, w, xs, ws = (t.to(DEV) for t in _operands(4, 32, 64))
     wp = pack_int4(w)
     cases = [
-        (dict(x_zero=torch.zeros(4, device=DEV)), "zero point"),
+        (dict(x_zero=torch.zeros(4, device=DEV)), r"zero point .* centred"),
         (dict(w_group_scale=torch.ones(32, 2, device=DEV), group_size=32), "group scales"),
         (dict(bias=torch.zeros(32, device=DEV)), r"bias must be in out_dtype \(torch.bfloat16\)"),
     ]
@@ -113,7 +142,7 @@ def test_dense_path_refuses_what_it_cannot_compute():
 @needs_triton
 def test_auto_takes_dense_from_dense_m(monkeypatch):
     """path="auto" runs the dense path from DENSE_M tokens on (where it can run), the Triton INT8 kernel below it,
-    with asymmetric codes, on K not a multiple of 16, or with the dense path off (DENSE_M = 0)."""
+    with int8 codes and a zero point, on K not a multiple of 16, or with the dense path off (DENSE_M = 0)."""
     monkeypatch.setattr(gd, "_auto_device", lambda device: True)  # as on an FP8 GPU
     monkeypatch.setattr(gd, "DENSE_M", 8)
     cfg = None if DEV == "cpu" else dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2)
@@ -133,7 +162,6 @@ def test_auto_takes_dense_from_dense_m(monkeypatch):
     assert run(8, x_zero=torch.zeros(8, device=DEV)) == "int8"
     assert run(8, k=72) == "int8"
     assert gd.wants_e4m3_codes(8, 64, torch.device(DEV)) and not gd.wants_e4m3_codes(7, 64, torch.device(DEV))
-    assert not gd.wants_e4m3_codes(8, 64, torch.device(DEV), symmetric=False)
     assert not gd.wants_e4m3_codes(8, 72, torch.device(DEV))
     monkeypatch.setattr(gd, "DENSE_M", 0)
     assert run(50) == "int8" and not gd.wants_e4m3_codes(50, 64, torch.device(DEV))
@@ -200,6 +228,22 @@ def test_gpu_dense_extreme_codes_exact():
 
 
 @needs_fp8_gpu
+@pytest.mark.parametrize("k", [4096, 14336])
+def test_gpu_dense_centred_asymmetric_codes_exact(k):
+    """Centred asymmetric codes (q - z in [-15, 15]) at full shapes, random and the largest products (15 * -8 and
+    -15 * -8 over all of K): cuBLAS's sums stay exact."""
+    m, n = 1024, 4096
+    q, z, centred = _centred(m, k, seed=k)
+    _, w, _, _ = _operands(2, n, k, seed=k + 1)
+    w[: n // 2] = -8
+    ones_m, ones_n = torch.ones(m, device="cuda"), torch.ones(n, device="cuda")
+    out = w4a4_gemm(centred.cuda(), ones_m, pack_int4(w).cuda(), ones_n, out_dtype=torch.float32, path="dense")
+    want = (q.cuda().double() - z.cuda().double()[:, None]) @ w.cuda().double().T
+    assert torch.equal(out.double(), want)
+    assert out[0, 0] == -120.0 * k and out[1, 0] == 120.0 * k
+
+
+@needs_fp8_gpu
 @torch.no_grad()
 def test_gpu_layer_takes_e4m3_codes_and_the_dense_path():
     """A W4A4 layer at 2048 tokens: the transform writes e4m3 codes, the GEMM takes the dense path, and the output
@@ -219,5 +263,36 @@ def test_gpu_layer_takes_e4m3_codes_and_the_dense_path():
     out = layer(x)
     assert gw.last_path() == "dense"
     int8_out = w4a4_gemm(op[0].to(torch.int8), op[1], layer.w_packed, layer.w_scale, path="int8")
+    ulp = torch.finfo(torch.bfloat16).eps * int8_out.float().abs().clamp_min(1e-3)
+    assert ((out.float() - int8_out.float()).abs() <= 2 * ulp).all()
+
+
+@needs_fp8_gpu
+@torch.no_grad()
+def test_gpu_asymmetric_layer_takes_centred_codes_and_the_dense_path():
+    """A W4A4 layer with asymmetric activations at 2048 tokens: the transform writes centred e4m3 codes and no zero
+    point, the GEMM takes the dense path, and the output is within two bf16 roundings of the INT8 kernel's on the
+    int8 codes with their zero points."""
+    from flatquant.kernels.kron_quantize import kron_quantize
+    from flatquant.kernels.w4a4_linear import W4A4Linear, quantize_operand
+
+    k, n = 11008, 4096
+    g = torch.Generator(device="cuda").manual_seed(1)
+    p1 = torch.linalg.qr(torch.randn(86, 86, device="cuda", generator=g))[0]
+    p2 = torch.linalg.qr(torch.randn(128, 128, device="cuda", generator=g))[0]
+    weight = torch.randn(n, k, device="cuda", generator=g) / 100
+    layer = W4A4Linear.from_float(weight, None, p1, p2, act_clip=(0.9, 0.8), act_symmetric=False)
+    x = (torch.randn(2048, k, device="cuda", generator=g) + 0.3).to(torch.bfloat16)
+    op = quantize_operand(x, p1, p2, 0.9, 0.8, symmetric=False)
+    assert op[0].dtype == E4M3 and len(op) == 2  # centred: no zero point left
+    codes, scale, zero = quantize_operand(x[:100], p1, p2, 0.9, 0.8, symmetric=False)
+    assert codes.dtype == torch.int8
+    assert 0 <= zero.min() and zero.max() <= 15
+    out = layer(x)
+    assert gw.last_path() == "dense"
+    int8_op = kron_quantize(x, p1, p2, 0.9, 0.8, symmetric=False)  # int8 codes and zero points, same kernel
+    assert torch.equal(op[0].float(), int8_op.codes.float() - int8_op.zero[:, None])
+    assert torch.equal(op[1], int8_op.scale)
+    int8_out = w4a4_gemm(int8_op.codes, int8_op.scale, layer.w_packed, layer.w_scale, x_zero=int8_op.zero, path="int8")
     ulp = torch.finfo(torch.bfloat16).eps * int8_out.float().abs().clamp_min(1e-3)
     assert ((out.float() - int8_out.float()).abs() <= 2 * ulp).all()

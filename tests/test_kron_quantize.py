@@ -252,8 +252,8 @@ def test_padded_tiles_with_one_signed_tokens(symmetric, sign):
     """Tokens whose X' is all positive (or all negative) on a padded tile (40x72 in 64x128, a tile the unmasked
     path takes, >= 4096 elements, and small enough to stack two tokens): the symmetric path reduces max and min
     without masking the padding, which is exactly 0 and cannot change its range; the asymmetric one masks it
-    (a 0 would change its min or max). Both equal the reference, also on the stacked-token and column-chunked
-    paths."""
+    (its range holds 0 anyway, as the fake quantizer's). Both equal the reference, also on the stacked-token and
+    column-chunked paths."""
     n1, n2 = 40, 72
     g = torch.Generator().manual_seed(3)
     p1 = (torch.rand(n1, n1, generator=g) + 0.05).to(DEVICE, torch.bfloat16)  # positive factors: X' keeps x's sign
@@ -264,6 +264,28 @@ def test_padded_tiles_with_one_signed_tokens(symmetric, sign):
     bn2 = max(16, kq._next_pow2(n2))
     for cfg in (dict(PROGS_PER_SM=1), dict(BLOCK_T=2, PROGS_PER_SM=1), dict(BC=bn2 // 2, PROGS_PER_SM=1)):
         _assert_same(kq.kron_quantize_triton(x, p1, p2, config=cfg, **kw), ref, x, p1, p2, symmetric)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_asymmetric_range_holds_zero_as_the_fake_quantizer_does(impl, sign):
+    """All-positive (all-negative) tokens: the asymmetric range is widened to hold 0, as flatquant.quantizer's is,
+    so the zero point lies in [0, 15] and (code - zero) * scale equals the fake quantizer's output (identity
+    factors, exact in bf16); the layer's own torch fallback (kron_quantize_torch) too."""
+    from flatquant.kernels.w4a4_linear import kron_quantize_torch
+    from flatquant.quantizer import quantize_activation
+
+    n1, n2 = 8, 16
+    g = torch.Generator().manual_seed(5)
+    x = (sign * (torch.rand(5, n1 * n2, generator=g) + 0.1)).to(DEVICE, torch.bfloat16)
+    eye1, eye2 = torch.eye(n1, device=DEVICE), torch.eye(n2, device=DEVICE)
+    fake = quantize_activation(x.float(), None, None, 4, False).double()
+    out = kq.kron_quantize(x, eye1, eye2, symmetric=False, impl=impl)
+    codes, scale, zero = kron_quantize_torch(x, eye1, eye2, symmetric=False)
+    for c, s_, z in ((out.codes, out.scale, out.zero), (codes, scale, zero)):
+        assert (z >= 0).all() and (z <= 15).all()
+        deq = (c.double() - z.double()[:, None]) * s_.double()[:, None]
+        torch.testing.assert_close(deq, fake, rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------- launch configs
@@ -704,24 +726,29 @@ def test_pieces_dispatch_and_errors(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("kernel", ["padded", "pieces"])
+@pytest.mark.parametrize("kernel", ["padded", "stacked", "pieces"])
 def test_e4m3_codes_are_the_int8_codes(kernel, symmetric):
     """codes_dtype=float8_e4m3fn writes the same integers as e4m3 bytes (the dense FP8 GEMM's operand), from both
-    Triton kernels and the reference; scales and zero points unchanged."""
-    n1, n2 = CONFIG_PAIRS[0] if kernel == "padded" else PIECE_PAIRS[0]
+    Triton kernels and the reference, centred (code - zero) and without a zero point when asymmetric; scales
+    unchanged."""
+    n1, n2 = PIECE_PAIRS[0] if kernel == "pieces" else (6, 10) if kernel == "stacked" else CONFIG_PAIRS[0]
     p1, p2 = _factors(n1, n2, seed=31)
     x = _inputs(333 if CUDA else 5, n1 * n2, torch.bfloat16, seed=32)
-    config = {"PIECES": 1} if kernel == "pieces" else None
+    config = {"pieces": {"PIECES": 1}, "stacked": {"BLOCK_T": 2, "PROGS_PER_SM": 1}}.get(kernel)
     kw = dict(clip_max=0.9, clip_min=0.85, symmetric=symmetric)
     base = kq.kron_quantize_triton(x, p1, p2, config=config, **kw)
     fp8 = kq.kron_quantize_triton(x, p1, p2, config=config, codes_dtype=torch.float8_e4m3fn, **kw)
     ref = kq.kron_quantize_reference(x, p1, p2, codes_dtype=torch.float8_e4m3fn, **kw)
     assert fp8.codes.dtype == ref.codes.dtype == torch.float8_e4m3fn and base.codes.dtype == torch.int8
-    assert torch.equal(fp8.codes.float(), base.codes.float())
+    assert fp8.zero is None and ref.zero is None
+    centre = 0.0 if symmetric else base.zero[:, None]
+    assert torch.equal(fp8.codes.float(), base.codes.float() - centre)
     assert torch.equal(fp8.scale, base.scale)
-    _assert_same(kq.KronQuantized(ref.codes.to(torch.int8), ref.scale, ref.zero), base, x, p1, p2, symmetric)
+    ref_int8 = kq.kron_quantize_reference(x, p1, p2, **kw)
+    assert torch.equal(ref.codes.float(), ref_int8.codes.float() - (0.0 if symmetric else ref_int8.zero[:, None]))
+    _assert_same(ref_int8, base, x, p1, p2, symmetric)
     if not symmetric:
-        assert torch.equal(fp8.zero, base.zero)
+        assert fp8.codes.float().abs().max() <= 15 and (base.zero >= 0).all() and (base.zero <= 15).all()
 
 
 def test_codes_dtype_errors():

@@ -27,6 +27,15 @@ def _quantized(arch: str, method: str = "flatquant", **overrides):
 
 
 @pytest.fixture(scope="module")
+def asym_packed(tmp_path_factory):
+    """(fake-quant llama calibrated with asymmetric activations, its packed folder)."""
+    model = tiny_model("llama")
+    cfg = fq.FlatQuantConfig(nsamples=4, seqlen=32, epochs=1, autocast_dtype="float32", a_symmetric=False)
+    fq.quantize(model, cfg, _TOKENS, device="cpu", progress=False)
+    return model, pack(model, str(tmp_path_factory.mktemp("asym") / "packed"))
+
+
+@pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     """arch -> (fake-quant merged model, real-quant model loaded from its packed checkpoint, folder)."""
     out = {}
@@ -254,15 +263,9 @@ def test_cli_packs_a_saved_calibration_and_evaluates_fake_and_real_quant(tmp_pat
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
 )
 @pytest.mark.parametrize("act_symmetric", [True, False])
-def test_bf16_packed_model_tracks_fake_quant_and_decodes_from_the_cache(packed, device, act_symmetric, tmp_path):
+def test_bf16_packed_model_tracks_fake_quant_and_decodes_from_the_cache(packed, asym_packed, device, act_symmetric):
     """On CUDA this runs the fused kernels (transform+quantize, W4A4 GEMM, INT4 decode attention)."""
-    if act_symmetric:
-        fake, _, path = packed["llama"]
-    else:
-        fake = tiny_model("llama")
-        cfg = fq.FlatQuantConfig(nsamples=4, seqlen=32, epochs=1, autocast_dtype="float32", a_symmetric=False)
-        fq.quantize(fake, cfg, _TOKENS, device="cpu", progress=False)
-        path = pack(fake, str(tmp_path / "asym"))
+    fake, path = packed["llama"][::2] if act_symmetric else asym_packed
     with torch.no_grad():
         _check_bf16_packed(fake, path, device)
 
@@ -325,11 +328,8 @@ def test_pack_in_bfloat16_stores_16_bit_tensors_and_loads_as_a_cast_at_load_time
     assert not os.path.exists(tmp_path / "bad")
 
 
-def test_asymmetric_activations_pack_and_match_the_fake_quant_model(tmp_path):
-    model = tiny_model("llama")
-    cfg = fq.FlatQuantConfig(nsamples=4, seqlen=32, epochs=1, autocast_dtype="float32", a_symmetric=False)
-    fq.quantize(model, cfg, _TOKENS, device="cpu", progress=False)
-    path = pack(model, str(tmp_path / "asym"))
+def test_asymmetric_activations_pack_and_match_the_fake_quant_model(asym_packed):
+    model, path = asym_packed
     assert json.load(open(os.path.join(path, CONFIG_FILE)))["transforms"]["act_symmetric"] is False
     real = load_packed(path, device="cpu")
     with torch.no_grad():
@@ -978,16 +978,19 @@ def test_residual_fusion_on_cuda_gives_the_same_bits(packed, arch, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="forces the path on the CPU; on a GPU: test_gemm_dense.py")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype,act_symmetric", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)]
+)
 @torch.no_grad()
-def test_prefill_on_the_dense_fp8_gemm_path(packed, dtype, monkeypatch):
+def test_prefill_on_the_dense_fp8_gemm_path(packed, asym_packed, dtype, act_symmetric, monkeypatch):
     """The runtime on the dense FP8 GEMM path (forced here on the CPU: Triton's interpreter unpacks, PyTorch's CPU
-    _scaled_mm multiplies): every W4A4 GEMM of the prefill takes it, a bf16 model's transform hands it e4m3 codes,
-    and the logits equal those of the reference GEMM up to the epilogue's rounding."""
+    _scaled_mm multiplies): every W4A4 GEMM of the prefill takes it, a bf16 model's transform hands it e4m3 codes
+    (centred, code - zero, for asymmetric activations), and the logits equal those of the reference GEMM (int8
+    codes and zero points) up to the epilogue's rounding."""
     from flatquant.kernels import gemm_dense as gd
     from flatquant.kernels import gemm_w4a4 as gw
 
-    _, _, path = packed["llama"]
+    path = packed["llama"][2] if act_symmetric else asym_packed[1]
     real = load_packed(path, device="cpu", dtype=dtype)
     reference_calls = []
     reference = gw.w4a4_gemm_reference

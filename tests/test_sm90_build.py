@@ -27,9 +27,11 @@ def test_kernels_build_for_sm90_without_spills(tmp_path):
     records = json.loads(out.read_text())["records"]
     kernels = {"kron_quantize", "kron_quantize_pieces", "rope", "decode_attention", "silu_mul", "int8_head"}
     assert {r["kernel"] for r in records} == kernels | {"query_transform", "dense_unpack"}
-    # the transform kernels also build with e4m3 codes (the dense FP8 GEMM path's operand), in both token buckets
-    e4m3 = {(r["kernel"], r["bucket"]) for r in records if r.get("codes") == "e4m3"}
-    assert e4m3 == {(k, b) for k in ("kron_quantize", "kron_quantize_pieces") for b in (0, 1)}
+    # the transform kernels also build with e4m3 codes (the dense FP8 GEMM path's operand), in both token buckets,
+    # symmetric and asymmetric (centred codes)
+    e4m3 = {(r["kernel"], r["bucket"], r["symmetric"]) for r in records if r.get("codes") == "e4m3"}
+    kinds = ("kron_quantize", "kron_quantize_pieces")
+    assert e4m3 == {(k, b, sym) for k in kinds for b in (0, 1) for sym in (True, False)}
     capped = [r for r in records if r.get("maxnreg")]  # two programs per SM: the cap holds, spills allowed
     assert {r["kernel"] for r in capped} == {"kron_quantize", "kron_quantize_pieces"}
     assert all(r["regs"] <= r["maxnreg"] for r in capped)

@@ -287,6 +287,7 @@ class SharedInputLinear(W4A4Linear):
     """A W4A4 linear whose input is quantized (and transformed) by a shared :class:`SharedInputQuant`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, source: SharedInputQuant, **kwargs):
+        kwargs.setdefault("act_symmetric", source.act_symmetric)  # the source quantizes; the flag says how
         super().__init__(in_features, out_features, bias, transform_sizes=None, **kwargs)
         self._source = [source]  # a reference, not a submodule: the owner saves it once
 

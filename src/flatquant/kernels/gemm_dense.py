@@ -4,8 +4,9 @@ From a few hundred tokens on, the W4A4 GEMM is bound by its tensor-core loop, an
 the INT8 ceiling that cuBLAS's own INT8 GEMM also reaches on Hopper (~1000 TOP/s); cuBLAS's FP8 GEMM runs ~1.5x
 faster. 4-bit integers are exact in e4m3, and cuBLAS's FP8 GEMM with its default accumulation
 (``use_fast_accum=False``: partial sums promoted to fp32 at short intervals) sums their products exactly for
-every K a LLaMA layer has (checked on the GPU against an int64 reference, random and worst-case codes up to
-K = 14336; ``use_fast_accum=True`` is not exact). So for M >= ``DENSE_M`` tokens one call is:
+every K a LLaMA layer has (checked on the GPU against a float64 reference, random and worst-case codes up to
+K = 14336, and centred asymmetric codes in [-15, 15], products up to 120, up to K = 28672;
+``use_fast_accum=True`` is not exact). So for M >= ``DENSE_M`` tokens one call is:
 
 1. ``unpack_int4_e4m3``: the packed weights (N, K/2) become a dense e4m3 copy (N, K) in a scratch buffer (one
    pass, bandwidth-bound: 7-24 us for the LLaMA layers on an NVIDIA H200);
@@ -14,10 +15,10 @@ K = 14336; ``use_fast_accum=True`` is not exact). So for M >= ``DENSE_M`` tokens
 3. with a residual, ``residual + out`` (rounded once more, as the Triton kernel's epilogue does).
 
 The weights stay packed in memory; only the layer being computed has a dense copy, freed after the call. The
-activation codes come as e4m3 from the transform kernel (``kron_quantize(..., codes_dtype=float8_e4m3fn)``);
-int8 codes are converted first (exact, one more pass). Asymmetric activations (zero points), group scales, K or
-N not multiples of 16 and GPUs without FP8 tensor cores take the Triton kernel. docs/kernels-gemm.md has the
-measurements.
+activation codes come as e4m3 from the transform kernel (``kron_quantize(..., codes_dtype=float8_e4m3fn)``),
+asymmetric ones centred (code - zero), so that no zero point is left to correct for; int8 codes are converted
+first (exact, one more pass). int8 codes with a zero point, group scales, K or N not multiples of 16 and GPUs
+without FP8 tensor cores take the Triton kernel. docs/kernels-gemm.md has the measurements.
 """
 
 from __future__ import annotations
@@ -116,10 +117,11 @@ def _auto_device(device: torch.device) -> bool:
     return device.type == "cuda" and _fp8_device(device)
 
 
-def wants_e4m3_codes(m: int, k: int, device: torch.device, symmetric: bool = True) -> bool:
+def wants_e4m3_codes(m: int, k: int, device: torch.device) -> bool:
     """Whether the transform should write e4m3 codes for a GEMM of ``m`` tokens with K = ``k``: exactly when
-    ``path="auto"`` will take the dense path there (the token count, the device, symmetric codes, K % 16)."""
-    return 0 < DENSE_M <= m and symmetric and k % 16 == 0 and _auto_device(device)
+    ``path="auto"`` will take the dense path there (the token count, the device, K % 16). Asymmetric codes come
+    centred (code - zero, in [-15, 15]), so they need no zero point here."""
+    return 0 < DENSE_M <= m and k % 16 == 0 and _auto_device(device)
 
 
 def dense_unavailable_reason(x_codes, w_packed, bias, x_zero, w_group_scale, out_dtype) -> str | None:
@@ -130,7 +132,10 @@ def dense_unavailable_reason(x_codes, w_packed, bias, x_zero, w_group_scale, out
     if not _fp8_device(x_codes.device):
         return f"{x_codes.device} has no FP8 tensor cores (compute capability 8.9 or later)"
     if x_zero is not None:
-        return "asymmetric activations (a zero point) need the Triton kernel's rank-1 correction"
+        return (
+            "int8 codes with a zero point need the Triton kernel's rank-1 correction (the transform writes "
+            "asymmetric codes for this path centred, kron_quantize(..., codes_dtype=torch.float8_e4m3fn))"
+        )
     if w_group_scale is not None:
         return "group scales are applied per K tile by the Triton kernel"
     if k % 16 or n % 16:

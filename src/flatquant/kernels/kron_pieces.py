@@ -136,7 +136,7 @@ if triton is not None:
         else:
             rm = tl.arange(0, N2)
             mask = (ro[None, :] < N1) & (rm[:, None] < N2)
-            tl.store(q_ptr + qrow + rm[:, None] + ro[None, :] * N2, _code_bytes(qi, q_ptr), mask=mask)
+            tl.store(q_ptr + qrow + rm[:, None] + ro[None, :] * N2, _code_bytes(qi, zero, q_ptr, SYMMETRIC), mask=mask)
 
     @triton.jit(do_not_specialize=["n_tokens", "T_BUCKET"])
     def _kron_quantize_pieces_kernel(

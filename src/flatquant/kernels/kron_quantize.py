@@ -13,16 +13,19 @@ Contract shared by the kernel and the reference (the rest of the library depends
 - Symmetric: ``absmax = max(clip_max * max(X'), -clip_min * min(X'))``,
   ``scale = max(absmax / (2^(bits-1) - 1), 1e-8)``,
   ``codes = clamp(round(X' / scale), -2^(bits-1), 2^(bits-1) - 1)``.
-- Asymmetric: ``xmax = clip_max * max(X')``, ``xmin = clip_min * min(X')``,
+- Asymmetric: ``xmax = clip_max * max(max(X'), 0)``, ``xmin = clip_min * min(min(X'), 0)`` (the range holds 0, as
+  the fake quantizer's: the zero point lies in [0, 2^bits - 1]),
   ``scale = max((xmax - xmin) / (2^bits - 1), 1e-8)``, ``zero = round(-xmin / scale)``,
   ``codes = clamp(round(X' / scale) + zero, 0, 2^bits - 1)``.
 - ``round`` is round-half-to-even (``torch.round``); the kernel uses IEEE division and an exact
   round-half-to-even, so codes differ from the reference only where ``X' / scale`` lies within a few
   fp32 ulps of a half-integer (the two compute X' with different fp32 summation orders).
-- Output: int8 codes (..., n), one code per byte (the W4A4 GEMM operand layout; ``codes_dtype=float8_e4m3fn``
-  writes the same integers as e4m3 bytes, exact, the operand of the dense FP8 prefill GEMM), or with ``pack=True``
+- Output: int8 codes (..., n), one code per byte (the W4A4 GEMM operand layout), or with ``pack=True``
   uint8 (..., n // 2) holding two 4-bit codes per byte, low nibble = even index (two's complement nibble
   when symmetric); fp32 scale (...,); fp32 zero point (...,) when asymmetric, else None.
+  ``codes_dtype=float8_e4m3fn`` writes e4m3 bytes, the operand of the dense FP8 prefill GEMM, always read as
+  ``scale * code``: the same integers when symmetric; when asymmetric the centred codes ``code - zero``
+  (integers in [-(2^bits - 1), 2^bits - 1], exact in e4m3 for bits <= 4) and no zero point (None).
 - ``p2=None`` means identity over n2 (the P_o transform: heads x heads factor, identity over head_dim,
   ``n2 = n // n1``); ``p1=None`` likewise means identity over n1.
 
@@ -183,7 +186,7 @@ def kron_quantize_reference(
         zero = None
     else:
         qmax = 2**bits - 1
-        xmax, xmin = cmax * zmax, cmin * zmin
+        xmax, xmin = cmax * zmax.clamp_min(0), cmin * zmin.clamp_max(0)  # the range holds 0
         scale = ((xmax - xmin) / qmax).clamp_min(_EPS)
         zero = torch.round(-xmin / scale)
         codes = torch.clamp(torch.round(z / scale[:, None]) + zero[:, None], 0, qmax)
@@ -191,8 +194,9 @@ def kron_quantize_reference(
     codes = codes.to(torch.int8).reshape(*lead, n1 * n2)
     if pack:
         codes = _pack_int4(codes)
-    elif codes_dtype != torch.int8:
-        codes = codes.to(codes_dtype)  # exact: small integers
+    elif codes_dtype != torch.int8:  # exact: small integers; centred (no zero point) when asymmetric
+        codes = codes.to(codes_dtype) if zero is None else (codes.float() - zero[..., None]).to(codes_dtype)
+        zero = None
     return KronQuantized(codes, scale.reshape(lead), zero)
 
 
@@ -307,9 +311,9 @@ if triton is not None:
         if SYMMETRIC:
             rng = tl.maximum(clip_max * zmax, -(clip_min * zmin))
             qmax = 2.0 ** (BITS - 1) - 1
-        else:
-            xmin = clip_min * zmin
-            rng = clip_max * zmax - xmin
+        else:  # the range holds 0 (as the fake quantizer's): the zero point lies in [0, 2^BITS - 1]
+            xmin = clip_min * tl.minimum(zmin, 0.0)
+            rng = clip_max * tl.maximum(zmax, 0.0) - xmin
             qmax = 2.0**BITS - 1
         if RECIP:
             scale = tl.maximum(rng * inv_qmax, 1e-8)
@@ -370,10 +374,14 @@ if triton is not None:
         return q.to(tl.int32)
 
     @triton.jit
-    def _code_bytes(qi, q_ptr):
-        """int32 codes as the bytes ``q_ptr`` holds: int8, or e4m3 (exact for 4-bit codes, via fp32)."""
+    def _code_bytes(qi, zero, q_ptr, SYMMETRIC: tl.constexpr):
+        """int32 codes as the bytes ``q_ptr`` holds: int8, or e4m3 via fp32, centred (code - zero, in [-15, 15])
+        when asymmetric. Both exact for 4-bit codes."""
         if q_ptr.dtype.element_ty == tl.float8e4nv:
-            return qi.to(tl.float32).to(tl.float8e4nv)
+            if SYMMETRIC:
+                return qi.to(tl.float32).to(tl.float8e4nv)
+            else:
+                return (qi.to(tl.float32) - zero).to(tl.float8e4nv)
         else:
             return qi.to(tl.int8)
 
@@ -409,7 +417,7 @@ if triton is not None:
         else:
             rb = col0 + tl.arange(0, BC)
             m = (ra[:, None] < N1) & (rb[None, :] < N2)
-            tl.store(q_ptr + row0 + ra[:, None] * N2 + rb[None, :], _code_bytes(qi, q_ptr), mask=m)
+            tl.store(q_ptr + row0 + ra[:, None] * N2 + rb[None, :], _code_bytes(qi, zero, q_ptr, SYMMETRIC), mask=m)
 
     @triton.jit
     def _quantize_store_tokens(
@@ -443,7 +451,8 @@ if triton is not None:
         else:
             rb = tl.arange(0, BN2)
             offs = base[:, None, None] + ra[None, :, None] * N2 + rb[None, None, :]
-            tl.store(q_ptr + offs, _code_bytes(qi, q_ptr), mask=mt & (rb[None, None, :] < N2))
+            codes = _code_bytes(qi, zero[:, None, None], q_ptr, SYMMETRIC)
+            tl.store(q_ptr + offs, codes, mask=mt & (rb[None, None, :] < N2))
 
     @triton.jit
     def _column_chunk(
@@ -1031,6 +1040,8 @@ def kron_quantize_triton(
                 )
             _kron_quantize_kernel[grid({**cfg})](*args, **meta, **_compile_options(cfg))
     codes = codes.reshape(*lead, codes.shape[-1])
+    if zero is not None and codes_dtype != torch.int8:
+        zero = None  # e4m3 codes are centred (code - zero), read as scale * code
     return KronQuantized(codes, scale.reshape(lead), None if zero is None else zero.reshape(lead))
 
 
@@ -1090,8 +1101,9 @@ def kron_quantize(
     zero fp32 (...,) or None).
     norm: ``(weight, eps)`` to RMSNorm each token first, as the decoder layer's norm module would (weight (n,)
     in x's dtype; the Triton kernel takes tiles below 128 x 128 padded elements, see :func:`fuses_norm`).
-    codes_dtype: torch.int8 (default) or torch.float8_e4m3fn: the same integer codes as e4m3 bytes (exact for
-    bits <= 4), the operand the dense FP8 prefill path of the W4A4 GEMM reads without a conversion.
+    codes_dtype: torch.int8 (default) or torch.float8_e4m3fn: the codes as e4m3 bytes (exact for bits <= 4), the
+    operand the dense FP8 prefill path of the W4A4 GEMM reads without a conversion; asymmetric codes are then
+    centred (code - zero) and the zero point is None, so that ``scale * code`` dequantizes either kind.
     """
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl=}")

@@ -57,7 +57,7 @@ def kron_quantize_torch(
         n1, n2 = p1.shape[0], p2.shape[0]
         f1, f2 = p1.to(x.dtype).float(), p2.to(x.dtype).float()  # factors live in the model dtype
         xt = (f1.T @ xt.view(-1, n1, n2) @ f2).reshape(-1, n)  # (T, n)
-    xmax, xmin = xt.amax(dim=-1) * clip_max, xt.amin(dim=-1) * clip_min  # (T,)
+    xmax, xmin = xt.amax(dim=-1).clamp_min(0) * clip_max, xt.amin(dim=-1).clamp_max(0) * clip_min  # (T,), hold 0
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = (torch.maximum(xmax, -xmin) / qmax).clamp_min(_EPS)  # (T,)
@@ -83,7 +83,8 @@ def quantize_operand(
     """x (..., K) float -> 4-bit GEMM operand (codes (..., K), scale fp32 (...,)[, zero fp32 (...,)]).
 
     The codes are int8, or float8_e4m3fn where the GEMM will take its dense FP8 path (``gemm_dense``: from
-    ``DENSE_M`` tokens on a CUDA device with FP8 tensor cores, symmetric codes), so that it reads them as they are.
+    ``DENSE_M`` tokens on a CUDA device with FP8 tensor cores), so that it reads them as they are; asymmetric e4m3
+    codes come centred (code - zero) with no zero point, a ``(codes, scale)`` pair like a symmetric operand.
     The fused kernel (its reference off CUDA) for bf16/fp16 with ``act_impl="auto"``, else
     :func:`kron_quantize_torch`; several layers reading one input share the result. norm: ``(weight, eps)`` of
     the RMSNorm that produces this input, applied first (inside the fused kernel where it can take it: 16-bit x,
@@ -94,7 +95,7 @@ def quantize_operand(
         if norm is not None and (norm[0].dtype != x.dtype or not _tile_takes_norm(x.shape[-1], p1, p2)):
             x, norm = _rms_norm(x, *norm), None
         k = x.shape[-1]
-        e4m3 = wants_e4m3_codes(x.numel() // max(k, 1), k, x.device, symmetric)
+        e4m3 = wants_e4m3_codes(x.numel() // max(k, 1), k, x.device)
         codes_dtype = torch.float8_e4m3fn if e4m3 else torch.int8
         codes, scale, zero = _kron_quantize(x, p1, p2, **kw, norm=norm, codes_dtype=codes_dtype)
         return (codes, scale) if zero is None else (codes, scale, zero)
