@@ -157,6 +157,46 @@ def test_triton_group_scales(group_size):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-3)
 
 
+@needs_triton
+def test_zero_point_column_sums_computed_once_per_weight(monkeypatch):
+    """The zero point's correction (the weight's column sums) unpacks the whole weight: it is computed once per
+    weight tensor, not per call (a decode GEMM would spend most of its time on it), recomputed after an in-place
+    write to the weights or group scales, and forgotten with the tensor; results stay exact throughout."""
+    import flatquant.kernels.gemm_w4a4 as g
+
+    unpacked = []
+    real_unpack = g.unpack_int4
+    monkeypatch.setattr(g, "unpack_int4", lambda *a: unpacked.append(1) or real_unpack(*a))
+    m, n, k = 3, 40, 96
+    x, w, xs, ws, xz = (t.to(DEV) for t in _operands(m, n, k, asym=True, seed=11))
+    held, sums = [pack_int4(w)], []
+
+    def check(**kw):
+        wp, before = held[0], len(unpacked)
+        out = w4a4_gemm(x, xs, wp, ws, x_zero=xz, out_dtype=torch.float32, impl="triton", config=CFG, **kw)
+        sums.append(len(unpacked) - before)  # unpacking passes of this call (the reference's own are not counted)
+        ref = w4a4_gemm_reference(x, xs, wp, ws, x_zero=xz, out_dtype=torch.float32, **kw)
+        torch.testing.assert_close(out, ref)
+
+    check()
+    check()
+    assert sums == [1, 0]
+    held[0][0].copy_(pack_int4(torch.full((1, k), 7, dtype=torch.int8)).to(DEV)[0])  # in place: new sums needed
+    check()
+    check()
+    assert sums == [1, 0, 1, 0]
+    gs = torch.rand(n, 3, generator=_gen(12)).to(DEV) + 0.5
+    check(w_group_scale=gs, group_size=32)
+    gs.mul_(2.0)
+    check(w_group_scale=gs, group_size=32)
+    check(w_group_scale=gs, group_size=32)
+    assert sums == [1, 0, 1, 0, 1, 1, 0]
+    key = id(held[0])
+    assert key in g._COLSUMS
+    held.clear()  # the last reference: the entry goes with the tensor
+    assert key not in g._COLSUMS
+
+
 def test_auto_path_is_int8(monkeypatch):
     # INT8 was faster than FP8 at every shape measured on the H100: "auto" hands fp8 codes to the INT8 path
     import flatquant.kernels.gemm_w4a4 as g

@@ -26,6 +26,7 @@ accumulator is exact without care) and gives the measurements.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -653,6 +654,40 @@ def _triton_unavailable_reason(x: torch.Tensor) -> str | None:
     return None
 
 
+_COLSUMS: dict[int, tuple] = {}  # id(w_packed) -> (its state, column sums); an entry goes with its tensor
+
+
+def _tensor_state(t: torch.Tensor | None) -> tuple | None:
+    """What identifies a tensor's current contents: storage, in-place writes (``_version``), shape."""
+    return None if t is None else (id(t), t.data_ptr(), t._version, tuple(t.shape))
+
+
+def zero_correction(w_packed, k: int, group_size: int | None, w_group_scale) -> torch.Tensor:
+    """fp32 (N,): sum_k w[n, k] (group-scaled when groups exist), the zero point's rank-1 correction,
+    ``sum_k (x - z) w = sum_k x w - z * sum_k w``. Computed once per weight tensor (an unpacking pass over the whole
+    weight: far more than a decode GEMM) and kept while the tensor lives; recomputed when the weights or group
+    scales are written in place. Not kept when computed inside a CUDA graph capture."""
+    key, state = id(w_packed), (_tensor_state(w_packed), k, group_size, _tensor_state(w_group_scale))
+    hit = _COLSUMS.get(key)
+    if hit is not None and hit[0] == state:
+        return hit[1]
+    n = w_packed.shape[0]
+    w = unpack_int4(w_packed, k).to(torch.float32)  # (N, K)
+    if group_size is None:
+        zc = w.sum(dim=1)
+    else:
+        pad = -k % group_size
+        wg = torch.nn.functional.pad(w, (0, pad)).view(n, -1, group_size).sum(-1)  # (N, G)
+        zc = (wg * w_group_scale.to(torch.float32)).sum(dim=1)
+    zc = zc.contiguous()
+    capturing = w_packed.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        if hit is None:
+            weakref.finalize(w_packed, _COLSUMS.pop, key, None)
+        _COLSUMS[key] = (state, zc)
+    return zc
+
+
 def _w4a4_gemm_triton(
     x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype, path, config,
     residual=None,
@@ -669,17 +704,7 @@ def _w4a4_gemm_triton(
     xs = x_scale.to(**f32).contiguous()
     ws = w_scale.to(**f32).contiguous()
     dummy = xs  # never read when the matching feature flag is off
-    zc = dummy
-    if x_zero is not None:
-        # sum_k (x - z) w = sum_k x w - z * sum_k w: the per-channel sums, group-scaled when groups exist
-        w = unpack_int4(w_packed, k).to(torch.float32)  # (N, K)
-        if group_size is None:
-            zc = w.sum(dim=1)
-        else:
-            pad = -k % group_size
-            wg = torch.nn.functional.pad(w, (0, pad)).view(n, -1, group_size).sum(-1)  # (N, G)
-            zc = (wg * w_group_scale.to(**f32)).sum(dim=1)
-        zc = zc.contiguous()
+    zc = dummy if x_zero is None else zero_correction(w_packed, k, group_size, w_group_scale)
     gs = w_group_scale.to(**f32).contiguous() if group_size is not None else dummy
     split_ok = m <= MEDIUM_M and group_size is None and path != "fp8"
     if split_ok and (config is None or config.get("SPLIT_K", 1) > 1):
