@@ -195,6 +195,12 @@ def test_zero_point_column_sums_computed_once_per_weight(monkeypatch):
     assert key in g._COLSUMS
     held.clear()  # the last reference: the entry goes with the tensor
     assert key not in g._COLSUMS
+    with torch.inference_mode():  # inference tensors have no version counter: still cached, still exact
+        held.append(pack_int4(w))
+        sums.clear()
+        check()
+        check()
+    assert sums == [1, 0]
 
 
 def test_auto_path_is_int8(monkeypatch):

@@ -328,6 +328,20 @@ def test_pack_in_bfloat16_stores_16_bit_tensors_and_loads_as_a_cast_at_load_time
     assert not os.path.exists(tmp_path / "bad")
 
 
+def test_load_and_run_under_inference_mode(asym_packed):
+    """A model loaded and run under torch.inference_mode (its buffers are inference tensors, which keep no version
+    counter) gives the logits of one loaded and run under no_grad, asymmetric activations and P_h casts included."""
+    _, path = asym_packed
+    with torch.no_grad():
+        want = load_packed(path, device="cpu", dtype=torch.bfloat16)(_TOKENS).logits
+    with torch.inference_mode():
+        real = load_packed(path, device="cpu", dtype=torch.bfloat16)
+        assert next(real.buffers()).is_inference()
+        got = real(_TOKENS).logits
+        again = real(_TOKENS).logits  # the cached P_h casts are reused
+    assert torch.equal(got, want) and torch.equal(again, want)
+
+
 def test_asymmetric_activations_pack_and_match_the_fake_quant_model(asym_packed):
     model, path = asym_packed
     assert json.load(open(os.path.join(path, CONFIG_FILE)))["transforms"]["act_symmetric"] is False

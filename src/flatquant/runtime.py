@@ -25,6 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .kernels.gemm_w4a4 import tensor_version
 from .kernels.int8_linear import int8_linear
 from .kernels.kron_quantize import fuses_norm
 from .kernels.kv_quant import (
@@ -340,9 +341,10 @@ class KVQuant(nn.Module):
         if t.dtype == dtype and not transposed:
             return t
         hit = self._casts.get((name, dtype, transposed))
-        if hit is None or hit[0]() is not t or hit[1] != t._version:  # weak: a replaced buffer is freed
+        version = tensor_version(t)
+        if hit is None or hit[0]() is not t or hit[1] != version:  # weak: a replaced buffer is freed
             made = (t.transpose(0, 1).contiguous() if transposed else t).to(dtype)
-            hit = (weakref.ref(t), t._version, made)
+            hit = (weakref.ref(t), version, made)
             self._casts[(name, dtype, transposed)] = hit
         return hit[2]
 

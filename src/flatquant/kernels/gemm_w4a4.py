@@ -657,16 +657,26 @@ def _triton_unavailable_reason(x: torch.Tensor) -> str | None:
 _COLSUMS: dict[int, tuple] = {}  # id(w_packed) -> (its state, column sums); an entry goes with its tensor
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """``t._version`` (bumped by every in-place write), or None for an inference tensor (made under
+    ``torch.inference_mode``), which keeps no version counter: its contents count as fixed."""
+    try:
+        return t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
+
+
 def _tensor_state(t: torch.Tensor | None) -> tuple | None:
-    """What identifies a tensor's current contents: storage, in-place writes (``_version``), shape."""
-    return None if t is None else (id(t), t.data_ptr(), t._version, tuple(t.shape))
+    """What identifies a tensor's current contents: storage, in-place writes, shape."""
+    return None if t is None else (id(t), t.data_ptr(), tensor_version(t), tuple(t.shape))
 
 
 def zero_correction(w_packed, k: int, group_size: int | None, w_group_scale) -> torch.Tensor:
     """fp32 (N,): sum_k w[n, k] (group-scaled when groups exist), the zero point's rank-1 correction,
     ``sum_k (x - z) w = sum_k x w - z * sum_k w``. Computed once per weight tensor (an unpacking pass over the whole
     weight: far more than a decode GEMM) and kept while the tensor lives; recomputed when the weights or group
-    scales are written in place. Not kept when computed inside a CUDA graph capture."""
+    scales are written in place (except inference tensors, which have no version counter). Not kept when computed
+    inside a CUDA graph capture."""
     key, state = id(w_packed), (_tensor_state(w_packed), k, group_size, _tensor_state(w_group_scale))
     hit = _COLSUMS.get(key)
     if hit is not None and hit[0] == state:
