@@ -164,7 +164,8 @@ def dense_gemm(
     out_dtype: torch.dtype,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The W4A4 GEMM on the dense FP8 path (operands as ``w4a4_gemm``'s, already checked; symmetric codes)."""
+    """The W4A4 GEMM on the dense FP8 path (operands as ``w4a4_gemm``'s, already checked; no zero point: symmetric
+    codes, or asymmetric ones centred by the transform)."""
     m, k = x_codes.shape
     x = x_codes if x_codes.dtype == _E4M3 else x_codes.to(_E4M3)  # exact for 4-bit codes
     w = unpack_int4_e4m3(w_packed, k, impl="triton" if _triton_runs(w_packed) else "torch")
