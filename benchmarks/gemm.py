@@ -29,7 +29,7 @@ import triton  # noqa: E402
 from torch import nn  # noqa: E402
 
 from flatquant.files import atomic_write_json  # noqa: E402
-from flatquant.kernels import gemm_dense, gemm_w4a4  # noqa: E402
+from flatquant.kernels import gemm_dense, gemm_w4a4, gemv_w4a4  # noqa: E402
 from flatquant.kernels.gemm_w4a4 import SMALL_M, last_config, last_path, pack_int4, resolve_path, w4a4_gemm  # noqa: E402
 from flatquant.kernels.w4a4_linear import W4A4Linear  # noqa: E402
 
@@ -122,7 +122,9 @@ def run_shape(k: int, n: int, m: int, paths: list[str]) -> dict:
             )
             rec[f"gemm_{path}_taken"] = taken = last_path() or resolve_path(path)
             dense = "cuBLAS FP8 on the weights unpacked to e4m3"
-            rec[f"gemm_{path}_config"] = dense if taken == "dense" else last_config(m, path) if CUDA else "interpreter"
+            rec[f"gemm_{path}_config"] = (
+                dense if taken == "dense" else gemv_w4a4.last_gemv_config() if taken == "gemv" else last_config(m, path)
+            ) if CUDA else "interpreter"  # fmt: skip
         except Exception as err:  # a path that fails to compile is reported, not fatal
             print(f"  {path} failed at {k=} {n=} {m=}: {err!r}"[:400])
             rec[f"gemm_{path}_us"] = float("inf")

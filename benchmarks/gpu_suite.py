@@ -36,7 +36,7 @@ from flatquant.files import atomic_write_json  # noqa: E402
 GPU_TESTS = {
     "tests-kron": ["test_kron_quantize.py"],
     "tests-kv": ["test_kv_quant.py"],
-    "tests-gemm-packed": ["test_gemm_w4a4.py", "test_gemm_dense.py", "test_packed.py"],
+    "tests-gemm-packed": ["test_gemm_w4a4.py", "test_gemv_w4a4.py", "test_gemm_dense.py", "test_packed.py"],
     "tests-small": [
         "test_rope.py",
         "test_rmsnorm.py",

@@ -5,7 +5,8 @@ No GPU needed: Triton compiles to a cubin with its bundled ptxas, and cuobjdump 
 comes from the compiler's metadata. Use it to drop candidates that spill or exceed shared memory before a
 GPU run. Takes a few seconds per kernel.
 
-    PYTHONPATH=src python benchmarks/sm90_report.py [--kron 112x128,64x64] [--gemm small,medium,large] [--rope 64,128]
+    PYTHONPATH=src python benchmarks/sm90_report.py [--kron 112x128,64x64] [--gemm small,medium,large] [--gemv 1,2,4]
+        [--rope 64,128]
         [--decode 1,4] [--silu 11008] [--int8-head 128,0] [--dense-unpack 1] [--json PATH]
 """
 
@@ -28,6 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from flatquant.files import atomic_write_json  # noqa: E402
 from flatquant.kernels import gemm_dense as gd  # noqa: E402
 from flatquant.kernels import gemm_w4a4 as gw  # noqa: E402
+from flatquant.kernels import gemv_w4a4 as gv  # noqa: E402
 from flatquant.kernels import int8_linear as il  # noqa: E402
 from flatquant.kernels import kron_pieces as kp  # noqa: E402
 from flatquant.kernels import kron_quantize as kq  # noqa: E402
@@ -226,6 +228,29 @@ def gemm_reports(sets: list[str]) -> list[dict]:
     return out
 
 
+def gemv_reports(tokens: list[int]) -> list[dict]:
+    """The CUDA-core decode GEMM (dp4a) for 1, 2 or 4 accumulated tokens, every candidate the autotuner keeps for
+    that many (``gemv_w4a4._prune``), with and without the residual epilogue."""
+    ptrs = ["out_ptr", "xs_ptr", "ws_ptr", "xz_ptr", "zc_ptr", "bias_ptr"]
+    sig = {"x_ptr": "*i64", "w_ptr": "*i32", "part_ptr": "*i32", "cnt_ptr": "*i32", "res_ptr": "*bf16"}
+    sig |= {p: "*fp32" for p in ptrs} | {"out_ptr": "*bf16"}
+    sig |= dict.fromkeys(["M", "N", "KW", "M_KEY", "stride_xm", "stride_wn", "stride_om", "stride_rm"], "i32")
+    div16 = ["x_ptr", "w_ptr", "out_ptr", "KW", "N", "stride_xm", "stride_wn", "stride_om"]
+    out = []
+    for bm, res in itertools.product(tokens, (False, True)):
+        for c in gv._prune(gv.CONFIGS, {"M": bm}):  # the candidates the autotuner keeps for bm tokens
+            out.append(_gemv_report(bm, res, c, sig, div16))
+    return out
+
+
+def _gemv_report(bm: int, res: bool, c, sig: dict, div16: list[str]) -> dict:
+    const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_RES=res, USE_ASM=True, EVEN_K=True, BLOCK_M=bm)
+    const |= dict(**c.kwargs, **PDL)
+    opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
+    rec = {"kernel": "w4a4_gemv", "BLOCK_M": bm, "residual": res, **c.kwargs, "num_warps": c.num_warps}
+    return _report(rec, lambda: compile_sm90(gv._w4a4_gemv_kernel, sig, const, div16, opts))
+
+
 def rope_reports(head_dims: list[int]) -> list[dict]:
     ptrs = ["q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "ko_ptr"]
     ints = ["T", "HQ", "HK", "NQB", "sqb", "sqh", "sqt", "skb", "skh", "skt", "scb", "sct"]
@@ -341,6 +366,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kron", default="24x24,64x64,64x128,86x128,112x128,128x148", help="n1xn2 factor pairs")
     ap.add_argument("--gemm", default="large,medium,small,large_fp8,small_fp8", help="GEMM config sets")
+    ap.add_argument("--gemv", default="1,2,4", help="tokens (accumulators) of the CUDA-core decode GEMM")
     ap.add_argument("--rope", default="64,128", help="head dims of the RoPE kernel")
     ap.add_argument("--decode", default="1,4", help="query heads per KV head of the decode attention kernel (D=128)")
     ap.add_argument("--silu", default="11008", help="row widths (intermediate sizes) of the SiLU * up kernel")
@@ -351,6 +377,7 @@ def main() -> None:
     args = ap.parse_args()
     pairs = [tuple(int(v) for v in p.split("x")) for p in args.kron.split(",") if p]
     records = kron_reports(pairs) + kron_pieces_reports(pairs) + gemm_reports([s for s in args.gemm.split(",") if s])
+    records += gemv_reports([int(m) for m in args.gemv.split(",") if m])
     records += rope_reports([int(d) for d in args.rope.split(",") if d])
     records += decode_reports([int(g) for g in args.decode.split(",") if g])
     records += silu_mul_reports([int(n) for n in args.silu.split(",") if n])

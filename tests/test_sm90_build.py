@@ -20,12 +20,13 @@ def test_kernels_build_for_sm90_without_spills(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(ROOT, "src"), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "sm90_report.py"), "--kron", "86x128", "--gemm", ""]
-    cmd += ["--rope", "128", "--decode", "1", "--silu", "11008", "--int8-head", "128", "--query", "128"]
+    cmd += ["--rope", "128", "--decode", "1", "--silu", "11008", "--int8-head", "128", "--query", "128", "--gemv", "4"]
     cmd += ["--json", str(out)]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     records = json.loads(out.read_text())["records"]
     kernels = {"kron_quantize", "kron_quantize_pieces", "rope", "decode_attention", "silu_mul", "int8_head"}
+    kernels |= {"w4a4_gemv"}
     assert {r["kernel"] for r in records} == kernels | {"query_transform", "dense_unpack"}
     # the transform kernels also build with e4m3 codes (the dense FP8 GEMM path's operand), in both token buckets,
     # symmetric and asymmetric (centred codes)
@@ -38,6 +39,9 @@ def test_kernels_build_for_sm90_without_spills(tmp_path):
     assert any(not r.get("mma", True) for r in records if r["kernel"] == "decode_attention")  # CUDA-core variant
     bad = [r for r in records if not r["ok"]]
     assert not bad, bad[:3]
+    # the CUDA-core decode GEMM: dp4a, no tensor cores, the candidates kept for four tokens (none spills)
+    gemv = [r for r in records if r["kernel"] == "w4a4_gemv"]
+    assert len(gemv) >= 20 and all(r["wgmma"] == r["mma_sync"] == 0 for r in gemv)
     records = [r for r in records if r["kernel"] != "dense_unpack"]  # launched without PDL (before cuBLAS)
     # built as sm_90 launches them: every kernel waits for the previous one and lets the next one launch right
     # after, except the transform above 64 tokens (bucket 1: as its programs exit, kron_quantize.PDL_EARLY_TOKENS)

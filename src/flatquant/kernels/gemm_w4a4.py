@@ -32,6 +32,7 @@ import torch
 
 from .. import envflags as _envflags
 from . import gemm_dense as _dense  # the dense FP8 path (it imports this module's unpack_int4 lazily)
+from . import gemv_w4a4 as _gemv  # the CUDA-core decode path (1-4 tokens)
 from . import pdl as _pdl
 from .kron_quantize import autotune as _autotune  # triton.autotune, results cached on disk
 
@@ -929,7 +930,7 @@ def _rotate_choice(tuned, args: tuple, flags: dict, m: int, n: int) -> dict:
     return best
 
 
-_PATHS = ("auto", "int8", "fp8", "dense")
+_PATHS = ("auto", "int8", "fp8", "dense", "gemv")
 _LAST_PATH: list[str] = []  # the path the last w4a4_gemm call on the GPU kernels took (benchmarks read it)
 
 
@@ -940,13 +941,13 @@ def resolve_path(path: str, group_size: int | None = None) -> str:
     can; :func:`last_path` says which path a call took.)"""
     if path not in _PATHS:
         raise ValueError(f"path must be one of {_PATHS}, got {path=}")
-    if path == "dense":
+    if path in ("dense", "gemv"):
         return path
     return "int8" if path == "auto" or group_size is not None else path
 
 
 def last_path() -> str | None:
-    """The path ("int8", "fp8" or "dense") the last non-reference ``w4a4_gemm`` call took, or None."""
+    """The path ("int8", "fp8", "dense" or "gemv") the last non-reference ``w4a4_gemm`` call took, or None."""
     return _LAST_PATH[-1] if _LAST_PATH else None
 
 
@@ -971,14 +972,16 @@ def w4a4_gemm(
         impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" (raises RuntimeError saying why
             when it cannot run) or "reference".
         path: "int8" or "fp8" (tensor-core path of the Triton kernel), "dense" (the weights unpacked to e4m3,
-            then cuBLAS's FP8 GEMM: ``gemm_dense``; symmetric codes, no group scales), or "auto" = "dense" from
-            ``gemm_dense.DENSE_M`` tokens on where it can run, else "int8" (codes in the other dtype are
-            converted, exactly). The INT8 path was faster than the FP8 one at every shape and M
+            then cuBLAS's FP8 GEMM: ``gemm_dense``; symmetric codes, no group scales), "gemv" (1-4 tokens on
+            the CUDA cores with dp4a: ``gemv_w4a4``), or "auto" = "gemv" up to ``gemv_w4a4.GEMV_M`` tokens
+            and "dense" from ``gemm_dense.DENSE_M`` tokens on where they can run, else "int8" (codes in the
+            other dtype are converted, exactly). The INT8 path was faster than the FP8 one at every shape and M
             measured on an H100 (docs/kernels-gemm.md). Both give exact integer sums; the FP8 one promotes
             each K tile's sum to fp32 (the FP8 MMA accumulator keeps ~14 bits), exact while
             |sum| < 2^24 (K <= 139,810 for 4-bit codes) and only on configs with BLOCK_K <= FP8_MAX_BLOCK_K.
         config: fixed tile config (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M[, num_warps, num_stages]) instead of
-            autotuning; for tests and benchmarks.
+            autotuning; for tests and benchmarks. With path="gemv": (BLOCK_N, BLOCK_KW[, SPLIT_K, num_warps,
+            num_stages]), see ``gemv_w4a4``.
         residual: (M, N) ``out_dtype`` tensor added to the result after its rounding (``residual + out``
             rounded once more, as a decoder layer adds its residual): in the kernel's epilogue, so the layer
             needs no separate addition.
@@ -990,7 +993,7 @@ def w4a4_gemm(
         raise ValueError(f"path must be one of {_PATHS}, got {path=}")
     _check_operands(x_codes, x_scale, w_packed, w_scale, bias, x_zero, w_group_scale, group_size, out_dtype)
     _check_residual(residual, x_codes.shape[0], w_packed.shape[0], out_dtype)
-    if config is not None:  # the caller's; the defaults and the autotuner's candidates are valid by construction
+    if config is not None and path != "gemv":  # the caller's; the autotuner's candidates are valid by construction
         _check_config(config)
     reason = _triton_unavailable_reason(x_codes)
     if impl == "auto":
@@ -1011,6 +1014,23 @@ def w4a4_gemm(
     if dense:
         _LAST_PATH[:] = ["dense"]
         return _dense.dense_gemm(x_codes, x_scale, w_packed, w_scale, bias, out_dtype, residual)
+    gemv = path == "gemv"
+    if gemv or (path == "auto" and config is None):
+        x_int8 = x_codes if x_codes.dtype == torch.int8 else x_codes.to(torch.int8)  # exact: small integers
+        if gemv:
+            why = _gemv.gemv_unavailable_reason(x_int8, w_packed, w_group_scale)
+            if why is not None:
+                raise ValueError(f"w4a4_gemm(path='gemv') cannot run: {why}")
+        else:
+            gemv = _gemv.takes_gemv(x_int8, w_packed, w_group_scale)
+        if gemv:
+            _LAST_PATH[:] = ["gemv"]
+            k = x_codes.shape[1]
+            zc = None if x_zero is None else zero_correction(w_packed, k, None, None)
+            counters = _split_k_counters(x_codes.device, triton.cdiv(w_packed.shape[0], 8))
+            return _gemv.w4a4_gemv(
+                x_int8, x_scale, w_packed, w_scale, bias, x_zero, zc, out_dtype, residual, config, counters
+            )
     path = resolve_path(path, group_size)
     _LAST_PATH[:] = [path]
     if path == "int8" and x_codes.dtype != torch.int8:
