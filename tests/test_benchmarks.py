@@ -397,3 +397,14 @@ def test_accuracy_records_name_their_calibration_text_without_paths(tmp_path):
     acc._merge_results(str(out), [{**rec, "calib": "technical", "wiki_ppl": 2.0}])
     acc._merge_results(str(out), [{**rec, "calib": "technical", "wiki_ppl": 3.0}])
     assert sorted(r["wiki_ppl"] for r in json.loads(out.read_text())) == [1.0, 3.0]
+
+
+def test_gemm_quick_times_the_cuda_core_decode_path_by_name(tmp_path):
+    """``gemm.py --paths auto,gemv``: the forced CUDA-core path is timed and recorded as taken, and the exactness check
+    of the dispatcher's choice passes (the interpreter on the CPU; ``auto`` there is the INT8 kernel)."""
+    data = _quick_output("gemm.py", tmp_path, "--paths", "auto,gemv", "--tokens", "1", "2")
+    records = data["records"]
+    assert {(r["M"], r["K"]) for r in records} == {(m, k) for m in (1, 2) for k in (96, 160)}
+    for r in records:
+        assert r["gemm_gemv_taken"] == "gemv" and 0 < r["gemm_gemv_us"] < float("inf")
+        assert r["gemm_auto_taken"] == "int8" and r["exact"] is True
