@@ -25,6 +25,7 @@ accumulator is exact without care) and gives the measurements.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 
@@ -1027,10 +1028,10 @@ def w4a4_gemm(
             _LAST_PATH[:] = ["gemv"]
             k = x_codes.shape[1]
             zc = None if x_zero is None else zero_correction(w_packed, k, None, None)
-            counters = _split_k_counters(x_codes.device, triton.cdiv(w_packed.shape[0], 8))
             return _gemv.w4a4_gemv(
-                x_int8, x_scale, w_packed, w_scale, bias, x_zero, zc, out_dtype, residual, config, counters
-            )
+                x_int8, x_scale, w_packed, w_scale, bias, x_zero, zc, out_dtype, residual, config,
+                functools.partial(_split_k_counters, x_codes.device),
+            )  # fmt: skip
     path = resolve_path(path, group_size)
     _LAST_PATH[:] = [path]
     if path == "int8" and x_codes.dtype != torch.int8:

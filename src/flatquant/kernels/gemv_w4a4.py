@@ -414,7 +414,8 @@ def w4a4_gemv(
     residual=None, config=None, counters=None,
 ):  # fmt: skip
     """The W4A4 product of at most MAX_M tokens on the CUDA-core kernel (operands checked by the caller,
-    ``gemm_w4a4.w4a4_gemm``; ``zero_corr`` its zero-point column sums, ``counters`` its zeroed split-K counters).
+    ``gemm_w4a4.w4a4_gemm``; ``zero_corr`` its zero-point column sums; ``counters(tiles)`` returns a zeroed int32
+    buffer of at least ``tiles`` split-K arrival counters that every launch leaves at zero, one per N tile).
     ``config`` fixes (BLOCK_N, BLOCK_KW[, SPLIT_K, num_warps, num_stages]) instead of autotuning (the interpreter
     always uses a fixed one)."""
     why = gemv_unavailable_reason(x_codes, w_packed, None)
@@ -437,8 +438,11 @@ def w4a4_gemv(
         config = _check_config(config)
     most = MAX_SPLIT_K if config is None else config["SPLIT_K"]
     part = torch.empty(most * m * n, device=dev, dtype=torch.int32) if most > 1 else dummy
+    tiles = triton.cdiv(n, min(c.kwargs["BLOCK_N"] for c in CONFIGS) if config is None else config["BLOCK_N"])
     if counters is None:
-        counters = torch.zeros(triton.cdiv(n, 8), device=dev, dtype=torch.int32)
+        counters = torch.zeros(tiles, device=dev, dtype=torch.int32)
+    else:
+        counters = counters(tiles)
     pdl = _pdl.pdl_on(x_codes)
     args = (
         x_codes.view(torch.int64),
