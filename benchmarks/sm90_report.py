@@ -228,16 +228,17 @@ def gemm_reports(sets: list[str]) -> list[dict]:
     return out
 
 
-def gemv_reports(tokens: list[int]) -> list[dict]:
+def gemv_reports(tokens: list[int], residual: bool = False) -> list[dict]:
     """The CUDA-core decode GEMM (dp4a) for 1, 2 or 4 accumulated tokens, every candidate the autotuner keeps for
-    that many (``gemv_w4a4._prune``), with and without the residual epilogue."""
+    that many (``gemv_w4a4._prune``); with ``residual`` also built with the residual epilogue (after the loop: the
+    loop's registers, where spills would hurt, are the same)."""
     ptrs = ["out_ptr", "xs_ptr", "ws_ptr", "xz_ptr", "zc_ptr", "bias_ptr"]
     sig = {"x_ptr": "*i64", "w_ptr": "*i32", "part_ptr": "*i32", "cnt_ptr": "*i32", "res_ptr": "*bf16"}
     sig |= {p: "*fp32" for p in ptrs} | {"out_ptr": "*bf16"}
     sig |= dict.fromkeys(["M", "N", "KW", "M_KEY", "stride_xm", "stride_wn", "stride_om", "stride_rm"], "i32")
     div16 = ["x_ptr", "w_ptr", "out_ptr", "KW", "N", "stride_xm", "stride_wn", "stride_om"]
     out = []
-    for bm, res in itertools.product(tokens, (False, True)):
+    for bm, res in itertools.product(tokens, (False, True) if residual else (False,)):
         for c in gv._prune(gv.CONFIGS, {"M": bm}):  # the candidates the autotuner keeps for bm tokens
             out.append(_gemv_report(bm, res, c, sig, div16))
     return out
@@ -367,6 +368,7 @@ def main() -> None:
     ap.add_argument("--kron", default="24x24,64x64,64x128,86x128,112x128,128x148", help="n1xn2 factor pairs")
     ap.add_argument("--gemm", default="large,medium,small,large_fp8,small_fp8", help="GEMM config sets")
     ap.add_argument("--gemv", default="1,2,4", help="tokens (accumulators) of the CUDA-core decode GEMM")
+    ap.add_argument("--gemv-residual", type=int, default=0, help="1: also build the decode GEMM's residual epilogue")
     ap.add_argument("--rope", default="64,128", help="head dims of the RoPE kernel")
     ap.add_argument("--decode", default="1,4", help="query heads per KV head of the decode attention kernel (D=128)")
     ap.add_argument("--silu", default="11008", help="row widths (intermediate sizes) of the SiLU * up kernel")
@@ -377,7 +379,7 @@ def main() -> None:
     args = ap.parse_args()
     pairs = [tuple(int(v) for v in p.split("x")) for p in args.kron.split(",") if p]
     records = kron_reports(pairs) + kron_pieces_reports(pairs) + gemm_reports([s for s in args.gemm.split(",") if s])
-    records += gemv_reports([int(m) for m in args.gemv.split(",") if m])
+    records += gemv_reports([int(m) for m in args.gemv.split(",") if m], bool(args.gemv_residual))
     records += rope_reports([int(d) for d in args.rope.split(",") if d])
     records += decode_reports([int(g) for g in args.decode.split(",") if g])
     records += silu_mul_reports([int(n) for n in args.silu.split(",") if n])

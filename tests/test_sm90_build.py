@@ -41,7 +41,7 @@ def test_kernels_build_for_sm90_without_spills(tmp_path):
     assert not bad, bad[:3]
     # the CUDA-core decode GEMM: dp4a, no tensor cores, the candidates kept for four tokens (none spills)
     gemv = [r for r in records if r["kernel"] == "w4a4_gemv"]
-    assert len(gemv) >= 20 and all(r["wgmma"] == r["mma_sync"] == 0 for r in gemv)
+    assert len(gemv) >= 10 and all(r["wgmma"] == r["mma_sync"] == 0 for r in gemv)
     records = [r for r in records if r["kernel"] != "dense_unpack"]  # launched without PDL (before cuBLAS)
     # built as sm_90 launches them: every kernel waits for the previous one and lets the next one launch right
     # after, except the transform above 64 tokens (bucket 1: as its programs exit, kron_quantize.PDL_EARLY_TOKENS)
