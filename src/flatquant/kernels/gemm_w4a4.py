@@ -1016,20 +1016,21 @@ def w4a4_gemm(
         _LAST_PATH[:] = ["dense"]
         return _dense.dense_gemm(x_codes, x_scale, w_packed, w_scale, bias, out_dtype, residual)
     gemv = path == "gemv"
-    if gemv or (path == "auto" and config is None):
-        x_int8 = x_codes if x_codes.dtype == torch.int8 else x_codes.to(torch.int8)  # exact: small integers
+    if gemv or (path == "auto" and config is None and x_codes.shape[0] <= _gemv.GEMV_M):
+        # both paths left ("gemv", or "auto" -> "int8") take int8 codes: converted once, exactly (small integers)
+        x_codes = x_codes if x_codes.dtype == torch.int8 else x_codes.to(torch.int8)
         if gemv:
-            why = _gemv.gemv_unavailable_reason(x_int8, w_packed, w_group_scale)
+            why = _gemv.gemv_unavailable_reason(x_codes, w_packed, w_group_scale)
             if why is not None:
                 raise ValueError(f"w4a4_gemm(path='gemv') cannot run: {why}")
         else:
-            gemv = _gemv.takes_gemv(x_int8, w_packed, w_group_scale)
+            gemv = _gemv.takes_gemv(x_codes, w_packed, w_group_scale)
         if gemv:
             _LAST_PATH[:] = ["gemv"]
             k = x_codes.shape[1]
             zc = None if x_zero is None else zero_correction(w_packed, k, None, None)
             return _gemv.w4a4_gemv(
-                x_int8, x_scale, w_packed, w_scale, bias, x_zero, zc, out_dtype, residual, config,
+                x_codes, x_scale, w_packed, w_scale, bias, x_zero, zc, out_dtype, residual, config,
                 functools.partial(_split_k_counters, x_codes.device),
             )  # fmt: skip
     path = resolve_path(path, group_size)
