@@ -245,7 +245,7 @@ def gemv_reports(tokens: list[int], residual: bool = False) -> list[dict]:
 
 
 def _gemv_report(bm: int, res: bool, c, sig: dict, div16: list[str]) -> dict:
-    const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_RES=res, USE_ASM=True, EVEN_K=True, BLOCK_M=bm)
+    const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_RES=res, USE_ASM=True, FULL_HEAD=True, ALIGN=4, BLOCK_M=bm)
     const |= dict(**c.kwargs, **PDL)
     opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
     rec = {"kernel": "w4a4_gemv", "BLOCK_M": bm, "residual": res, **c.kwargs, "num_warps": c.num_warps}

@@ -64,6 +64,14 @@ CASES = [
     (3, 37, 200, dict(BLOCK_N=8, BLOCK_KW=8, SPLIT_K=2)),
     (4, 21, 136, dict(BLOCK_N=16, BLOCK_KW=4, SPLIT_K=3)),  # 17 words over 3 slices of 8: the last one empty
     (4, 64, 512, dict(BLOCK_N=32, BLOCK_KW=16, SPLIT_K=2)),
+    # heads (BLOCK_KW0 words of each row read before the wait; the head takes the remainder of the steps)
+    (1, 40, 512, dict(BLOCK_N=16, BLOCK_KW=4, BLOCK_KW0=16)),  # 64 words: a whole head, then 12 steps
+    (2, 33, 200, dict(BLOCK_N=8, BLOCK_KW=4, BLOCK_KW0=16)),  # 25 words: a 13-word head, then 3 steps
+    (1, 30, 800, dict(BLOCK_N=8, BLOCK_KW=8, BLOCK_KW0=32)),  # 100 words: a 28-word head (16-byte aligned steps)
+    (3, 37, 232, dict(BLOCK_N=8, BLOCK_KW=4, BLOCK_KW0=16, SPLIT_K=2)),  # slices of 16 and 13 words: heads only
+    (4, 21, 136, dict(BLOCK_N=16, BLOCK_KW=4, BLOCK_KW0=8, SPLIT_K=3)),  # slices of 8, 8 and 1 words
+    (2, 50, 768, dict(BLOCK_N=16, BLOCK_KW=8, BLOCK_KW0=64, SPLIT_K=3)),  # 32-word slices, shorter than the head
+    (1, 64, 1024, dict(BLOCK_N=8, BLOCK_KW=8, BLOCK_KW0=32, SPLIT_K=2)),  # 64-word slices: whole heads and steps
 ]
 
 
@@ -94,7 +102,7 @@ def test_extreme_codes_exact(m):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("asym", [False, True])
-@pytest.mark.parametrize("m,n,k,config", CASES[2:5])
+@pytest.mark.parametrize("m,n,k,config", CASES[2:5] + CASES[7:9] + CASES[10:11])
 def test_same_output_as_tensor_core_kernel(m, n, k, config, asym, dtype):
     """Zero point, bias and residual through the same epilogue: bit for bit the INT8 tensor-core kernel's
     output, and within the output's rounding of the float64 reference."""
@@ -154,6 +162,8 @@ def test_bad_config_rejected():
     for cfg, msg in (
         (dict(BLOCK_N=12, BLOCK_KW=8), "BLOCK_N=12 must be a power of two"),
         (dict(BLOCK_N=8, BLOCK_KW=8, SPLIT_K=5), "SPLIT_K=5 must be an integer from 1 to 4"),
+        (dict(BLOCK_N=8, BLOCK_KW=8, BLOCK_KW0=4), "BLOCK_KW0=4 must be a power of two, at least BLOCK_KW=8"),
+        (dict(BLOCK_N=8, BLOCK_KW=8, BLOCK_KW0=24), "BLOCK_KW0=24 must be a power of two"),
         (dict(BLOCK_N=8), "missing \\['BLOCK_KW'\\]"),
         (dict(BLOCK_N=8, BLOCK_KW=8, BLOCK_K=64), "unknown \\['BLOCK_K'\\]"),
     ):

@@ -166,11 +166,19 @@ if triton is not None:
     @triton.jit
     def _whole(flag, offs, SCALAR: tl.constexpr):
         """A load mask that is ``flag`` for a whole tile: the scalar itself when compiled (it keeps the 16-byte
-        vector loads), a (1, len(offs)) tensor in the interpreter (which takes no scalar masks)."""
+        vector loads), a tensor shaped like ``offs`` in the interpreter (which takes no scalar masks)."""
         if SCALAR:
             return flag
         else:
-            return (offs[None, :] * 0 + flag.to(tl.int32)) != 0
+            return (offs * 0 + flag.to(tl.int32)) != 0
+
+    @triton.jit
+    def _token(t: tl.constexpr, M, offs, SCALAR: tl.constexpr):
+        """The load mask of token t's code words: whether t < M (as ``_whole``)."""
+        if SCALAR:
+            return t < M
+        else:
+            return offs * 0 + t < M
 
     @triton.jit
     def _epilogue(
@@ -209,6 +217,27 @@ if triton is not None:
             total += tl.load(part_ptr + s * M * N + m * N + offs_n, mask=mask, other=0, cache_modifier=".cg")
         return total
 
+    @triton.jit
+    def _dot_tokens(a0, a1, a2, a3, lo, hi, x_ptrs, kmask, offs, M, stride_xm, BLOCK_M: tl.constexpr,
+                    USE_ASM: tl.constexpr):  # fmt: skip
+        """The accumulators of tokens 0..BLOCK_M-1 plus their products with one weight tile (``lo``, ``hi``): each
+        token's code words at ``x_ptrs`` (token 0's, ``kmask`` the words to read), none past token M - 1."""
+        x = tl.load(x_ptrs, mask=kmask, other=0)
+        xe, xo = _split_x(x, USE_ASM)
+        a0 = _dot8(a0, lo, hi, xe[None, :], xo[None, :], USE_ASM)
+        if BLOCK_M > 1:
+            x = tl.load(x_ptrs + stride_xm, mask=kmask & _token(1, M, offs, USE_ASM), other=0)
+            xe, xo = _split_x(x, USE_ASM)
+            a1 = _dot8(a1, lo, hi, xe[None, :], xo[None, :], USE_ASM)
+        if BLOCK_M > 2:
+            x = tl.load(x_ptrs + 2 * stride_xm, mask=kmask & _token(2, M, offs, USE_ASM), other=0)
+            xe, xo = _split_x(x, USE_ASM)
+            a2 = _dot8(a2, lo, hi, xe[None, :], xo[None, :], USE_ASM)
+            x = tl.load(x_ptrs + 3 * stride_xm, mask=kmask & _token(3, M, offs, USE_ASM), other=0)
+            xe, xo = _split_x(x, USE_ASM)
+            a3 = _dot8(a3, lo, hi, xe[None, :], xo[None, :], USE_ASM)
+        return a0, a1, a2, a3
+
     @triton.jit(do_not_specialize=["M", "M_KEY"])
     def _w4a4_gemv_kernel(
         x_ptr,  # int64 (M, K / 8): eight int8 codes per word
@@ -234,10 +263,12 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr,
         USE_ASM: tl.constexpr,
-        EVEN_K: tl.constexpr,  # every K slice a whole number of BLOCK_KW tiles (heuristic)
+        FULL_HEAD: tl.constexpr,  # every K slice starts with a whole BLOCK_KW0 head, then whole steps (heuristic)
+        ALIGN: tl.constexpr,  # 4 when every head length is a multiple of 4 words (16-byte loads after it), else 1
         BLOCK_M: tl.constexpr,  # 1, 2 or 4 accumulators (tokens at or past M are masked)
         BLOCK_N: tl.constexpr,
         BLOCK_KW: tl.constexpr,  # words (8 codes each) per row and step
+        BLOCK_KW0: tl.constexpr,  # words per row of the head: read before the wait, a multiple of BLOCK_KW
         SPLIT_K: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
@@ -245,56 +276,63 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         rows = tl.where(mask_n, offs_n, 0)  # clamped: rows past N are never stored
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # (BN, 1)
         offs_kw = tl.arange(0, BLOCK_KW)
+        offs_h = tl.arange(0, BLOCK_KW0)
         kw_lo = 0
         kw_hi = KW
         if SPLIT_K > 1:
             kw_per = ((KW + BLOCK_KW * SPLIT_K - 1) // (BLOCK_KW * SPLIT_K)) * BLOCK_KW
             kw_lo = tl.program_id(1) * kw_per
             kw_hi = min(KW, kw_lo + kw_per)
-        w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + kw_lo + offs_kw[None, :]  # (BN, BKW)
-        x_ptrs = x_ptr + kw_lo + offs_kw  # (BKW,) token 0's words
-        # the weights do not depend on the previous kernel: their first tile is read before the wait
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=_whole(kw_lo < kw_hi, offs_kw, USE_ASM), other=0)
+        # the slice [kw_lo, kw_hi) = a head of at most BLOCK_KW0 words, then whole BLOCK_KW steps: the head takes
+        # the remainder (and the whole slice when it is short), so that no step needs a mask along K
+        if FULL_HEAD:
+            head = BLOCK_KW0
+            w_head = tl.load(w_rows + kw_lo + offs_h[None, :])
         else:
-            w = tl.load(w_ptrs, mask=offs_kw[None, :] < kw_hi - kw_lo, other=0)
+            span = tl.maximum(kw_hi - kw_lo, 0)
+            head = min(span, BLOCK_KW0 - (BLOCK_KW - span % BLOCK_KW) % BLOCK_KW)
+            if ALIGN > 1:
+                head = tl.multiple_of(head, ALIGN)
+            w_head = tl.load(w_rows + kw_lo + offs_h[None, :], mask=offs_h[None, :] < head, other=0)
+        kw_start = kw_lo + head
+        # the weights do not depend on the previous kernel: the head and the first step are read before the wait
+        w_ptrs = w_rows + kw_start + offs_kw[None, :]  # (BN, BKW)
+        w = tl.load(w_ptrs, mask=_whole(kw_start < kw_hi, offs_kw, USE_ASM), other=0)
         _pdl.wait_previous(PDL)
 
+        zero_h = tl.full((BLOCK_N, BLOCK_KW0), 0, tl.int32)
+        lo_h, hi_h = _unpack_words(w_head, USE_ASM)
+        if FULL_HEAD:
+            hmask = _whole(kw_lo < kw_hi, offs_h, USE_ASM)
+        else:
+            hmask = offs_h < head
+        h0, h1, h2, h3 = _dot_tokens(zero_h, zero_h, zero_h, zero_h, lo_h, hi_h, x_ptr + kw_lo + offs_h, hmask, offs_h, M,
+                                     stride_xm, BLOCK_M, USE_ASM)  # fmt: skip
+        t0 = tl.sum(h0, axis=1)  # (BN,) each token's sums over the head, reduced at once to free its registers
+        t1 = tl.sum(h1, axis=1)
+        t2 = tl.sum(h2, axis=1)
+        t3 = tl.sum(h3, axis=1)
         acc0 = tl.full((BLOCK_N, BLOCK_KW), 0, tl.int32)
         acc1 = acc0
         acc2 = acc0
         acc3 = acc0
-        for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
-            w_ptrs += BLOCK_KW  # the next tile, loaded one step ahead of its use
-            if EVEN_K:
-                w_next = tl.load(w_ptrs, mask=_whole(kw0 + BLOCK_KW < kw_hi, offs_kw, USE_ASM), other=0)
-                kmask = offs_kw < BLOCK_KW  # all true
-            else:
-                w_next = tl.load(w_ptrs, mask=offs_kw[None, :] < kw_hi - kw0 - BLOCK_KW, other=0)
-                kmask = offs_kw < kw_hi - kw0
+        x_ptrs = x_ptr + kw_start + offs_kw  # (BKW,) token 0's words
+        full = _whole(kw_start < kw_hi, offs_kw, USE_ASM)  # inside the loop every step is whole
+        for kw0 in range(kw_start, kw_hi, BLOCK_KW):
+            w_ptrs += BLOCK_KW  # the next step, loaded one step ahead of its use
+            w_next = tl.load(w_ptrs, mask=_whole(kw0 + BLOCK_KW < kw_hi, offs_kw, USE_ASM), other=0)
             lo, hi = _unpack_words(w, USE_ASM)
-            x = tl.load(x_ptrs, mask=kmask, other=0)
-            xe, xo = _split_x(x, USE_ASM)
-            acc0 = _dot8(acc0, lo, hi, xe[None, :], xo[None, :], USE_ASM)
-            if BLOCK_M > 1:
-                x = tl.load(x_ptrs + stride_xm, mask=kmask & (offs_kw * 0 + 1 < M), other=0)
-                xe, xo = _split_x(x, USE_ASM)
-                acc1 = _dot8(acc1, lo, hi, xe[None, :], xo[None, :], USE_ASM)
-            if BLOCK_M > 2:
-                x = tl.load(x_ptrs + 2 * stride_xm, mask=kmask & (offs_kw * 0 + 2 < M), other=0)
-                xe, xo = _split_x(x, USE_ASM)
-                acc2 = _dot8(acc2, lo, hi, xe[None, :], xo[None, :], USE_ASM)
-                x = tl.load(x_ptrs + 3 * stride_xm, mask=kmask & (offs_kw * 0 + 3 < M), other=0)
-                xe, xo = _split_x(x, USE_ASM)
-                acc3 = _dot8(acc3, lo, hi, xe[None, :], xo[None, :], USE_ASM)
+            acc0, acc1, acc2, acc3 = _dot_tokens(acc0, acc1, acc2, acc3, lo, hi, x_ptrs, full, offs_kw, M, stride_xm,
+                                                 BLOCK_M, USE_ASM)  # fmt: skip
             x_ptrs += BLOCK_KW
             w = w_next
 
-        s0 = tl.sum(acc0, axis=1)  # (BN,)
-        s1 = tl.sum(acc1, axis=1)
-        s2 = tl.sum(acc2, axis=1)
-        s3 = tl.sum(acc3, axis=1)
+        s0 = tl.sum(acc0, axis=1) + t0  # (BN,)
+        s1 = tl.sum(acc1, axis=1) + t1
+        s2 = tl.sum(acc2, axis=1) + t2
+        s3 = tl.sum(acc3, axis=1) + t3
         if SPLIT_K > 1:
             # publish this slice; the last program of the N tile to arrive adds all slices (exact int32), runs
             # the epilogue and returns the counter to zero for the next launch; the others store nothing
@@ -328,13 +366,19 @@ if triton is not None:
 
     _kernel = triton.heuristics(
         {
-            "EVEN_K": lambda a: a["KW"] % (a["BLOCK_KW"] * a["SPLIT_K"]) == 0,
+            "FULL_HEAD": lambda a: a["KW"] % (a["BLOCK_KW"] * a["SPLIT_K"]) == 0
+            and a["KW"] // a["SPLIT_K"] >= a["BLOCK_KW0"],
+            "ALIGN": lambda a: 4 if a["KW"] % 4 == 0 and a["BLOCK_KW"] % 4 == 0 else 1,
             "BLOCK_M": lambda a: 1 if a["M"] <= 1 else (2 if a["M"] <= 2 else 4),
         }
     )(_w4a4_gemv_kernel)
 
-    def _cfg(bn, bkw, warps, split_k=1, stages=1):
-        return triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw, "SPLIT_K": split_k}, num_warps=warps, num_stages=stages)
+    def _cfg(bn, bkw, warps, split_k=1, stages=1, head=None):
+        return triton.Config(
+            {"BLOCK_N": bn, "BLOCK_KW": bkw, "BLOCK_KW0": head or bkw, "SPLIT_K": split_k},
+            num_warps=warps,
+            num_stages=stages,
+        )
 
     # candidates: rows per program x words per row and step (64 words = 512 codes = 256 bytes per row), warps,
     # K split over programs (more weight bytes in flight when N / BLOCK_N alone gives few programs)
@@ -367,25 +411,42 @@ if triton is not None:
     # or 4 and 16 x 128 split in 2 (never chosen; with them in the set the graph-timed tuning picked a slower tile at
     # 14336 -> 4096, 12.0 against 10.4 us); 64 x 128 with 8 warps (spills in the sm_90 build). The picks: 8 x 128
     # (4 warps) for N = 4096, 16-32 x 128 for wider N
+    # long heads: each program reads 256-512 words of each of its rows before the wait, i.e. while the kernel before
+    # it (the layer's transform) still runs, and keeps more weight bytes in flight at its start
+    HEAD_CONFIGS = [
+        _cfg(8, 128, 4, head=512),
+        _cfg(8, 128, 4, head=256),
+        _cfg(8, 64, 2, head=256),
+        _cfg(16, 128, 4, head=256),
+        _cfg(16, 128, 8, head=512),
+        _cfg(32, 128, 8, head=256),
+    ]
+    if _envflags.switch("FLATQUANT_GEMV_HEAD", True, "off", "on"):
+        CONFIGS += HEAD_CONFIGS
     _KEY = ["M_KEY", "N", "KW", "HAS_ZERO", "HAS_BIAS", "HAS_RES"]
 
     def _prune(configs, named_args, **kwargs):
-        """At most 64 accumulated words per thread (weight words per thread x tokens): the 32-word tiles spill
-        with four tokens in the sm_90 build (benchmarks/sm90_report.py --gemv 4)."""
+        """At most 64 accumulated words per thread (weight words per thread x tokens, in the steps and in the
+        head): the 32-word tiles spill with four tokens in the sm_90 build (benchmarks/sm90_report.py --gemv 4)."""
         m = {**named_args, **kwargs}["M"]
         bm = 1 if m <= 1 else (2 if m <= 2 else 4)
-        keep = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_KW"] * bm <= 64 * 32 * c.num_warps]
+        keep = [c for c in configs if _words_per_thread(c) * bm <= 64]
         return keep or configs[:1]
+
+    def _words_per_thread(c) -> int:
+        """Weight words a thread holds of the larger of a step and the head."""
+        return c.kwargs["BLOCK_N"] * max(c.kwargs["BLOCK_KW"], c.kwargs["BLOCK_KW0"]) // (32 * c.num_warps)
 
     _PRUNE = {"early_config_prune": _prune}
     _tuned = _autotune(CONFIGS, key=_KEY, use_cuda_graph=True, prune_configs_by=_PRUNE)(_kernel)
 
 MAX_SPLIT_K = 4
-_CONFIG_KEYS = ("BLOCK_N", "BLOCK_KW", "SPLIT_K", "num_warps", "num_stages")
+_CONFIG_KEYS = ("BLOCK_N", "BLOCK_KW", "BLOCK_KW0", "SPLIT_K", "num_warps", "num_stages")
 
 
 def _check_config(config: dict) -> dict:
-    """A fixed config (tests, benchmarks): BLOCK_N and BLOCK_KW powers of two, SPLIT_K 1..MAX_SPLIT_K."""
+    """A fixed config (tests, benchmarks): BLOCK_N and BLOCK_KW powers of two, BLOCK_KW0 (the head, default
+    BLOCK_KW) a power of two of at least BLOCK_KW, SPLIT_K 1..MAX_SPLIT_K."""
     unknown = sorted(set(config) - set(_CONFIG_KEYS))
     missing = [k for k in _CONFIG_KEYS[:2] if k not in config]
     if unknown or missing:
@@ -395,10 +456,13 @@ def _check_config(config: dict) -> dict:
         v = config[key]
         if not isinstance(v, int) or v < low or v & (v - 1):
             raise ValueError(f"{key}={v!r} must be a power of two")
+    head = config.get("BLOCK_KW0", config["BLOCK_KW"])
+    if not isinstance(head, int) or head < config["BLOCK_KW"] or head & (head - 1):
+        raise ValueError(f"BLOCK_KW0={head!r} must be a power of two, at least BLOCK_KW={config['BLOCK_KW']}")
     sk = config.get("SPLIT_K", 1)
     if not isinstance(sk, int) or not 1 <= sk <= MAX_SPLIT_K:
         raise ValueError(f"SPLIT_K={sk!r} must be an integer from 1 to {MAX_SPLIT_K}")
-    return {"SPLIT_K": 1, **config}
+    return {"SPLIT_K": 1, "BLOCK_KW0": head, **config}
 
 
 def last_gemv_config() -> dict | None:
