@@ -308,8 +308,8 @@ if triton is not None:
             hmask = _whole(kw_lo < kw_hi, offs_h, USE_ASM)
         else:
             hmask = offs_h < head
-        h0, h1, h2, h3 = _dot_tokens(zero_h, zero_h, zero_h, zero_h, lo_h, hi_h, x_ptr + kw_lo + offs_h, hmask, offs_h, M,
-                                     stride_xm, BLOCK_M, USE_ASM)  # fmt: skip
+        h0, h1, h2, h3 = _dot_tokens(zero_h, zero_h, zero_h, zero_h, lo_h, hi_h, x_ptr + kw_lo + offs_h, hmask,
+                                     offs_h, M, stride_xm, BLOCK_M, USE_ASM)  # fmt: skip
         t0 = tl.sum(h0, axis=1)  # (BN,) each token's sums over the head, reduced at once to free its registers
         t1 = tl.sum(h1, axis=1)
         t2 = tl.sum(h2, axis=1)
@@ -366,8 +366,9 @@ if triton is not None:
 
     _kernel = triton.heuristics(
         {
-            "FULL_HEAD": lambda a: a["KW"] % (a["BLOCK_KW"] * a["SPLIT_K"]) == 0
-            and a["KW"] // a["SPLIT_K"] >= a["BLOCK_KW0"],
+            "FULL_HEAD": lambda a: (
+                a["KW"] % (a["BLOCK_KW"] * a["SPLIT_K"]) == 0 and a["KW"] // a["SPLIT_K"] >= a["BLOCK_KW0"]
+            ),
             "ALIGN": lambda a: 4 if a["KW"] % 4 == 0 and a["BLOCK_KW"] % 4 == 0 else 1,
             "BLOCK_M": lambda a: 1 if a["M"] <= 1 else (2 if a["M"] <= 2 else 4),
         }
