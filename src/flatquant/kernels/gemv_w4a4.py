@@ -285,41 +285,55 @@ if triton is not None:
             kw_per = ((KW + BLOCK_KW * SPLIT_K - 1) // (BLOCK_KW * SPLIT_K)) * BLOCK_KW
             kw_lo = tl.program_id(1) * kw_per
             kw_hi = min(KW, kw_lo + kw_per)
-        # the slice [kw_lo, kw_hi) = a head of at most BLOCK_KW0 words, then whole BLOCK_KW steps: the head takes
-        # the remainder (and the whole slice when it is short), so that no step needs a mask along K
-        if FULL_HEAD:
-            head = BLOCK_KW0
-            w_head = tl.load(w_rows + kw_lo + offs_h[None, :])
+        w_ptrs = w_rows + kw_lo + offs_kw[None, :]  # (BN, BKW)
+        if FULL_HEAD and BLOCK_KW0 == BLOCK_KW:
+            # whole steps from kw_lo, no head: the first step is read before the wait (the weights do not depend on
+            # the previous kernel), each later one a step ahead of its use
+            kw_start = kw_lo
+            w = tl.load(w_ptrs, mask=_whole(kw_lo < kw_hi, offs_kw, USE_ASM), other=0)
+            _pdl.wait_previous(PDL)
+            acc0 = tl.full((BLOCK_N, BLOCK_KW), 0, tl.int32)
+            acc1, acc2, acc3 = acc0, acc0, acc0
+            t0 = tl.full((BLOCK_N,), 0, tl.int32)  # (no head)
+            t1, t2, t3 = t0, t0, t0
         else:
-            span = tl.maximum(kw_hi - kw_lo, 0)
-            head = min(span, BLOCK_KW0 - (BLOCK_KW - span % BLOCK_KW) % BLOCK_KW)
-            if ALIGN > 1:
-                head = tl.multiple_of(head, ALIGN)
-            w_head = tl.load(w_rows + kw_lo + offs_h[None, :], mask=offs_h[None, :] < head, other=0)
-        kw_start = kw_lo + head
-        # the weights do not depend on the previous kernel: the head and the first step are read before the wait
-        w_ptrs = w_rows + kw_start + offs_kw[None, :]  # (BN, BKW)
-        w = tl.load(w_ptrs, mask=_whole(kw_start < kw_hi, offs_kw, USE_ASM), other=0)
-        _pdl.wait_previous(PDL)
-
-        zero_h = tl.full((BLOCK_N, BLOCK_KW0), 0, tl.int32)
-        lo_h, hi_h = _unpack_words(w_head, USE_ASM)
-        if FULL_HEAD:
-            hmask = _whole(kw_lo < kw_hi, offs_h, USE_ASM)
-        else:
-            hmask = offs_h < head
-        h0, h1, h2, h3 = _dot_tokens(zero_h, zero_h, zero_h, zero_h, lo_h, hi_h, x_ptr + kw_lo + offs_h, hmask,
-                                     offs_h, M, stride_xm, BLOCK_M, USE_ASM)  # fmt: skip
-        t0 = tl.sum(h0, axis=1)  # (BN,) each token's sums over the head, reduced at once to free its registers
-        t1 = tl.sum(h1, axis=1)
-        t2 = tl.sum(h2, axis=1)
-        t3 = tl.sum(h3, axis=1)
-        acc0 = tl.full((BLOCK_N, BLOCK_KW), 0, tl.int32)
-        acc1 = acc0
-        acc2 = acc0
-        acc3 = acc0
+            # the slice = a head of at most BLOCK_KW0 words, read before the wait, then whole BLOCK_KW steps: the
+            # head takes the remainder (and the whole slice when it is short), so that no step needs a mask along K
+            h_ptrs = w_rows + kw_lo + offs_h[None, :]  # (BN, BKW0)
+            if FULL_HEAD:
+                head = BLOCK_KW0
+                w_head = tl.load(h_ptrs)
+            else:
+                span = tl.maximum(kw_hi - kw_lo, 0)
+                head = min(span, BLOCK_KW0 - (BLOCK_KW - span % BLOCK_KW) % BLOCK_KW)
+                if ALIGN > 1:
+                    head = tl.multiple_of(head, ALIGN)
+                w_head = tl.load(h_ptrs, mask=offs_h[None, :] < head, other=0)
+            kw_start = kw_lo + head
+            w_ptrs += head
+            if BLOCK_KW0 > BLOCK_KW:  # and the first step
+                w = tl.load(w_ptrs, mask=_whole(kw_start < kw_hi, offs_kw, USE_ASM), other=0)
+            _pdl.wait_previous(PDL)
+            if BLOCK_KW0 == BLOCK_KW:  # a step ahead (before the wait: two steps' registers)
+                w = tl.load(w_ptrs, mask=_whole(kw_start < kw_hi, offs_kw, USE_ASM), other=0)
+            zero_h = tl.full((BLOCK_N, BLOCK_KW0), 0, tl.int32)
+            lo_h, hi_h = _unpack_words(w_head, USE_ASM)
+            if FULL_HEAD:
+                hmask = _whole(kw_lo < kw_hi, offs_h, USE_ASM)
+            else:
+                hmask = offs_h < head
+            h0, h1, h2, h3 = _dot_tokens(zero_h, zero_h, zero_h, zero_h, lo_h, hi_h, x_ptr + kw_lo + offs_h, hmask,
+                                         offs_h, M, stride_xm, BLOCK_M, USE_ASM)  # fmt: skip
+            if BLOCK_KW0 == BLOCK_KW:  # the head's products seed the step accumulators
+                acc0, acc1, acc2, acc3 = h0, h1, h2, h3
+                t0 = tl.full((BLOCK_N,), 0, tl.int32)
+                t1, t2, t3 = t0, t0, t0
+            else:  # (BN,) each token's sums over the head, reduced at once to free its registers
+                t0, t1, t2, t3 = tl.sum(h0, axis=1), tl.sum(h1, axis=1), tl.sum(h2, axis=1), tl.sum(h3, axis=1)
+                acc0 = tl.full((BLOCK_N, BLOCK_KW), 0, tl.int32)
+                acc1, acc2, acc3 = acc0, acc0, acc0
         x_ptrs = x_ptr + kw_start + offs_kw  # (BKW,) token 0's words
-        full = _whole(kw_start < kw_hi, offs_kw, USE_ASM)  # inside the loop every step is whole
+        full = offs_kw < BLOCK_KW  # all true: inside the loop every step is whole
         for kw0 in range(kw_start, kw_hi, BLOCK_KW):
             w_ptrs += BLOCK_KW  # the next step, loaded one step ahead of its use
             w_next = tl.load(w_ptrs, mask=_whole(kw0 + BLOCK_KW < kw_hi, offs_kw, USE_ASM), other=0)
