@@ -217,3 +217,15 @@ def test_gpu_auto_dispatch_takes_it_at_one_token():
     tc = w4a4_gemm(x.cuda(), xs.cuda(), wp, ws.cuda(), path="int8")
     assert torch.equal(out, tc)
     assert torch.equal(unpack_int4(wp, k).cpu(), w)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton missing")
+def test_candidates_valid_and_heads_listed():
+    """Every autotuning candidate passes the fixed-config check; the long-head candidates are in the set (unless
+    FLATQUANT_GEMV_HEAD=0 took them out at import) and read more words before the wait than a step."""
+    for c in gemv_w4a4.CONFIGS:
+        cfg = gemv_w4a4._check_config({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
+        assert cfg["BLOCK_KW0"] >= cfg["BLOCK_KW"]
+    assert all(c.kwargs["BLOCK_KW0"] > c.kwargs["BLOCK_KW"] for c in gemv_w4a4.HEAD_CONFIGS)
+    listed = all(c in gemv_w4a4.CONFIGS for c in gemv_w4a4.HEAD_CONFIGS)
+    assert listed == (os.environ.get("FLATQUANT_GEMV_HEAD", "1") == "1")

@@ -16,9 +16,13 @@ CUDA cores with ``dp4a`` (four 8-bit products summed into an int32 in one instru
   with the same roundings (one to the output dtype, one more for the residual).
 
 Each program streams ``BLOCK_N`` weight rows over its K slice (``SPLIT_K`` > 1 splits K over programs that publish
-exact int32 partial sums; the last to arrive adds them, as the tensor-core kernel's split-K does). The first weight
-tile is loaded before the wait for the previous kernel (PDL): the weights are never written by a kernel, so their
-stream starts while the transform that makes the codes still runs; each later tile is loaded one step ahead.
+exact int32 partial sums; the last to arrive adds them, as the tensor-core kernel's split-K does) in steps of
+``BLOCK_KW`` words. The first weight tile is loaded before the wait for the previous kernel (PDL): the weights are
+never written by a kernel, so their stream starts while the transform that makes the codes still runs; each later
+step is loaded one step ahead. Where the slice is not a whole number of steps, or with a long head (``BLOCK_KW0`` >
+``BLOCK_KW``: up to 512 words of each row, and the first step, read before the wait), the first tile is a head that
+takes the remainder, so that every step after it is whole: no step needs a mask along K (per-element masks cost the
+16-byte loads; K = 11008 is 1376 words, not a multiple of 128).
 Under ``TRITON_INTERPRET=1`` (CPU tests) the inline PTX is replaced by the same integer arithmetic in Triton.
 
 Requirements (``gemv_unavailable_reason``): int8 codes, K a multiple of 8, no group scales, the codes' rows
@@ -427,11 +431,11 @@ if triton is not None:
     # 14336 -> 4096, 12.0 against 10.4 us); 64 x 128 with 8 warps (spills in the sm_90 build). The picks: 8 x 128
     # (4 warps) for N = 4096, 16-32 x 128 for wider N
     # long heads: each program reads 256-512 words of each of its rows before the wait, i.e. while the kernel before
-    # it (the layer's transform) still runs, and keeps more weight bytes in flight at its start
+    # it (the layer's transform) still runs, and has more weight bytes in flight at its start. Timed on an NVIDIA
+    # H200 (2026-11-30): chosen at two tokens (4096 -> 4096: 4.1 against 4.6 us without them, same job) and now and
+    # then at one; 8 x 128 with a 256-word head and 8 x 64 (2 warps) with a 256-word head were never chosen, dropped
     HEAD_CONFIGS = [
         _cfg(8, 128, 4, head=512),
-        _cfg(8, 128, 4, head=256),
-        _cfg(8, 64, 2, head=256),
         _cfg(16, 128, 4, head=256),
         _cfg(16, 128, 8, head=512),
         _cfg(32, 128, 8, head=256),
