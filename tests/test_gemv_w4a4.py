@@ -151,6 +151,14 @@ def test_refusals_name_the_reason():
         _raise_reason(x[:, :64], pack_int4(w[:, :64]), torch.ones(8, 1))
 
 
+@needs_triton
+def test_direct_call_checks_its_operands():
+    """Called directly (not through w4a4_gemm, which passes checked=True), w4a4_gemv asks for the reason itself."""
+    x, w, xs, ws, _ = _operands(1, 8, 64)
+    with pytest.raises(ValueError, match="w4a4_gemv cannot run: it takes int8 codes"):
+        gemv_w4a4.w4a4_gemv(x.to(DEV).float(), xs.to(DEV), pack_int4(w).to(DEV), ws.to(DEV))
+
+
 def _raise_reason(x, wp, gs=None):
     why = gemv_w4a4.gemv_unavailable_reason(x, wp, gs)
     if why is not None:

@@ -1031,7 +1031,7 @@ def w4a4_gemm(
             zc = None if x_zero is None else zero_correction(w_packed, k, None, None)
             return _gemv.w4a4_gemv(
                 x_codes, x_scale, w_packed, w_scale, bias, x_zero, zc, out_dtype, residual, config,
-                functools.partial(_split_k_counters, x_codes.device),
+                functools.partial(_split_k_counters, x_codes.device), checked=True,
             )  # fmt: skip
     path = resolve_path(path, group_size)
     _LAST_PATH[:] = [path]

@@ -494,14 +494,15 @@ def last_gemv_config() -> dict | None:
 
 def w4a4_gemv(
     x_codes, x_scale, w_packed, w_scale, bias=None, x_zero=None, zero_corr=None, out_dtype=torch.bfloat16,
-    residual=None, config=None, counters=None,
+    residual=None, config=None, counters=None, checked=False,
 ):  # fmt: skip
-    """The W4A4 product of at most MAX_M tokens on the CUDA-core kernel (operands checked by the caller,
-    ``gemm_w4a4.w4a4_gemm``; ``zero_corr`` its zero-point column sums; ``counters(tiles)`` returns a zeroed int32
-    buffer of at least ``tiles`` split-K arrival counters that every launch leaves at zero, one per N tile).
-    ``config`` fixes (BLOCK_N, BLOCK_KW[, SPLIT_K, num_warps, num_stages]) instead of autotuning (the interpreter
-    always uses a fixed one)."""
-    why = gemv_unavailable_reason(x_codes, w_packed, None)
+    """The W4A4 product of at most MAX_M tokens on the CUDA-core kernel (shapes, dtypes and devices checked by the
+    caller, ``gemm_w4a4.w4a4_gemm``, which also passes ``checked=True`` once it has asked
+    ``gemv_unavailable_reason``; otherwise that is asked here; ``zero_corr`` its zero-point column sums;
+    ``counters(tiles)`` returns a zeroed int32 buffer of at least ``tiles`` split-K arrival counters that every
+    launch leaves at zero, one per N tile). ``config`` fixes (BLOCK_N, BLOCK_KW[, BLOCK_KW0, SPLIT_K, num_warps,
+    num_stages]) instead of autotuning (the interpreter always uses a fixed one)."""
+    why = None if checked else gemv_unavailable_reason(x_codes, w_packed, None)
     if why is not None:
         raise ValueError(f"w4a4_gemv cannot run: {why}")
     m, k = x_codes.shape
