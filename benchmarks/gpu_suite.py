@@ -93,6 +93,8 @@ def jobs(args) -> list[Job]:
         Job("kron-tokens", [py, bench("kron_tokens.py"), "--out", f"{out}/kron_tokens.json"], 3),
         # every decode tile of each decode GEMM from HBM, against the tuning modes' picks (FLATQUANT_DECODE_TUNE)
         Job("decode-tiles", [py, bench("decode_tiles.py"), "--out", f"{out}/decode_tiles.json"], 3),
+        # the CUDA-core decode kernel's candidates alone and after the layer's transform, against the tuner's pick
+        Job("decode-gemv", [py, bench("decode_tiles.py"), "--path", "gemv", "--out", f"{out}/decode_gemv.json"], 4),
         Job("calib-profile", [py, bench("calibration_profile.py"), "--out", f"{out}/calibration_profile.json"], 1),
         Job("host-profile", [py, bench("host_profile.py"), "--out", f"{out}/host_profile.json"], 1),
     ]

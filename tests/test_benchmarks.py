@@ -139,6 +139,21 @@ def test_decode_tiles_quick_times_each_candidate_of_every_layer_gemm(tmp_path, r
     assert (qkv["K"], qkv["N"]) == (64, 64 + 2 * 2 * 16)  # hidden + 2 x KV heads x head dim
 
 
+def test_decode_tiles_quick_times_the_cuda_core_candidates_alone_and_after_the_transform(tmp_path):
+    data = _quick_output("decode_tiles.py", tmp_path, "--path", "gemv")
+    assert data["path"] == "gemv"
+    records = data["records"]
+    assert [r["layer"] for r in records] == ["qkv", "o", "gate_up", "down"]
+    for r in records:
+        cands = r["candidates"]
+        assert len(cands) == 2 and all(c["us"] > 0 and c["layer_us"] > 0 and "error" not in c for c in cands)
+        assert all(c["config"]["BLOCK_KW0"] >= c["config"]["BLOCK_KW"] for c in cands)
+        assert r["best_us"] == min(c["us"] for c in cands)
+        assert r["best_layer_us"] == min(c["layer_us"] for c in cands)
+        assert r["best_config_layer_us"] == next(c["layer_us"] for c in cands if c["config"] == r["best_config"])
+        assert r["transform_us"] > 0
+
+
 def test_kron_quantize_quick_writes_records_naming_their_timing(tmp_path):
     records = _quick_records("kron_quantize.py", tmp_path)
     assert {r["tokens"] for r in records} == {1, 16, 67}
