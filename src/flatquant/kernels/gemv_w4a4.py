@@ -442,6 +442,7 @@ if triton is not None:
     ]
     if _envflags.switch("FLATQUANT_GEMV_HEAD", True, "off", "on"):
         CONFIGS += HEAD_CONFIGS
+    _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in CONFIGS)  # the most N tiles an autotuned launch can have
     _KEY = ["M_KEY", "N", "KW", "HAS_ZERO", "HAS_BIAS", "HAS_RES"]
 
     def _prune(configs, named_args, **kwargs):
@@ -522,7 +523,7 @@ def w4a4_gemv(
         config = _check_config(config)
     most = MAX_SPLIT_K if config is None else config["SPLIT_K"]
     part = torch.empty(most * m * n, device=dev, dtype=torch.int32) if most > 1 else dummy
-    tiles = triton.cdiv(n, min(c.kwargs["BLOCK_N"] for c in CONFIGS) if config is None else config["BLOCK_N"])
+    tiles = triton.cdiv(n, _MIN_BLOCK_N if config is None else config["BLOCK_N"])
     if counters is None:
         counters = torch.zeros(tiles, device=dev, dtype=torch.int32)
     else:
