@@ -112,8 +112,9 @@ def measure_gemv(name: str, k: int, n: int, m: int, residual: bool, max_configs:
     dtype = torch.bfloat16 if CUDA else torch.float32  # (the interpreter's bf16 is slow)
     x = torch.randn(m, k, generator=g, device=dev, dtype=dtype)
     n1, n2 = FACTORS[k]
-    p1 = torch.linalg.qr(torch.randn(n1, n1, generator=g, device=dev))[0].to(dtype)
-    p2 = torch.linalg.qr(torch.randn(n2, n2, generator=g, device=dev))[0].to(dtype)
+    # contiguous, as the runtime holds them (QR's Q is column-major: the transform would copy it on every call)
+    p1 = torch.linalg.qr(torch.randn(n1, n1, generator=g, device=dev))[0].to(dtype).contiguous()
+    p2 = torch.linalg.qr(torch.randn(n2, n2, generator=g, device=dev))[0].to(dtype).contiguous()
     codes, xs = quantize_operand(x, p1, p2, 0.9, 0.9)
     ws = torch.rand(n, device=dev) * 0.01
     w = gw.pack_int4(torch.randint(-8, 8, (n, k), generator=g, device=dev, dtype=torch.int8))

@@ -201,8 +201,10 @@ def main():
         f"{'x unf':>6} {'GB/s':>6} {'padded':>8}  config"
     )
     for n, (n1, n2, gemm_n, layer) in shapes.items():
-        p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16)
-        p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16)
+        # contiguous, as the runtime's modules hold them: QR's Q is column-major, and the wrapper would copy it
+        # on every call (two more launches in each timing; the figures before 2026-11-30's last run had them)
+        p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16).contiguous()
+        p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16).contiguous()
         w = torch.randn(n, gemm_n, device=dev, dtype=torch.bfloat16)
         for tokens in token_counts:
             if time.time() - start > args.budget:

@@ -78,8 +78,9 @@ def _gemm_short(cfg: dict | None) -> str:
 
 
 def sweep_shape(n, n1, n2, tokens, dev) -> dict:
-    p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16)
-    p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16)
+    # contiguous, as the runtime holds them (QR's Q is column-major: the transform would copy it on every call)
+    p1 = torch.linalg.qr(torch.randn(n1, n1, device=dev))[0].to(torch.bfloat16).contiguous()
+    p2 = torch.linalg.qr(torch.randn(n2, n2, device=dev))[0].to(torch.bfloat16).contiguous()
     x = torch.randn(tokens, n, device=dev, dtype=torch.bfloat16)
     xs = _copies(x)
     ref = kq.kron_quantize_reference(x, p1, p2, 0.9, 0.9)
