@@ -237,3 +237,32 @@ def test_candidates_valid_and_heads_listed():
     assert all(c.kwargs["BLOCK_KW0"] > c.kwargs["BLOCK_KW"] for c in gemv_w4a4.HEAD_CONFIGS)
     listed = all(c in gemv_w4a4.CONFIGS for c in gemv_w4a4.HEAD_CONFIGS)
     assert listed == (os.environ.get("FLATQUANT_GEMV_HEAD", "1") == "1")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton missing")
+def test_tuning_times_each_candidate_after_a_transform(monkeypatch):
+    """The layer-context timing replays a transform of the tuned call's tokens (the factor pair of K) and then the
+    candidate, in that order; the transform is built (and tuned) once per shape, outside the timed replays."""
+    import triton.testing
+
+    from flatquant.kernels import kron_quantize as kq
+
+    seen = []
+
+    def fake_kron(x, p1, p2, clip_max, clip_min):
+        seen.append(("transform", tuple(x.shape), p1.shape[0], p2.shape[0]))
+
+    def fake_bench(fn, rep, quantiles):
+        seen.append("replays")
+        fn()
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(kq, "kron_quantize", fake_kron)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_bench)
+    bench = gemv_w4a4._AfterTransform()
+    codes = torch.zeros(2, 11008, dtype=torch.int8)
+    bench.tuner = type("Tuner", (), {"nargs": {"M": 2, "KW": 11008 // 8, "x_ptr": codes.view(torch.int64)}})()
+    for _ in range(2):
+        assert bench(lambda: seen.append("kernel"), (0.5, 0.2, 0.8)) == [1.0, 1.0, 1.0]
+    built = ("transform", (2, 11008), 86, 128)
+    assert seen == [built, "replays", built, "kernel", "replays", built, "kernel"]

@@ -458,7 +458,55 @@ if triton is not None:
         return c.kwargs["BLOCK_N"] * max(c.kwargs["BLOCK_KW"], c.kwargs["BLOCK_KW0"]) // (32 * c.num_warps)
 
     _PRUNE = {"early_config_prune": _prune}
-    _tuned = _autotune(CONFIGS, key=_KEY, use_cuda_graph=True, prune_configs_by=_PRUNE)(_kernel)
+
+    class _AfterTransform:
+        """The autotuner's timing of a candidate (``do_bench``): CUDA-graph replays of the launch right after a
+        transform + quantize launch of the same tokens (``kron_quantize``, the factor pair of K), as the packed
+        runtime runs every decode GEMM. Under PDL the GEMM's weight loads before its wait overlap the transform,
+        which a timing of the GEMM alone does not see: on an NVIDIA H200 the tile fastest alone was up to 13%
+        slower after the transform (docs/kernels-gemm.md). ``FLATQUANT_GEMV_TUNE=alone`` times the GEMM alone."""
+
+        def __init__(self):
+            self.tuner = None  # the Autotuner whose ``nargs`` hold the call being tuned (set once it exists)
+            self.prologues: dict[tuple, object] = {}
+
+        def prologue(self, m: int, k: int, device: torch.device):
+            """A launch of the transform of m tokens of k channels, compiled and tuned here (not in the graph)."""
+            key = (m, k, device)
+            if key not in self.prologues:
+                from ..transforms import kron_factors
+                from .kron_quantize import kron_quantize
+
+                n1, n2 = kron_factors(k)
+                x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                p1, p2 = (torch.eye(n, device=device, dtype=torch.bfloat16) for n in (n1, n2))
+
+                def launch():
+                    kron_quantize(x, p1, p2, 1.0, 1.0)
+
+                launch()
+                self.prologues[key] = launch
+            return self.prologues[key]
+
+        def __call__(self, kernel_call, quantiles):
+            import triton.testing
+
+            args = self.tuner.nargs
+            before = self.prologue(args["M"], args["KW"] * 8, args["x_ptr"].device)
+
+            def pair():
+                before()
+                kernel_call()
+
+            return triton.testing.do_bench_cudagraph(pair, rep=100, quantiles=quantiles)
+
+    GEMV_TUNE = _envflags.choice("FLATQUANT_GEMV_TUNE", "layer", ("layer", "alone"))
+    if GEMV_TUNE == "layer":
+        _bench = _AfterTransform()
+        _tuned = _autotune(CONFIGS, key=_KEY, do_bench=_bench, prune_configs_by=_PRUNE)(_kernel)
+        _bench.tuner = _tuned.tuner
+    else:
+        _tuned = _autotune(CONFIGS, key=_KEY, use_cuda_graph=True, prune_configs_by=_PRUNE)(_kernel)
 
 MAX_SPLIT_K = 4
 _CONFIG_KEYS = ("BLOCK_N", "BLOCK_KW", "BLOCK_KW0", "SPLIT_K", "num_warps", "num_stages")
