@@ -72,6 +72,11 @@ CASES = [
     (4, 21, 136, dict(BLOCK_N=16, BLOCK_KW=4, BLOCK_KW0=8, SPLIT_K=3)),  # slices of 8, 8 and 1 words
     (2, 50, 768, dict(BLOCK_N=16, BLOCK_KW=8, BLOCK_KW0=64, SPLIT_K=3)),  # 32-word slices, shorter than the head
     (1, 64, 1024, dict(BLOCK_N=8, BLOCK_KW=8, BLOCK_KW0=32, SPLIT_K=2)),  # 64-word slices: whole heads and steps
+    # two steps of weights loaded ahead (the last two loads of a slice fall past its end, masked)
+    (1, 40, 512, dict(BLOCK_N=16, BLOCK_KW=4, AHEAD=2)),  # 64 words: whole steps
+    (2, 33, 200, dict(BLOCK_N=8, BLOCK_KW=4, BLOCK_KW0=16, AHEAD=2)),  # a 13-word head, then 3 steps
+    (3, 37, 232, dict(BLOCK_N=8, BLOCK_KW=4, AHEAD=2, SPLIT_K=2)),  # slices of 16 and 13 words
+    (1, 21, 40, dict(BLOCK_N=8, BLOCK_KW=4, BLOCK_KW0=8, AHEAD=2)),  # 5 words: the head only
 ]
 
 
@@ -172,6 +177,7 @@ def test_bad_config_rejected():
         (dict(BLOCK_N=8, BLOCK_KW=8, SPLIT_K=5), "SPLIT_K=5 must be an integer from 1 to 4"),
         (dict(BLOCK_N=8, BLOCK_KW=8, BLOCK_KW0=4), "BLOCK_KW0=4 must be a power of two, at least BLOCK_KW=8"),
         (dict(BLOCK_N=8, BLOCK_KW=8, BLOCK_KW0=24), "BLOCK_KW0=24 must be a power of two"),
+        (dict(BLOCK_N=8, BLOCK_KW=8, AHEAD=3), "AHEAD=3 must be 1 or 2"),
         (dict(BLOCK_N=8), "missing \\['BLOCK_KW'\\]"),
         (dict(BLOCK_N=8, BLOCK_KW=8, BLOCK_K=64), "unknown \\['BLOCK_K'\\]"),
     ):

@@ -275,6 +275,7 @@ if triton is not None:
         BLOCK_KW0: tl.constexpr,  # words per row of the head: read before the wait, a multiple of BLOCK_KW
         SPLIT_K: tl.constexpr,
         PDL: tl.constexpr = False,
+        AHEAD: tl.constexpr = 1,  # steps of weights loaded ahead of their use (1 or 2)
     ):
         pid_n = tl.program_id(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -295,6 +296,8 @@ if triton is not None:
             # the previous kernel), each later one a step ahead of its use
             kw_start = kw_lo
             w = tl.load(w_ptrs, mask=_whole(kw_lo < kw_hi, offs_kw, USE_ASM), other=0)
+            if AHEAD > 1:
+                w1 = tl.load(w_ptrs + BLOCK_KW, mask=_whole(kw_lo + BLOCK_KW < kw_hi, offs_kw, USE_ASM), other=0)
             _pdl.wait_previous(PDL)
             acc0 = tl.full((BLOCK_N, BLOCK_KW), 0, tl.int32)
             acc1, acc2, acc3 = acc0, acc0, acc0
@@ -320,6 +323,8 @@ if triton is not None:
             _pdl.wait_previous(PDL)
             if BLOCK_KW0 == BLOCK_KW:  # a step ahead (before the wait: two steps' registers)
                 w = tl.load(w_ptrs, mask=_whole(kw_start < kw_hi, offs_kw, USE_ASM), other=0)
+            if AHEAD > 1:
+                w1 = tl.load(w_ptrs + BLOCK_KW, mask=_whole(kw_start + BLOCK_KW < kw_hi, offs_kw, USE_ASM), other=0)
             zero_h = tl.full((BLOCK_N, BLOCK_KW0), 0, tl.int32)
             lo_h, hi_h = _unpack_words(w_head, USE_ASM)
             if FULL_HEAD:
@@ -339,13 +344,18 @@ if triton is not None:
         x_ptrs = x_ptr + kw_start + offs_kw  # (BKW,) token 0's words
         full = offs_kw < BLOCK_KW  # all true: inside the loop every step is whole
         for kw0 in range(kw_start, kw_hi, BLOCK_KW):
-            w_ptrs += BLOCK_KW  # the next step, loaded one step ahead of its use
-            w_next = tl.load(w_ptrs, mask=_whole(kw0 + BLOCK_KW < kw_hi, offs_kw, USE_ASM), other=0)
+            w_ptrs += BLOCK_KW  # the step AHEAD steps on, loaded that far ahead of its use
+            ahead = (AHEAD - 1) * BLOCK_KW
+            w_next = tl.load(w_ptrs + ahead, mask=_whole(kw0 + BLOCK_KW + ahead < kw_hi, offs_kw, USE_ASM), other=0)
             lo, hi = _unpack_words(w, USE_ASM)
             acc0, acc1, acc2, acc3 = _dot_tokens(acc0, acc1, acc2, acc3, lo, hi, x_ptrs, full, offs_kw, M, stride_xm,
                                                  BLOCK_M, USE_ASM)  # fmt: skip
             x_ptrs += BLOCK_KW
-            w = w_next
+            if AHEAD > 1:
+                w = w1
+                w1 = w_next
+            else:
+                w = w_next
 
         s0 = tl.sum(acc0, axis=1) + t0  # (BN,)
         s1 = tl.sum(acc1, axis=1) + t1
@@ -392,9 +402,9 @@ if triton is not None:
         }
     )(_w4a4_gemv_kernel)
 
-    def _cfg(bn, bkw, warps, split_k=1, stages=1, head=None):
+    def _cfg(bn, bkw, warps, split_k=1, stages=1, head=None, ahead=1):
         return triton.Config(
-            {"BLOCK_N": bn, "BLOCK_KW": bkw, "BLOCK_KW0": head or bkw, "SPLIT_K": split_k},
+            {"BLOCK_N": bn, "BLOCK_KW": bkw, "BLOCK_KW0": head or bkw, "SPLIT_K": split_k, "AHEAD": ahead},
             num_warps=warps,
             num_stages=stages,
         )
@@ -442,6 +452,17 @@ if triton is not None:
     ]
     if _envflags.switch("FLATQUANT_GEMV_HEAD", True, "off", "on"):
         CONFIGS += HEAD_CONFIGS
+    # two steps of weights in flight per program instead of one, for the N = 4096 GEMMs with long rows (8-16 rows per
+    # program, 4 KB a step: each program's bytes in flight may be what limits their stream); not yet timed on a GPU,
+    # so candidates only with FLATQUANT_GEMV_AHEAD=1
+    AHEAD_CONFIGS = [
+        _cfg(8, 128, 4, ahead=2),
+        _cfg(16, 128, 4, ahead=2),
+        _cfg(8, 128, 4, head=512, ahead=2),
+        _cfg(16, 128, 8, head=512, ahead=2),
+    ]
+    if _envflags.switch("FLATQUANT_GEMV_AHEAD", False, "off", "on"):
+        CONFIGS += AHEAD_CONFIGS
     _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in CONFIGS)  # the most N tiles an autotuned launch can have
     _KEY = ["M_KEY", "N", "KW", "HAS_ZERO", "HAS_BIAS", "HAS_RES"]
 
@@ -509,12 +530,13 @@ if triton is not None:
         _tuned = _autotune(CONFIGS, key=_KEY, use_cuda_graph=True, prune_configs_by=_PRUNE)(_kernel)
 
 MAX_SPLIT_K = 4
-_CONFIG_KEYS = ("BLOCK_N", "BLOCK_KW", "BLOCK_KW0", "SPLIT_K", "num_warps", "num_stages")
+_CONFIG_KEYS = ("BLOCK_N", "BLOCK_KW", "BLOCK_KW0", "SPLIT_K", "AHEAD", "num_warps", "num_stages")
 
 
 def _check_config(config: dict) -> dict:
     """A fixed config (tests, benchmarks): BLOCK_N and BLOCK_KW powers of two, BLOCK_KW0 (the head, default
-    BLOCK_KW) a power of two of at least BLOCK_KW, SPLIT_K 1..MAX_SPLIT_K."""
+    BLOCK_KW) a power of two of at least BLOCK_KW, SPLIT_K 1..MAX_SPLIT_K, AHEAD (steps of weights loaded ahead of
+    their use, default 1) 1 or 2."""
     unknown = sorted(set(config) - set(_CONFIG_KEYS))
     missing = [k for k in _CONFIG_KEYS[:2] if k not in config]
     if unknown or missing:
@@ -530,7 +552,10 @@ def _check_config(config: dict) -> dict:
     sk = config.get("SPLIT_K", 1)
     if not isinstance(sk, int) or not 1 <= sk <= MAX_SPLIT_K:
         raise ValueError(f"SPLIT_K={sk!r} must be an integer from 1 to {MAX_SPLIT_K}")
-    return {"SPLIT_K": 1, "BLOCK_KW0": head, **config}
+    ahead = config.get("AHEAD", 1)
+    if ahead not in (1, 2) or not isinstance(ahead, int):
+        raise ValueError(f"AHEAD={ahead!r} must be 1 or 2")
+    return {"SPLIT_K": 1, "BLOCK_KW0": head, "AHEAD": ahead, **config}
 
 
 def last_gemv_config() -> dict | None:
