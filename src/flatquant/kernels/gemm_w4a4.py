@@ -36,6 +36,7 @@ from . import gemm_dense as _dense  # the dense FP8 path (it imports this module
 from . import gemv_w4a4 as _gemv  # the CUDA-core decode path (1-4 tokens)
 from . import pdl as _pdl
 from .kron_quantize import autotune as _autotune  # triton.autotune, results cached on disk
+from .w4a4_parts import unpack_x16 as _unpack_x16
 
 try:
     import triton
@@ -217,30 +218,6 @@ def _interpreting() -> bool:
 
 
 if _HAS_TRITON:
-
-    @triton.jit
-    def _unpack_x16(p, USE_ASM: tl.constexpr):
-        """uint8 (R, C) packed nibbles -> two int8 (R, C) tensors holding 16x the even and odd codes."""
-        if USE_ASM:
-            # one 32-bit register holds 4 packed bytes; two ALU ops yield 4 even and 4 odd codes (x16)
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""
-                {
-                shl.b32 $0, $2, 4;
-                and.b32 $0, $0, 0xF0F0F0F0;
-                and.b32 $1, $2, 0xF0F0F0F0;
-                }
-                """,
-                constraints="=r,=r,r",
-                args=[p],
-                dtype=(tl.int8, tl.int8),
-                is_pure=True,
-                pack=4,
-            )
-        else:
-            lo = (p << 4).to(tl.int8, bitcast=True)
-            hi = (p & 0xF0).to(tl.int8, bitcast=True)
-        return lo, hi
 
     @triton.jit
     def _unpack_fp8(p, USE_ASM: tl.constexpr):

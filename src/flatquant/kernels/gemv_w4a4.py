@@ -39,6 +39,7 @@ import torch
 from .. import envflags as _envflags
 from . import pdl as _pdl
 from .kron_quantize import autotune as _autotune  # triton.autotune, results cached on disk
+from .w4a4_parts import unpack_x16 as _unpack_x16
 
 try:
     import triton
@@ -118,30 +119,6 @@ if triton is not None:
             xe = xe.to(tl.int32)
             xo = xo.to(tl.int32)
         return xe, xo
-
-    @triton.jit
-    def _unpack_words(w, USE_ASM: tl.constexpr):
-        """int32 words of eight packed codes -> (even, odd): int32 words of four signed bytes, 16x the codes."""
-        if USE_ASM:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""
-                {
-                .reg .b32 t;
-                shl.b32 t, $2, 4;
-                and.b32 $0, t, 0xF0F0F0F0;
-                and.b32 $1, $2, 0xF0F0F0F0;
-                }
-                """,
-                constraints="=r,=r,r",
-                args=[w],
-                dtype=(tl.int32, tl.int32),
-                is_pure=True,
-                pack=1,
-            )
-        else:
-            lo = (w << 4) & -0x0F0F0F10  # 0xF0F0F0F0 as an int32
-            hi = w & -0x0F0F0F10
-        return lo, hi
 
     @triton.jit
     def _dot8(acc, lo, hi, xe, xo, USE_ASM: tl.constexpr):
@@ -326,7 +303,7 @@ if triton is not None:
             if AHEAD > 1:
                 w1 = tl.load(w_ptrs + BLOCK_KW, mask=_whole(kw_start + BLOCK_KW < kw_hi, offs_kw, USE_ASM), other=0)
             zero_h = tl.full((BLOCK_N, BLOCK_KW0), 0, tl.int32)
-            lo_h, hi_h = _unpack_words(w_head, USE_ASM)
+            lo_h, hi_h = _unpack_x16(w_head, USE_ASM)
             if FULL_HEAD:
                 hmask = _whole(kw_lo < kw_hi, offs_h, USE_ASM)
             else:
@@ -347,7 +324,7 @@ if triton is not None:
             w_ptrs += BLOCK_KW  # the step AHEAD steps on, loaded that far ahead of its use
             ahead = (AHEAD - 1) * BLOCK_KW
             w_next = tl.load(w_ptrs + ahead, mask=_whole(kw0 + BLOCK_KW + ahead < kw_hi, offs_kw, USE_ASM), other=0)
-            lo, hi = _unpack_words(w, USE_ASM)
+            lo, hi = _unpack_x16(w, USE_ASM)
             acc0, acc1, acc2, acc3 = _dot_tokens(acc0, acc1, acc2, acc3, lo, hi, x_ptrs, full, offs_kw, M, stride_xm,
                                                  BLOCK_M, USE_ASM)  # fmt: skip
             x_ptrs += BLOCK_KW
