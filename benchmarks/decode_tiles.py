@@ -169,7 +169,8 @@ def _short_gemv(cfg: dict | None) -> str:
     if not cfg:
         return "-"
     head = cfg.get("BLOCK_KW0", cfg["BLOCK_KW"])
-    return f"{cfg['BLOCK_N']}x{cfg['BLOCK_KW']} h{head} sk{cfg.get('SPLIT_K', 1)} w{cfg.get('num_warps', '-')}"
+    ahead = f" a{cfg['AHEAD']}" if cfg.get("AHEAD", 1) > 1 else ""
+    return f"{cfg['BLOCK_N']}x{cfg['BLOCK_KW']} h{head} sk{cfg.get('SPLIT_K', 1)} w{cfg.get('num_warps', '-')}{ahead}"
 
 
 def _lead(r: dict) -> str:
