@@ -164,6 +164,12 @@ def test_direct_call_checks_its_operands():
         gemv_w4a4.w4a4_gemv(x.to(DEV).float(), xs.to(DEV), pack_int4(w).to(DEV), ws.to(DEV))
 
 
+def test_prefetch_size_checked():
+    x, w, xs, ws, _ = _operands(1, 8, 64)
+    with pytest.raises(ValueError, match="pf_bytes must be a non-negative multiple of 16, got pf_bytes=20"):
+        gemv_w4a4.w4a4_gemv(x.to(DEV), xs.to(DEV), pack_int4(w).to(DEV), ws.to(DEV), pf_bytes=20)
+
+
 def _raise_reason(x, wp, gs=None):
     why = gemv_w4a4.gemv_unavailable_reason(x, wp, gs)
     if why is not None:

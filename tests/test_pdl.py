@@ -100,6 +100,13 @@ gconst = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_GROUP=False, HAS_RES=True, USE
 gtypes = {"x_ptr": "*i8", "w_ptr": "*u8", "out_ptr": "*bf16", "res_ptr": "*bf16", "part_ptr": "*i32", "cnt_ptr": "*i32"}
 for on in (True, False):
     out[f"gemm-{on}"] = lines(ptx(gw._w4a4_gemm_kernel, gtypes, gconst, on, num_stages=g.num_stages))
+from flatquant.kernels import gemv_w4a4 as gv
+c = next(c for c in gv.CONFIGS if c.kwargs["BLOCK_KW0"] > c.kwargs["BLOCK_KW"])  # a long head, read before the wait
+vconst = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_RES=True, USE_ASM=True, FULL_HEAD=True, ALIGN=4, BLOCK_M=1,
+              **c.kwargs, PREFETCH=True)
+vtypes = {"x_ptr": "*i64", "w_ptr": "*i32", "out_ptr": "*bf16", "res_ptr": "*bf16", "part_ptr": "*i32",
+          "cnt_ptr": "*i32"}
+out["gemv"] = lines(ptx(gv._w4a4_gemv_kernel, vtypes, vconst, True, num_stages=1))
 kconst = dict(N1=64, N2=64, BN1=64, BN2=64, HAS_P1=True, HAS_P2=True, SPLIT_Y=True, SYMMETRIC=True, BITS=4, PACK=False,
               INTERPRET=False, RECIP=True, NORM=True, BLOCK_T=1, PROGS_PER_SM=1, P1_FIRST=0, FAST_DIV=0, BC=64)
 ktypes = {"x_ptr": "*bf16", "p1_ptr": "*bf16", "p2_ptr": "*bf16", "nw_ptr": "*bf16", "q_ptr": "*i8",
@@ -150,6 +157,17 @@ def test_sm90_gemm_prefetches_weights_then_waits_before_any_load(sm90_events):
     assert _reads(ev) and min(_reads(ev)) > wait  # activations, weights, split-K partials and counters: after
     off = sm90_events["gemm-False"]
     assert not any(e.startswith("griddepcontrol") for e in off)  # PDL off: no grid dependency code at all
+
+
+def test_sm90_decode_gemv_prefetches_and_reads_its_head_before_the_wait(sm90_events):
+    """The CUDA-core decode GEMM: the L2 prefetch of its weight rows and the head's weight loads come before the
+    wait; the activation codes, every later step and all stores after it."""
+    ev = sm90_events["gemv"]
+    wait = ev.index("griddepcontrol.wait")
+    reads = _reads(ev)
+    assert ev.index("cp.async.bulk.prefetch") < wait
+    assert min(reads) < wait < max(reads)
+    assert min(i for i, e in enumerate(ev) if e == "st.global") > wait
 
 
 def test_sm90_transform_loads_factors_before_the_wait_and_tokens_after(sm90_events):

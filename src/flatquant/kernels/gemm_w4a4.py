@@ -36,6 +36,7 @@ from . import gemm_dense as _dense  # the dense FP8 path (it imports this module
 from . import gemv_w4a4 as _gemv  # the CUDA-core decode path (1-4 tokens)
 from . import pdl as _pdl
 from .kron_quantize import autotune as _autotune  # triton.autotune, results cached on disk
+from .w4a4_parts import prefetch_rows as _prefetch_rows
 from .w4a4_parts import unpack_x16 as _unpack_x16
 
 try:
@@ -271,20 +272,6 @@ if _HAS_TRITON:
             lo = (lo16 >> 4).to(tl.float16).to(tl.float8e4nv)
             hi = (hi16 >> 4).to(tl.float16).to(tl.float8e4nv)
         return lo, hi
-
-    @triton.jit
-    def _prefetch_rows(row_ptrs, n_bytes):
-        """L2 prefetch of ``n_bytes`` (int32 tensor like ``row_ptrs``, multiples of 16) from each 16-byte aligned
-        address of ``row_ptrs``: one bulk-prefetch instruction per row (sm_90), no registers or shared memory
-        filled."""
-        tl.inline_asm_elementwise(
-            asm="cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;",
-            constraints="=r,l,r",
-            args=[row_ptrs, n_bytes],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
 
     # one binary for every token count (no specialisation on 1 or on divisibility by 16: fewer compiles)
     @triton.jit(do_not_specialize=["M", "M_KEY"])
@@ -1006,9 +993,10 @@ def w4a4_gemm(
             _LAST_PATH[:] = ["gemv"]
             k = x_codes.shape[1]
             zc = None if x_zero is None else zero_correction(w_packed, k, None, None)
+            pf = _prefetch_bytes(w_packed, x_codes.shape[0], x_codes.device, _pdl.pdl_on(x_codes))
             return _gemv.w4a4_gemv(
                 x_codes, x_scale, w_packed, w_scale, bias, x_zero, zc, out_dtype, residual, config,
-                functools.partial(_split_k_counters, x_codes.device), checked=True,
+                functools.partial(_split_k_counters, x_codes.device), checked=True, pf_bytes=pf,
             )  # fmt: skip
     path = resolve_path(path, group_size)
     _LAST_PATH[:] = [path]

@@ -41,6 +41,7 @@ import torch
 from .. import envflags as _envflags
 from . import pdl as _pdl
 from .kron_quantize import autotune as _autotune  # triton.autotune, results cached on disk
+from .w4a4_parts import prefetch_rows as _prefetch_rows
 from .w4a4_parts import unpack_x16 as _unpack_x16
 
 try:
@@ -221,6 +222,16 @@ if triton is not None:
             a3 = _dot8(a3, lo, hi, xe[None, :], xo[None, :], USE_ASM)
         return a0, a1, a2, a3
 
+    @triton.jit
+    def _prefetch_slice(w_ptr, rows, stride_wn, kw_lo, kw_hi, pf_bytes, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
+                        USE_ASM: tl.constexpr):  # fmt: skip
+        """Before the wait: an L2 prefetch of this program's weight rows over its K slice, at most ``pf_bytes //
+        SPLIT_K`` bytes of each (``pf_bytes`` over all of K, a multiple of 16; the interpreter skips it)."""
+        if PREFETCH and USE_ASM:
+            pf = (min(pf_bytes // SPLIT_K, (kw_hi - kw_lo) * 4) // 16) * 16
+            if pf > 0:
+                _prefetch_rows(w_ptr + rows.to(tl.int64) * stride_wn + kw_lo, rows * 0 + pf)
+
     @triton.jit(do_not_specialize=["M", "M_KEY"])
     def _w4a4_gemv_kernel(
         x_ptr,  # int64 (M, K / 8): eight int8 codes per word
@@ -242,6 +253,7 @@ if triton is not None:
         stride_wn,  # in int32 words
         stride_om,
         stride_rm,
+        pf_bytes,  # bytes of each weight row (over all of K) to prefetch into L2 before the wait (PREFETCH)
         HAS_ZERO: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr,
@@ -255,6 +267,7 @@ if triton is not None:
         SPLIT_K: tl.constexpr,
         PDL: tl.constexpr = False,
         AHEAD: tl.constexpr = 1,  # steps of weights loaded ahead of their use (1 or 2)
+        PREFETCH: tl.constexpr = False,  # with PDL: prefetch the weights into L2 while the kernel before runs
     ):
         pid_n = tl.program_id(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -277,6 +290,7 @@ if triton is not None:
             w = tl.load(w_ptrs, mask=_whole(kw_lo < kw_hi, offs_kw, USE_ASM), other=0)
             if AHEAD > 1:
                 w1 = tl.load(w_ptrs + BLOCK_KW, mask=_whole(kw_lo + BLOCK_KW < kw_hi, offs_kw, USE_ASM), other=0)
+            _prefetch_slice(w_ptr, rows, stride_wn, kw_lo, kw_hi, pf_bytes, SPLIT_K, PREFETCH, USE_ASM)
             _pdl.wait_previous(PDL)
             acc0 = tl.full((BLOCK_N, BLOCK_KW), 0, tl.int32)
             acc1, acc2, acc3 = acc0, acc0, acc0
@@ -299,6 +313,7 @@ if triton is not None:
             w_ptrs += head
             if BLOCK_KW0 > BLOCK_KW:  # and the first step
                 w = tl.load(w_ptrs, mask=_whole(kw_start < kw_hi, offs_kw, USE_ASM), other=0)
+            _prefetch_slice(w_ptr, rows, stride_wn, kw_lo, kw_hi, pf_bytes, SPLIT_K, PREFETCH, USE_ASM)
             _pdl.wait_previous(PDL)
             if BLOCK_KW0 == BLOCK_KW:  # a step ahead (before the wait: two steps' registers)
                 w = tl.load(w_ptrs, mask=_whole(kw_start < kw_hi, offs_kw, USE_ASM), other=0)
@@ -548,14 +563,18 @@ def last_gemv_config() -> dict | None:
 
 def w4a4_gemv(
     x_codes, x_scale, w_packed, w_scale, bias=None, x_zero=None, zero_corr=None, out_dtype=torch.bfloat16,
-    residual=None, config=None, counters=None, checked=False,
+    residual=None, config=None, counters=None, checked=False, pf_bytes=0,
 ):  # fmt: skip
     """The W4A4 product of at most MAX_M tokens on the CUDA-core kernel (shapes, dtypes and devices checked by the
     caller, ``gemm_w4a4.w4a4_gemm``, which also passes ``checked=True`` once it has asked
     ``gemv_unavailable_reason``; otherwise that is asked here; ``zero_corr`` its zero-point column sums;
     ``counters(tiles)`` returns a zeroed int32 buffer of at least ``tiles`` split-K arrival counters that every
     launch leaves at zero, one per N tile). ``config`` fixes (BLOCK_N, BLOCK_KW[, BLOCK_KW0, SPLIT_K, num_warps,
-    num_stages]) instead of autotuning (the interpreter always uses a fixed one)."""
+    num_stages]) instead of autotuning (the interpreter always uses a fixed one). ``pf_bytes`` (a multiple of 16, with
+    16-byte aligned weight rows; ``gemm_w4a4._prefetch_bytes``, FLATQUANT_PREFETCH_L2): bytes of each weight row
+    prefetched into L2 before the wait for the previous kernel (PDL launches only)."""
+    if pf_bytes % 16 or pf_bytes < 0:
+        raise ValueError(f"pf_bytes must be a non-negative multiple of 16, got {pf_bytes=}")
     why = None if checked else gemv_unavailable_reason(x_codes, w_packed, None)
     if why is not None:
         raise ValueError(f"w4a4_gemv cannot run: {why}")
@@ -602,12 +621,14 @@ def w4a4_gemv(
         w_packed.stride(0) // 4,
         out.stride(0),
         residual.stride(0) if residual is not None else 0,
+        pf_bytes,
     )
     flags = dict(
         HAS_ZERO=x_zero is not None,
         HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
         USE_ASM=not interpret,
+        PREFETCH=pdl and pf_bytes > 0,
         **_pdl.launch_options(pdl),
     )
     if config is not None:

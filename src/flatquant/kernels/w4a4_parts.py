@@ -9,7 +9,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = tl = None
 
-__all__ = ["unpack_x16"]
+__all__ = ["prefetch_rows", "unpack_x16"]
 
 if triton is not None:
 
@@ -40,3 +40,17 @@ if triton is not None:
             lo = (p << 4).to(tl.int8, bitcast=True)
             hi = (p & 0xF0).to(tl.int8, bitcast=True)
         return lo, hi
+
+    @triton.jit
+    def prefetch_rows(row_ptrs, n_bytes):
+        """L2 prefetch of ``n_bytes`` (int32 tensor like ``row_ptrs``, multiples of 16) from each 16-byte aligned
+        address of ``row_ptrs``: one bulk-prefetch instruction per row (sm_90), no registers or shared memory
+        filled."""
+        tl.inline_asm_elementwise(
+            asm="cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;",
+            constraints="=r,l,r",
+            args=[row_ptrs, n_bytes],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
