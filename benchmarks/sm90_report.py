@@ -235,7 +235,8 @@ def gemv_reports(tokens: list[int], residual: bool = False) -> list[dict]:
     ptrs = ["out_ptr", "xs_ptr", "ws_ptr", "xz_ptr", "zc_ptr", "bias_ptr"]
     sig = {"x_ptr": "*i64", "w_ptr": "*i32", "part_ptr": "*i32", "cnt_ptr": "*i32", "res_ptr": "*bf16"}
     sig |= {p: "*fp32" for p in ptrs} | {"out_ptr": "*bf16"}
-    sig |= dict.fromkeys(["M", "N", "KW", "M_KEY", "stride_xm", "stride_wn", "stride_om", "stride_rm"], "i32")
+    ints = ["M", "N", "KW", "M_KEY", "stride_xm", "stride_wn", "stride_om", "stride_rm", "pf_bytes"]
+    sig |= dict.fromkeys(ints, "i32")
     div16 = ["x_ptr", "w_ptr", "out_ptr", "KW", "N", "stride_xm", "stride_wn", "stride_om"]
     out = []
     for bm, res in itertools.product(tokens, (False, True) if residual else (False,)):
@@ -246,7 +247,7 @@ def gemv_reports(tokens: list[int], residual: bool = False) -> list[dict]:
 
 def _gemv_report(bm: int, res: bool, c, sig: dict, div16: list[str]) -> dict:
     const = dict(HAS_ZERO=False, HAS_BIAS=False, HAS_RES=res, USE_ASM=True, FULL_HEAD=True, ALIGN=4, BLOCK_M=bm)
-    const |= dict(**c.kwargs, **PDL)
+    const |= dict(**c.kwargs, **PDL, PREFETCH=False)
     opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
     rec = {"kernel": "w4a4_gemv", "BLOCK_M": bm, "residual": res, **c.kwargs, "num_warps": c.num_warps}
     return _report(rec, lambda: compile_sm90(gv._w4a4_gemv_kernel, sig, const, div16, opts))
