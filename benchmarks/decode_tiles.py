@@ -41,12 +41,12 @@ from flatquant.kernels import gemm_w4a4 as gw  # noqa: E402
 from flatquant.kernels import gemv_w4a4 as gv  # noqa: E402
 from flatquant.kernels.w4a4_linear import quantize_operand  # noqa: E402
 from flatquant.report import device_name  # noqa: E402
+from flatquant.transforms import kron_factors  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 # hidden size, intermediate size, attention heads, KV heads
 MODELS = {"llama-2-7b": (4096, 11008, 32, 32), "llama-3-8b": (4096, 14336, 32, 8)}
 QUICK_MODELS = {"tiny": (64, 96, 4, 2)}
-FACTORS = {4096: (64, 64), 11008: (86, 128), 14336: (112, 128), 64: (8, 8), 96: (8, 12)}  # method.md; quick shapes
 
 
 def gemms(hidden: int, inter: int, heads: int, kv_heads: int) -> list[tuple[str, int, int, bool]]:
@@ -111,7 +111,7 @@ def measure_gemv(name: str, k: int, n: int, m: int, residual: bool, max_configs:
     g = torch.Generator(device=dev).manual_seed(k + n + m)
     dtype = torch.bfloat16 if CUDA else torch.float32  # (the interpreter's bf16 is slow)
     x = torch.randn(m, k, generator=g, device=dev, dtype=dtype)
-    n1, n2 = FACTORS[k]
+    n1, n2 = kron_factors(k)  # the method's pairs: 64 x 64, 86 x 128, 112 x 128
     # contiguous, as the runtime holds them (QR's Q is column-major: the transform would copy it on every call)
     p1 = torch.linalg.qr(torch.randn(n1, n1, generator=g, device=dev))[0].to(dtype).contiguous()
     p2 = torch.linalg.qr(torch.randn(n2, n2, generator=g, device=dev))[0].to(dtype).contiguous()

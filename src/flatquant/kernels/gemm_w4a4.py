@@ -36,7 +36,7 @@ from . import gemm_dense as _dense  # the dense FP8 path (it imports this module
 from . import gemv_w4a4 as _gemv  # the CUDA-core decode path (1-4 tokens)
 from . import pdl as _pdl
 from .kron_quantize import autotune as _autotune  # triton.autotune, results cached on disk
-from .w4a4_parts import prefetch_rows as _prefetch_rows
+from .w4a4_parts import prefetch_slice as _prefetch_slice
 from .w4a4_parts import unpack_x16 as _unpack_x16
 
 try:
@@ -363,11 +363,9 @@ if _HAS_TRITON:
         # row offsets in int64: M x K or M x N passes 2^31 at prefill sizes (64 x 2165 tokens x 22016 outputs)
         x_ptrs = x_ptr + rows_x.to(tl.int64)[:, None] * stride_xm + k_lo + offs_k[None, :]  # (BM, BK)
         w_ptrs = w_ptr + rows_w.to(tl.int64)[:, None] * stride_wn + k_lo // 2 + offs_kh[None, :]  # (BN, BK/2)
-        if PREFETCH:
-            # weights are never written by a kernel: fetch them before waiting for the one that writes x
-            pf = (min(pf_bytes // SPLIT_K, (k_hi - k_lo) // 2) // 16) * 16  # pf_bytes: over all of K
-            if pf > 0:
-                _prefetch_rows(w_ptr + rows_w.to(tl.int64) * stride_wn + k_lo // 2, offs_n * 0 + pf)
+        if PREFETCH:  # weights are never written by a kernel: fetch them before waiting for the one that writes x
+            _prefetch_slice(w_ptr + rows_w.to(tl.int64) * stride_wn + k_lo // 2, offs_n, (k_hi - k_lo) // 2, pf_bytes,
+                            SPLIT_K)  # fmt: skip
         _pdl.wait_previous(PDL)
 
         if USE_FP8:

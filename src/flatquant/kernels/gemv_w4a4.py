@@ -41,7 +41,7 @@ import torch
 from .. import envflags as _envflags
 from . import pdl as _pdl
 from .kron_quantize import autotune as _autotune  # triton.autotune, results cached on disk
-from .w4a4_parts import prefetch_rows as _prefetch_rows
+from .w4a4_parts import prefetch_slice as _prefetch_slice
 from .w4a4_parts import unpack_x16 as _unpack_x16
 
 try:
@@ -222,16 +222,6 @@ if triton is not None:
             a3 = _dot8(a3, lo, hi, xe[None, :], xo[None, :], USE_ASM)
         return a0, a1, a2, a3
 
-    @triton.jit
-    def _prefetch_slice(w_ptr, rows, stride_wn, kw_lo, kw_hi, pf_bytes, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
-                        USE_ASM: tl.constexpr):  # fmt: skip
-        """Before the wait: an L2 prefetch of this program's weight rows over its K slice, at most ``pf_bytes //
-        SPLIT_K`` bytes of each (``pf_bytes`` over all of K, a multiple of 16; the interpreter skips it)."""
-        if PREFETCH and USE_ASM:
-            pf = (min(pf_bytes // SPLIT_K, (kw_hi - kw_lo) * 4) // 16) * 16
-            if pf > 0:
-                _prefetch_rows(w_ptr + rows.to(tl.int64) * stride_wn + kw_lo, rows * 0 + pf)
-
     @triton.jit(do_not_specialize=["M", "M_KEY"])
     def _w4a4_gemv_kernel(
         x_ptr,  # int64 (M, K / 8): eight int8 codes per word
@@ -290,7 +280,9 @@ if triton is not None:
             w = tl.load(w_ptrs, mask=_whole(kw_lo < kw_hi, offs_kw, USE_ASM), other=0)
             if AHEAD > 1:
                 w1 = tl.load(w_ptrs + BLOCK_KW, mask=_whole(kw_lo + BLOCK_KW < kw_hi, offs_kw, USE_ASM), other=0)
-            _prefetch_slice(w_ptr, rows, stride_wn, kw_lo, kw_hi, pf_bytes, SPLIT_K, PREFETCH, USE_ASM)
+            if PREFETCH and USE_ASM:  # (the interpreter has no L2 prefetch)
+                _prefetch_slice(w_ptr + rows.to(tl.int64) * stride_wn + kw_lo, rows, (kw_hi - kw_lo) * 4, pf_bytes,
+                                SPLIT_K)  # fmt: skip
             _pdl.wait_previous(PDL)
             acc0 = tl.full((BLOCK_N, BLOCK_KW), 0, tl.int32)
             acc1, acc2, acc3 = acc0, acc0, acc0
@@ -313,7 +305,9 @@ if triton is not None:
             w_ptrs += head
             if BLOCK_KW0 > BLOCK_KW:  # and the first step
                 w = tl.load(w_ptrs, mask=_whole(kw_start < kw_hi, offs_kw, USE_ASM), other=0)
-            _prefetch_slice(w_ptr, rows, stride_wn, kw_lo, kw_hi, pf_bytes, SPLIT_K, PREFETCH, USE_ASM)
+            if PREFETCH and USE_ASM:  # (the interpreter has no L2 prefetch)
+                _prefetch_slice(w_ptr + rows.to(tl.int64) * stride_wn + kw_lo, rows, (kw_hi - kw_lo) * 4, pf_bytes,
+                                SPLIT_K)  # fmt: skip
             _pdl.wait_previous(PDL)
             if BLOCK_KW0 == BLOCK_KW:  # a step ahead (before the wait: two steps' registers)
                 w = tl.load(w_ptrs, mask=_whole(kw_start < kw_hi, offs_kw, USE_ASM), other=0)

@@ -9,7 +9,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = tl = None
 
-__all__ = ["prefetch_rows", "unpack_x16"]
+__all__ = ["prefetch_rows", "prefetch_slice", "unpack_x16"]
 
 if triton is not None:
 
@@ -54,3 +54,12 @@ if triton is not None:
             is_pure=False,
             pack=1,
         )
+
+    @triton.jit
+    def prefetch_slice(row_ptrs, rows, slice_bytes, pf_bytes, SPLIT_K: tl.constexpr):
+        """Before the wait for the previous kernel: an L2 prefetch of each weight row of this program's K slice
+        (``row_ptrs``, the slice's first byte of each of ``rows``; ``slice_bytes`` long), at most ``pf_bytes //
+        SPLIT_K`` bytes of each (``pf_bytes``: over all of K, a multiple of 16)."""
+        pf = (min(pf_bytes // SPLIT_K, slice_bytes) // 16) * 16
+        if pf > 0:
+            prefetch_rows(row_ptrs, rows * 0 + pf)
